@@ -1,0 +1,49 @@
+"""Sessions: `nox -s tests`, `nox -s reproduce` (the main job), `nox -s bench`, `nox -s lint`.
+
+Virtual environments are reused between runs (torch is installed once). TORCH_SPEC picks the torch build:
+the default `torch==2.13.0` is the CPU wheel on the project's CI machines and the CUDA wheel from PyPI on a
+GPU machine.
+"""
+
+import os
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests"]
+
+TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+
+
+def _install(session: nox.Session, extras: str = "") -> None:
+    # torch first and pinned: an unpinned resolve would pull the newest (CUDA) build.
+    session.install(TORCH_SPEC)
+    session.install("-e", f".{extras}")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (Triton kernels through the interpreter on CPU)."""
+    _install(session, "[test]")
+    # pytest exits 5 when it collects nothing; nox fails on any non-zero exit.
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def reproduce(session: nox.Session) -> None:
+    """The main job: everything of the reproduction that fits this machine, then results/REPORT.md."""
+    _install(session)
+    session.run("python", "-m", "repro.reproduce", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Operator benchmarks -> results/ops_bench.csv (not part of the tests)."""
+    _install(session)
+    session.run("python", "-m", "repro.bench", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")

@@ -1,0 +1,15 @@
+"""Attention operators: criss-cross (naive PyTorch and fused Triton backends) and the non-local baseline."""
+
+from ops import cost
+from ops.criss_cross import BACKENDS, CrissCrossAttention, criss_cross_attention, resolve_backend
+from ops.non_local import NonLocal2d, non_local_attention
+
+__all__ = [
+    "BACKENDS",
+    "CrissCrossAttention",
+    "NonLocal2d",
+    "cost",
+    "criss_cross_attention",
+    "non_local_attention",
+    "resolve_backend",
+]
