@@ -31,7 +31,9 @@ def test_rcca_head_shapes_and_attention_calls(recurrence):
 
 def test_recurrence_shares_weights_and_changes_output():
     torch.manual_seed(0)
-    heads = {r: RCCAHead(16, channels=8, num_classes=5, recurrence=r, backend="naive").eval() for r in (1, 2, 3)}
+    heads = {
+        r: RCCAHead(16, channels=8, num_classes=5, recurrence=r, backend="naive").eval() for r in (1, 2, 3)
+    }
     counts = {r: sum(p.numel() for p in h.parameters()) for r, h in heads.items()}
     assert counts[1] == counts[2] == counts[3]
     state = heads[1].state_dict()
