@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 import triton
 import triton.language as tl
 
@@ -451,6 +452,12 @@ class _NoGuard:
         return None
 
 
+def _channels_last_like(tensor: torch.Tensor) -> torch.Tensor:
+    """Empty (B, C, H, W) tensor in channels_last memory; the fake implementations use it too, so that the
+    strides a compiled graph sees are those the kernels produce."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device, memory_format=torch.channels_last)
+
+
 def cca_triton_forward(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -474,7 +481,7 @@ def cca_triton_forward(
     blocks = blocks or default_blocks(query.device)
     batch, qk_channels, height, width = query.shape
     v_channels = value.shape[1]
-    out = torch.empty(value.shape, dtype=value.dtype, device=value.device, memory_format=torch.channels_last)
+    out = _channels_last_like(value)
     lse_column = torch.empty((batch, height, width), dtype=torch.float32, device=query.device)
     lse = torch.empty_like(lse_column)
     dot_dtype, precision = _dot_settings(query.dtype, allow_tf32=allow_tf32)
@@ -536,11 +543,7 @@ def cca_triton_backward(
     block_v = _tile(v_channels, blocks.v_channels)
     launch = {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
 
-    def empty_like_channels_last(tensor: torch.Tensor) -> torch.Tensor:
-        return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device,
-                           memory_format=torch.channels_last)
-
-    grad_query, grad_key, grad_value = (empty_like_channels_last(t) for t in (query, key, value))
+    grad_query, grad_key, grad_value = (_channels_last_like(t) for t in (query, key, value))
     # The kernels index LSE and delta with one set of strides.
     lse = lse.contiguous()
     delta = torch.empty((batch, height, width), dtype=torch.float32, device=query.device)
@@ -582,3 +585,102 @@ def cca_triton_backward(
                 *_line_strides(grad_value, column=column), *sizes, **tiles, **launch,
             )
     return grad_query, grad_key, grad_value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.library custom ops: fake implementations (same strides as the real ones), autograd, FLOP counting
+# --------------------------------------------------------------------------------------------------------------
+
+FORWARD_OP_NAME = "ccrepro::cca_triton_forward"
+BACKWARD_OP_NAME = "ccrepro::cca_triton_backward"
+
+
+@torch.library.custom_op(FORWARD_OP_NAME, mutates_args=())
+def _forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return cca_triton_forward(query, key, value)
+
+
+@_forward_op.register_fake
+def _forward_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, _, height, width = query.shape
+    return _channels_last_like(value), query.new_empty((batch, height, width), dtype=torch.float32)
+
+
+@torch.library.custom_op(BACKWARD_OP_NAME, mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return cca_triton_backward(grad_out, query, key, value, out, lse)
+
+
+@_backward_op.register_fake
+def _backward_fake(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _channels_last_like(query), _channels_last_like(key), _channels_last_like(value)
+
+
+def _setup_context(ctx, inputs: tuple[torch.Tensor, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    query, key, value = inputs
+    out, lse = output
+    # The LSE is an internal by-product saved for backward; gradients do not flow through it.
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(query, key, value, out, lse)
+
+
+def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
+    query, key, value, out, lse = ctx.saved_tensors
+    return torch.ops.ccrepro.cca_triton_backward(grad_out, query, key, value, out, lse)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _shape_cost(query_shape: torch.Size, value_shape: torch.Size, *, backward: bool) -> cost.Cost:
+    batch, qk_channels, height, width = query_shape
+    v_channels = value_shape[1]
+    if backward:
+        return cost.criss_cross_attention_backward_cost(batch, qk_channels, v_channels, height, width)
+    return cost.criss_cross_attention_cost(batch, qk_channels, v_channels, height, width)
+
+
+@register_flop_formula(torch.ops.ccrepro.cca_triton_forward)
+def _forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs (2 x multiply-accumulates) for torch.utils.flop_counter.FlopCounterMode."""
+    return _shape_cost(query_shape, value_shape, backward=False).flops
+
+
+@register_flop_formula(torch.ops.ccrepro.cca_triton_backward)
+def _backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Backward FLOPs including the recomputation of the energies (the work the kernels do)."""
+    return _shape_cost(query_shape, value_shape, backward=True).flops
+
+
+def fvcore_handle():
+    """fvcore op handle for FORWARD_OP_NAME: multiply-accumulates from `ops.cost` (fvcore counts one flop per
+    multiply-accumulate). Register with
+    `FlopCountAnalysis(model, inputs).set_op_handle(FORWARD_OP_NAME, fvcore_handle())`."""
+    from fvcore.nn.jit_handles import get_shape
+
+    def handle(inputs, outputs) -> int:
+        query_shape, value_shape = get_shape(inputs[0]), get_shape(inputs[2])
+        return _shape_cost(query_shape, value_shape, backward=False).macs
+
+    return handle
+
+
+def criss_cross_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Criss-cross attention through the fused Triton op: (B, Cqk, H, W) x2, (B, Cv, H, W) -> (B, Cv, H, W)
+    (channels_last memory), differentiable in all three inputs."""
+    out, _ = torch.ops.ccrepro.cca_triton_forward(query, key, value)
+    return out
