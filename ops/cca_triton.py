@@ -40,9 +40,9 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from ops import cost
 from ops._checks import check_qkv
@@ -53,9 +53,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Kernels
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -79,8 +79,8 @@ def _line_dot(
 
 @triton.jit
 def _attended(offs_q, offs_k, q_mask, k_mask, MASK_DIAG: tl.constexpr):
-    """(queries, keys) mask of the pairs a line pass attends: in range, and off the diagonal in the column pass
-    (the pixel itself is counted once, in the row pass)."""
+    """(queries, keys) mask of the pairs a line pass attends: in range, and off the diagonal in the column
+    pass (the pixel itself is counted once, in the row pass)."""
     valid = q_mask[:, None] & k_mask[None, :]
     if MASK_DIAG:
         valid = valid & (offs_q[:, None] != offs_k[None, :])
@@ -139,7 +139,8 @@ def _line_forward_kernel(
         row_sum = row_sum * rescale + tl.sum(probs, axis=1)
         values = tl.load(v_base + offs_n[:, None] * sv_pos + offs_v[None, :] * sv_c,
                          mask=n_mask[:, None] & v_mask[None, :], other=0.0)
-        acc = tl.dot(probs.to(DOT_DTYPE), values.to(DOT_DTYPE), acc * rescale[:, None], input_precision=PRECISION)
+        acc = tl.dot(probs.to(DOT_DTYPE), values.to(DOT_DTYPE), acc * rescale[:, None],
+                     input_precision=PRECISION)
         row_max = new_max
 
     # An empty branch (sum 0) has LSE -inf and output 0; it then carries no weight in the merge.
@@ -210,7 +211,8 @@ def _line_grad_query_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dq[query] (+)= sum_key dS[query, key] k[key] over one line. Grid: (B * n_lines, query blocks, Cqk blocks).
+    """dq[query] (+)= sum_key dS[query, key] k[key] over one line.
+    Grid: (B * n_lines, query blocks, Cqk blocks).
 
     dS = P * (dP - delta), P = exp(q.k - lse), dP = dO.v. BLOCK_K is both the reduction block of q.k and
     the width of the dq channel block this program owns.
@@ -269,7 +271,8 @@ def _line_grad_key_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dk[key] (+)= sum_query dS[query, key] q[query] over one line. Grid: (B * n_lines, key blocks, Cqk blocks).
+    """dk[key] (+)= sum_query dS[query, key] q[query] over one line.
+    Grid: (B * n_lines, key blocks, Cqk blocks).
 
     Works on transposed tiles (keys x queries) so that the key block it owns is the row index.
     """
@@ -363,9 +366,9 @@ def _line_grad_value_kernel(
     tl.store(dv_ptrs, acc.to(dv_ptr.dtype.element_ty), mask=dv_mask)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Launchers
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 class Blocks:
@@ -376,7 +379,9 @@ class Blocks:
     block. v_channels: BLOCK_V, the value channel block.
     """
 
-    def __init__(self, *, line: int, qk_channels: int, v_channels: int, num_warps: int = 4, num_stages: int = 2):
+    def __init__(
+        self, *, line: int, qk_channels: int, v_channels: int, num_warps: int = 4, num_stages: int = 2
+    ) -> None:
         for name, value in (("line", line), ("qk_channels", qk_channels), ("v_channels", v_channels)):
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 raise ValueError(f"Blocks.{name} must be a power of two >= 16, got {value!r}")
@@ -404,8 +409,8 @@ def _tile(extent: int, upper: int) -> int:
 
 
 def _line_strides(tensor: torch.Tensor, *, column: bool) -> tuple[int, int, int, int]:
-    """Element strides (batch, line, position, channel) of a (B, C, H, W) tensor seen as lines: a column line is
-    indexed by j with positions i, a row line by i with positions j."""
+    """Element strides (batch, line, position, channel) of a (B, C, H, W) tensor seen as lines: a column line
+    is indexed by j with positions i, a row line by i with positions j."""
     s_b, s_c, s_h, s_w = tensor.stride()
     return (s_b, s_w, s_h, s_c) if column else (s_b, s_h, s_w, s_c)
 
@@ -417,8 +422,8 @@ def _pixel_strides(tensor: torch.Tensor, *, column: bool) -> tuple[int, int, int
 
 
 def _dot_settings(dtype: torch.dtype, *, allow_tf32: bool) -> tuple[tl.dtype, str]:
-    """Operand dtype and fp32 precision of tl.dot. The interpreter multiplies bf16 bit patterns as integers, so
-    bf16 operands are upcast to fp32 there; fp32 uses exact ("ieee") products unless tf32 is allowed."""
+    """Operand dtype and fp32 precision of tl.dot. The interpreter multiplies bf16 bit patterns as integers,
+    so bf16 operands are upcast to fp32 there; fp32 uses exact ("ieee") products unless tf32 is allowed."""
     if dtype == torch.float32:
         return tl.float32, "tf32" if allow_tf32 else "ieee"
     if dtype == torch.bfloat16 and INTERPRETED:
@@ -435,8 +440,9 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, o
     if query.device.type == "cpu" and INTERPRETED:
         return
     raise RuntimeError(
-        f"{op}: backend='triton' needs a CUDA tensor, got a tensor on {query.device}; to run the kernels on CPU "
-        "set TRITON_INTERPRET=1 before triton is first imported (the Triton interpreter), or use backend='naive'"
+        f"{op}: backend='triton' needs a CUDA tensor, got a tensor on {query.device}; to run the kernels on "
+        "CPU set TRITON_INTERPRET=1 before triton is first imported (the Triton interpreter), or use "
+        "backend='naive'"
     )
 
 
@@ -455,7 +461,9 @@ class _NoGuard:
 def _channels_last_like(tensor: torch.Tensor) -> torch.Tensor:
     """Empty (B, C, H, W) tensor in channels_last memory; the fake implementations use it too, so that the
     strides a compiled graph sees are those the kernels produce."""
-    return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device, memory_format=torch.channels_last)
+    return torch.empty(
+        tensor.shape, dtype=tensor.dtype, device=tensor.device, memory_format=torch.channels_last
+    )
 
 
 def cca_triton_forward(
@@ -563,7 +571,8 @@ def cca_triton_backward(
             lines = batch * n_lines
             line_blocks = triton.cdiv(length, block_line)
             q_strides, k_strides = _line_strides(query, column=column), _line_strides(key, column=column)
-            v_strides, do_strides = _line_strides(value, column=column), _line_strides(grad_out, column=column)
+            v_strides = _line_strides(value, column=column)
+            do_strides = _line_strides(grad_out, column=column)
             pixel_strides = _pixel_strides(lse, column=column)
             tiles = {"BLOCK_M": block_line, "BLOCK_N": block_line, "BLOCK_K": block_k, "BLOCK_V": block_v,
                      "DOT_DTYPE": dot_dtype, "PRECISION": precision, "MASK_DIAG": column,
@@ -587,21 +596,25 @@ def cca_triton_backward(
     return grad_query, grad_key, grad_value
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # torch.library custom ops: fake implementations (same strides as the real ones), autograd, FLOP counting
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 FORWARD_OP_NAME = "ccrepro::cca_triton_forward"
 BACKWARD_OP_NAME = "ccrepro::cca_triton_backward"
 
 
 @torch.library.custom_op(FORWARD_OP_NAME, mutates_args=())
-def _forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     return cca_triton_forward(query, key, value)
 
 
 @_forward_op.register_fake
-def _forward_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_fake(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     batch, _, height, width = query.shape
     return _channels_last_like(value), query.new_empty((batch, height, width), dtype=torch.float32)
 
@@ -661,7 +674,9 @@ def _forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, *
 
 
 @register_flop_formula(torch.ops.ccrepro.cca_triton_backward)
-def _backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     """Backward FLOPs including the recomputation of the energies (the work the kernels do)."""
     return _shape_cost(query_shape, value_shape, backward=True).flops
 
