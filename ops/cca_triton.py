@@ -18,7 +18,8 @@ swapped; only the column pass masks the diagonal.
 * Backward: delta = sum_c dO * O per pixel; probabilities are recomputed as exp(q.k - lse). Per pass, a dq
   kernel owns query pixels, a dk kernel owns key pixels and a dv kernel owns key pixels x a block of value
   channels; the row pass adds onto what the column pass wrote. Every output element has exactly one owner in
-  each pass, so there are no atomics and the result is deterministic.
+  each pass, so there are no atomics and the result is deterministic. As in flash attention, delta uses the
+  output as stored (rounded to the input dtype); in bf16 that rounding dominates the error of dq and dk.
 * Channels are looped over in blocks (BLOCK_K for query/key, BLOCK_V for value), so Cqk and Cv are not
   limited by registers. The kernels take arbitrary element strides, so NCHW, channels_last and
   non-contiguous inputs need no copy; channels_last makes every tile row a contiguous channel vector (NCHW

@@ -23,8 +23,10 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 # Relative to the largest reference magnitude: fp32 is limited by summation order, fp16 / bf16 by rounding
-# of inputs to the dot products and of the outputs (bf16 has 8 significant bits).
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# of inputs to the dot products and of the outputs (bf16 has 8 significant bits). As in flash attention,
+# backward's delta = sum(dO * out) uses the output rounded to the input dtype; in bf16 that makes the dq / dk
+# error up to ~4x the naive bf16 backend's (measured 2.9e-2 vs 7e-3 at 2x8x16x7x9), hence the bf16 margin.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 5e-2}
 SMALL_BLOCKS = cca_triton.Blocks(line=16, qk_channels=16, v_channels=16)
 
 
