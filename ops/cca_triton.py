@@ -51,7 +51,8 @@ from ops._checks import check_qkv
 # Whether triton.jit produced interpreted kernels: decided when triton sees the environment at decoration
 # time, so it is read once here, not per call.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# float64 is for checking (gradcheck); it runs the same kernels with float64 accumulators and LSE.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,10 +64,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _line_dot(
     a_base, b_base, offs_a, offs_b, a_mask, b_mask, sa_pos, sa_c, sb_pos, sb_c, channels,
     LEN_A: tl.constexpr, LEN_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """(LEN_A, LEN_B) fp32 block of sum_c a[offs_a, c] * b[offs_b, c], looping over channel blocks."""
-    acc = tl.zeros([LEN_A, LEN_B], dtype=tl.float32)
+    acc = tl.zeros([LEN_A, LEN_B], dtype=ACC)
     for c_start in range(0, channels, BLOCK_C):
         offs_c = c_start + tl.arange(0, BLOCK_C)
         c_mask = offs_c < channels
@@ -99,7 +100,7 @@ def _line_forward_kernel(
     n_lines, length, qk_channels, v_channels,
     MASK_DIAG: tl.constexpr, MERGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One line pass of the forward. Grid: (B * n_lines, query blocks, value-channel blocks).
 
@@ -122,14 +123,14 @@ def _line_forward_kernel(
     m_mask = offs_m < length
     v_mask = offs_v < v_channels
 
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    row_sum = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=ACC)
     for n_start in range(0, length, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < length
         scores = _line_dot(q_base, k_base, offs_m, offs_n, m_mask, n_mask, sq_pos, sq_c, sk_pos, sk_c,
-                           qk_channels, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+                           qk_channels, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION, ACC)
         scores = tl.where(_attended(offs_m, offs_n, m_mask, n_mask, MASK_DIAG), scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         # A query with nothing attended so far (the column of an H = 1 image, or a fully masked block) has
@@ -156,7 +157,7 @@ def _line_forward_kernel(
         # The row branch always holds the pixel itself, so a real pixel has a finite merged LSE; only the
         # padding rows past the line's end are empty in both branches and need the guards.
         lse_other = tl.load(lse_in_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=float("-inf"))
-        out_other = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+        out_other = tl.load(o_ptrs, mask=o_mask, other=0.0).to(ACC)
         merged_max = tl.maximum(lse, lse_other)
         merged_max = tl.where(merged_max == float("-inf"), 0.0, merged_max)
         weight = tl.exp(lse - merged_max)
@@ -177,7 +178,7 @@ def _delta_kernel(
     sd_b, sd_line, sd_pos, sd_c,
     sl_b, sl_line, sl_pos,
     n_lines, length, v_channels,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     """delta[pixel] = sum_c out[pixel, c] * grad_out[pixel, c] (fp32), over rows. Grid: (B * H, W blocks)."""
     pid_line = tl.program_id(0).to(tl.int64)
@@ -188,13 +189,13 @@ def _delta_kernel(
     m_mask = offs_m < length
     o_base = o_ptr + batch * so_b + line * so_line
     do_base = do_ptr + batch * sd_b + line * sd_line
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=ACC)
     for c_start in range(0, v_channels, BLOCK_V):
         offs_c = c_start + tl.arange(0, BLOCK_V)
         mask = m_mask[:, None] & (offs_c < v_channels)[None, :]
         out = tl.load(o_base + offs_m[:, None] * so_pos + offs_c[None, :] * so_c, mask=mask, other=0.0)
         grad = tl.load(do_base + offs_m[:, None] * sd_pos + offs_c[None, :] * sd_c, mask=mask, other=0.0)
-        total += tl.sum(out.to(tl.float32) * grad.to(tl.float32), axis=1)
+        total += tl.sum(out.to(ACC) * grad.to(ACC), axis=1)
     tl.store(delta_ptr + batch * sl_b + line * sl_line + offs_m * sl_pos, total, mask=m_mask)
 
 
@@ -210,7 +211,7 @@ def _line_grad_query_kernel(
     n_lines, length, qk_channels, v_channels,
     MASK_DIAG: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """dq[query] (+)= sum_key dS[query, key] k[key] over one line.
     Grid: (B * n_lines, query blocks, Cqk blocks).
@@ -236,16 +237,16 @@ def _line_grad_query_kernel(
     lse = tl.load(lse_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
     delta = tl.load(delta_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
     for n_start in range(0, length, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < length
         scores = _line_dot(q_base, k_base, offs_m, offs_n, m_mask, n_mask, sq_pos, sq_c, sk_pos, sk_c,
-                           qk_channels, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+                           qk_channels, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION, ACC)
         scores = tl.where(_attended(offs_m, offs_n, m_mask, n_mask, MASK_DIAG), scores, float("-inf"))
         probs = tl.exp(scores - lse[:, None])
         grad_probs = _line_dot(do_base, v_base, offs_m, offs_n, m_mask, n_mask, sd_pos, sd_c, sv_pos, sv_c,
-                               v_channels, BLOCK_M, BLOCK_N, BLOCK_V, DOT_DTYPE, PRECISION)
+                               v_channels, BLOCK_M, BLOCK_N, BLOCK_V, DOT_DTYPE, PRECISION, ACC)
         grad_scores = probs * (grad_probs - delta[:, None])
         keys = tl.load(k_base + offs_n[:, None] * sk_pos + offs_c[None, :] * sk_c,
                        mask=n_mask[:, None] & c_mask[None, :], other=0.0)
@@ -254,7 +255,7 @@ def _line_grad_query_kernel(
     dq_ptrs = dq_ptr + batch * sdq_b + line * sdq_line + offs_m[:, None] * sdq_pos + offs_c[None, :] * sdq_c
     dq_mask = m_mask[:, None] & c_mask[None, :]
     if ACCUMULATE:
-        acc += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(tl.float32)
+        acc += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(ACC)
     tl.store(dq_ptrs, acc.to(dq_ptr.dtype.element_ty), mask=dq_mask)
 
 
@@ -270,7 +271,7 @@ def _line_grad_key_kernel(
     n_lines, length, qk_channels, v_channels,
     MASK_DIAG: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """dk[key] (+)= sum_query dS[query, key] q[query] over one line.
     Grid: (B * n_lines, key blocks, Cqk blocks).
@@ -293,18 +294,18 @@ def _line_grad_key_kernel(
     n_mask = offs_n < length
     c_mask = offs_c < qk_channels
 
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
     for m_start in range(0, length, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < length
         lse = tl.load(lse_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
         delta = tl.load(delta_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
         scores_t = _line_dot(k_base, q_base, offs_n, offs_m, n_mask, m_mask, sk_pos, sk_c, sq_pos, sq_c,
-                             qk_channels, BLOCK_N, BLOCK_M, BLOCK_K, DOT_DTYPE, PRECISION)
+                             qk_channels, BLOCK_N, BLOCK_M, BLOCK_K, DOT_DTYPE, PRECISION, ACC)
         scores_t = tl.where(_attended(offs_n, offs_m, n_mask, m_mask, MASK_DIAG), scores_t, float("-inf"))
         probs_t = tl.exp(scores_t - lse[None, :])
         grad_probs_t = _line_dot(v_base, do_base, offs_n, offs_m, n_mask, m_mask, sv_pos, sv_c, sd_pos, sd_c,
-                                 v_channels, BLOCK_N, BLOCK_M, BLOCK_V, DOT_DTYPE, PRECISION)
+                                 v_channels, BLOCK_N, BLOCK_M, BLOCK_V, DOT_DTYPE, PRECISION, ACC)
         grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
         queries = tl.load(q_base + offs_m[:, None] * sq_pos + offs_c[None, :] * sq_c,
                           mask=m_mask[:, None] & c_mask[None, :], other=0.0)
@@ -313,7 +314,7 @@ def _line_grad_key_kernel(
     dk_ptrs = dk_ptr + batch * sdk_b + line * sdk_line + offs_n[:, None] * sdk_pos + offs_c[None, :] * sdk_c
     dk_mask = n_mask[:, None] & c_mask[None, :]
     if ACCUMULATE:
-        acc += tl.load(dk_ptrs, mask=dk_mask, other=0.0).to(tl.float32)
+        acc += tl.load(dk_ptrs, mask=dk_mask, other=0.0).to(ACC)
     tl.store(dk_ptrs, acc.to(dk_ptr.dtype.element_ty), mask=dk_mask)
 
 
@@ -328,7 +329,7 @@ def _line_grad_value_kernel(
     n_lines, length, qk_channels, v_channels,
     MASK_DIAG: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """dv[key] (+)= sum_query P[query, key] dO[query] over one line.
     Grid: (B * n_lines, key blocks, value-channel blocks)."""
@@ -347,13 +348,13 @@ def _line_grad_value_kernel(
     n_mask = offs_n < length
     v_mask = offs_v < v_channels
 
-    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
     for m_start in range(0, length, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < length
         lse = tl.load(lse_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
         scores_t = _line_dot(k_base, q_base, offs_n, offs_m, n_mask, m_mask, sk_pos, sk_c, sq_pos, sq_c,
-                             qk_channels, BLOCK_N, BLOCK_M, BLOCK_K, DOT_DTYPE, PRECISION)
+                             qk_channels, BLOCK_N, BLOCK_M, BLOCK_K, DOT_DTYPE, PRECISION, ACC)
         scores_t = tl.where(_attended(offs_n, offs_m, n_mask, m_mask, MASK_DIAG), scores_t, float("-inf"))
         probs_t = tl.exp(scores_t - lse[None, :])
         grad_out = tl.load(do_base + offs_m[:, None] * sd_pos + offs_v[None, :] * sd_c,
@@ -363,7 +364,7 @@ def _line_grad_value_kernel(
     dv_ptrs = dv_ptr + batch * sdv_b + line * sdv_line + offs_n[:, None] * sdv_pos + offs_v[None, :] * sdv_c
     dv_mask = n_mask[:, None] & v_mask[None, :]
     if ACCUMULATE:
-        acc += tl.load(dv_ptrs, mask=dv_mask, other=0.0).to(tl.float32)
+        acc += tl.load(dv_ptrs, mask=dv_mask, other=0.0).to(ACC)
     tl.store(dv_ptrs, acc.to(dv_ptr.dtype.element_ty), mask=dv_mask)
 
 
@@ -422,14 +423,25 @@ def _pixel_strides(tensor: torch.Tensor, *, column: bool) -> tuple[int, int, int
     return (s_b, s_w, s_h) if column else (s_b, s_h, s_w)
 
 
-def _dot_settings(dtype: torch.dtype, *, allow_tf32: bool) -> tuple[tl.dtype, str]:
-    """Operand dtype and fp32 precision of tl.dot. The interpreter multiplies bf16 bit patterns as integers,
-    so bf16 operands are upcast to fp32 there; fp32 uses exact ("ieee") products unless tf32 is allowed."""
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved log-sum-exp (and of the kernels' accumulators) for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_dtypes(dtype: torch.dtype, *, allow_tf32: bool) -> dict[str, object]:
+    """tl.dot operand dtype, fp32 product precision and accumulator dtype for inputs of `dtype`.
+
+    The interpreter multiplies bf16 bit patterns as integers, so bf16 operands are upcast to fp32 there; fp32
+    uses exact ("ieee") products unless tf32 is allowed.
+    """
+    if dtype == torch.float64:
+        return {"DOT_DTYPE": tl.float64, "PRECISION": "ieee", "ACC": tl.float64}
     if dtype == torch.float32:
-        return tl.float32, "tf32" if allow_tf32 else "ieee"
+        return {"DOT_DTYPE": tl.float32, "PRECISION": "tf32" if allow_tf32 else "ieee", "ACC": tl.float32}
     if dtype == torch.bfloat16 and INTERPRETED:
-        return tl.float32, "ieee"
-    return (tl.float16 if dtype == torch.float16 else tl.bfloat16), "tf32"
+        return {"DOT_DTYPE": tl.float32, "PRECISION": "ieee", "ACC": tl.float32}
+    half = tl.float16 if dtype == torch.float16 else tl.bfloat16
+    return {"DOT_DTYPE": half, "PRECISION": "tf32", "ACC": tl.float32}
 
 
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, op: str) -> None:
@@ -484,16 +496,16 @@ def cca_triton_forward(
 
     Returns:
         out: (B, Cv, H, W) in the input dtype, channels_last memory.
-        lse: (B, H, W) fp32, the log-sum-exp of each pixel's H + W - 1 energies.
+        lse: (B, H, W) fp32 (fp64 for fp64 inputs), the log-sum-exp of each pixel's H + W - 1 energies.
     """
     _check_inputs(query, key, value, "cca_triton_forward")
     blocks = blocks or default_blocks(query.device)
     batch, qk_channels, height, width = query.shape
     v_channels = value.shape[1]
     out = _channels_last_like(value)
-    lse_column = torch.empty((batch, height, width), dtype=torch.float32, device=query.device)
+    lse_column = torch.empty((batch, height, width), dtype=lse_dtype(query.dtype), device=query.device)
     lse = torch.empty_like(lse_column)
-    dot_dtype, precision = _dot_settings(query.dtype, allow_tf32=allow_tf32)
+    kernel_dtypes = _kernel_dtypes(query.dtype, allow_tf32=allow_tf32)
     block_k = _tile(qk_channels, blocks.qk_channels)
     block_v = _tile(v_channels, blocks.v_channels)
     with _device_guard(query.device):
@@ -510,7 +522,7 @@ def cca_triton_forward(
                 n_lines, length, qk_channels, v_channels,
                 MASK_DIAG=column, MERGE=not column,
                 BLOCK_M=block_line, BLOCK_N=block_line, BLOCK_K=block_k, BLOCK_V=block_v,
-                DOT_DTYPE=dot_dtype, PRECISION=precision,
+                **kernel_dtypes,
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages,
             )
     return out, lse
@@ -531,7 +543,7 @@ def cca_triton_backward(
 
     Args:
         grad_out, out: (B, Cv, H, W); query, key: (B, Cqk, H, W); value: (B, Cv, H, W); lse: (B, H, W) fp32
-            from `cca_triton_forward`. Any strides.
+            (fp64 for fp64 inputs) from `cca_triton_forward`. Any strides.
 
     Returns:
         grad_query, grad_key, grad_value in the input dtype, channels_last memory.
@@ -543,11 +555,11 @@ def cca_triton_backward(
         if tensor.shape != value.shape or tensor.device != value.device:
             raise ValueError(f"cca_triton_backward: {name} must be {tuple(value.shape)} on {value.device}, "
                              f"got {tuple(tensor.shape)} on {tensor.device}")
-    if lse.shape != (batch, height, width) or lse.dtype != torch.float32:
-        raise ValueError(f"cca_triton_backward: lse must be float32 {(batch, height, width)}, "
+    if lse.shape != (batch, height, width) or lse.dtype != lse_dtype(query.dtype):
+        raise ValueError(f"cca_triton_backward: lse must be {lse_dtype(query.dtype)} {(batch, height, width)}, "
                          f"got {lse.dtype} {tuple(lse.shape)}")
     blocks = blocks or default_blocks(query.device)
-    dot_dtype, precision = _dot_settings(query.dtype, allow_tf32=allow_tf32)
+    kernel_dtypes = _kernel_dtypes(query.dtype, allow_tf32=allow_tf32)
     block_k = _tile(qk_channels, blocks.qk_channels)
     block_v = _tile(v_channels, blocks.v_channels)
     launch = {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
@@ -555,7 +567,7 @@ def cca_triton_backward(
     grad_query, grad_key, grad_value = (_channels_last_like(t) for t in (query, key, value))
     # The kernels index LSE and delta with one set of strides.
     lse = lse.contiguous()
-    delta = torch.empty((batch, height, width), dtype=torch.float32, device=query.device)
+    delta = torch.empty_like(lse)
     with _device_guard(query.device):
         block_row = _tile(width, blocks.line)
         _delta_kernel[(batch * height, triton.cdiv(width, block_row))](
@@ -563,7 +575,7 @@ def cca_triton_backward(
             *_line_strides(out, column=False), *_line_strides(grad_out, column=False),
             *_pixel_strides(delta, column=False),
             height, width, v_channels,
-            BLOCK_M=block_row, BLOCK_V=block_v, **launch,
+            BLOCK_M=block_row, BLOCK_V=block_v, ACC=kernel_dtypes["ACC"], **launch,
         )
         # Column pass writes, row pass adds: sequential kernels on one stream, so no atomics are needed.
         for column in (True, False):
@@ -576,8 +588,7 @@ def cca_triton_backward(
             do_strides = _line_strides(grad_out, column=column)
             pixel_strides = _pixel_strides(lse, column=column)
             tiles = {"BLOCK_M": block_line, "BLOCK_N": block_line, "BLOCK_K": block_k, "BLOCK_V": block_v,
-                     "DOT_DTYPE": dot_dtype, "PRECISION": precision, "MASK_DIAG": column,
-                     "ACCUMULATE": not column}
+                     "MASK_DIAG": column, "ACCUMULATE": not column, **kernel_dtypes}
             sizes = (n_lines, length, qk_channels, v_channels)
             _line_grad_query_kernel[(lines, line_blocks, triton.cdiv(qk_channels, block_k))](
                 query, key, value, grad_out, lse, delta, grad_query,
@@ -617,7 +628,7 @@ def _forward_fake(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, _, height, width = query.shape
-    return _channels_last_like(value), query.new_empty((batch, height, width), dtype=torch.float32)
+    return _channels_last_like(value), query.new_empty((batch, height, width), dtype=lse_dtype(query.dtype))
 
 
 @torch.library.custom_op(BACKWARD_OP_NAME, mutates_args=())

@@ -26,7 +26,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 # of inputs to the dot products and of the outputs (bf16 has 8 significant bits). As in flash attention,
 # backward's delta = sum(dO * out) uses the output rounded to the input dtype; in bf16 that makes the dq / dk
 # error up to ~4x the naive bf16 backend's (measured 2.9e-2 vs 7e-3 at 2x8x16x7x9), hence the bf16 margin.
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 5e-2}
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 5e-2}
 SMALL_BLOCKS = cca_triton.Blocks(line=16, qk_channels=16, v_channels=16)
 
 
@@ -121,9 +121,19 @@ class _SmallBlocks(torch.autograd.Function):
         return cca_triton.cca_triton_backward(grad_out, *ctx.saved_tensors, blocks=SMALL_BLOCKS)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_matches_naive_half_precision(dtype):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_matches_naive_other_dtypes(dtype):
     _check_against_naive(*_inputs(2, 8, 16, 7, 9, dtype=dtype))
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 3, 3, 4), (1, 2, 2, 1, 3)])
+def test_gradcheck_fp64(shape):
+    """Numerical derivatives check the backward kernels independently of the naive backend."""
+    query, key, value, _ = _inputs(*shape, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (query, key, value))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: ops.criss_cross_attention(q, k, v, backend="triton"), inputs, fast_mode=True
+    )
 
 
 def test_non_contiguous_and_channels_last_inputs():
@@ -237,8 +247,9 @@ def test_torch_compile_fullgraph():
 
 def test_bad_inputs_raise_clear_errors():
     query, key, value, grad = _inputs(1, 2, 3, 4, 5)
-    with pytest.raises(TypeError, match="float64"):
-        cca_triton.cca_triton_forward(query.double(), key.double(), value.double())
+    eight_bit = [t.to(torch.float8_e4m3fn) for t in (query, key, value)]
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        cca_triton.cca_triton_forward(*eight_bit)
     with pytest.raises(TypeError, match="floating-point"):
         ops.criss_cross_attention(query.int(), key.int(), value.int(), backend="triton")
     with pytest.raises(ValueError, match="same shape"):
