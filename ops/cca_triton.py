@@ -6,15 +6,16 @@ allocation, grid) -> `torch.library` custom ops `ccrepro::cca_triton_forward` / 
 `ops.criss_cross_attention(..., backend="triton")` calls.
 
 Decomposition. A pixel (i, j) attends the H - 1 other pixels of its column and the W pixels of its row (itself
-once, in the row). Both are "lines": a column is a line of length H whose positions are H pixels apart, a row
-a line of length W whose positions are adjacent. One stride-generic line kernel serves both, with the strides
-swapped; only the column pass masks the diagonal.
+once, in the row). Both are "lines": a column is a line of length H whose positions are one image row apart, a
+row a line of length W whose positions are adjacent. One stride-generic line kernel serves both, with the
+strides swapped; only the column pass masks the diagonal.
 
 * Forward, pass 1 (columns): a program owns a block of query positions on one line of one image and one
   block of value channels; it runs an online softmax over key blocks of its line and writes the normalised
   column output and the column log-sum-exp (LSE) into its own buffer. Pass 2 (rows) does the same over the
   row and merges with pass 1 by log-sum-exp, so the softmax is joint over the H + W - 1 pixels. Only the
-  final (B, H, W) LSE (fp32) is saved for backward: the (B, H, W, H + W) map never exists in memory.
+  final (B, H, W) LSE (fp32; fp64 for fp64 inputs) is saved for backward: the (B, H, W, H + W) map never
+  exists in memory.
 * Backward: delta = sum_c dO * O per pixel; probabilities are recomputed as exp(q.k - lse). Per pass, a dq
   kernel owns query pixels, a dk kernel owns key pixels and a dv kernel owns key pixels x a block of value
   channels; the row pass adds onto what the column pass wrote. Every output element has exactly one owner in
@@ -29,8 +30,9 @@ Cost of one call, per (B, Cqk, Cv, H, W) with P = B * H * W pixels, A = H + W - 
 itemsize s (see `ops.cost`, which the FLOP formula and fvcore handle below use):
 * forward: P * A * (Cqk + Cv) multiply-accumulates (FLOPs = 2x that); the energies are recomputed once per
   value-channel block (ceil(Cv / BLOCK_V) times), which the analytic count does not include. Bytes at the
-  minimum: read q, k, v, write out = P * (2 Cqk + 2 Cv) * s, plus the fp32 LSE (4 P); in addition pass 2
-  re-reads the column output and the column LSE (P * (Cv * s + 4)).
+  minimum: read q, k, v, write out = P * (2 Cqk + 2 Cv) * s, plus the fp32 LSE (4 P). In addition pass 1
+  writes the column output that pass 2 re-reads and overwrites (2 P Cv s) and the column LSE (8 P), and q, k
+  are re-read once per value-channel block (mostly from cache).
 * backward: 2 * P * A * (Cqk + Cv) multiply-accumulates plus one energy recomputation P * A * Cqk
   (`ops.cost.criss_cross_attention_backward_cost(recompute=True)`).
 The roofline fraction of a measured time t is then max(flops / peak_flops, bytes / peak_bandwidth) / t.
@@ -38,7 +40,9 @@ The roofline fraction of a measured time t is then max(flops / peak_flops, bytes
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -373,29 +377,26 @@ def _line_grad_value_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, kw_only=True)
 class Blocks:
     """Upper bounds of the tile sizes; the launcher shrinks each to the problem (never below 16, the minimum
     tl.dot accepts on a GPU).
 
     line: query and key positions per tile (BLOCK_M, BLOCK_N). qk_channels: BLOCK_K, the query/key channel
-    block. v_channels: BLOCK_V, the value channel block.
+    block. v_channels: BLOCK_V, the value channel block. num_warps, num_stages: GPU launch settings.
     """
 
-    def __init__(
-        self, *, line: int, qk_channels: int, v_channels: int, num_warps: int = 4, num_stages: int = 2
-    ) -> None:
-        for name, value in (("line", line), ("qk_channels", qk_channels), ("v_channels", v_channels)):
+    line: int
+    qk_channels: int
+    v_channels: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("line", "qk_channels", "v_channels"):
+            value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 raise ValueError(f"Blocks.{name} must be a power of two >= 16, got {value!r}")
-        self.line = line
-        self.qk_channels = qk_channels
-        self.v_channels = v_channels
-        self.num_warps = num_warps
-        self.num_stages = num_stages
-
-    def __repr__(self) -> str:
-        return (f"Blocks(line={self.line}, qk_channels={self.qk_channels}, v_channels={self.v_channels}, "
-                f"num_warps={self.num_warps}, num_stages={self.num_stages})")
 
 
 def default_blocks(device: torch.device) -> Blocks:
@@ -460,15 +461,8 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, o
 
 
 def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else _NoGuard()
-
-
-class _NoGuard:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    """Launch on the inputs' GPU, not the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _channels_last_like(tensor: torch.Tensor) -> torch.Tensor:
