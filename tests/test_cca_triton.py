@@ -286,6 +286,57 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error():
     assert result.returncode == 0 and "refused" in result.stdout, result.stderr
 
 
+_COMPILE_FOR_GPU = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import ops.cca_triton as C
+
+assert not C.INTERPRETED
+cuda = torch.device("cuda")
+for dtype in (torch.bfloat16, torch.float32):
+    blocks = C.default_blocks(cuda, dtype)
+    dtypes = C._kernel_dtypes(dtype, allow_tf32=False)
+    pointee = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    tiles = {"BLOCK_M": blocks.line, "BLOCK_N": blocks.line, "BLOCK_K": blocks.qk_channels,
+             "BLOCK_V": blocks.v_channels, **dtypes}
+    kernels = [
+        (C._line_forward_kernel, {"MASK_DIAG": True, "MERGE": False, **tiles}),
+        (C._line_forward_kernel, {"MASK_DIAG": False, "MERGE": True, **tiles}),
+        (C._line_grad_query_kernel, {"MASK_DIAG": True, "ACCUMULATE": True, **tiles}),
+        (C._line_grad_key_kernel, {"MASK_DIAG": True, "ACCUMULATE": True, **tiles}),
+        (C._line_grad_value_kernel, {"MASK_DIAG": True, "ACCUMULATE": True, **tiles}),
+        (C._delta_kernel, {"BLOCK_M": blocks.line, "BLOCK_V": blocks.v_channels, "ACC": dtypes["ACC"]}),
+    ]
+    for kernel, constants in kernels:
+        signature = {
+            name: "constexpr" if name in constants
+            else ("*fp32" if name.startswith(("lse", "delta")) else pointee) if name.endswith("_ptr")
+            else "i32"
+            for name in kernel.arg_names
+        }
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constants),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages},
+        )
+        assert compiled.asm["cubin"], kernel.__name__
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter does not enforce GPU rules (tl.dot sizes, operand dtypes, register limits): compile
+    every kernel with the default GPU tiles for sm_90 down to a cubin (triton's bundled ptxas; no driver)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("triton's ptxas is not available on this machine")
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU-only: the same checks natively, plus sizes the interpreter is too slow for, compile and autocast.
 # ----------------------------------------------------------------------------------------------------------
