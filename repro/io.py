@@ -3,7 +3,8 @@
 Every file the project writes that a later step reads (checkpoints, CSVs) goes through a temporary file in
 the same directory and `os.replace`, so a crash or Ctrl-C leaves either the old file or the new one, never a
 truncated mix. CSV "appends" read the existing rows and rewrite the whole file atomically: earlier rows are
-never lost, even when the new rows bring new columns.
+never lost, even when the new rows bring new columns. `upsert_csv` (the lead's, used by repro.bench)
+replaces rows with the same key instead of appending.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+import pandas as pd
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -90,6 +93,28 @@ def append_csv_rows(
     for row in old_rows + rows:
         writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in header})
     return atomic_write_text(path, buffer.getvalue())
+
+
+def upsert_csv(path: str | os.PathLike, rows: pd.DataFrame, key: Sequence[str]) -> pd.DataFrame:
+    """Merge `rows` into the CSV at `path`: rows with the same `key` values are replaced, all others kept.
+
+    Columns missing on either side are kept (empty where unknown). Returns the merged table.
+    """
+    path = Path(path)
+    missing = [column for column in key if column not in rows.columns]
+    if missing:
+        raise ValueError(f"upsert_csv: key columns {missing} are not in the new rows' columns {list(rows.columns)}")
+    if path.exists() and path.stat().st_size > 0:
+        existing = pd.read_csv(path, keep_default_na=False, dtype=str)
+        new_keys = set(rows[list(key)].astype(str).itertuples(index=False, name=None))
+        if set(key) <= set(existing.columns):
+            existing_keys = existing[list(key)].astype(str).itertuples(index=False, name=None)
+            existing = existing[[k not in new_keys for k in existing_keys]]
+        merged = pd.concat([existing, rows.astype(str)], ignore_index=True)
+    else:
+        merged = rows
+    atomic_write_text(path, merged.to_csv(index=False))
+    return merged
 
 
 def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
