@@ -94,7 +94,8 @@ class DataConfig:
     mmsegmentation's `img_scale`), then by a random ratio in `scale_range` (continuous, or in steps of
     `scale_step` as the official code's 0.7 + randint(0, 14) / 10), padded to `crop_size` (image with 0
     after normalisation, label with `ignore_index`), randomly cropped (re-drawn up to 10 times while one
-    class covers more than `cat_max_ratio` of the crop) and flipped.
+    class covers more than `cat_max_ratio` of the crop), flipped and, with `photometric_distortion`, colour
+    jittered as mmsegmentation's PhotoMetricDistortion.
     """
 
     dataset: Literal["cityscapes", "ade20k", "voc"]
@@ -111,6 +112,8 @@ class DataConfig:
     scale_step: float | None = None
     cat_max_ratio: float = 1.0
     flip: bool = True
+    # mmsegmentation's PhotoMetricDistortion (brightness, contrast, saturation, hue).
+    photometric_distortion: bool = False
     ignore_index: int = 255
     num_workers: int = 4
 

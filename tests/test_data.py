@@ -20,7 +20,13 @@ from repro.data import (
     voc,
     write_fake_dataset,
 )
-from repro.data.transforms import EvalTransform, TrainTransform, keep_ratio_size, normalise
+from repro.data.transforms import (
+    EvalTransform,
+    TrainTransform,
+    keep_ratio_size,
+    normalise,
+    photometric_distortion,
+)
 from repro.distributed import StepBatchSampler
 from repro.run import main
 
@@ -220,3 +226,18 @@ def test_step_sampler_resumes_exactly_and_splits_ranks():
         StepBatchSampler(
             dataset_size=7, batch_size=2, rank=2, world_size=2, seed=0, start_step=0, total_steps=1
         )
+
+
+def test_photometric_distortion_changes_colours_only():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+    label = rng.integers(0, 3, size=(12, 12), dtype=np.uint8)
+    outputs = [photometric_distortion(image, rng=np.random.default_rng(s)) for s in range(8)]
+    assert all(out.shape == image.shape and out.dtype == np.uint8 for out in outputs)
+    assert sum(not np.array_equal(out, image) for out in outputs) >= 6  # 1/16 chance per seed of no change
+    common = dict(crop_size=(12, 12), scale_range=(1.0, 1.0), flip=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    jitter = TrainTransform(photometric=True, channel_order="rgb", **common)
+    plain = TrainTransform(photometric=False, channel_order="rgb", **common)
+    jittered, jitter_label = jitter(image, label, rng=np.random.default_rng(3))
+    _, plain_label = plain(image, label, rng=np.random.default_rng(3))
+    assert torch.equal(jitter_label, plain_label) and jittered.shape == (3, 12, 12)
