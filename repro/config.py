@@ -74,6 +74,10 @@ class ModelConfig:
     aux_channels: int = 256
     # Final bilinear upsampling: mmsegmentation False, the official code True.
     align_corners: bool = False
+    # Activation after the head's norms: the official code's InPlaceABNSync used leaky ReLU (slope 0.01).
+    head_act: Literal["relu", "leaky_relu"] = "relu"
+    # Stem max-pool ceil_mode: True in the official ResNet.
+    pool_ceil_mode: bool = False
 
     def __post_init__(self) -> None:
         _expect(self.depth in (50, 101), "depth", "50 or 101", self.depth)
@@ -253,6 +257,8 @@ def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
         nonlocal_impl=m.nonlocal_impl,
         aux_channels=m.aux_channels,
         align_corners=m.align_corners,
+        head_act=m.head_act,
+        pool_ceil_mode=m.pool_ceil_mode,
     )
 
 
