@@ -181,7 +181,8 @@ class EvalConfig:
     `mode` "whole" feeds the (rescaled) image at once, "slide" uses windows of `crop_size` every `stride`.
     `scale` (long side, short side; keep ratio) is the test resize of mmsegmentation (None = native size);
     logits are resized back to the label's size before the confusion matrix. With `ms_flip` the multi-scale
-    + flip mIoU (`ms_scales` x {image, mirrored image}) is measured as well.
+    + flip mIoU (`ms_scales` x {image, mirrored image}) is measured as well. Images are predicted one at a
+    time (their sizes differ).
     """
 
     mode: Literal["whole", "slide"]
@@ -190,7 +191,6 @@ class EvalConfig:
     scale: tuple[int, int] | None = None
     ms_flip: bool = False
     ms_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-    batch_size: int = 1
 
     def __post_init__(self) -> None:
         if self.mode == "slide":
@@ -199,8 +199,10 @@ class EvalConfig:
         _expect(self.crop_size is None or min(self.crop_size) >= 1, "crop_size", "positive", self.crop_size)
         _expect(self.stride is None or min(self.stride) >= 1, "stride", "positive", self.stride)
         _expect(self.scale is None or min(self.scale) >= 1, "scale", "positive", self.scale)
+        if self.crop_size is not None and self.stride is not None:
+            fits = all(s <= c for s, c in zip(self.stride, self.crop_size, strict=True))
+            _expect(fits, "stride", f"<= crop_size {self.crop_size} (windows must overlap or touch)", self.stride)
         _expect(len(self.ms_scales) >= 1 and min(self.ms_scales) > 0, "ms_scales", "> 0", self.ms_scales)
-        _expect(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
 @dataclass(frozen=True)

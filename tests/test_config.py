@@ -101,6 +101,10 @@ def test_model_kwargs_are_build_arguments():
         (lambda r: r["model"].update(aux="yes"), "model.aux: expected true/false"),
         (lambda r: r["model"].update(num_classes=21), "model.num_classes: cityscapes has 19 classes"),
         (lambda r: r["eval"].update(mode="slide"), "eval.crop_size: required when mode is 'slide'"),
+        (
+            lambda r: r["eval"].update(mode="slide", crop_size=[769, 769], stride=[800, 513]),
+            "eval.stride: expected <= crop_size",
+        ),
         (lambda r: r["reported"].update(mIoU_test=80.0), "reported.mIoU_test"),
         (lambda r: r.update(train=3), "train: expected a mapping"),
     ],
