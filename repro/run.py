@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import pickle
 import sys
 import tempfile
 from pathlib import Path
@@ -112,11 +113,19 @@ def _json_number(value: float) -> float | None:
 
 
 def load_weights(model: torch.nn.Module, path: Path, *, source: str | None) -> None:
-    """Our training checkpoint (`checkpoint_last.pt`) or a foreign one through `models.load_checkpoint`."""
+    """Our training checkpoint (`checkpoint_last.pt`) or a foreign one through `models.load_checkpoint`.
+
+    Foreign files are read with `weights_only=True`; only a file that needs full unpickling (ours holds
+    NumPy RNG state) is read fully, and then it must carry our format tag.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and state.get("format") == "ccrepro-train-v1":
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not (isinstance(state, dict) and state.get("format") == "ccrepro-train-v1"):
+            raise ValueError(f"{path} is neither a plain state dict nor a ccrepro training checkpoint") from None
         model.load_state_dict(state["model"])
         return
     report = models.load_checkpoint(model, state, source=source)

@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 from repro.config import load_config
 from repro.io import append_csv_rows, atomic_write_text, read_csv_rows
@@ -54,6 +55,13 @@ def test_results_are_appended_and_eval_only(tmp_path):
     # The smoke eval-only run restores the trained smoke weights: same predictions, same numbers.
     assert rows[1]["measured"] == rows[3]["measured"] and rows[2]["measured"] == rows[4]["measured"]
     assert rows[3]["checkpoint"] == str(checkpoint)
+    # A plain state dict (as a foreign release would be) goes through models.load_checkpoint: same numbers.
+    plain = tmp_path / "plain.pt"
+    torch.save(torch.load(checkpoint, weights_only=False)["model"], plain)
+    eval_args[2] = str(plain)
+    assert main([str(config), *eval_args, "--results", str(results), "--no-progress"]) == 0
+    rows = _rows(results)
+    assert [row["measured"] for row in rows[5:]] == [rows[1]["measured"], rows[2]["measured"]]
 
 
 def test_cli_errors(tmp_path, capsys):
