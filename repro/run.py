@@ -26,6 +26,7 @@ import math
 import pickle
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from repro.config import ConfigError, ExperimentConfig, load_config, with_overri
 from repro.data import DatasetNotFoundError, build_dataset, check_dataset, write_fake_dataset
 from repro.distributed import DistContext, barrier, init_distributed, shutdown
 from repro.evaluate import EvalResult, evaluate
-from repro.io import append_csv_rows, atomic_write_text
+from repro.io import append_csv_rows, append_jsonl, atomic_write_text
 from repro.train import build_model, train
 
 EXIT_OK, EXIT_CONFIG, EXIT_NO_DATA = 0, 2, 3
@@ -255,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
                 for metric, r in results.items()
             }
             atomic_write_text(out_dir / "eval.json", json.dumps(details, indent=2, allow_nan=False) + "\n")
+            for metric, r in results.items():
+                record = {"experiment": cfg.name, "event": "eval", "metric": metric, "mIoU": _json_number(r.miou)}
+                append_jsonl(out_dir / "train_log.jsonl", {**record, "checkpoint": checkpoint, "time": time.time()})
             for row in rows:
                 measured = f"{row['measured']:.2f}"
                 print(f"{cfg.name} {row['metric']}: measured {measured}  reported {row['reported'] or '-'}")

@@ -43,6 +43,7 @@ def test_two_process_gloo_smoke_run(tmp_path):
     # Only rank 0 writes: one row per metric, one log line per step.
     assert [row["metric"] for row in rows] == ["mIoU"] and rows[0]["device"] == "cpu x2"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in log] == [1, 2]
+    assert [record["step"] for record in log if record["event"] == "train"] == [1, 2]
+    assert [record["metric"] for record in log if record["event"] == "eval"] == ["mIoU"]
     state = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 2 and not any(key.startswith("module.") for key in state["model"])
