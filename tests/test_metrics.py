@@ -11,7 +11,7 @@ import torch
 from cityscapesscripts.helpers.labels import trainId2label
 from torch import nn
 
-from repro.config import EvalConfig, load_config, with_overrides
+from repro.config import EvalConfig, load_config, model_kwargs, with_overrides
 from repro.data import build_dataset, cityscapes, write_fake_dataset
 from repro.distributed import init_distributed
 from repro.evaluate import evaluate
@@ -83,3 +83,47 @@ def test_cityscapes_miou_equals_official_evaluator(tmp_path, monkeypatch):
         theirs = result["classScores"][trainId2label[train_id].name]
         assert (math.isnan(iou) and math.isnan(theirs)) or iou == pytest.approx(100 * theirs, abs=1e-9)
     assert 0 < ours.miou < 100
+
+
+def test_run_cli_predictions_match_official_evaluator(tmp_path, monkeypatch):
+    """`python -m repro.run --eval-only --save-predictions`: the CSV's mIoU equals the official evaluator's on
+    the label-id files the CLI wrote."""
+    import csv
+
+    import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as official
+
+    import models
+    from repro.run import main
+
+    overrides = [
+        f"data.root={tmp_path / 'cs'}",
+        "model.depth=50",
+        "model.head_channels=16",
+        "model.aux_channels=16",
+        "model.pretrained_backbone=null",
+    ]
+    config = "experiments/cityscapes_r2.yaml"
+    cfg = load_config(config, overrides)
+    write_fake_dataset(cfg.data, tmp_path / "cs", count=2, size_hw=(24, 32), seed=9)
+    torch.manual_seed(0)
+    model = models.build(**model_kwargs(cfg))
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    predictions_dir, results = tmp_path / "predictions", tmp_path / "miou.csv"
+    args = [config, "--eval-only", "--checkpoint", str(tmp_path / "weights.pt"), "--no-progress"]
+    args += ["--save-predictions", str(predictions_dir), "--results", str(results), "--out-dir", str(tmp_path / "o")]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 0
+    with results.open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+
+    official_args = official.args
+    for name, value in dict(
+        evalInstLevelScore=False, JSONOutput=False, quiet=True, colorized=False, evalPixelAccuracy=False,
+        predictionPath=str(predictions_dir), predictionWalk=None,
+    ).items():
+        monkeypatch.setattr(official_args, name, value, raising=False)
+    ground_truth = sorted(str(p) for p in (tmp_path / "cs" / "gtFine" / "val").glob("*/*_labelIds.png"))
+    predictions = [official.getPrediction(official_args, gt) for gt in ground_truth]
+    result = official.evaluateImgLists(predictions, ground_truth, official_args)
+    assert float(row["measured"]) == pytest.approx(100 * result["averageScoreClasses"], abs=1e-4)
