@@ -221,4 +221,19 @@ def train(
                 save_training_state(
                     checkpoint, model=model, optimizer=optimizer, scaler=scaler, step=step, cfg=cfg
                 )
+    if ctx.distributed:
+        check_ranks_agree(unwrap(model), ctx)
     return unwrap(model), checkpoint
+
+
+def check_ranks_agree(model: nn.Module, ctx: DistContext) -> None:
+    """Raise if the parameters differ between ranks (DDP keeps them identical; a difference means the
+    gradients were not synchronised). Compares a float64 checksum through one all-reduce (max of +s, -s)."""
+    checksum = sum(p.detach().double().sum() for p in model.parameters())
+    both = torch.stack([checksum, -checksum]).to(ctx.device)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    if float(both[0]) != -float(both[1]):
+        raise RuntimeError(
+            f"rank {ctx.rank}: parameters differ between ranks (checksum max {float(both[0])!r}, "
+            f"min {-float(both[1])!r}); gradients were not synchronised"
+        )

@@ -1,4 +1,6 @@
-"""A 2-process DDP smoke run on CPU with the gloo backend (torchrun), and the process-group helpers."""
+"""A 2-process DDP smoke run on CPU with the gloo backend (torchrun; `repro.train` checks at the end that
+the ranks hold identical parameters, so unsynchronised gradients fail the run), and the process-group
+helpers."""
 
 from __future__ import annotations
 
