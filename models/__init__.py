@@ -1,0 +1,17 @@
+"""CCNet model family: dilated ResNet backbones, RCCA / non-local / FCN heads, losses, checkpoint import
+and inference modes. Knows nothing of `repro`."""
+
+from models.ccnet import HEADS, CCNet, build, count_parameters
+from models.checkpoints import SOURCES, LoadReport, export_state_dict, load_checkpoint, save_checkpoint
+
+__all__ = [
+    "HEADS",
+    "SOURCES",
+    "CCNet",
+    "LoadReport",
+    "build",
+    "count_parameters",
+    "export_state_dict",
+    "load_checkpoint",
+    "save_checkpoint",
+]
