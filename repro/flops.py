@@ -5,7 +5,8 @@ Two independent counters:
 * `fvcore_macs(model, inputs)`: fvcore's `FlopCountAnalysis` on the real module (a JIT trace of the
   forward), with handles for the attention ops fvcore does not know: the naive criss-cross autograd
   Function (traced as `prim::PythonOp._CrissCrossNaive`), the Triton custom op (`ccrepro::cca_triton_forward`,
-  when that backend is present) and `aten::scaled_dot_product_attention`. fvcore counts one
+  when that backend is present) and `aten::scaled_dot_product_attention`; normalisation, upsampling and
+  pooling count 0 (no multiply-accumulates, as in the paper and FlopCounterMode). fvcore counts one
   multiply-accumulate (MAC) as one "flop"; after the trace, every op fvcore skipped must be in
   `MAC_FREE_OPS` (elementwise, softmax, pooling, ...) or `SkippedWorkError` is raised, so an op that carries
   matmul work can never vanish from a count again.
@@ -100,9 +101,22 @@ def _sdpa_handle(inputs: list, outputs: list) -> int:
     return leading * length * source * (embed + value[-1])
 
 
+# fvcore's defaults give these ops a per-element count that is not a multiply-accumulate; the paper, ops.cost
+# and FlopCounterMode count none of it, so the same convention is used here.
+NON_MAC_DEFAULTS = (
+    "aten::batch_norm", "aten::group_norm", "aten::layer_norm", "aten::instance_norm",
+    "aten::upsample_nearest2d", "aten::upsample_bilinear2d", "aten::adaptive_avg_pool2d", "aten::grid_sampler",
+)
+
+
+def _no_macs(inputs: list, outputs: list) -> int:
+    return 0
+
+
 def fvcore_handles() -> dict[str, Callable]:
-    """The handles `fvcore_macs` adds to fvcore's defaults, by traced op name."""
-    handles = {CRISS_CROSS_NAIVE_OP: _criss_cross_handle, SDPA_OP: _sdpa_handle}
+    """The handles `fvcore_macs` adds to (or replaces in) fvcore's defaults, by traced op name."""
+    handles: dict[str, Callable] = {name: _no_macs for name in NON_MAC_DEFAULTS}
+    handles.update({CRISS_CROSS_NAIVE_OP: _criss_cross_handle, SDPA_OP: _sdpa_handle})
     handles.update({name: _criss_cross_handle for name in CRISS_CROSS_TRITON_OPS})
     return handles
 
@@ -138,7 +152,7 @@ def fvcore_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> MacCount:
     return MacCount(macs=int(total), by_module=by_module, by_operator=by_operator, skipped=skipped)
 
 
-def _flop_counter_mapping() -> dict:
+def flop_counter_mapping() -> dict:
     """FlopCounterMode formulas for ops outside its registry, which it would count as 0 without a word:
     in-place baddbmm_ (same count as bmm) and the CPU flash-attention kernel that SDPA picks when query/key
     and value widths are equal (same count as the other fused SDPA kernels)."""
@@ -169,7 +183,7 @@ def flop_counter_flops(
     with FakeTensorMode():
         model = build()
         inputs = [torch.empty(*shape, dtype=dtype) for shape in input_shapes]
-        counter = FlopCounterMode(display=False, custom_mapping=_flop_counter_mapping())
+        counter = FlopCounterMode(display=False, custom_mapping=flop_counter_mapping())
         with torch.no_grad(), counter:
             model(*inputs)
     return int(counter.get_total_flops())

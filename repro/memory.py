@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -76,16 +77,29 @@ def _trackable(state: object) -> list[nn.Module | optim.Optimizer | torch.Tensor
     return [leaf for leaf in leaves if isinstance(leaf, (nn.Module, optim.Optimizer, torch.Tensor))]
 
 
-def fake_peak_bytes(
-    build_fn: Callable[[], State], step_fn: Callable[[State], object], *, device: torch.device | str = "cpu"
-) -> int:
-    """Estimated peak bytes that `step_fn(build_fn())` allocates on `device` above what `build_fn` built.
+@dataclass(frozen=True)
+class FakeMemory:
+    """A FakeTensorMode + MemTracker trace: bytes of the state before the step and the peak during it (the
+    peak includes the state, as `torch.cuda.max_memory_allocated` would)."""
 
-    Both run under `FakeTensorMode`, so tensors have shapes but no storage: sizes far beyond the machine's
-    memory can be estimated in well under a second. `build_fn` returns the state the step starts from
-    (module, inputs, incoming gradient, optimizer, in any nesting of tuples/lists/dicts); everything in it
-    counts as already allocated. The root module of the step must be called once per step (MemTracker
-    refuses a second call of the root module; submodules may be called many times).
+    state_bytes: int
+    peak_bytes: int
+
+    @property
+    def step_bytes(self) -> int:
+        """Peak above the state."""
+        return max(self.peak_bytes - self.state_bytes, 0)
+
+
+def fake_memory(
+    build_fn: Callable[[], State], step_fn: Callable[[State], object], *, device: torch.device | str = "cpu"
+) -> FakeMemory:
+    """Trace `step_fn(build_fn())` under `FakeTensorMode`: nothing of the real size is allocated.
+
+    `build_fn` returns the state the step starts from (modules, inputs, optimizer with its momentum buffers,
+    in any nesting of tuples/lists/dicts); everything in it counts as allocated before the step. The root
+    module of the step must be called once per step (MemTracker refuses a second call of the root module;
+    submodules may be called many times).
     """
     device = torch.device(device)
     with FakeTensorMode():
@@ -97,4 +111,18 @@ def fake_peak_bytes(
             result = step_fn(state)
             del result
         peak = tracker.get_tracker_snapshot("peak").get(device, {}).get("Total", 0)
-    return max(peak - base, 0)
+    return FakeMemory(state_bytes=base, peak_bytes=max(peak, base))
+
+
+def fake_peak_bytes(
+    build_fn: Callable[[], State], step_fn: Callable[[State], object], *, device: torch.device | str = "cpu"
+) -> int:
+    """Estimated peak bytes that `step_fn(build_fn())` allocates on `device` above what `build_fn` built.
+
+    Both run under `FakeTensorMode`, so tensors have shapes but no storage: sizes far beyond the machine's
+    memory can be estimated in well under a second. `build_fn` returns the state the step starts from
+    (module, inputs, incoming gradient, optimizer, in any nesting of tuples/lists/dicts); everything in it
+    counts as already allocated. The root module of the step must be called once per step (MemTracker
+    refuses a second call of the root module; submodules may be called many times).
+    """
+    return fake_memory(build_fn, step_fn, device=device).step_bytes
