@@ -131,6 +131,9 @@ def test_cli_writes_rows_beside_reported_values(config_path, tmp_path):
     assert rows.loc["fps_slide", "reported"] == 2.0
     assert rows.loc["flops_per_image", "value"] == pytest.approx(6 * rows.loc["flops_inference", "value"])
     assert frame.method.notna().all()
+    section = (out / "model_efficiency.md").read_text()
+    estimate = rows.loc["train_memory_peak", "value"]
+    assert f"| tiny_r50 | 33x33, batch 1 | {estimate:.2f} | 0.5 | {estimate / 0.5:.2f} |" in section
 
 
 def test_cli_errors_on_bad_configs(config_path, tmp_path):
