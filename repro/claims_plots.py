@@ -21,6 +21,17 @@ import pandas as pd  # noqa: E402
 
 from repro.claims import METHOD_ANALYTIC, METHOD_FAKE, METHOD_FVCORE  # noqa: E402
 
+# Legend names of the methods (the CSV keeps the full description).
+SHORT_METHODS = {
+    "analytic": "analytic", "fvcore": "fvcore", "torch.utils.flop_counter": "FlopCounterMode",
+    "FakeTensorMode": "fake-mode estimate", "torch.profiler": "measured (profiler)",
+    "torch.cuda": "measured (CUDA)",
+}
+
+
+def _short(method: str) -> str:
+    return next((name for prefix, name in SHORT_METHODS.items() if method.startswith(prefix)), method)
+
 
 def _label(row: pd.Series) -> str:
     return f"{row.variant} R={row.recurrence}" if row.variant.startswith("criss_cross") else row.variant
@@ -45,12 +56,14 @@ def _panel(axes: plt.Axes, frame: pd.DataFrame, *, line_method: str, unit: str, 
     colours: dict[str, str] = {}
     for label, group in frame[frame.method == line_method].groupby("label", sort=False):
         group = group.sort_values("pixels")
-        (line,) = axes.plot(group.pixels, group.value, "-", label=f"{label} ({line_method.split(' (')[0]})")
+        # non_local_sdpa lies on non_local_naive (math kernel): dashed so both stay visible.
+        style = "--" if label == "non_local_sdpa" else "-"
+        (line,) = axes.plot(group.pixels, group.value, style, label=f"{label}, {_short(line_method)}")
         colours[label] = line.get_color()
     measured = frame[(frame.method != line_method) & frame.value.notna()]
     for (label, method), group in measured.groupby(["label", "method"], sort=False):
         axes.plot(group.pixels, group.value, "o", mfc="none", color=colours.get(label, "black"),
-                  label=f"{label} ({method.split(' (')[0]})")
+                  label=f"{label}, {_short(method)}")
     reported = frame[pd.to_numeric(frame.reported_value, errors="coerce").notna()].drop_duplicates(
         subset=["label"])
     for _, row in reported.iterrows():
@@ -65,7 +78,7 @@ def _panel(axes: plt.Axes, frame: pd.DataFrame, *, line_method: str, unit: str, 
     axes.set_ylabel(unit)
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
 
 
 def plot_claims(csv_path: Path, out_dir: Path) -> list[Path]:
