@@ -117,9 +117,13 @@ def build(
     )
     head_norm = norm_layer_for("bn" if norm == "frozenbn" else norm)
     in_channels = backbone.out_channels[-1]
-    common = dict(channels=head_channels, num_classes=num_classes, dropout=dropout, norm_layer=head_norm, act=head_act)
+    common = dict(
+        channels=head_channels, num_classes=num_classes, dropout=dropout, norm_layer=head_norm, act=head_act
+    )
     if head == "rcca":
-        decode_head = RCCAHead(in_channels, recurrence=recurrence, qk_channels=qk_channels, backend=backend, **common)
+        decode_head = RCCAHead(
+            in_channels, recurrence=recurrence, qk_channels=qk_channels, backend=backend, **common
+        )
     elif head == "nonlocal":
         decode_head = NonLocalHead(in_channels, qk_channels=qk_channels, impl=nonlocal_impl, **common)
     else:

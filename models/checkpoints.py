@@ -1,32 +1,37 @@
 """Import (and export) of released CCNet checkpoints: a pure mapping from a foreign state dict to ours, by a
-table of key rules, with shapes checked and missing / unexpected keys reported.
+table of key rules (`KEY_RULES` below is the documented table), with shapes checked and missing / unexpected
+keys reported.
 
 Sources and where their layouts come from:
-* "mmseg": mmsegmentation's CCNet (`configs/ccnet`): ResNetV1c backbone (`backbone.stem.{0,1,3,4,6,7}`,
-  `backbone.layerN...` with `bn1..bn3`, `downsample.{0,1}`), CCHead = FCNHead(num_convs=2, concat_input)
-  (`decode_head.convs.{0,1}.{conv,bn}`, `decode_head.cca.{query,key,value}_conv`, `decode_head.cca.gamma.scale`
-  (mmcv `Scale`, a 0-d tensor; older mmcv stored `cca.gamma` of shape (1,)), `decode_head.conv_cat.{conv,bn}`,
-  `decode_head.conv_seg`), auxiliary FCNHead on layer3 (`auxiliary_head.convs.0.{conv,bn}` 1024->256,
-  `auxiliary_head.conv_seg`). mmsegmentation's FCN decode head (`fcn_r*-d8`) maps onto our FCNHead.
-* "sssegmentation": `backbone_net.stem...` / `backbone_net.layerN...` (the same v1c stem), `conv_before_cca.{0,1}`,
-  `cca.*` (mmcv), `conv_after_cca.{0,1}`, `decoder.{0,1,4}` (conv, norm, act, dropout, classifier),
-  `auxiliary_decoder.{0,1,4}` (1024->512).
-* "official": speedinghzl/CCNet `networks/ccnet.py`: deep stem `conv1/bn1/conv2/bn2/conv3/bn3` (3->64->64->128),
-  `layerN...`, `head.conva.{0,1}`, `head.cca.{query,key,value}_conv`, `head.cca.gamma` (1,), `head.convb.{0,1}`,
-  `head.bottleneck.{0,1,3}` (conv, InPlaceABNSync, dropout, classifier), `dsn.{0,1,3}` (1024->512; its 3x3 conv
-  HAS a bias, which we fold into the following norm's running mean: exact, because a per-channel constant
-  before a BatchNorm only shifts the mean it subtracts), `criterion.*` (loss modules, no weights) ignored.
-  Its head norms are InPlaceABNSync with leaky ReLU 0.01: build with `head_act="leaky_relu"`,
-  `aux_channels=512`, `stem="deep"`, `contract_dilation=False`, `pool_ceil_mode=True` to match it.
-* "torchvision": ImageNet ResNet in the torchvision layout (`conv1` 7x7, `bn1`, `layerN...`, `fc` ignored); needs
+* "mmseg": mmsegmentation's CCNet (`configs/ccnet`). ResNetV1c backbone: `backbone.stem.{0,1,3,4,6,7}`,
+  `backbone.layerN.i.{conv,bn}{1,2,3}`, `...downsample.{0,1}`. CCHead = FCNHead(num_convs=2,
+  concat_input=True): `decode_head.convs.{0,1}.{conv,bn}`, `decode_head.cca.{query,key,value}_conv`,
+  `decode_head.cca.gamma.scale` (mmcv `Scale`, a 0-d tensor; older mmcv stored `cca.gamma` of shape (1,)),
+  `decode_head.conv_cat.{conv,bn}`, `decode_head.conv_seg`. Auxiliary FCNHead on layer3:
+  `auxiliary_head.convs.0.{conv,bn}` (1024->256), `auxiliary_head.conv_seg`. mmsegmentation's FCN decode
+  head (`fcn_r*-d8`) maps onto our FCNHead (head="fcn").
+* "sssegmentation": `backbone_net.stem...` / `backbone_net.layerN...` (the same v1c stem),
+  `conv_before_cca.{0,1}`, `cca.*` (mmcv), `conv_after_cca.{0,1}`, `decoder.{0,1,4}` (conv, norm, act,
+  dropout, classifier), `auxiliary_decoder.{0,1,4}` (1024->512).
+* "official": speedinghzl/CCNet `networks/ccnet.py`: deep stem `conv1/bn1/conv2/bn2/conv3/bn3`
+  (3->64->64->128), `layerN...`, `head.conva.{0,1}`, `head.cca.{query,key,value}_conv`, `head.cca.gamma` (1,),
+  `head.convb.{0,1}`, `head.bottleneck.{0,1,3}` (conv, InPlaceABNSync, dropout, classifier), `dsn.{0,1,3}`
+  (1024->512). Its dsn 3x3 conv HAS a bias, which is folded into the following norm's running mean: exact,
+  because a per-channel constant before a BatchNorm only shifts the mean it subtracts (in training the batch
+  mean absorbs it). `criterion.*` (loss modules) is ignored. Its head norms are InPlaceABNSync with leaky
+  ReLU 0.01: build with `stem="deep"`, `head_act="leaky_relu"`, `aux_channels=512`,
+  `contract_dilation=False`, `pool_ceil_mode=True` to match it.
+* "torchvision": ImageNet ResNet, torchvision layout (`conv1` 7x7, `bn1`, `layerN...`; `fc` ignored);
   stem "v1".
-* "official_imagenet": the official repository's MIT deep-stem ImageNet weights (`conv1..bn3`, `layerN`, `fc`
-  ignored); needs stem "deep".
-* "mmseg_imagenet": open-mmlab's ResNetV1c ImageNet weights (`stem.N`, `layerN`, `fc` ignored); stem "v1c".
+* "official_imagenet": the official repository's MIT deep-stem ImageNet weights (`conv1..bn3`, `layerN`; `fc`
+  ignored); stem "deep".
+* "mmseg_imagenet": open-mmlab's ResNetV1c ImageNet weights (`stem.N`, `layerN`; `fc` ignored); stem "v1c".
 * "ccrepro": our own state dict (identity).
 
 A `module.` prefix (DataParallel) is stripped and `{"state_dict": ...}` / `{"model": ...}` wrappers unwrapped.
 `num_batches_tracked` is optional in both directions (InPlaceABN and frozen BN have none).
+A NonLocalHead has the same parameters as the criss-cross block (q/k/v convs, gamma), so it exports in the
+CCHead layout too; nothing in the key names tells the two apart.
 """
 
 from __future__ import annotations
@@ -216,7 +221,9 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """Load a checkpoint file (or take a mapping), unwrap {"state_dict"}/{"model"} and strip "module."."""
     if isinstance(path_or_state_dict, str | os.PathLike):
         path = Path(path_or_state_dict)
@@ -261,7 +268,9 @@ def detect_source(keys) -> str:
     if "conv1.weight" in keys:
         return "official_imagenet" if "conv2.weight" in keys else "torchvision"
     sample = ", ".join(sorted(keys)[:5])
-    raise ValueError(f"cannot detect the checkpoint layout from its keys (e.g. {sample}); pass source= one of {SOURCES}")
+    raise ValueError(
+        f"cannot detect the checkpoint layout from its keys (e.g. {sample}); pass source= one of {SOURCES}"
+    )
 
 
 def _check_source(source: str) -> None:
@@ -324,8 +333,8 @@ def load_checkpoint(
         ]
         chosen = next(((ours, transform) for ours, transform in candidates if ours in target), None)
         if chosen is None:
-            # BN step counters have no counterpart in frozen BN / InPlaceABN; a full checkpoint's heads have no
-            # place in a bare backbone.
+            # BN step counters have no counterpart in frozen BN / InPlaceABN; a full checkpoint's heads
+            # have no place in a bare backbone.
             head_of_full_model = bool(candidates) and all(ours is None for ours, _ in candidates)
             (ignored if key.endswith("num_batches_tracked") or head_of_full_model else unexpected).append(key)
             continue
@@ -346,7 +355,9 @@ def load_checkpoint(
         if bias_key not in state:
             continue
         if mean_key not in mapped:
-            raise ValueError(f"cannot fold {bias_key!r}: its norm's running mean {mean_key!r} is not in the checkpoint")
+            raise ValueError(
+                f"cannot fold {bias_key!r}: its norm's running mean {mean_key!r} is not in the checkpoint"
+            )
         bias = state[bias_key]
         if tuple(bias.shape) != tuple(mapped[mean_key].shape):
             raise ValueError(
@@ -360,10 +371,13 @@ def load_checkpoint(
     if strict and (missing or unexpected):
         raise ValueError(
             f"checkpoint (source={source}) does not match the model: {len(missing)} missing "
-            f"{missing[:10]}, {len(unexpected)} unexpected {unexpected[:10]}; pass strict=False to load anyway"
+            f"{missing[:10]}, {len(unexpected)} unexpected {unexpected[:10]}; "
+            "pass strict=False to load anyway"
         )
     model.load_state_dict(mapped, strict=False)
-    return LoadReport(source, tuple(sorted(mapped)), tuple(missing), tuple(unexpected), tuple(ignored), tuple(notes))
+    return LoadReport(
+        source, tuple(sorted(mapped)), tuple(missing), tuple(unexpected), tuple(ignored), tuple(notes)
+    )
 
 
 def export_state_dict(model: nn.Module, *, source: str) -> dict[str, torch.Tensor]:
@@ -382,15 +396,20 @@ def export_state_dict(model: nn.Module, *, source: str) -> dict[str, torch.Tenso
         rule, match = next(((r, m) for r in rules if (m := r.ours_re.fullmatch(key))), (None, None))
         if rule is None:
             raise ValueError(f"model key {key!r} has no place in the {source} layout")
-        out[_substitute(rule.foreign, match)] = value.reshape(()) if rule.transform == SCALAR else value.clone()
+        out[_substitute(rule.foreign, match)] = (
+            value.reshape(()) if rule.transform == SCALAR else value.clone()
+        )
     for bias_key, mean_key in FOLDED_BIASES.get(source, ()):
         if mean_key in state:
             out[bias_key] = torch.zeros_like(state[mean_key])
     return out
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, extra: Mapping[str, object] | None = None) -> Path:
-    """Write {"state_dict": model.state_dict(), **extra} atomically (temp file in the same folder + os.replace)."""
+def save_checkpoint(
+    model: nn.Module, path: str | os.PathLike, *, extra: Mapping[str, object] | None = None
+) -> Path:
+    """Write {"state_dict": model.state_dict(), **extra} atomically (a temp file in the same folder, then
+    os.replace), creating the folder if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"state_dict": model.state_dict(), **(extra or {})}

@@ -8,8 +8,8 @@ RCCA head (CCNet paper, Fig. 2):
     classifier: 1x1 C->num_classes.
 `recurrence=0` builds no attention module at all: the no-context baseline of the paper's ablation.
 
-Module names (`conv_in`, `attention`, `conv_out`, `bottleneck`, `dropout`, `classifier`) are ours; the table in
-`models.checkpoints` maps the released layouts onto them.
+Module names (`conv_in`, `attention`, `conv_out`, `bottleneck`, `dropout`, `classifier`) are ours; the table
+in `models.checkpoints` maps the released layouts onto them.
 """
 
 from __future__ import annotations
@@ -107,7 +107,9 @@ class _AttentionHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, h, w) -> logits (B, num_classes, h, w)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects (B, {self.in_channels}, h, w), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects (B, {self.in_channels}, h, w), got {tuple(x.shape)}"
+            )
         context = self.conv_out(self._context(self.conv_in(x)))
         out = self.bottleneck(torch.cat([x, context], dim=1))
         return self.classifier(self.dropout(out))
@@ -142,7 +144,12 @@ class RCCAHead(_AttentionHead):
         act: str = "relu",
     ) -> None:
         super().__init__(
-            in_channels, channels=channels, num_classes=num_classes, dropout=dropout, norm_layer=norm_layer, act=act
+            in_channels,
+            channels=channels,
+            num_classes=num_classes,
+            dropout=dropout,
+            norm_layer=norm_layer,
+            act=act,
         )
         if not isinstance(recurrence, int) or isinstance(recurrence, bool) or recurrence < 0:
             raise ValueError(f"recurrence must be an int >= 0, got {recurrence!r}")
@@ -179,7 +186,12 @@ class NonLocalHead(_AttentionHead):
         act: str = "relu",
     ) -> None:
         super().__init__(
-            in_channels, channels=channels, num_classes=num_classes, dropout=dropout, norm_layer=norm_layer, act=act
+            in_channels,
+            channels=channels,
+            num_classes=num_classes,
+            dropout=dropout,
+            norm_layer=norm_layer,
+            act=act,
         )
         self.attention = NonLocal2d(channels, qk_channels=qk_channels, impl=impl)
 
@@ -211,17 +223,24 @@ class FCNHead(nn.Module):
         act: str = "relu",
     ) -> None:
         super().__init__()
-        _check_channels(in_channels=in_channels, channels=channels, num_classes=num_classes, num_convs=num_convs)
+        _check_channels(
+            in_channels=in_channels, channels=channels, num_classes=num_classes, num_convs=num_convs
+        )
         _check_dropout(dropout)
         self.in_channels = in_channels
         self.channels = channels
         self.num_classes = num_classes
         widths = [in_channels] + [channels] * num_convs
         self.convs = nn.Sequential(
-            *(conv_norm_act(a, b, norm_layer=norm_layer, act=act) for a, b in zip(widths, widths[1:], strict=False))
+            *(
+                conv_norm_act(a, b, norm_layer=norm_layer, act=act)
+                for a, b in zip(widths, widths[1:], strict=False)
+            )
         )
         self.conv_cat = (
-            conv_norm_act(in_channels + channels, channels, norm_layer=norm_layer, act=act) if concat_input else None
+            conv_norm_act(in_channels + channels, channels, norm_layer=norm_layer, act=act)
+            if concat_input
+            else None
         )
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = _classifier(channels, num_classes)

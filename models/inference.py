@@ -83,7 +83,9 @@ def predict_slide(
     crop_h, crop_w = _pair(crop, "crop")
     stride_h, stride_w = _pair(stride, "stride")
     if stride_h > crop_h or stride_w > crop_w:
-        raise ValueError(f"stride {(stride_h, stride_w)} larger than crop {(crop_h, crop_w)} would leave gaps")
+        raise ValueError(
+            f"stride {(stride_h, stride_w)} larger than crop {(crop_h, crop_w)} would leave gaps"
+        )
     batch, _, height, width = images.shape
     out = images.new_zeros(batch, num_classes, height, width)
     count = images.new_zeros(1, 1, height, width)
@@ -93,7 +95,9 @@ def predict_slide(
                 bottom, right = min(top + crop_h, height), min(left + crop_w, width)
                 logits = _forward(model, images[:, :, top:bottom, left:right])
                 if logits.shape[1] != num_classes:
-                    raise ValueError(f"num_classes={num_classes} but the model returned {logits.shape[1]} channels")
+                    raise ValueError(
+                        f"num_classes={num_classes} but the model returned {logits.shape[1]} channels"
+                    )
                 out[:, :, top:bottom, left:right] += logits
                 count[:, :, top:bottom, left:right] += 1
     return out / count
@@ -138,8 +142,10 @@ def predict_multiscale(
     views = 0
     for scale in scales:
         size = (max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1))
-        scaled = images if size == (height, width) else F.interpolate(
-            images, size=size, mode="bilinear", align_corners=False
+        scaled = (
+            images
+            if size == (height, width)
+            else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         )
         for flipped in (False, True) if flip else (False,):
             view = scaled.flip(-1) if flipped else scaled

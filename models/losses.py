@@ -21,7 +21,9 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int)
         )
     batch, classes, height, width = logits.shape
     if tuple(target.shape) != (batch, height, width):
-        raise ValueError(f"target must be (B, H, W) = {(batch, height, width)} to match logits, got {tuple(target.shape)}")
+        raise ValueError(
+            f"target must be (B, H, W) = {(batch, height, width)} to match logits, got {tuple(target.shape)}"
+        )
     labels = target[target != ignore_index]
     if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(
@@ -93,7 +95,9 @@ class OHEMCrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         kept = self.kept_mask(logits, target)
-        return _mean_cross_entropy(logits, target.long().masked_fill(~kept, self.ignore_index), self.ignore_index)
+        return _mean_cross_entropy(
+            logits, target.long().masked_fill(~kept, self.ignore_index), self.ignore_index
+        )
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, thresh={self.thresh}, min_kept={self.min_kept}"

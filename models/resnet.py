@@ -8,7 +8,8 @@ Stems, as the released CCNet models used them:
           then takes 128 input channels.
 
 Output stride is the user-facing knob; the strides and dilations of layer1..layer4 follow from it:
-OS 8 -> strides (1, 2, 1, 1), dilations (1, 1, 2, 4); OS 16 -> (1, 2, 2, 1), (1, 1, 1, 2); OS 32 -> no dilation.
+OS 8 -> strides (1, 2, 1, 1), dilations (1, 1, 2, 4); OS 16 -> (1, 2, 2, 1), (1, 1, 1, 2); OS 32 -> no
+dilation.
 `contract_dilation=True` halves the dilation of the first block of a dilated layer (mmsegmentation and
 sssegmentation do this; the official CCNet code does not).
 
@@ -83,7 +84,7 @@ def strides_and_dilations(output_stride: int) -> tuple[tuple[int, ...], tuple[in
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck (1x1, 3x3 with the stride and dilation, 1x1 x4), stride on the 3x3 ("pytorch" style)."""
+    """ResNet bottleneck: 1x1, 3x3 (with the stride and dilation: "pytorch" style), 1x1 to 4x planes."""
 
     def __init__(
         self,
@@ -182,7 +183,9 @@ class ResNet(nn.Module):
         self.stem_channels = in_channels
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=pool_ceil_mode)
         self.out_channels = tuple(64 * 2**i * EXPANSION for i in range(4))
-        for index, (blocks, stride, dilation) in enumerate(zip(DEPTHS[depth], strides, dilations, strict=True)):
+        for index, (blocks, stride, dilation) in enumerate(
+            zip(DEPTHS[depth], strides, dilations, strict=True)
+        ):
             planes = 64 * 2**index
             first_dilation = dilation // 2 if contract_dilation and dilation > 1 else dilation
             layer = [
@@ -215,4 +218,7 @@ class ResNet(nn.Module):
         return c1, c2, c3, c4
 
     def extra_repr(self) -> str:
-        return f"depth={self.depth}, stem={self.stem_type!r}, output_stride={self.output_stride}, norm={self.norm!r}"
+        return (
+            f"depth={self.depth}, stem={self.stem_type!r}, output_stride={self.output_stride}, "
+            f"norm={self.norm!r}"
+        )

@@ -74,6 +74,10 @@ class ModelConfig:
     aux_channels: int = 256
     # Final bilinear upsampling: mmsegmentation False, the official code True.
     align_corners: bool = False
+    # Activation after the head's norms: the official code's InPlaceABNSync used leaky ReLU (slope 0.01).
+    head_act: Literal["relu", "leaky_relu"] = "relu"
+    # Stem max-pool ceil_mode: True in the official ResNet.
+    pool_ceil_mode: bool = False
 
     def __post_init__(self) -> None:
         _expect(self.depth in (50, 101), "depth", "50 or 101", self.depth)
@@ -94,7 +98,8 @@ class DataConfig:
     mmsegmentation's `img_scale`), then by a random ratio in `scale_range` (continuous, or in steps of
     `scale_step` as the official code's 0.7 + randint(0, 14) / 10), padded to `crop_size` (image with 0
     after normalisation, label with `ignore_index`), randomly cropped (re-drawn up to 10 times while one
-    class covers more than `cat_max_ratio` of the crop) and flipped.
+    class covers more than `cat_max_ratio` of the crop), flipped and, with `photometric_distortion`, colour
+    jittered as mmsegmentation's PhotoMetricDistortion.
     """
 
     dataset: Literal["cityscapes", "ade20k", "voc"]
@@ -111,6 +116,8 @@ class DataConfig:
     scale_step: float | None = None
     cat_max_ratio: float = 1.0
     flip: bool = True
+    # mmsegmentation's PhotoMetricDistortion (brightness, contrast, saturation, hue).
+    photometric_distortion: bool = False
     ignore_index: int = 255
     num_workers: int = 4
 
@@ -174,7 +181,8 @@ class EvalConfig:
     `mode` "whole" feeds the (rescaled) image at once, "slide" uses windows of `crop_size` every `stride`.
     `scale` (long side, short side; keep ratio) is the test resize of mmsegmentation (None = native size);
     logits are resized back to the label's size before the confusion matrix. With `ms_flip` the multi-scale
-    + flip mIoU (`ms_scales` x {image, mirrored image}) is measured as well.
+    + flip mIoU (`ms_scales` x {image, mirrored image}) is measured as well. Images are predicted one at a
+    time (their sizes differ).
     """
 
     mode: Literal["whole", "slide"]
@@ -183,7 +191,6 @@ class EvalConfig:
     scale: tuple[int, int] | None = None
     ms_flip: bool = False
     ms_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-    batch_size: int = 1
 
     def __post_init__(self) -> None:
         if self.mode == "slide":
@@ -192,8 +199,10 @@ class EvalConfig:
         _expect(self.crop_size is None or min(self.crop_size) >= 1, "crop_size", "positive", self.crop_size)
         _expect(self.stride is None or min(self.stride) >= 1, "stride", "positive", self.stride)
         _expect(self.scale is None or min(self.scale) >= 1, "scale", "positive", self.scale)
+        if self.crop_size is not None and self.stride is not None:
+            fits = all(s <= c for s, c in zip(self.stride, self.crop_size, strict=True))
+            _expect(fits, "stride", f"<= crop_size {self.crop_size} (windows must overlap or touch)", self.stride)
         _expect(len(self.ms_scales) >= 1 and min(self.ms_scales) > 0, "ms_scales", "> 0", self.ms_scales)
-        _expect(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -250,6 +259,8 @@ def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
         nonlocal_impl=m.nonlocal_impl,
         aux_channels=m.aux_channels,
         align_corners=m.align_corners,
+        head_act=m.head_act,
+        pool_ceil_mode=m.pool_ceil_mode,
     )
 
 

@@ -3,7 +3,8 @@
 Every file the project writes that a later step reads (checkpoints, CSVs) goes through a temporary file in
 the same directory and `os.replace`, so a crash or Ctrl-C leaves either the old file or the new one, never a
 truncated mix. CSV "appends" read the existing rows and rewrite the whole file atomically: earlier rows are
-never lost, even when the new rows bring new columns.
+never lost, even when the new rows bring new columns. `upsert_csv` (the lead's, used by repro.bench)
+replaces rows with the same key instead of appending.
 """
 
 from __future__ import annotations
@@ -94,14 +95,6 @@ def append_csv_rows(
     return atomic_write_text(path, buffer.getvalue())
 
 
-def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Append one JSON object as a line to `path` (a log: a torn last line on a crash is acceptable)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(dict(record), sort_keys=True) + "\n")
-
-
 def upsert_csv(path: str | os.PathLike, rows: pd.DataFrame, key: Sequence[str]) -> pd.DataFrame:
     """Merge `rows` into the CSV at `path`: rows with the same `key` values are replaced, all others kept.
 
@@ -122,3 +115,11 @@ def upsert_csv(path: str | os.PathLike, rows: pd.DataFrame, key: Sequence[str]) 
         merged = rows
     atomic_write_text(path, merged.to_csv(index=False))
     return merged
+
+
+def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Append one JSON object as a line to `path` (a log: a torn last line on a crash is acceptable)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(record), sort_keys=True) + "\n")

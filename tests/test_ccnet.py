@@ -85,17 +85,24 @@ def test_build_rejects_unknown_values(kwargs, needle):
 
 def test_parameter_count_r101_d8():
     model = models.build(depth=101, stem="deep", num_classes=19, recurrence=2)
-    # Independent arithmetic: torchvision R-101 without fc (42,500,160), deep stem instead of 7x7 (-9,408 conv,
-    # -128 bn, +112,832), layer1 taking 128 channels (+4,096 conv1, +16,384 downsample); the head: conv_in
-    # 2048->512 3x3 + bn, CCA (q, k 512->64, v 512->512, gamma), conv_out 512->512 + bn, bottleneck
-    # 2560->512 + bn, classifier 512->19; aux 1024->256 3x3 + bn, classifier 256->19.
+    # Independent arithmetic: torchvision R-101 without fc (42,500,160), deep stem instead of 7x7
+    # (-9,408 conv, -128 bn, +112,832), layer1 taking 128 channels (+4,096 conv1, +16,384 downsample);
+    # the head: conv_in 2048->512 3x3 + bn, CCA (q, k 512->64, v 512->512, gamma), conv_out 512->512
+    # + bn, bottleneck 2560->512 + bn, classifier 512->19; aux 1024->256 3x3 + bn, classifier 256->19.
     backbone = 42_500_160 - 9_408 - 128 + 112_832 + 4_096 + 16_384
     head = (
-        2048 * 512 * 9 + 1024
-        + 2 * (512 * 64 + 64) + 512 * 512 + 512 + 1
-        + 512 * 512 * 9 + 1024
-        + 2560 * 512 * 9 + 1024
-        + 512 * 19 + 19
+        2048 * 512 * 9
+        + 1024
+        + 2 * (512 * 64 + 64)
+        + 512 * 512
+        + 512
+        + 1
+        + 512 * 512 * 9
+        + 1024
+        + 2560 * 512 * 9
+        + 1024
+        + 512 * 19
+        + 19
     )
     aux = 1024 * 256 * 9 + 512 + 256 * 19 + 19
     assert models.count_parameters(model.backbone) == backbone

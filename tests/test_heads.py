@@ -31,7 +31,9 @@ def test_rcca_head_shapes_and_attention_calls(recurrence):
 
 def test_recurrence_shares_weights_and_changes_output():
     torch.manual_seed(0)
-    heads = {r: RCCAHead(16, channels=8, num_classes=5, recurrence=r, backend="naive").eval() for r in (1, 2, 3)}
+    heads = {
+        r: RCCAHead(16, channels=8, num_classes=5, recurrence=r, backend="naive").eval() for r in (1, 2, 3)
+    }
     counts = {r: sum(p.numel() for p in h.parameters()) for r, h in heads.items()}
     assert counts[1] == counts[2] == counts[3]
     state = heads[1].state_dict()
@@ -113,3 +115,16 @@ def test_wrong_input_channels_and_gamma_without_attention():
         RCCAHead(16, channels=8, num_classes=3)(torch.randn(1, 8, 5, 5))
     with pytest.raises(ValueError, match="recurrence=0"):
         RCCAHead(16, channels=8, num_classes=3, recurrence=0).set_gamma(1.0)
+
+
+@pytest.mark.parametrize("recurrence", [0, 1, 2, 3])
+def test_gradient_reaches_every_head_parameter(recurrence):
+    torch.manual_seed(0)
+    head = RCCAHead(16, channels=8, num_classes=5, recurrence=recurrence, backend="naive").train()
+    if recurrence:
+        head.set_gamma(0.5)
+    x = _x().requires_grad_()
+    head(x).square().mean().backward()
+    assert x.grad.abs().sum() > 0
+    for name, parameter in head.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name

@@ -49,7 +49,9 @@ def test_slide_equals_whole_when_the_window_covers_the_image():
     model = _small_ccnet()
     images = torch.randn(1, 3, 33, 41)
     whole = predict_whole(model, images)
-    torch.testing.assert_close(predict_slide(model, images, crop=(33, 41), stride=(20, 20), num_classes=5), whole)
+    torch.testing.assert_close(
+        predict_slide(model, images, crop=(33, 41), stride=(20, 20), num_classes=5), whole
+    )
     torch.testing.assert_close(predict_slide(model, images, crop=64, stride=32, num_classes=5), whole)
 
 
@@ -57,7 +59,8 @@ def test_slide_tiles_a_pointwise_model_exactly():
     model = Pointwise()
     images = torch.randn(2, 3, 37, 50)
     torch.testing.assert_close(
-        predict_slide(model, images, crop=(16, 20), stride=(11, 13), num_classes=4), predict_whole(model, images)
+        predict_slide(model, images, crop=(16, 20), stride=(11, 13), num_classes=4),
+        predict_whole(model, images),
     )
 
 
@@ -100,8 +103,9 @@ def test_multiscale_all_scales_and_slide_mode():
     probs = predict_multiscale(model, images, scales=(0.75, 1.0, 1.25), flip=True)
     assert probs.shape == (1, 5, 33, 37)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(1, 33, 37))
-    slide = predict_multiscale(model, images, scales=(1.0,), flip=False, mode="slide", crop=64, stride=32,
-                               num_classes=5)
+    slide = predict_multiscale(
+        model, images, scales=(1.0,), flip=False, mode="slide", crop=64, stride=32, num_classes=5
+    )
     torch.testing.assert_close(slide, torch.softmax(predict_whole(model, images), dim=1))
     with pytest.raises(ValueError, match="mode"):
         predict_multiscale(model, images, mode="tiles")

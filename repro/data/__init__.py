@@ -69,6 +69,7 @@ def build_dataset(data: DataConfig, *, split: str, eval_cfg: EvalConfig | None =
             scale_step=data.scale_step,
             cat_max_ratio=data.cat_max_ratio,
             flip=data.flip,
+            photometric=data.photometric_distortion,
             ignore_index=data.ignore_index,
             **norm,
         )

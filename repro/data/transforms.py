@@ -47,6 +47,36 @@ def normalise(
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+def photometric_distortion(image: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
+    """mmsegmentation's PhotoMetricDistortion on (H, W, 3) uint8 RGB, each step with probability 1/2:
+    brightness +-32, contrast x[0.5, 1.5] (before or after the HSV steps, at random), saturation
+    x[0.5, 1.5], hue +-18 on OpenCV's 0..180 scale. Values are clipped to [0, 255] after each step."""
+    from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+
+    def clip(array: np.ndarray) -> np.ndarray:
+        return np.clip(array, 0, 255).astype(np.uint8)
+
+    def contrast(array: np.ndarray) -> np.ndarray:
+        return clip(array.astype(np.float32) * rng.uniform(0.5, 1.5)) if rng.integers(2) else array
+
+    if rng.integers(2):
+        image = clip(image.astype(np.float32) + rng.uniform(-32, 32))
+    contrast_first = bool(rng.integers(2))
+    if contrast_first:
+        image = contrast(image)
+    saturate, shift_hue = bool(rng.integers(2)), bool(rng.integers(2))
+    if saturate or shift_hue:
+        hsv = rgb_to_hsv(image.astype(np.float32) / 255.0)
+        if saturate:
+            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0.0, 1.0)
+        if shift_hue:
+            hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-18, 19)) / 180.0) % 1.0
+        image = clip(np.round(hsv_to_rgb(hsv) * 255.0))
+    if not contrast_first:
+        image = contrast(image)
+    return image
+
+
 class TrainTransform:
     """Random rescale, pad (image 0 after normalisation, label `ignore_index`), random crop, random flip.
 
@@ -54,6 +84,8 @@ class TrainTransform:
     drawn uniformly from `scale_range`, or from {low, low + step, ..., high} when `scale_step` is set.
     Crop: re-drawn up to 10 times while a single class covers more than `cat_max_ratio` of the labelled
     pixels of the crop (1.0 switches this off), as mmsegmentation's RandomCrop does.
+    `photometric`: mmsegmentation's PhotoMetricDistortion (`photometric_distortion`) on the rescaled image;
+    these are whole-image colour changes, so applying them before the crop draws the same distribution.
     """
 
     def __init__(
@@ -68,6 +100,7 @@ class TrainTransform:
         scale_step: float | None = None,
         cat_max_ratio: float = 1.0,
         flip: bool = True,
+        photometric: bool = False,
         ignore_index: int = 255,
     ) -> None:
         if min(crop_size) < 1:
@@ -81,6 +114,7 @@ class TrainTransform:
         self.scale_step = scale_step
         self.cat_max_ratio = cat_max_ratio
         self.flip = flip
+        self.photometric = photometric
         self.ignore_index = ignore_index
 
     def _ratio(self, rng: np.random.Generator) -> float:
@@ -114,6 +148,8 @@ class TrainTransform:
         ratio = self._ratio(rng)
         size = (max(1, int(height * ratio + 0.5)), max(1, int(width * ratio + 0.5)))
         image, label = _resize(image, label, size_hw=size)
+        if self.photometric:
+            image = photometric_distortion(image, rng=rng)
         tensor = normalise(image, mean=self.mean, std=self.std, channel_order=self.channel_order)
         crop_h, crop_w = self.crop_size
         pad_h, pad_w = max(crop_h - size[0], 0), max(crop_w - size[1], 0)
