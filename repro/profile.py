@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models
 from models.inference import predict_slide, predict_whole, window_starts
+from ops.criss_cross import resolve_backend, triton_available
 from repro.config import ExperimentConfig, load_config, model_kwargs
 from repro.environment import device_name
 from repro.flops import flop_counter_mapping, fvcore_macs
@@ -101,6 +102,12 @@ def profile_kwargs(cfg: ExperimentConfig) -> dict:
     kwargs["pretrained_backbone"] = None
     if kwargs["norm"] == "syncbn":
         kwargs["norm"] = "bn"
+    # Everything here is traced or run on CPU unless CUDA is present; the Triton backend dispatches on CPU
+    # only under the interpreter, so fall back to the naive backend (same outputs, its memory noted).
+    cpu = torch.device("cpu")
+    if not torch.cuda.is_available() and resolve_backend(kwargs["backend"], cpu) == "triton" \
+            and not triton_available(cpu):
+        kwargs["backend"] = "naive"
     return kwargs
 
 
@@ -254,6 +261,10 @@ def profile_rows(cfg: ExperimentConfig, *, device: torch.device, use_fvcore: boo
                      "date": today})
 
     crop = f"{settings.crop_size[0]}x{settings.crop_size[1]}, batch {settings.batch_size}"
+    if cfg.model.head == "rcca":
+        # The estimate is traced on CPU, where "auto" resolves to the naive backend.
+        backend = resolve_backend(profile_kwargs(cfg)["backend"], torch.device("cpu"))
+        crop += f", criss-cross backend {backend}"
     estimate = estimate_training_memory(cfg)
     reported_memory = cfg.reported.get("memory_gb")
     add("train_memory_peak", estimate.peak_bytes / GIB, "GiB", f"{METHOD_FAKE_MEMORY}; {crop}",

@@ -133,7 +133,8 @@ def test_cli_writes_rows_beside_reported_values(config_path, tmp_path):
     assert frame.method.notna().all()
     section = (out / "model_efficiency.md").read_text()
     estimate = rows.loc["train_memory_peak", "value"]
-    assert f"| tiny_r50 | 33x33, batch 1 | {estimate:.2f} | 0.5 | {estimate / 0.5:.2f} |" in section
+    crop = "33x33, batch 1, criss-cross backend naive"
+    assert f"| tiny_r50 | {crop} | {estimate:.2f} | 0.5 | {estimate / 0.5:.2f} |" in section
 
 
 def test_cli_errors_on_bad_configs(config_path, tmp_path):
