@@ -82,7 +82,7 @@ class MarkerTask:
         needed = self.marker_cells + self.min_gap_cells + self.rect_max_cells
         if needed > self.grid:
             raise ValueError(
-                f"marker ({self.marker_cells}) + gap ({self.min_gap_cells}) + largest rectangle "
+                f"marker_cells ({self.marker_cells}) + min_gap_cells ({self.min_gap_cells}) + rect_max_cells "
                 f"({self.rect_max_cells}) = {needed} cells does not fit the {self.grid}-cell grid"
             )
         if not self.noise >= 0:
