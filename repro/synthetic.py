@@ -82,9 +82,13 @@ class SyntheticSegmenter(nn.Module):
             "nonlocal": one non-local block).
         num_classes: output classes.
         channels: width of the backbone output and the head.
-        qk_channels: query/key width of the attention.
+        qk_channels: query/key width of the attention. 32 (= channels), not the paper's channels / 8 = 4:
+            with 8, R=2 stayed at chance on 2 of 2 seeds in 600 steps (unscaled energies of few channels
+            start almost uniform over the 31 attended cells and learn to focus slowly).
         gamma_init: initial residual scale of the attention (1 here, see the module docstring).
         backend: criss-cross backend (see `ops.criss_cross_attention`).
+        dropout: before the classifier; 0 here (the paper's 0.1 drops whole channels of a 32-channel map,
+            which hides the weak marker signal the attention must first learn to amplify).
     """
 
     def __init__(
@@ -93,10 +97,10 @@ class SyntheticSegmenter(nn.Module):
         variant: str,
         num_classes: int,
         channels: int = 32,
-        qk_channels: int = 8,
+        qk_channels: int = 32,
         gamma_init: float = 1.0,
         backend: str = "naive",
-        dropout: float = 0.1,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.variant = variant

@@ -154,10 +154,12 @@ def test_flops_match_the_analytic_module_costs():
         variant: count_flops(SyntheticSegmenter(variant=variant, num_classes=5), height=32, width=32)[0]
         for variant in VARIANTS
     }
-    one_loop = criss_cross_module_cost(1, 32, 8, 16, 16, recurrence=1).flops
+    attention = SyntheticSegmenter(variant="R1", num_classes=5).context
+    channels, qk_channels = attention.in_channels, attention.qk_channels
+    one_loop = criss_cross_module_cost(1, channels, qk_channels, 16, 16, recurrence=1).flops
     assert flops["R1"] - flops["R0"] == one_loop
     assert flops["R3"] - flops["R2"] == one_loop
-    assert flops["nonlocal"] - flops["R0"] == non_local_module_cost(1, 32, 8, 16, 16).flops
+    assert flops["nonlocal"] - flops["R0"] == non_local_module_cost(1, channels, qk_channels, 16, 16).flops
 
 
 def test_metrics_on_known_predictions():
