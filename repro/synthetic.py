@@ -27,6 +27,7 @@ is unaffected: every attention variant starts the same way.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -278,16 +279,18 @@ def train_one(
 
 
 def training_step_peak(model: SyntheticSegmenter, *, batch: int, task: MarkerTask) -> tuple[int, str]:
-    """Allocator peak of one forward + backward at the training batch size, beyond the inputs."""
+    """Allocator peak of one forward + backward at the training batch size, beyond the inputs.
+
+    Runs on a copy: a training-mode step would move the trained model's BatchNorm running statistics.
+    """
     images, labels = generate(batch, seed=VAL_SEED, task=task)
-    model.train()
+    model = copy.deepcopy(model).train()
 
     def step() -> None:
         loss = F.cross_entropy(model(images), labels, ignore_index=IGNORE_INDEX)
         loss.backward()
 
     peak, method = peak_bytes(step, "cpu")
-    model.zero_grad(set_to_none=True)
     return peak, f"{method}, forward+backward, batch {batch}"
 
 
