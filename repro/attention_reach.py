@@ -108,7 +108,7 @@ def plot_attention_reach(
     figure, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     extent = (-0.5, task.grid - 0.5, task.grid - 0.5, -0.5)
     axes[0].imshow(images[0].permute(1, 2, 0).clamp(0, 1).numpy(), extent=extent)
-    axes[0].set_title("input (x: chosen pixel; marker colour = class)")
+    axes[0].set_title("input (x: chosen pixel)\nmarker colour = class")
     for axis, grid, loop, share in zip(axes[1:], grids, (1, 2), shares, strict=True):
         shown = axis.imshow(grid.numpy(), cmap="magma", extent=extent)
         figure.colorbar(shown, ax=axis, fraction=0.046)

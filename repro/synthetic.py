@@ -51,9 +51,9 @@ from repro.memory import peak_bytes
 VARIANTS = ("R0", "R1", "R2", "R3", "nonlocal")
 CSV_NAME = "synthetic_ablation.csv"
 CSV_COLUMNS = (
-    "variant", "recurrence", "seed", "miou", "object_accuracy", "params", "flops", "flops_method",
-    "peak_memory_bytes", "memory_method", "train_time_s", "steps", "batch", "train_images", "device",
-    "threads", "date",
+    "variant", "recurrence", "seed", "miou", "object_accuracy", "object_accuracy_by_class", "params", "flops",
+    "flops_method", "peak_memory_bytes", "memory_method", "train_time_s", "steps", "batch", "train_images",
+    "device", "threads", "date",
 )
 # Validation images come from a seed no training set uses, the same for every run.
 VAL_SEED = 1_000_003
@@ -196,14 +196,32 @@ def mean_iou(predictions: torch.Tensor, labels: torch.Tensor, *, num_classes: in
     return float((intersection[present] / union[present]).mean())
 
 
-def object_accuracy(predictions: torch.Tensor, labels: torch.Tensor, *, num_classes: int) -> float:
-    """Share of images whose rectangle's majority predicted class (background excluded) is its class."""
-    truth = object_classes(labels)
+def object_predictions(predictions: torch.Tensor, labels: torch.Tensor, *, num_classes: int) -> torch.Tensor:
+    """(N,) the majority predicted class (background excluded) over each image's rectangle."""
     on_object = (labels > 0) & (labels != IGNORE_INDEX)
     votes = F.one_hot(predictions, num_classes) * on_object.unsqueeze(-1)
     votes = votes.flatten(1, 2).sum(1)
     votes[:, 0] = -1
-    return float((votes.argmax(1) == truth).double().mean())
+    return votes.argmax(1)
+
+
+def object_accuracy(predictions: torch.Tensor, labels: torch.Tensor, *, num_classes: int) -> float:
+    """Share of images whose rectangle's majority predicted class is its class."""
+    voted = object_predictions(predictions, labels, num_classes=num_classes)
+    return float((voted == object_classes(labels)).double().mean())
+
+
+def object_accuracy_by_class(predictions: torch.Tensor, labels: torch.Tensor, *, num_classes: int) -> str:
+    """Object accuracy per class as "c1:acc c2:acc ..." (classes absent from labels left out); shows
+    which marker colours a partly trained model reads and which it merges."""
+    voted = object_predictions(predictions, labels, num_classes=num_classes)
+    truth = object_classes(labels)
+    parts = []
+    for cls in range(1, num_classes):
+        mine = truth == cls
+        if mine.any():
+            parts.append(f"c{cls}:{float((voted[mine] == cls).double().mean()):.2f}")
+    return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -267,6 +285,9 @@ def train_one(
         "seed": seed,
         "miou": mean_iou(predictions, val_y, num_classes=task.num_classes),
         "object_accuracy": object_accuracy(predictions, val_y, num_classes=task.num_classes),
+        "object_accuracy_by_class": object_accuracy_by_class(
+            predictions, val_y, num_classes=task.num_classes
+        ),
         "train_time_s": train_time,
         "steps": settings.steps,
         "batch": settings.batch,

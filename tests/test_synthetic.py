@@ -22,6 +22,7 @@ from repro.synthetic import (
     count_flops,
     mean_iou,
     object_accuracy,
+    object_accuracy_by_class,
     plot_ablation,
     receptive_radius_cells,
     run_ablation,
@@ -170,6 +171,7 @@ def test_metrics_on_known_predictions():
     wrong = perfect.clone()
     wrong[0, 1, 0] = 1  # image 0's object predicted as class 1
     assert object_accuracy(wrong, labels, num_classes=3) == 0.5
+    assert object_accuracy_by_class(wrong, labels, num_classes=3) == "c1:1.00 c2:0.00"
     # class 1: tp 3, fp 1 -> 0.75; class 2: tp 0 -> 0; background: 3/3 -> 1.
     assert mean_iou(wrong, labels, num_classes=3) == pytest.approx((1 + 0.75 + 0) / 3)
 
