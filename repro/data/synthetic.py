@@ -10,10 +10,12 @@ Layout (defaults): a `size` x `size` image (32 x 32) on a grid of `cell` x `cell
 * a square *marker* of `marker_cells` x `marker_cells` cells (5 x 5) painted in one of `num_objects` (4)
   marker colours; the colour *is* the class of the image's object. 5, not the 3 of the first prototype
   (shared/NOTES.md): the share of a pixel's two-hop attention that can land on the marker grows with its
-  area, and with 3 x 3 cells the small model's R=2 stayed at chance on 3 of 4 seeds within 600 steps;
+  area, and with 3 x 3 cells the small model's R=2 stayed at chance on most seeds of the tuning runs;
 * one axis-aligned *rectangle* (`rect_min_cells` .. `rect_max_cells` cells a side, 2..5) painted in a colour
   drawn independently of the class from a separate palette, so the rectangle itself carries no class
-  information;
+  information. Colours add channel-wise, so each marker colour is a sub-pattern of some rectangle colours
+  (red is in magenta, white, orange): telling markers from rectangles needs non-linear features, which is
+  part of what the model must learn;
 * background 0; every pixel gets Gaussian noise of std `noise` (0.05).
 
 The marker and the rectangle are separated by at least `min_gap_cells` (4) empty cells along the rows
