@@ -18,6 +18,7 @@ backward; the materialised map is B * H * W * (H + W) elements (see `ops.cost`).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +42,7 @@ class _CrissCrossNaive(torch.autograd.Function):
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, probs = ctx.saved_tensors
         grad_o = _channels_last(grad_out)

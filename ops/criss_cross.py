@@ -67,10 +67,13 @@ def _triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torc
     if not triton_available(query.device):
         raise RuntimeError(
             f"backend='triton' needs a CUDA tensor and the triton package, got a tensor on {query.device}; "
-            "set TRITON_INTERPRET=1 before importing ops to run the kernels on CPU in the Triton interpreter, "
-            "or use backend='naive'"
+            "set TRITON_INTERPRET=1 before triton is first imported to run the kernels on CPU in the Triton "
+            "interpreter, or use backend='naive'"
         )
-    raise NotImplementedError("backend='triton': the fused Triton kernel is not implemented yet")
+    # Imported here so that importing `ops` never imports triton (and never decides the interpreter mode).
+    from ops.cca_triton import criss_cross_attention_triton
+
+    return criss_cross_attention_triton(query, key, value)
 
 
 class CrissCrossAttention(nn.Module):

@@ -1,0 +1,93 @@
+"""Dataset loaders for the published tables: Cityscapes, ADE20K, PASCAL VOC 2012 + SBD.
+
+`build_dataset(data_cfg, split=...)` gives a `SegmentationFiles` dataset with the transform the config
+describes; `check_dataset(data_cfg)` raises the one clear `DatasetNotFoundError` when the data is not there;
+`write_fake_dataset` writes a tiny random dataset in the real layout (tests and `--smoke`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from repro.config import DataConfig, EvalConfig
+from repro.data import ade20k, cityscapes, voc
+from repro.data.base import DatasetNotFoundError, SegmentationFiles
+from repro.data.transforms import EvalTransform, TrainTransform
+
+__all__ = [
+    "DatasetNotFoundError",
+    "SegmentationFiles",
+    "build_dataset",
+    "check_dataset",
+    "dataset_module",
+    "write_fake_dataset",
+]
+
+
+def dataset_module(name: str) -> ModuleType:
+    """The loader module of dataset `name` (cityscapes, ade20k, voc)."""
+    modules = {"cityscapes": cityscapes, "ade20k": ade20k, "voc": voc}
+    if name not in modules:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(modules)}")
+    return modules[name]
+
+
+def _label_lut(name: str) -> np.ndarray:
+    module = dataset_module(name)
+    return module.label_id_lut() if name == "cityscapes" else module.label_lut()
+
+
+def check_dataset(data: DataConfig) -> Path:
+    """The resolved root if both splits of the config are present; DatasetNotFoundError otherwise."""
+    module = dataset_module(data.dataset)
+    root = module.resolve(data.root)
+    for split in (data.train_split, data.val_split):
+        module.find_pairs(root, split)
+    return root
+
+
+def build_dataset(data: DataConfig, *, split: str, eval_cfg: EvalConfig | None = None) -> SegmentationFiles:
+    """The training (`split="train"`) or validation (`split="val"`) dataset of the config.
+
+    Training items are indexed by (index, augmentation seed); validation items by index, rescaled as
+    `eval_cfg.scale` says.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    module = dataset_module(data.dataset)
+    root = module.resolve(data.root)
+    pairs = module.find_pairs(root, data.train_split if split == "train" else data.val_split)
+    norm = dict(mean=data.mean, std=data.std, channel_order=data.channel_order)
+    if split == "train":
+        transform = TrainTransform(
+            crop_size=data.crop_size,
+            scale_range=data.scale_range,
+            base_size=data.base_size,
+            scale_step=data.scale_step,
+            cat_max_ratio=data.cat_max_ratio,
+            flip=data.flip,
+            photometric=data.photometric_distortion,
+            ignore_index=data.ignore_index,
+            **norm,
+        )
+        return SegmentationFiles(pairs, label_lut=_label_lut(data.dataset), train_transform=transform)
+    scale = eval_cfg.scale if eval_cfg is not None else None
+    transform = EvalTransform(scale=scale, **norm)
+    return SegmentationFiles(pairs, label_lut=_label_lut(data.dataset), eval_transform=transform)
+
+
+def write_fake_dataset(
+    data: DataConfig, root: Path, *, count: int, size_hw: tuple[int, int], seed: int = 0
+) -> Path:
+    """Write `count` random samples for both splits of the config in its dataset's layout under `root`.
+
+    Returns the root to put in `data.root`.
+    """
+    module = dataset_module(data.dataset)
+    root = Path(root)
+    for offset, split in enumerate(dict.fromkeys((data.train_split, data.val_split))):
+        module.write_fake(root, split=split, count=count, size_hw=size_hw, seed=seed + offset)
+    return root

@@ -1,0 +1,423 @@
+"""Experiment configs: one flat YAML per published table row, validated by frozen dataclasses.
+
+`load_config(path, overrides)` reads the YAML, applies `--set section.key=value` overrides, and builds an
+`ExperimentConfig`. An unknown key, a missing required key, a value of the wrong type or a value out of
+range raises `ConfigError` naming the file and the dotted key (`experiments/x.yaml: train.lr: ...`).
+
+Settings that silently changed published results elsewhere have no defaults here: `model.recurrence`
+(the official training script defaults to 0, i.e. no attention), `train.weight_decay` (1e-4 in the official
+README, 5e-4 in its run script) and `eval.mode` (the official `--whole` flag turns on for any value).
+
+`model_kwargs(cfg)` is the one place where a config becomes keyword arguments of `models.build`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# Classes evaluated per dataset (Cityscapes train ids, ADE20K with the zero label reduced, VOC + background).
+DATASET_CLASSES = {"cityscapes": 19, "ade20k": 150, "voc": 21}
+REPORTED_KEYS = ("mIoU", "mIoU_ms_flip", "memory_gb", "fps")
+
+
+class ConfigError(ValueError):
+    """A config file (or override) has an unknown key, a wrong type or a bad value."""
+
+
+class _FieldError(ValueError):
+    """Raised inside a section's checks; the loader adds the file and the section to the message."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise _FieldError(key, message)
+
+
+def _expect(condition: bool, key: str, expected: str, value: Any) -> None:
+    """Raise `key: expected EXPECTED, got VALUE` unless `condition`."""
+    _require(condition, key, f"expected {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Arguments of `models.build` (see `model_kwargs`)."""
+
+    depth: int
+    stem: Literal["deep", "v1c", "v1"]
+    output_stride: int
+    head: Literal["rcca", "nonlocal", "fcn"]
+    # No default: the official training script silently used 0 (no attention) when it was not passed.
+    recurrence: int
+    num_classes: int
+    norm: Literal["bn", "syncbn", "frozenbn"] = "bn"
+    backend: Literal["auto", "naive", "triton"] = "auto"
+    aux: bool = True
+    pretrained_backbone: str | None = None
+    qk_channels: int | None = None
+    head_channels: int = 512
+    dropout: float = 0.1
+    contract_dilation: bool = True
+    nonlocal_impl: Literal["naive", "sdpa"] = "naive"
+    # mmsegmentation's auxiliary FCN head has 256 channels, the official code's and sssegmentation's 512.
+    aux_channels: int = 256
+    # Final bilinear upsampling: mmsegmentation False, the official code True.
+    align_corners: bool = False
+    # Activation after the head's norms: the official code's InPlaceABNSync used leaky ReLU (slope 0.01).
+    head_act: Literal["relu", "leaky_relu"] = "relu"
+    # Stem max-pool ceil_mode: True in the official ResNet.
+    pool_ceil_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _expect(self.depth in (50, 101), "depth", "50 or 101", self.depth)
+        _expect(self.output_stride in (8, 16, 32), "output_stride", "8, 16 or 32", self.output_stride)
+        _expect(self.recurrence >= 0, "recurrence", ">= 0", self.recurrence)
+        _expect(self.num_classes >= 1, "num_classes", ">= 1", self.num_classes)
+        _expect(self.aux_channels >= 1, "aux_channels", ">= 1", self.aux_channels)
+        _expect(self.head_channels >= 1, "head_channels", ">= 1", self.head_channels)
+        _expect(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)", self.dropout)
+        _expect(self.qk_channels is None or self.qk_channels >= 1, "qk_channels", ">= 1", self.qk_channels)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset, augmentation and normalisation of the training pipeline.
+
+    Training images are (optionally) rescaled to `base_size` (long side, short side; keep ratio, as
+    mmsegmentation's `img_scale`), then by a random ratio in `scale_range` (continuous, or in steps of
+    `scale_step` as the official code's 0.7 + randint(0, 14) / 10), padded to `crop_size` (image with 0
+    after normalisation, label with `ignore_index`), randomly cropped (re-drawn up to 10 times while one
+    class covers more than `cat_max_ratio` of the crop), flipped and, with `photometric_distortion`, colour
+    jittered as mmsegmentation's PhotoMetricDistortion.
+    """
+
+    dataset: Literal["cityscapes", "ade20k", "voc"]
+    train_split: str
+    val_split: str
+    crop_size: tuple[int, int]
+    batch_size: int
+    scale_range: tuple[float, float]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channel_order: Literal["rgb", "bgr"]
+    root: str | None = None
+    base_size: tuple[int, int] | None = None
+    scale_step: float | None = None
+    cat_max_ratio: float = 1.0
+    flip: bool = True
+    # mmsegmentation's PhotoMetricDistortion (brightness, contrast, saturation, hue).
+    photometric_distortion: bool = False
+    ignore_index: int = 255
+    num_workers: int = 4
+
+    def __post_init__(self) -> None:
+        _expect(min(self.crop_size) >= 1, "crop_size", "positive (h, w)", self.crop_size)
+        _expect(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        low, high = self.scale_range
+        _expect(0 < low <= high, "scale_range", "0 < low <= high", self.scale_range)
+        _expect(self.scale_step is None or self.scale_step > 0, "scale_step", "> 0", self.scale_step)
+        _expect(all(s > 0 for s in self.std), "std", "positive values", self.std)
+        _expect(0 < self.cat_max_ratio <= 1, "cat_max_ratio", "in (0, 1]", self.cat_max_ratio)
+        _expect(0 <= self.ignore_index <= 255, "ignore_index", "in [0, 255]", self.ignore_index)
+        _expect(self.num_workers >= 0, "num_workers", ">= 0", self.num_workers)
+        _expect(self.base_size is None or min(self.base_size) >= 1, "base_size", "positive", self.base_size)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """SGD with momentum; poly schedule lr(it) = (lr - min_lr) * (1 - it / iterations) ** lr_power + min_lr.
+    """
+
+    iterations: int
+    lr: float
+    # No default: the official README uses 1e-4, its run script 5e-4.
+    weight_decay: float
+    loss: Literal["ce", "ohem"]
+    # GPUs of the source's run: batch_size x source_gpus is the published total batch.
+    source_gpus: int
+    lr_power: float = 0.9
+    min_lr: float = 0.0
+    momentum: float = 0.9
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100000
+    aux_weight: float = 0.4
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    grad_accum_steps: int = 1
+    checkpoint_every: int = 2000
+    log_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _expect(self.iterations >= 1, "iterations", ">= 1", self.iterations)
+        _expect(self.lr > 0, "lr", "> 0", self.lr)
+        _expect(0 <= self.min_lr < self.lr, "min_lr", "in [0, lr={self.lr})", self.min_lr)
+        _expect(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        _expect(self.source_gpus >= 1, "source_gpus", ">= 1", self.source_gpus)
+        _expect(self.lr_power > 0, "lr_power", "> 0", self.lr_power)
+        _expect(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
+        _expect(0 < self.ohem_thresh <= 1, "ohem_thresh", "in (0, 1]", self.ohem_thresh)
+        _expect(self.ohem_min_kept >= 0, "ohem_min_kept", ">= 0", self.ohem_min_kept)
+        _expect(self.aux_weight >= 0, "aux_weight", ">= 0", self.aux_weight)
+        _expect(self.grad_accum_steps >= 1, "grad_accum_steps", ">= 1", self.grad_accum_steps)
+        _expect(self.checkpoint_every >= 1, "checkpoint_every", ">= 1", self.checkpoint_every)
+        _expect(self.log_every >= 1, "log_every", ">= 1", self.log_every)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How the validation set is predicted.
+
+    `mode` "whole" feeds the (rescaled) image at once, "slide" uses windows of `crop_size` every `stride`.
+    `scale` (long side, short side; keep ratio) is the test resize of mmsegmentation (None = native size);
+    logits are resized back to the label's size before the confusion matrix. With `ms_flip` the multi-scale
+    + flip mIoU (`ms_scales` x {image, mirrored image}) is measured as well. Images are predicted one at a
+    time (their sizes differ).
+    """
+
+    mode: Literal["whole", "slide"]
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    scale: tuple[int, int] | None = None
+    ms_flip: bool = False
+    ms_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+    def __post_init__(self) -> None:
+        if self.mode == "slide":
+            _require(self.crop_size is not None, "crop_size", "required when mode is 'slide'")
+            _require(self.stride is not None, "stride", "required when mode is 'slide'")
+        _expect(self.crop_size is None or min(self.crop_size) >= 1, "crop_size", "positive", self.crop_size)
+        _expect(self.stride is None or min(self.stride) >= 1, "stride", "positive", self.stride)
+        _expect(self.scale is None or min(self.scale) >= 1, "scale", "positive", self.scale)
+        if self.crop_size is not None and self.stride is not None:
+            fits = all(s <= c for s, c in zip(self.stride, self.crop_size, strict=True))
+            _expect(fits, "stride", f"<= crop_size {self.crop_size} (windows must overlap or touch)", self.stride)
+        _expect(len(self.ms_scales) >= 1 and min(self.ms_scales) > 0, "ms_scales", "> 0", self.ms_scales)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One published table row: what to train and evaluate, and what the source reported for it."""
+
+    name: str
+    # Document and table the `reported` numbers come from.
+    source: str
+    reported: dict[str, float]
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "name", "expected a non-empty name")
+        _require(bool(self.source.strip()), "source", "expected the source document and table")
+        for key, value in self.reported.items():
+            _expect(key in REPORTED_KEYS, f"reported.{key}", f"a metric among {REPORTED_KEYS}", key)
+            _require(math.isfinite(value), f"reported.{key}", f"expected a finite number, got {value}")
+        expected = DATASET_CLASSES[self.data.dataset]
+        _require(
+            self.model.num_classes == expected,
+            "model.num_classes",
+            f"{self.data.dataset} has {expected} classes, got {self.model.num_classes}",
+        )
+
+    @property
+    def backbone(self) -> str:
+        """Short backbone name as the tables write it, e.g. "R-101-D8"."""
+        return f"R-{self.model.depth}-D{self.model.output_stride}"
+
+
+def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Keyword arguments of `models.build` for this experiment (the only config -> model translation)."""
+    m = cfg.model
+    return dict(
+        depth=m.depth,
+        stem=m.stem,
+        output_stride=m.output_stride,
+        head=m.head,
+        recurrence=m.recurrence,
+        num_classes=m.num_classes,
+        norm=m.norm,
+        backend=m.backend,
+        aux=m.aux,
+        pretrained_backbone=m.pretrained_backbone,
+        qk_channels=m.qk_channels,
+        head_channels=m.head_channels,
+        dropout=m.dropout,
+        contract_dilation=m.contract_dilation,
+        nonlocal_impl=m.nonlocal_impl,
+        aux_channels=m.aux_channels,
+        align_corners=m.align_corners,
+        head_act=m.head_act,
+        pool_ceil_mode=m.pool_ceil_mode,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic validation of YAML values against the dataclass annotations.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert lists to tuples; raise _FieldError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            _require(type(None) in args, key, "expected a value, got null")
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key)
+    if origin is Literal:
+        _require(value in args, key, f"expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _require(isinstance(value, dict), key, f"expected a mapping (section), got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        _require(len(value) == len(args), key, f"expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        _require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        key_type, value_type = args
+        return {_convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        _require(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        _expect(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config annotation {_type_name(tp)} of {key} is not supported")
+
+
+def _build(cls: type, raw: dict[str, Any], *, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise _FieldError(f"{prefix}{key}", f"unknown key; expected one of {sorted(fields)}")
+    values = {}
+    for name, spec in fields.items():
+        if name not in raw:
+            no_default = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+            _require(not no_default, f"{prefix}{name}", "required key is missing")
+            continue
+        values[name] = _convert(raw[name], hints[name], f"{prefix}{name}")
+    try:
+        return cls(**values)
+    except _FieldError as err:
+        raise _FieldError(f"{prefix}{err.key}", str(err)) from None
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML) to the raw mapping in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. train.lr=0.02")
+    dotted, text = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def config_from_dict(raw: dict[str, Any], *, origin: str = "<dict>") -> ExperimentConfig:
+    """Validate a raw mapping (as read from YAML); errors name `origin` and the dotted key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return _build(ExperimentConfig, raw)
+    except _FieldError as err:
+        raise ConfigError(f"{origin}: {err.key}: {err}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read, override and validate the experiment YAML at `path`.
+
+    `overrides` are `section.key=value` strings (values parsed as YAML, e.g. `data.crop_size=[65,65]`).
+    The experiment `name` must equal the file's stem, so results can always be traced to their file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment config {str(path)!r} does not exist")
+    with path.open(encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for override in overrides:
+        try:
+            _apply_override(raw, override)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    cfg = config_from_dict(raw, origin=str(path))
+    if cfg.name != path.stem:
+        raise ConfigError(f"{path}: name: expected the file stem {path.stem!r}, got {cfg.name!r}")
+    return cfg
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """A copy of `cfg` with dotted keys replaced (validated again), e.g. {"train.iterations": 2}."""
+    raw = dataclasses.asdict(cfg)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {dotted!r}: unknown key")
+        node[parts[-1]] = list(value) if isinstance(value, tuple) else value
+    return config_from_dict(_lists(raw), origin=f"{cfg.name} (overridden)")
+
+
+def _lists(value: Any) -> Any:
+    """asdict() keeps tuples; the validator expects YAML-like lists."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "DATASET_CLASSES",
+    "REPORTED_KEYS",
+    "load_config",
+    "model_kwargs",
+    "with_overrides",
+]

@@ -1,0 +1,37 @@
+"""The ops benchmark runs end to end on a tiny shape and never loses rows from other devices."""
+
+import pandas as pd
+
+from repro import bench
+from repro.io import upsert_csv
+
+
+def test_quick_bench_writes_long_format_rows(tmp_path):
+    out = tmp_path / "ops_bench.csv"
+    foreign = pd.DataFrame([{**{k: "x" for k in bench.KEY}, "device": "cuda", "milliseconds": "1.0"}])
+    upsert_csv(out, foreign, bench.KEY)
+    assert bench.main(["--quick", "--out", str(out), "--variants", "cca_naive", "cca_einsum", "cca_triton"]) == 0
+    frame = pd.read_csv(out, keep_default_na=False, dtype=str)
+    for column in ("op", "backend", "dtype", "batch", "channels", "qk_channels", "height", "width", "pass",
+                   "milliseconds", "peak_memory_mb", "gb_per_s", "tflop_per_s", "device_name", "torch", "triton",
+                   "date", "status"):
+        assert column in frame.columns, column
+    assert (frame["device"] == "cuda").sum() == 1  # the earlier row from another device is kept
+    ok = frame[frame["status"] == "ok"]
+    assert set(ok["variant"]) == {"cca_naive", "cca_einsum"} and set(ok["pass"]) == set(bench.PASSES)
+    assert (ok["milliseconds"].astype(float) > 0).all() and (ok["peak_memory_mb"].astype(float) > 0).all()
+    triton_rows = frame[frame["variant"] == "cca_triton"]
+    assert len(triton_rows) == 3 and triton_rows["status"].str.startswith("not measured").all()
+    # A second run replaces its own rows instead of appending duplicates.
+    bench.main(["--quick", "--out", str(out), "--variants", "cca_naive"])
+    again = pd.read_csv(out, keep_default_na=False, dtype=str)
+    assert len(again) == len(frame)
+
+
+def test_upsert_replaces_by_key_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "t.csv"
+    upsert_csv(path, pd.DataFrame({"a": [1, 2], "b": ["x", "y"], "v": [10, 20]}), ["a", "b"])
+    merged = upsert_csv(path, pd.DataFrame({"a": [2, 3], "b": ["y", "z"], "v": [21, 30]}), ["a", "b"])
+    rows = sorted(map(tuple, merged.astype(str).values.tolist()))
+    assert rows == [("1", "x", "10"), ("2", "y", "21"), ("3", "z", "30")]
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -1,0 +1,149 @@
+"""The naive criss-cross backend against an explicit per-pixel reference and the mmcv einsum form."""
+
+import pytest
+import torch
+
+from ops import criss_cross_attention
+from ops.cca_naive import criss_cross_attention_einsum
+from tests.reference import criss_cross_reference
+
+# (B, Cqk, Cv, H, W): 1x1, 1xW, Hx1, non-square, primes, B > 1.
+SHAPES = [
+    (1, 1, 1, 1, 1),
+    (1, 2, 3, 1, 7),
+    (2, 3, 2, 6, 1),
+    (1, 4, 5, 3, 8),
+    (3, 5, 7, 7, 5),
+    (2, 3, 4, 11, 13),
+]
+TOLERANCES = {  # (rtol, atol) against an fp64 computation of the same inputs
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 5e-3),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+def _inputs(shape, dtype=torch.float64, seed=0, requires_grad=False):
+    batch, qk_channels, value_channels, height, width = shape
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(channels):
+        return torch.randn(batch, channels, height, width, generator=generator, dtype=torch.float64).to(dtype)
+
+    tensors = make(qk_channels), make(qk_channels), make(value_channels)
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+def _forward_backward(fn, tensors, grad_out):
+    out = fn(*tensors)
+    grads = torch.autograd.grad(out, tensors, grad_out)
+    return out, grads
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_matches_per_pixel_reference(shape):
+    query, key, value = _inputs(shape)
+    expected = criss_cross_reference(query, key, value)
+    torch.testing.assert_close(criss_cross_attention(query, key, value, backend="naive"), expected)
+    torch.testing.assert_close(criss_cross_attention_einsum(query, key, value), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gradients_match_reference(shape):
+    tensors = _inputs(shape, requires_grad=True)
+    grad_out = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64)
+    out, grads = _forward_backward(lambda *t: criss_cross_attention(*t, backend="naive"), tensors, grad_out)
+    ref_out, ref_grads = _forward_backward(criss_cross_reference, tensors, grad_out)
+    torch.testing.assert_close(out, ref_out)
+    for name, grad, ref in zip(("query", "key", "value"), grads, ref_grads):
+        torch.testing.assert_close(grad, ref, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 3, 1, 1), (2, 2, 3, 3, 4), (1, 3, 2, 5, 1), (1, 1, 2, 2, 5)], ids=str)
+def test_gradcheck_fp64(shape):
+    tensors = _inputs(shape, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: criss_cross_attention(*t, backend="naive"), tensors)
+
+
+def test_double_backward_is_rejected_clearly():
+    query, key, value = _inputs((1, 2, 2, 3, 3), requires_grad=True)
+    out = criss_cross_attention(query, key, value, backend="naive")
+    (grad_query,) = torch.autograd.grad(out.square().sum(), query, create_graph=True)
+    # The hand-written backward is not itself differentiable; it must say so rather than return wrong zeros.
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_query.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 8, 16, 9, 13), (1, 4, 6, 1, 17), (1, 16, 32, 17, 16)], ids=str)
+def test_low_precision_against_fp64(dtype, shape):
+    rtol, atol = TOLERANCES[dtype]
+    tensors = _inputs(shape, dtype=dtype, seed=1, requires_grad=True)
+    reference = [t.detach().double().requires_grad_(True) for t in tensors]
+    grad_out = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64)
+    out, grads = _forward_backward(
+        lambda *t: criss_cross_attention(*t, backend="naive"), tensors, grad_out.to(dtype)
+    )
+    ref_out, ref_grads = _forward_backward(criss_cross_reference_fast, reference, grad_out)
+    assert out.dtype == dtype
+    scale = float(ref_out.detach().abs().max())
+    torch.testing.assert_close(out.detach().double(), ref_out.detach(), rtol=rtol, atol=atol * scale)
+    for name, grad, ref in zip(("query", "key", "value"), grads, ref_grads):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(
+            grad.double(), ref, rtol=rtol, atol=atol * float(ref.abs().max()), msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def criss_cross_reference_fast(query, key, value):
+    # The einsum formulation is checked against the per-pixel loop above; reuse it where the loop is slow.
+    return criss_cross_attention_einsum(query, key, value)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_non_contiguous_inputs(layout):
+    query, key, value = _inputs((2, 3, 4, 5, 6))
+    if layout == "channels_last":
+        views = [t.to(memory_format=torch.channels_last) for t in (query, key, value)]
+    elif layout == "transposed":
+        # Same values, stored (B, C, W, H) and viewed back as (B, C, H, W).
+        views = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in (query, key, value)]
+    else:
+        views = [torch.cat([t, torch.zeros_like(t)], dim=1)[:, : t.shape[1]] for t in (query, key, value)]
+    assert not all(v.is_contiguous() for v in views)
+    torch.testing.assert_close(
+        criss_cross_attention(*views, backend="naive"), criss_cross_reference(query, key, value)
+    )
+
+
+def test_gradients_are_finite_for_large_energies():
+    query, key, value = _inputs((1, 4, 3, 6, 5), dtype=torch.float32, requires_grad=True)
+    with torch.no_grad():
+        query.mul_(30)
+    out = criss_cross_attention(query, key, value, backend="naive")
+    out.square().sum().backward()
+    assert torch.isfinite(out).all()
+    for tensor in (query, key, value):
+        assert torch.isfinite(tensor.grad).all()
+
+
+def test_attention_rows_are_convex_combinations():
+    # With value = 1 everywhere, every output is exactly 1: the weights over the H + W - 1 pixels sum to 1.
+    query, key, _ = _inputs((2, 3, 1, 7, 4))
+    value = torch.ones(2, 5, 7, 4, dtype=torch.float64)
+    torch.testing.assert_close(criss_cross_attention(query, key, value, backend="naive"), value)
+
+
+def test_only_the_criss_cross_path_contributes():
+    # Changing value off row i and column j must not change the output at (i, j).
+    query, key, value = _inputs((1, 3, 2, 6, 7))
+    out = criss_cross_attention(query, key, value, backend="naive")
+    perturbed = value.clone()
+    perturbed[:, :, 0, 0] += 100.0
+    out2 = criss_cross_attention(query, key, perturbed, backend="naive")
+    changed = (out2 - out).abs().amax(dim=1)[0] > 0
+    expected = torch.zeros(6, 7, dtype=torch.bool)
+    expected[0, :] = True
+    expected[:, 0] = True
+    assert torch.equal(changed, expected)

@@ -1,0 +1,156 @@
+"""Experiment configs: every YAML in experiments/ validates, carries its source and reported numbers, and
+bad files fail with an error naming the file and the key."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+import models
+from repro.config import ConfigError, load_config, model_kwargs, with_overrides
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+CONFIGS = sorted(EXPERIMENTS.glob("*.yaml"))
+
+
+def _write(tmp_path: Path, raw: dict, name: str = "bad") -> Path:
+    raw = dict(raw, name=name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def raw() -> dict:
+    return yaml.safe_load((EXPERIMENTS / "cityscapes_r2.yaml").read_text())
+
+
+def test_one_config_per_published_row():
+    names = {p.stem for p in CONFIGS}
+    assert sum(n.startswith("mmseg_cityscapes_") for n in names) == 8
+    assert sum(n.startswith("mmseg_ade20k_") for n in names) == 4
+    assert sum(n.startswith("mmseg_voc12aug_") for n in names) == 4
+    for dataset in ("voc", "ade20k", "cityscapes"):
+        assert sum(n.startswith(f"ssseg_{dataset}_") for n in names) == 4
+    assert {"cityscapes_r1", "cityscapes_r2", "cityscapes_r2_ohem"} <= names
+    ablation = {f"paper_ablation_r{r}" for r in range(4)} | {"paper_ablation_nonlocal"}
+    assert ablation <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_validates_and_carries_its_source(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    assert "seed" in cfg.source or "paper" in cfg.source.lower() or "PaddleSeg" in cfg.source
+    if cfg.name != "paper_ablation_nonlocal":  # the seeds give no number for it (said in its notes)
+        assert 0 < cfg.reported["mIoU"] < 100
+    # The settings that silently changed published results are present in the file itself.
+    text = path.read_text()
+    for key in ("recurrence:", "weight_decay:", "mode:"):
+        assert key in text
+
+
+def test_published_numbers_spot_checks():
+    expected = {
+        "mmseg_cityscapes_r50_d8_512x1024_40k": dict(mIoU=77.76, mIoU_ms_flip=78.87, memory_gb=6.0, fps=3.32),
+        "mmseg_ade20k_r101_d8_512x512_80k": dict(mIoU=43.97, mIoU_ms_flip=45.13, memory_gb=12.2, fps=14.11),
+        "mmseg_voc12aug_r101_d8_512x512_40k": {"mIoU": 77.87, "mIoU_ms_flip": 78.90},
+        "ssseg_cityscapes_r101_d8": {"mIoU": 80.08},
+        "ssseg_voc_r50_d16": {"mIoU": 76.01},
+        "cityscapes_r2": {"mIoU": 79.74},
+        "cityscapes_r2_ohem": {"mIoU": 80.00},
+        "paper_ablation_r2": {"mIoU": 79.8, "mIoU_ms_flip": 81.3},
+    }
+    for name, reported in expected.items():
+        assert load_config(EXPERIMENTS / f"{name}.yaml").reported == reported
+
+
+def test_official_recipe():
+    cfg = load_config(EXPERIMENTS / "cityscapes_r2.yaml")
+    m, d, t = cfg.model, cfg.data, cfg.train
+    assert (m.depth, m.stem, m.output_stride, m.head, m.recurrence) == (101, "deep", 8, "rcca", 2)
+    assert d.crop_size == (769, 769) and d.batch_size * t.source_gpus == 8
+    assert (t.lr, t.lr_power, t.weight_decay, t.iterations, t.loss) == (0.01, 0.9, 1e-4, 60000, "ce")
+    assert cfg.eval.mode == "whole"
+    ohem = load_config(EXPERIMENTS / "cityscapes_r2_ohem.yaml").train
+    assert (ohem.loss, ohem.ohem_thresh, ohem.ohem_min_kept) == ("ohem", 0.7, 100000)
+
+
+def test_model_kwargs_are_build_arguments():
+    cfg = load_config(EXPERIMENTS / "cityscapes_r2.yaml")
+    kwargs = model_kwargs(cfg)
+    parameters = inspect.signature(models.build).parameters
+    assert set(kwargs) <= set(parameters)
+    assert kwargs["recurrence"] == 2 and kwargs["num_classes"] == 19
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r.update(colour="red"), "colour: unknown key"),
+        (lambda r: r["train"].update(lr_policy="step"), "train.lr_policy: unknown key"),
+        (lambda r: r["train"].update(lr="0.01"), "train.lr: expected a number"),
+        (lambda r: r["model"].update(recurrence=1.5), "model.recurrence: expected an integer"),
+        (lambda r: r["model"].update(recurrence=-1), "model.recurrence: expected >= 0"),
+        (lambda r: r["model"].pop("recurrence"), "model.recurrence: required key is missing"),
+        (lambda r: r["data"].update(crop_size=[769]), "data.crop_size: expected 2 values"),
+        (lambda r: r["data"].update(dataset="kitti"), "data.dataset: expected one of"),
+        (lambda r: r["model"].update(aux="yes"), "model.aux: expected true/false"),
+        (lambda r: r["model"].update(num_classes=21), "model.num_classes: cityscapes has 19 classes"),
+        (lambda r: r["eval"].update(mode="slide"), "eval.crop_size: required when mode is 'slide'"),
+        (
+            lambda r: r["eval"].update(mode="slide", crop_size=[769, 769], stride=[800, 513]),
+            "eval.stride: expected <= crop_size",
+        ),
+        (lambda r: r["reported"].update(mIoU_test=80.0), "reported.mIoU_test"),
+        (lambda r: r.update(train=3), "train: expected a mapping"),
+    ],
+)
+def test_bad_values_name_file_and_key(tmp_path, raw, edit, message):
+    edit(raw)
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert message in str(err.value)
+
+
+def test_name_must_match_file(tmp_path, raw):
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="name: expected the file stem 'other'"):
+        load_config(path)
+
+
+def test_missing_file_and_invalid_yaml(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_overrides(tmp_path, raw):
+    path = _write(tmp_path, raw, name="ok")
+    cfg = load_config(path, ["train.lr=0.02", "data.crop_size=[65, 65]", "model.pretrained_backbone=null"])
+    assert cfg.train.lr == 0.02 and cfg.data.crop_size == (65, 65) and cfg.model.pretrained_backbone is None
+    with pytest.raises(ConfigError, match="train.lrr: unknown key"):
+        load_config(path, ["train.lrr=0.02"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["train.lr"])
+    with pytest.raises(ConfigError, match="model.depth: expected 50 or 101"):
+        load_config(path, ["model.depth=34"])
+    smaller = with_overrides(cfg, {"train.iterations": 2, "eval.ms_scales": (1.0,)})
+    assert smaller.train.iterations == 2 and smaller.eval.ms_scales == (1.0,) and smaller.train.lr == 0.02
+    with pytest.raises(ConfigError, match="unknown key"):
+        with_overrides(cfg, {"train.nope": 1})
+
+
+def test_config_is_frozen():
+    cfg = load_config(EXPERIMENTS / "cityscapes_r2.yaml")
+    with pytest.raises(AttributeError):
+        cfg.train.lr = 1.0  # type: ignore[misc]

@@ -1,0 +1,135 @@
+"""The public criss-cross API: backend dispatch, input validation, and the CrissCrossAttention module."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ops
+from ops import CrissCrossAttention, criss_cross_attention, resolve_backend
+from tests.reference import criss_cross_reference
+
+
+def _qkv(batch=2, qk_channels=3, value_channels=4, height=5, width=6, dtype=torch.float32):
+    return (
+        torch.randn(batch, qk_channels, height, width, dtype=dtype),
+        torch.randn(batch, qk_channels, height, width, dtype=dtype),
+        torch.randn(batch, value_channels, height, width, dtype=dtype),
+    )
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ValueError, match=r"'cuda_kernel'.*\('auto', 'naive', 'triton'\)"):
+        criss_cross_attention(*_qkv(), backend="cuda_kernel")
+    with pytest.raises(ValueError, match="'fast'"):
+        CrissCrossAttention(8, backend="fast")
+
+
+def test_auto_picks_naive_on_cpu():
+    assert resolve_backend("auto", torch.device("cpu")) == "naive"
+    assert resolve_backend("naive", torch.device("cpu")) == "naive"
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "pattern"),
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, r"query must have rank 4.*got rank 3"),
+        (lambda q, k, v: (q, k, v.unsqueeze(0)), ValueError, r"value must have rank 4.*rank 5"),
+        (lambda q, k, v: (q, k[:, :2], v), ValueError, r"query and key must have the same shape"),
+        (lambda q, k, v: (q, k, v[:, :, :4]), ValueError, r"value must be \(B, Cv, H, W\) with B, H, W = 2, 5, 6"),
+        (lambda q, k, v: (q, k, v[:1]), ValueError, r"value must be \(B, Cv, H, W\)"),
+        (lambda q, k, v: (q[:, :, :, :5], k[:, :, :, :5], v), ValueError, r"with B, H, W = 2, 5, 5"),
+        (lambda q, k, v: (q, k, v.double()), TypeError, r"share one dtype.*float32.*float64"),
+        (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError, r"floating-point.*torch.int64"),
+        (lambda q, k, v: (q, k.numpy(), v), TypeError, r"key must be a torch.Tensor, got ndarray"),
+        (lambda q, k, v: (q, k, v.to("meta")), ValueError, r"one device.*cpu.*meta"),
+        (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]), ValueError, r"empty inputs"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["naive", "auto"])
+def test_bad_inputs_raise_clear_errors(change, error, pattern, backend):
+    with pytest.raises(error, match=pattern):
+        criss_cross_attention(*change(*_qkv()), backend=backend)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():
+    # In a fresh interpreter with TRITON_INTERPRET unset, CPU tensors cannot run the Triton kernels.
+    code = (
+        "import torch, ops\n"
+        "q = torch.randn(1, 2, 3, 3)\n"
+        "try:\n"
+        "    ops.criss_cross_attention(q, q, q, backend='triton')\n"
+        "except RuntimeError as error:\n"
+        "    print('ERROR', error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "ERROR backend='triton' needs a CUDA tensor" in result.stdout, result.stderr
+
+
+def test_importing_ops_does_not_import_triton():
+    code = "import sys, ops; print('triton' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_module_structure_and_init():
+    module = CrissCrossAttention(64)
+    assert module.query_conv.out_channels == module.key_conv.out_channels == 8
+    assert module.value_conv.out_channels == 64
+    assert module.gamma.shape == (1,) and module.gamma.item() == 0.0
+    assert CrissCrossAttention(64, qk_channels=5).key_conv.out_channels == 5
+    assert "qk_channels=8" in repr(module)
+    # gamma = 0: the block starts as the identity.
+    x = torch.randn(2, 64, 4, 5)
+    torch.testing.assert_close(module(x), x)
+
+
+def test_module_rejects_wrong_channel_count():
+    with pytest.raises(ValueError, match=r"expects \(B, 16, H, W\), got \(2, 8, 4, 4\)"):
+        CrissCrossAttention(16)(torch.randn(2, 8, 4, 4))
+    with pytest.raises(ValueError, match="in_channels must be >= 1"):
+        CrissCrossAttention(0)
+
+
+def test_module_forward_and_all_parameter_gradients():
+    torch.manual_seed(0)
+    module = CrissCrossAttention(16, qk_channels=4, backend="naive").double()
+    with torch.no_grad():
+        module.gamma.fill_(0.7)
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64, requires_grad=True)
+
+    def reference(inp):
+        attn = criss_cross_reference(module.query_conv(inp), module.key_conv(inp), module.value_conv(inp))
+        return module.gamma * attn + inp
+
+    out = module(x)
+    torch.testing.assert_close(out, reference(x))
+    grad_out = torch.randn_like(out)
+    params = [x, *module.parameters()]
+    grads = torch.autograd.grad(out, params, grad_out)
+    ref_grads = torch.autograd.grad(reference(x), params, grad_out)
+    names = ["x"] + [name for name, _ in module.named_parameters()]
+    assert set(names) == {"x", "gamma", "query_conv.weight", "query_conv.bias", "key_conv.weight",
+                          "key_conv.bias", "value_conv.weight", "value_conv.bias"}
+    for name, grad, ref in zip(names, grads, ref_grads):
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, ref, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_module_gradcheck_with_nonzero_gamma():
+    torch.manual_seed(1)
+    module = CrissCrossAttention(8, qk_channels=2, backend="naive").double()
+    with torch.no_grad():
+        module.gamma.fill_(1.3)
+    x = torch.randn(1, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(module, (x,))
+
+
+def test_public_names():
+    for name in ("criss_cross_attention", "CrissCrossAttention", "NonLocal2d", "non_local_attention", "cost"):
+        assert hasattr(ops, name)

@@ -1,0 +1,243 @@
+"""Dataset loaders on tiny generated data in each real layout, the not-found error, transforms, and the
+step-indexed sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from repro.config import load_config, with_overrides
+from repro.data import (
+    DatasetNotFoundError,
+    ade20k,
+    build_dataset,
+    check_dataset,
+    cityscapes,
+    voc,
+    write_fake_dataset,
+)
+from repro.data.transforms import (
+    EvalTransform,
+    TrainTransform,
+    keep_ratio_size,
+    normalise,
+    photometric_distortion,
+)
+from repro.distributed import StepBatchSampler
+from repro.run import main
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _cfg(name: str, root: Path | None, **overrides):
+    cfg = load_config(EXPERIMENTS / f"{name}.yaml")
+    return with_overrides(cfg, {"data.root": None if root is None else str(root), **overrides})
+
+
+def test_cityscapes_label_ids_to_train_ids(tmp_path):
+    lut = cityscapes.label_id_lut()
+    # road 7 -> 0, sidewalk 8 -> 1, car 26 -> 13, bicycle 33 -> 18; unlabeled 0, ground 6, parking 9 ignored
+    assert [lut[i] for i in (7, 8, 26, 33)] == [0, 1, 13, 18]
+    assert lut[0] == 255 and lut[6] == 255 and lut[9] == 255
+    assert (lut != 255).sum() == 19
+    back = cityscapes.train_ids_to_label_ids(np.arange(19, dtype=np.uint8))
+    assert np.array_equal(lut[back], np.arange(19))
+    with pytest.raises(ValueError, match="train ids must be in"):
+        cityscapes.train_ids_to_label_ids(np.array([19], dtype=np.uint8))
+
+
+def test_cityscapes_loader(tmp_path):
+    cfg = _cfg("cityscapes_r2", tmp_path, **{"data.crop_size": (17, 19)})
+    assert write_fake_dataset(cfg.data, tmp_path, count=3, size_hw=(20, 30)) == tmp_path
+    assert check_dataset(cfg.data) == tmp_path
+    val = build_dataset(cfg.data, split="val", eval_cfg=cfg.eval)
+    assert len(val) == 3
+    image, label, index = val[1]
+    assert image.shape == (3, 20, 30) and image.dtype == torch.float32 and label.shape == (20, 30)
+    stored = np.asarray(Image.open(val.pairs[1][1]))
+    assert torch.equal(label, torch.from_numpy(cityscapes.label_id_lut()[stored].astype(np.int64)))
+    # BGR minus the official mean, std 1: pixel values are recoverable exactly.
+    raw = np.asarray(Image.open(val.pairs[1][0]).convert("RGB")).astype(np.float32)
+    assert torch.allclose(image[0], torch.from_numpy(raw[:, :, 2] - 104.00698793))
+    train = build_dataset(cfg.data, split="train")
+    image, label, index = train[(2, 123)]
+    assert image.shape == (3, 17, 19) and label.shape == (17, 19) and index == 2
+    again, label_again, _ = train[(2, 123)]
+    assert torch.equal(image, again) and torch.equal(label, label_again)
+
+
+def test_ade20k_loader_reduces_zero_label(tmp_path):
+    cfg = _cfg("mmseg_ade20k_r50_d8_512x512_80k", tmp_path / "ADEChallengeData2016")
+    write_fake_dataset(cfg.data, tmp_path / "ADEChallengeData2016", count=2, size_hw=(24, 32))
+    # Pointing at the parent folder works too.
+    parent_cfg = with_overrides(cfg, {"data.root": str(tmp_path), "eval.scale": None})
+    val = build_dataset(parent_cfg.data, split="val", eval_cfg=parent_cfg.eval)
+    assert len(val) == 2
+    _, label, _ = val[0]
+    stored = torch.from_numpy(np.asarray(Image.open(val.pairs[0][1])).astype(np.int64))
+    assert torch.equal(label[stored == 0], torch.full_like(label[stored == 0], 255))
+    assert torch.equal(label[stored > 0], stored[stored > 0] - 1)
+    assert label[label != 255].max() <= 149
+    # The mmsegmentation test resize (2048, 512) keep-ratio: 24x32 -> 512x683; the label stays native.
+    image, label, _ = build_dataset(cfg.data, split="val", eval_cfg=cfg.eval)[0]
+    assert image.shape == (3, 512, 683) and label.shape == (24, 32)
+
+
+def test_voc_loader_train_plus_aug(tmp_path):
+    cfg = _cfg("mmseg_voc12aug_r50_d8_512x512_20k", tmp_path)
+    write_fake_dataset(cfg.data, tmp_path, count=2, size_hw=(20, 20))
+    train = build_dataset(cfg.data, split="train")
+    assert len(train) == 4  # train.txt + aug.txt
+    assert [p[1].parent.name for p in train.pairs] == ["SegmentationClass"] * 2 + ["SegmentationClassAug"] * 2
+    val = build_dataset(cfg.data, split="val", eval_cfg=with_overrides(cfg, {"eval.scale": None}).eval)
+    _, label, _ = val[0]
+    assert (label[0] == 255).all() and label[1:].max() <= 20  # palette indices read as classes
+    sss = _cfg("ssseg_voc_r50_d8", tmp_path / "VOCdevkit" / "VOC2012")
+    write_fake_dataset(sss.data, tmp_path / "VOCdevkit" / "VOC2012", count=2, size_hw=(20, 20))
+    sss_parent = with_overrides(sss, {"data.root": str(tmp_path)})
+    pairs = build_dataset(sss_parent.data, split="train").pairs
+    assert all(p[1].parent.name == "SegmentationClassAug" for p in pairs)
+
+
+@pytest.mark.parametrize(
+    ("name", "env_var", "layout_word"),
+    [
+        ("cityscapes_r2", "CITYSCAPES_DATASET", "leftImg8bit"),
+        ("mmseg_ade20k_r50_d8_512x512_80k", "ADE20K_DATASET", "annotations"),
+        ("mmseg_voc12aug_r50_d8_512x512_20k", "VOC_DATASET", "JPEGImages"),
+    ],
+)
+def test_missing_dataset_error_says_where_and_how(tmp_path, monkeypatch, name, env_var, layout_word):
+    monkeypatch.delenv(env_var, raising=False)
+    with pytest.raises(DatasetNotFoundError) as err:
+        check_dataset(_cfg(name, None).data)
+    assert env_var in str(err.value) and "data.root" in str(err.value) and layout_word in str(err.value)
+    missing = tmp_path / "not_here"
+    monkeypatch.setenv(env_var, str(missing))
+    with pytest.raises(DatasetNotFoundError) as err:
+        check_dataset(_cfg(name, None).data)
+    text = str(err.value)
+    assert str(missing) in text and layout_word in text and env_var in text
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_check_data_exit_codes(tmp_path, monkeypatch, capsys):
+    config = EXPERIMENTS / "cityscapes_r2.yaml"
+    monkeypatch.setenv("CITYSCAPES_DATASET", str(tmp_path / "cs"))
+    assert main([str(config), "--check-data"]) == 3
+    err = capsys.readouterr().err
+    assert "CITYSCAPES_DATASET" in err and str(tmp_path / "cs") in err and "gtFine" in err
+    cityscapes.write_fake(tmp_path / "cs", split="train", count=1, size_hw=(8, 8), seed=0)
+    assert main([str(config), "--check-data"]) == 3  # val still missing
+    cityscapes.write_fake(tmp_path / "cs", split="val", count=1, size_hw=(8, 8), seed=1)
+    assert main([str(config), "--check-data"]) == 0
+    assert main([str(config), "--check-data", "--set", "data.root=" + str(tmp_path / "elsewhere")]) == 3
+
+
+def test_missing_label_file_is_named(tmp_path):
+    paths = ade20k.write_fake(tmp_path, split="training", count=2, size_hw=(8, 8), seed=0)
+    paths[1].unlink()
+    with pytest.raises(DatasetNotFoundError, match=paths[1].name):
+        ade20k.find_pairs(tmp_path, "training")
+    voc.write_fake(tmp_path / "v", split="val", count=1, size_hw=(8, 8), seed=0)
+    with pytest.raises(DatasetNotFoundError, match="train.txt"):
+        voc.find_pairs(tmp_path / "v", "train")
+
+
+def test_train_transform_scale_pad_crop_flip():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
+    label = rng.integers(0, 5, size=(10, 12), dtype=np.uint8)
+    common = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), channel_order="rgb")
+    # Crop larger than the image at scale 1: padding is 0 in the image and ignore in the label.
+    pad = TrainTransform(crop_size=(16, 20), scale_range=(1.0, 1.0), flip=False, **common)
+    out_image, out_label = pad(image, label, rng=np.random.default_rng(1))
+    assert out_image.shape == (3, 16, 20) and out_label.shape == (16, 20)
+    assert (out_label == 255).sum() == 16 * 20 - 10 * 12 and (out_image[:, 10:, :] == 0).all()
+    assert torch.equal(out_label[:10, :12], torch.from_numpy(label.astype(np.int64)))
+    # Scale steps are taken from the grid low + k * step.
+    stepped = TrainTransform(crop_size=(4, 4), scale_range=(0.7, 2.1), scale_step=0.1, **common)
+    ratios = {round(stepped._ratio(np.random.default_rng(s)), 6) for s in range(200)}
+    assert ratios == {round(0.7 + 0.1 * k, 6) for k in range(15)}
+    # Flip: the same seed with and without flipping differs by a mirror when the coin says flip.
+    flip = TrainTransform(crop_size=(10, 12), scale_range=(1.0, 1.0), flip=True, **common)
+    for seed in range(6):
+        a_img, a_lab = flip(image, label, rng=np.random.default_rng(seed))
+        assert torch.equal(a_lab, torch.from_numpy(label.astype(np.int64))) or torch.equal(
+            a_lab, torch.from_numpy(label[:, ::-1].astype(np.int64))
+        )
+
+
+def test_cat_max_ratio_rejects_single_class_crops():
+    label = np.zeros((20, 20), dtype=np.uint8)
+    label[:, 15:] = 1
+    image = np.zeros((20, 20, 3), dtype=np.uint8)
+    common = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), channel_order="rgb", flip=False)
+    strict = TrainTransform(crop_size=(10, 10), scale_range=(1.0, 1.0), cat_max_ratio=0.75, **common)
+    loose = TrainTransform(crop_size=(10, 10), scale_range=(1.0, 1.0), **common)
+
+    def mixed_crops(transform) -> int:
+        crops = [transform(image, label, rng=np.random.default_rng(s))[1] for s in range(30)]
+        return sum(len(np.unique(crop)) > 1 for crop in crops)
+
+    assert mixed_crops(strict) > mixed_crops(loose)
+
+
+def test_normalise_and_keep_ratio():
+    image = np.zeros((2, 2, 3), dtype=np.uint8)
+    image[..., 0] = 10  # red
+    rgb = normalise(image, mean=(1.0, 2.0, 3.0), std=(3.0, 1.0, 1.0), channel_order="rgb")
+    bgr = normalise(image, mean=(1.0, 2.0, 3.0), std=(1.0, 1.0, 1.0), channel_order="bgr")
+    assert rgb[0, 0, 0] == 3.0 and bgr[2, 0, 0] == 7.0 and bgr[0, 0, 0] == -1.0
+    with pytest.raises(ValueError, match="channel_order"):
+        normalise(image, mean=(0, 0, 0), std=(1, 1, 1), channel_order="hsv")
+    assert keep_ratio_size(1024, 2048, scale=(2048, 1024)) == (1024, 2048)
+    assert keep_ratio_size(375, 500, scale=(2048, 512)) == (512, 683)
+    image_t, label_t = EvalTransform(mean=(0, 0, 0), std=(1, 1, 1), channel_order="rgb", scale=(8, 4))(
+        np.zeros((2, 4, 3), dtype=np.uint8), np.zeros((2, 4), dtype=np.uint8)
+    )
+    assert image_t.shape == (3, 4, 8) and label_t.shape == (2, 4)
+
+
+def test_step_sampler_resumes_exactly_and_splits_ranks():
+    def batches(rank, world, start, total):
+        sampler = StepBatchSampler(
+            dataset_size=7, batch_size=2, rank=rank, world_size=world, seed=3, start_step=start,
+            total_steps=total,
+        )
+        return list(sampler)
+
+    full = batches(0, 1, 0, 10)
+    assert batches(0, 1, 4, 10) == full[4:]
+    # Each epoch of 7 samples is a permutation.
+    flat = [index for batch in full for index, _ in batch]
+    assert sorted(flat[:7]) == list(range(7)) and sorted(flat[7:14]) == list(range(7))
+    # Two ranks together draw exactly what one process with the doubled batch draws, disjointly.
+    rank0, rank1 = batches(0, 2, 0, 5), batches(1, 2, 0, 5)
+    merged = [item for a, b in zip(rank0, rank1, strict=True) for item in a + b]
+    assert merged == [item for batch in full for item in batch]
+    seeds = [seed for batch in full for _, seed in batch]
+    assert len(set(seeds)) == len(seeds)
+    with pytest.raises(ValueError, match="rank 2"):
+        StepBatchSampler(
+            dataset_size=7, batch_size=2, rank=2, world_size=2, seed=0, start_step=0, total_steps=1
+        )
+
+
+def test_photometric_distortion_changes_colours_only():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+    label = rng.integers(0, 3, size=(12, 12), dtype=np.uint8)
+    outputs = [photometric_distortion(image, rng=np.random.default_rng(s)) for s in range(8)]
+    assert all(out.shape == image.shape and out.dtype == np.uint8 for out in outputs)
+    assert sum(not np.array_equal(out, image) for out in outputs) >= 6  # 1/16 chance per seed of no change
+    common = dict(crop_size=(12, 12), scale_range=(1.0, 1.0), flip=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    jitter = TrainTransform(photometric=True, channel_order="rgb", **common)
+    plain = TrainTransform(photometric=False, channel_order="rgb", **common)
+    jittered, jitter_label = jitter(image, label, rng=np.random.default_rng(3))
+    _, plain_label = plain(image, label, rng=np.random.default_rng(3))
+    assert torch.equal(jitter_label, plain_label) and jittered.shape == (3, 12, 12)

@@ -1,0 +1,130 @@
+"""Tests of models.heads: shapes, recurrence 0..3 with shared weights, attention hooks and gamma, backends."""
+
+import pytest
+import torch
+from torch import nn
+
+import ops
+from models.heads import FCNHead, NonLocalHead, RCCAHead
+
+
+def _x(channels=16, size=9, batch=2, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(batch, channels, size, size + 2)
+
+
+@pytest.mark.parametrize("recurrence", [0, 1, 2, 3])
+def test_rcca_head_shapes_and_attention_calls(recurrence):
+    torch.manual_seed(0)
+    head = RCCAHead(16, channels=8, num_classes=5, recurrence=recurrence, backend="naive").eval()
+    calls = []
+    if recurrence:
+        head.attention.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+        head.set_gamma(0.5)
+    out = head(_x())
+    assert out.shape == (2, 5, 9, 11)
+    assert len(calls) == recurrence
+    if recurrence == 0:
+        assert head.attention is None
+        assert not any("attention" in name for name, _ in head.named_parameters())
+
+
+def test_recurrence_shares_weights_and_changes_output():
+    torch.manual_seed(0)
+    heads = {
+        r: RCCAHead(16, channels=8, num_classes=5, recurrence=r, backend="naive").eval() for r in (1, 2, 3)
+    }
+    counts = {r: sum(p.numel() for p in h.parameters()) for r, h in heads.items()}
+    assert counts[1] == counts[2] == counts[3]
+    state = heads[1].state_dict()
+    state["attention.gamma"] = torch.tensor([0.7])
+    outputs = {}
+    for r, head in heads.items():
+        head.load_state_dict(state)
+        with torch.no_grad():
+            outputs[r] = head(_x())
+    assert not torch.allclose(outputs[1], outputs[2], atol=1e-5)
+    assert not torch.allclose(outputs[2], outputs[3], atol=1e-5)
+
+
+def test_gamma_zero_attention_is_identity():
+    torch.manual_seed(0)
+    with_attention = RCCAHead(16, channels=8, num_classes=5, recurrence=2, backend="naive").eval()
+    baseline = RCCAHead(16, channels=8, num_classes=5, recurrence=0).eval()
+    baseline.load_state_dict({k: v for k, v in with_attention.state_dict().items() if "attention" not in k})
+    with torch.no_grad():
+        torch.testing.assert_close(with_attention(_x()), baseline(_x()))
+
+
+def test_backend_reaches_the_attention_module():
+    for backend in ops.BACKENDS:
+        head = RCCAHead(16, channels=8, num_classes=5, backend=backend)
+        assert isinstance(head.attention, ops.CrissCrossAttention)
+        assert head.attention.backend == backend
+    naive = RCCAHead(16, channels=8, num_classes=5, backend="naive").eval()
+    naive.set_gamma(1.0)
+    auto = RCCAHead(16, channels=8, num_classes=5, backend="auto").eval()
+    auto.load_state_dict(naive.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(naive(_x()), auto(_x()))
+    with pytest.raises(ValueError, match="backend"):
+        RCCAHead(16, channels=8, num_classes=5, backend="cuda")
+
+
+def test_qk_channels_and_leaky_relu():
+    head = RCCAHead(16, channels=16, num_classes=3, qk_channels=4, act="leaky_relu")
+    assert head.attention.query_conv.out_channels == 4
+    assert isinstance(head.conv_in[2], nn.LeakyReLU)
+    with pytest.raises(ValueError, match="activation"):
+        RCCAHead(16, channels=8, num_classes=3, act="gelu")
+
+
+def test_nonlocal_head():
+    torch.manual_seed(0)
+    head = NonLocalHead(16, channels=8, num_classes=5, impl="naive").eval()
+    assert isinstance(head.attention, ops.NonLocal2d)
+    head.set_gamma(0.5)
+    assert head.attention.gamma.item() == 0.5
+    sdpa = NonLocalHead(16, channels=8, num_classes=5, impl="sdpa").eval()
+    sdpa.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        out = head(_x())
+        torch.testing.assert_close(out, sdpa(_x()), rtol=1e-4, atol=1e-5)
+    assert out.shape == (2, 5, 9, 11)
+
+
+def test_fcn_head_variants():
+    x = _x()
+    aux = FCNHead(16, channels=8, num_classes=4, num_convs=1).eval()
+    assert aux(x).shape == (2, 4, 9, 11) and aux.conv_cat is None and len(aux.convs) == 1
+    fcn = FCNHead(16, channels=8, num_classes=4, num_convs=2, concat_input=True).eval()
+    assert fcn(x).shape == (2, 4, 9, 11) and fcn.conv_cat[0].in_channels == 24 and len(fcn.convs) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [({"recurrence": -1}, "recurrence"), ({"channels": 0}, "channels"), ({"dropout": 1.0}, "dropout")],
+)
+def test_bad_head_arguments(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        RCCAHead(16, **{"channels": 8, "num_classes": 3, **kwargs})
+
+
+def test_wrong_input_channels_and_gamma_without_attention():
+    with pytest.raises(ValueError, match=r"\(B, 16, h, w\)"):
+        RCCAHead(16, channels=8, num_classes=3)(torch.randn(1, 8, 5, 5))
+    with pytest.raises(ValueError, match="recurrence=0"):
+        RCCAHead(16, channels=8, num_classes=3, recurrence=0).set_gamma(1.0)
+
+
+@pytest.mark.parametrize("recurrence", [0, 1, 2, 3])
+def test_gradient_reaches_every_head_parameter(recurrence):
+    torch.manual_seed(0)
+    head = RCCAHead(16, channels=8, num_classes=5, recurrence=recurrence, backend="naive").train()
+    if recurrence:
+        head.set_gamma(0.5)
+    x = _x().requires_grad_()
+    head(x).square().mean().backward()
+    assert x.grad.abs().sum() > 0
+    for name, parameter in head.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
