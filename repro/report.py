@@ -109,10 +109,13 @@ def section_claims(results: Path) -> str:
     reported["measured/reported"] = reported["value"] / reported["reported_value"]
     columns = [column for column in (
         "claim", "variant", "recurrence", "batch", "channels", "qk_channels", "height", "width", "metric",
-        "value", "unit", "reported_value", "measured/reported", "source", "method", "device",
+        "value", "unit", "reported_value", "measured/reported", "method", "device",
     ) if column in reported.columns]
     text += "Rows with a reported value (the paper's / authors' figures) beside the measured one:\n\n"
     text += markdown_table(reported[columns])
+    if "source" in reported.columns:
+        sources = "; ".join(sorted(str(source) for source in reported["source"].dropna().unique()))
+        text += f"\nReported values from: {sources}.\n"
     text += f"\n{len(frame)} rows in `claims.csv` in all (sweeps included), methods: "
     text += ", ".join(sorted(str(method) for method in frame["method"].dropna().unique())) + ".\n\n"
     text += plot(results, "claims_flops.png", "FLOPs vs pixels") + "\n"
@@ -139,7 +142,9 @@ def load_reported(experiments: Path) -> pd.DataFrame:
         reported = config.get("reported") or {}
         if not isinstance(reported, dict):
             raise ValueError(f"{path}: `reported` must be a mapping of metric -> value, got {reported!r}")
-        dataset = config.get("dataset", "")
+        # repro.config keeps the dataset under data.dataset; a top-level `dataset` is accepted too.
+        data = config.get("data") if isinstance(config.get("data"), dict) else {}
+        dataset = data.get("dataset", config.get("dataset", ""))
         dataset = dataset.get("name", _flatten(dataset)) if isinstance(dataset, dict) else dataset
         for metric, value in reported.items():
             rows.append({"experiment": name, "config": path.name, "dataset": _flatten(dataset),

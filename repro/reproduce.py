@@ -6,10 +6,11 @@ Steps, each a subprocess called by module name (so a broken or missing step cann
 2. claims: `python -m repro.claims --out RESULTS`;
 3. synthetic: `python -m repro.synthetic --out RESULTS [--quick | --full]` (the R=0/1/2/3/non-local
    ablation on the marker task and its two figures);
-4. profile: `python -m repro.profile CONFIG` for every `experiments/*.yaml`;
+4. profile: `python -m repro.profile CONFIG --out RESULTS` for every `experiments/*.yaml` (one process per
+   config, so an interrupted pipeline keeps the configs already profiled);
 5. experiments: `python -m repro.run CONFIG --check-data` for every config (exit 0: the dataset is there,
-   then `python -m repro.run CONFIG` trains and evaluates it; exit 3: "dataset not present"), recorded in
-   `results/experiments_status.csv`;
+   then `python -m repro.run CONFIG --results RESULTS/miou.csv` trains and evaluates it; exit 3: "dataset
+   not present"), recorded in `results/experiments_status.csv`;
 6. report: `python -m repro.report --results RESULTS --experiments EXPERIMENTS` (always rerun: cheap).
 
 Every finished step leaves a stamp `RESULTS/.stamps/NAME.done` holding its command; a rerun skips stamped
@@ -203,7 +204,7 @@ def build_steps(*, python: str, results: Path, experiments: Path, preset: str, s
                           (python, "-m", "repro.synthetic", "--out", str(results), *flag)))
     if "profile" not in skip:
         for config in sorted(experiments.glob("*.yaml")):
-            argv = (python, "-m", "repro.profile", str(config))
+            argv = (python, "-m", "repro.profile", str(config), "--out", str(results))
             steps.append(Step(f"profile-{config.stem}", "profile", argv))
     return steps
 
@@ -224,7 +225,8 @@ def run_experiments(pipeline: Pipeline, *, python: str, experiments: Path, progr
             rows.append({"experiment": name, "config": config.name, "status": "data check failed",
                          "detail": outcome.detail, "date": _now()})
         else:
-            run = Step(f"run-{config.stem}", "experiments", (python, "-m", "repro.run", str(config)))
+            argv = (python, "-m", "repro.run", str(config), "--results", str(pipeline.results / "miou.csv"))
+            run = Step(f"run-{config.stem}", "experiments", argv)
             result = pipeline.execute(run)
             failed |= result.failed
             rows.append({"experiment": name, "config": config.name,
