@@ -7,15 +7,17 @@ that difference decides the score, so that R=0 and R=1 cannot solve it and R=2, 
 Layout (defaults): a `size` x `size` image (32 x 32) on a grid of `cell` x `cell` pixel cells (2 x 2, so
 16 x 16 cells). Every image holds
 
-* a square *marker* of `marker_cells` x `marker_cells` cells (5 x 5) painted in one of `num_objects` (4)
-  marker colours; the colour *is* the class of the image's object. 5, not the 3 of the first prototype
+* a square *marker* of `marker_cells` x `marker_cells` cells (6 x 6) painted in one of `num_objects` (4)
+  marker colours; the colour *is* the class of the image's object. 6, not the 3 of the first prototype
   (shared/NOTES.md): the share of a pixel's two-hop attention that can land on the marker grows with its
-  area, and with 3 x 3 cells the small model's R=2 stayed at chance on most seeds of the tuning runs;
+  area (about 6/31 per hop at uniform attention on a 16-cell grid), and with 3 x 3 cells the small model's
+  R=2 stayed at chance on most seeds of the tuning runs;
 * one axis-aligned *rectangle* (`rect_min_cells` .. `rect_max_cells` cells a side, 2..5) painted in a colour
   drawn independently of the class from a separate palette, so the rectangle itself carries no class
-  information. Colours add channel-wise, so each marker colour is a sub-pattern of some rectangle colours
-  (red is in magenta, white, orange): telling markers from rectangles needs non-linear features, which is
-  part of what the model must learn;
+  information. Rectangle colours are dim (a quarter of full intensity) and marker colours bright, so that
+  "is this a marker" is one linear feature (brightness). At full intensity every marker colour is a
+  channel-wise sub-pattern of some rectangle colours (red is inside magenta, white, orange), and in tuning
+  runs the R=2 model then merged one marker colour into another and read only 3 of the 4 classes;
 * background 0; every pixel gets Gaussian noise of std `noise` (0.05).
 
 The marker and the rectangle are separated by at least `min_gap_cells` (4) empty cells along the rows
@@ -45,8 +47,8 @@ IGNORE_INDEX = 255
 MARKER_COLOURS = np.array(
     [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=np.float32
 )
-# Rectangle colours: drawn independently of the class, disjoint from the marker palette.
-RECT_COLOURS = np.array(
+# Rectangle colours: drawn independently of the class, disjoint from the marker palette, dim (see above).
+RECT_COLOURS = 0.25 * np.array(
     [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.5, 0.0]], dtype=np.float32
 )
 
@@ -58,7 +60,7 @@ class MarkerTask:
     size: int = 32
     cell: int = 2
     num_objects: int = 4
-    marker_cells: int = 5
+    marker_cells: int = 6
     rect_min_cells: int = 2
     rect_max_cells: int = 5
     min_gap_cells: int = 4
