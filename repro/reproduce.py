@@ -6,8 +6,8 @@ Steps, each a subprocess called by module name (so a broken or missing step cann
 2. claims: `python -m repro.claims --out RESULTS`;
 3. synthetic: `python -m repro.synthetic --out RESULTS [--quick | --full]` (the R=0/1/2/3/non-local
    ablation on the marker task and its two figures);
-4. profile: `python -m repro.profile CONFIG --out RESULTS` for every `experiments/*.yaml` (one process per
-   config, so an interrupted pipeline keeps the configs already profiled);
+4. profile: `python -m repro.profile CONFIG... --out RESULTS` for every `experiments/*.yaml`, in chunks of a
+   few configs per process (each chunk stamped, so an interruption loses at most one chunk);
 5. experiments: `python -m repro.run CONFIG --check-data` for every config (exit 0: the dataset is there,
    then `python -m repro.run CONFIG --results RESULTS/miou.csv` trains and evaluates it; exit 3: "dataset
    not present"), recorded in `results/experiments_status.csv`;
@@ -18,8 +18,10 @@ steps whose command is unchanged, unless `--force`, so an interrupted pipeline c
 (the synthetic ablation also resumes run by run inside its step). Each step's outcome goes to
 `results/reproduce_status.csv`. The exit status is non-zero when any step failed; the other steps still run.
 
-Default budget: under 15 minutes on the project's 2-core CPU (claims ~3 min, synthetic ablation 5 variants x
-2 seeds, profile per config); `--quick` runs the tiny synthetic version, `--full` five seeds.
+Steps 2, 4 and 5 run one after another in one lane, the synthetic ablation in a second lane beside them
+(`--jobs 1`: everything in one lane); every step is single-threaded, so two lanes fit the 2-core machine and
+keep the default run within its 15-minute budget. `--quick` runs the tiny synthetic version, `--full` five
+seeds instead of two.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,6 +99,8 @@ class Pipeline:
         self.console = console
         self.stamps = results / ".stamps"
         self.status_path = results / "reproduce_status.csv"
+        # Two lanes record outcomes concurrently.
+        self.lock = threading.Lock()
         self.status = (
             pd.read_csv(self.status_path, dtype=str, keep_default_na=False)
             if self.status_path.exists() else pd.DataFrame(columns=list(STATUS_COLUMNS))
@@ -115,9 +121,10 @@ class Pipeline:
             "seconds": f"{outcome.seconds:.1f}", "detail": outcome.detail,
             "command": " ".join(step.argv), "date": _now(),
         }
-        kept = self.status[self.status["step"] != step.name]
-        self.status = pd.concat([kept, pd.DataFrame([row])], ignore_index=True)
-        write_csv_atomic(self.status, self.status_path)
+        with self.lock:
+            kept = self.status[self.status["step"] != step.name]
+            self.status = pd.concat([kept, pd.DataFrame([row])], ignore_index=True)
+            write_csv_atomic(self.status, self.status_path)
 
     def execute(self, step: Step, *, ok_codes: tuple[int, ...] = (0,)) -> Outcome:
         """Run `step` (unless stamped), stream its output, stamp it on success, record the outcome."""
@@ -158,7 +165,8 @@ class Pipeline:
             outcome = Outcome(status, code, seconds, tail[-1] if tail else "")
         else:
             missing = next((line for line in tail if "No module named" in line), None)
-            detail = missing or " / ".join(tail) or "no output"
+            interrupted = code < 0 or code == 130 or any("KeyboardInterrupt" in line for line in tail)
+            detail = "interrupted" if interrupted else missing or " / ".join(tail) or "no output"
             outcome = Outcome("failed", code, seconds, detail)
             self.console.print(f"[red]step failed[/red] {step.name} (exit {code}): {detail}")
         self.record(step, outcome)
@@ -193,8 +201,15 @@ def write_environment(results: Path) -> Path:
     return path
 
 
+PROFILE_CHUNK = 6
+
+
 def build_steps(*, python: str, results: Path, experiments: Path, preset: str, skip: set[str]) -> list[Step]:
-    """The fixed steps (claims, synthetic, profile per config); experiments are handled separately."""
+    """The fixed steps (claims, synthetic, profile); experiments are handled separately.
+
+    Profiling goes in chunks of PROFILE_CHUNK configs per process: one process per config spends a few
+    seconds each on imports, one for all would redo everything after an interruption.
+    """
     steps = []
     if "claims" not in skip:
         steps.append(Step("claims", "claims", (python, "-m", "repro.claims", "--out", str(results))))
@@ -202,10 +217,12 @@ def build_steps(*, python: str, results: Path, experiments: Path, preset: str, s
         flag = () if preset == "default" else (f"--{preset}",)
         steps.append(Step(f"synthetic-{preset}", "synthetic",
                           (python, "-m", "repro.synthetic", "--out", str(results), *flag)))
-    if "profile" not in skip:
-        for config in sorted(experiments.glob("*.yaml")):
-            argv = (python, "-m", "repro.profile", str(config), "--out", str(results))
-            steps.append(Step(f"profile-{config.stem}", "profile", argv))
+    if "profile" not in skip and experiments.is_dir():
+        configs = [str(config) for config in sorted(experiments.glob("*.yaml"))]
+        chunks = [configs[start:start + PROFILE_CHUNK] for start in range(0, len(configs), PROFILE_CHUNK)]
+        for index, chunk in enumerate(chunks, start=1):
+            argv = (python, "-m", "repro.profile", *chunk, "--out", str(results))
+            steps.append(Step(f"profile-{index:02d}-of-{len(chunks):02d}", "profile", argv))
     return steps
 
 
@@ -248,6 +265,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--experiments", type=Path, default=Path("experiments"))
     parser.add_argument("--skip", nargs="+", default=[], choices=STEP_GROUPS, help="step groups to leave out")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the steps")
+    parser.add_argument("--jobs", type=int, default=2, choices=(1, 2),
+                        help="2 (default): the synthetic ablation runs beside the other steps; 1: one at a time")
     return parser.parse_args(argv)
 
 
@@ -265,33 +284,54 @@ def main(argv: list[str] | None = None) -> int:
     configs = sorted(args.experiments.glob("*.yaml")) if args.experiments.is_dir() else []
     if not args.experiments.is_dir():
         console.print(f"[yellow]no experiment folder at {args.experiments}: no profile/experiment steps[/]")
-    total = len(steps) + (0 if "experiments" in skip else len(configs)) + (0 if "report" in skip else 1)
-    failed = []
+    run_configs = bool(configs) and "experiments" not in skip
+    total = len(steps) + (len(configs) if run_configs else 0) + (0 if "report" in skip else 1)
+    # Two lanes by default: the single-threaded synthetic ablation beside the (also single-threaded)
+    # claims / profile / dataset checks, which is what keeps the default run within its budget on 2 cores.
+    synthetic = [step for step in steps if step.group == "synthetic"]
+    others = [step for step in steps if step.group != "synthetic"]
+    lanes = [others + synthetic] if args.jobs == 1 else [others, synthetic]
+    failed: list[str] = []
+    stop = threading.Event()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("reproduce", total=total)
-            for step in steps:
-                progress.update(task, description=f"reproduce: {step.name}")
-                if pipeline.execute(step).failed:
-                    failed.append(step.name)
-                progress.update(task, advance=1)
-            if "experiments" not in skip and configs:
-                progress.update(task, description="reproduce: experiments")
-                if run_experiments(pipeline, python=args.python, experiments=args.experiments,
-                                   progress=progress, task=task):
-                    failed.append("experiments")
-            if "report" not in skip:
-                progress.update(task, description="reproduce: report")
-                report = Step("report", "report", (args.python, "-m", "repro.report", "--results",
-                                                   str(args.results), "--experiments", str(args.experiments)),
-                              stamped=False)
-                if pipeline.execute(report).failed:
-                    failed.append("report")
-                progress.update(task, advance=1)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: finished steps are stamped; rerun to continue[/]")
-        return 130
+
+    def run_lane(lane: list[Step], progress, task, with_experiments: bool) -> list[str]:
+        lane_failed = []
+        for step in lane:
+            if stop.is_set():
+                return lane_failed
+            if pipeline.execute(step).failed:
+                lane_failed.append(step.name)
+            progress.update(task, advance=1)
+        if with_experiments and run_configs and not stop.is_set():
+            if run_experiments(pipeline, python=args.python, experiments=args.experiments,
+                               progress=progress, task=task):
+                lane_failed.append("experiments")
+        return lane_failed
+
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("reproduce", total=total)
+        with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
+            futures = [pool.submit(run_lane, lane, progress, task, index == 0)
+                       for index, lane in enumerate(lanes)]
+            try:
+                while not all(future.done() for future in futures):
+                    time.sleep(0.2)
+            except KeyboardInterrupt:
+                # The steps' processes got the same SIGINT; let the lanes record them and stop.
+                stop.set()
+                wait(futures)
+                console.print("[yellow]interrupted: finished steps are stamped; rerun to continue[/]")
+                return 130
+            for future in futures:
+                failed.extend(future.result())
+        if "report" not in skip:
+            report = Step("report", "report", (args.python, "-m", "repro.report", "--results",
+                                               str(args.results), "--experiments", str(args.experiments)),
+                          stamped=False)
+            if pipeline.execute(report).failed:
+                failed.append("report")
+            progress.update(task, advance=1)
     if failed:
         names = ", ".join(failed)
         console.print(f"[red]{len(failed)} step(s) failed:[/] {names} (see {pipeline.status_path})")

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from repro.reproduce import Pipeline, Step, main
+from repro.reproduce import PROFILE_CHUNK, Pipeline, Step, build_steps, main
 
 # A stand-in interpreter: answers for the steps built in parallel (claims, profile, run) so these tests do
 # not depend on them, and hands everything else to the real Python.
 FAKE_PYTHON = """#!/bin/sh
 case "$2" in
   repro.claims) echo "claims: $*"; exit 0 ;;
-  repro.profile) echo "profiled $3"; exit 0 ;;
+  repro.profile) echo "profiled $*"; exit 0 ;;
   repro.run)
     if [ "$4" = "--check-data" ]; then
       if grep -q present "$3"; then exit 0; fi
@@ -85,7 +85,7 @@ def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
     assert "/nowhere" in experiments_status.set_index("experiment").loc["b_absent", "detail"]
     status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
     assert status.loc["claims", "status"] == "done"
-    assert status.loc["profile-a_present", "status"] == "done"
+    assert status.loc["profile-01-of-01", "status"] == "done"
     assert status.loc["run-c_crash", "status"] == "failed"
     assert status.loc["report", "status"] == "done"  # the report still ran after the failure
     report = (results / "REPORT.md").read_text()
@@ -122,3 +122,15 @@ def test_bad_arguments_are_rejected():
         main(["--quick", "--full"])
     with pytest.raises(SystemExit):
         main(["--skip", "everything"])
+
+
+def test_profile_steps_cover_every_config_in_chunks(tmp_path):
+    for index in range(PROFILE_CHUNK + 2):
+        (tmp_path / f"exp{index}.yaml").write_text("reported: {}\n")
+    steps = build_steps(python="py", results=tmp_path / "r", experiments=tmp_path, preset="quick", skip=set())
+    profile = [step for step in steps if step.group == "profile"]
+    assert [step.name for step in profile] == ["profile-01-of-02", "profile-02-of-02"]
+    configs = [arg for step in profile for arg in step.argv if arg.endswith(".yaml")]
+    assert configs == [str(path) for path in sorted(tmp_path.glob("*.yaml"))]
+    assert all(step.argv[-2:] == ("--out", str(tmp_path / "r")) for step in profile)
+    assert [step.name for step in steps if step.group != "profile"] == ["claims", "synthetic-quick"]
