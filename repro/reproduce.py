@@ -44,7 +44,9 @@ import pandas as pd
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
+from repro.environment import cpu_model, device_name
 from repro.synthetic import write_csv_atomic
 
 STEP_GROUPS = ("claims", "synthetic", "profile", "experiments", "report")
@@ -147,9 +149,10 @@ class Pipeline:
         try:
             for line in process.stdout:
                 line = line.rstrip()
-                if line:
+                # The PyTorch profiler (used for CPU memory) logs two kineto lines per measurement.
+                if line and "SyncActivityProfilerHandler" not in line:
                     tail.append(line)
-                    self.console.print(f"  [dim]{step.name}[/dim] {line}", markup=False, highlight=False)
+                    self.console.print(Text(f"  {step.name} ", style="dim") + Text(line), highlight=False)
             code = process.wait()
         except KeyboardInterrupt:
             process.terminate()
@@ -182,8 +185,8 @@ def write_environment(results: Path) -> Path:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": str(os.cpu_count()),
-        "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                   else f"cpu ({platform.processor() or platform.machine()})"),
+        "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
+        "cpu": cpu_model(),
     }
     for package in ("torch", "numpy", "pandas", "triton", "fvcore", "matplotlib"):
         try:
