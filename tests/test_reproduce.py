@@ -1,8 +1,12 @@
 """`repro.reproduce`: step failures are recorded not fatal, stamps make reruns resume, dataset checks,
 and a fast end-to-end run (tiny synthetic ablation + report)."""
 
+import os
+import signal
 import stat
+import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -134,3 +138,34 @@ def test_profile_steps_cover_every_config_in_chunks(tmp_path):
     assert configs == [str(path) for path in sorted(tmp_path.glob("*.yaml"))]
     assert all(step.argv[-2:] == ("--out", str(tmp_path / "r")) for step in profile)
     assert [step.name for step in steps if step.group != "profile"] == ["claims", "synthetic-quick"]
+
+
+def test_interrupt_records_the_step_and_exits_130(tmp_path):
+    """Ctrl-C reaches the pipeline and its step (one process group): exit 130, the step recorded as
+    interrupted and not stamped, so a rerun does it again."""
+    started = tmp_path / "claims-started"
+    fake = tmp_path / "fakepython"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$2" = repro.claims ]; then touch {started}; exec "{sys.executable}" -c '
+        '"import time; time.sleep(60)"; fi\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    results = tmp_path / "results"
+    argv = [sys.executable, "-m", "repro.reproduce", "--results", str(results), "--experiments",
+            str(tmp_path / "none"), "--skip", "synthetic", "--python", str(fake)]
+    # Background processes may inherit an ignored SIGINT; a terminal's Ctrl-C finds it at its default.
+    process = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert process.poll() is None and time.monotonic() < deadline, "claims step never started"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
+    assert status.loc["claims", "status"] == "failed" and status.loc["claims", "detail"] == "interrupted"
+    assert not (results / ".stamps" / "claims.done").exists()
+    assert "report" not in status.index
