@@ -67,7 +67,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # "done", "skipped (done before)", "failed", "dataset not present"
+    # "done", "done (earlier run)", "skipped (done before)", "failed", "dataset not present"
+    status: str
     exit_code: int | None
     seconds: float
     detail: str
@@ -131,8 +132,15 @@ class Pipeline:
     def execute(self, step: Step, *, ok_codes: tuple[int, ...] = (0,)) -> Outcome:
         """Run `step` (unless stamped), stream its output, stamp it on success, record the outcome."""
         if self.is_done(step):
-            outcome = Outcome("skipped (done before)", None, 0.0, f"stamp {self.stamp_path(step)}")
             self.console.print(f"[dim]skip {step.name}: done before (--force to redo)[/dim]")
+            with self.lock:
+                earlier = self.status.index[(self.status["step"] == step.name) & (self.status["status"] == "done")]
+                if len(earlier):
+                    # Keep the run that did the work (its time and date), marked as not redone now.
+                    self.status.loc[earlier, "status"] = "done (earlier run)"
+                    write_csv_atomic(self.status, self.status_path)
+                    return Outcome("done (earlier run)", None, 0.0, "")
+            outcome = Outcome("skipped (done before)", None, 0.0, f"stamp {self.stamp_path(step)}")
             self.record(step, outcome)
             return outcome
         self.console.print(f"[bold]run[/bold] {step.name}: {' '.join(step.argv)}")
@@ -165,7 +173,9 @@ class Pipeline:
                 self.stamps.mkdir(parents=True, exist_ok=True)
                 self.stamp_path(step).write_text(" ".join(step.argv))
             status = "done" if code == 0 else "dataset not present"
-            outcome = Outcome(status, code, seconds, tail[-1] if tail else "")
+            # Done: the last line says what was written; otherwise the whole message (why, where, how).
+            detail = (tail[-1] if tail else "") if code == 0 else " / ".join(line.strip() for line in tail)
+            outcome = Outcome(status, code, seconds, detail)
         else:
             missing = next((line for line in tail if "No module named" in line), None)
             interrupted = code < 0 or code == 130 or any("KeyboardInterrupt" in line for line in tail)

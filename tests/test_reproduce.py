@@ -61,7 +61,7 @@ def test_finished_steps_are_not_redone_unless_forced(tmp_path):
     )
     step = Step("counting", "synthetic", (sys.executable, "-c", code))
     assert _pipeline(tmp_path).execute(step).status == "done"
-    assert _pipeline(tmp_path).execute(step).status == "skipped (done before)"
+    assert _pipeline(tmp_path).execute(step).status == "done (earlier run)"
     assert counter.read_text() == "x"
     # A changed command is a different piece of work.
     changed = Step("counting", "synthetic", (*step.argv, "--again"))
@@ -86,7 +86,8 @@ def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
     assert dict(zip(experiments_status["experiment"], experiments_status["status"], strict=True)) == {
         "alpha": "measured", "b_absent": "dataset not present", "c_crash": "run failed",
     }
-    assert "/nowhere" in experiments_status.set_index("experiment").loc["b_absent", "detail"]
+    assert "dataset not found at /nowhere (set DATASET_ROOT)" == experiments_status.set_index(
+        "experiment").loc["b_absent", "detail"]
     status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
     assert status.loc["claims", "status"] == "done"
     assert status.loc["profile-01-of-01", "status"] == "done"
@@ -98,7 +99,7 @@ def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
     (experiments / "c_crash.yaml").write_text("# present\nreported: {miou: 60.0}\n")
     assert main(argv) == 0
     status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
-    assert status.loc["claims", "status"] == "skipped (done before)"
+    assert status.loc["claims", "status"] == "done (earlier run)"
     assert status.loc["run-c_crash", "status"] == "done"
 
 
@@ -116,6 +117,11 @@ def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):
     report = (results / "REPORT.md").read_text()
     assert "## Synthetic long-range benchmark" in report and "| R2 | 20 |" in report
     assert pd.read_csv(results / "environment.csv").set_index("fact").loc["torch", "value"]
+    assert main(argv) == 0
+    status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
+    assert status.loc["synthetic-quick", "status"] == "done (earlier run)"
+    # Without its status row (e.g. the CSV was deleted) the stamp alone still skips the step.
+    (results / "reproduce_status.csv").unlink()
     assert main(argv) == 0
     status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
     assert status.loc["synthetic-quick", "status"] == "skipped (done before)"
