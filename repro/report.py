@@ -96,7 +96,16 @@ def section_environment(results: Path) -> str:
 def section_pipeline(results: Path) -> str:
     text = "## Pipeline steps\n\n"
     frame = read_csv(results, "pipeline")
-    return text + (missing("pipeline") if frame is None else markdown_table(frame))
+    if frame is None:
+        return text + missing("pipeline")
+    # Commands and full messages stay in the CSV; the report keeps one readable line per step.
+    shown = frame.drop(columns=[column for column in ("command",) if column in frame.columns])
+    if "detail" in shown.columns:
+        shown["detail"] = [
+            detail if len(detail) <= 100 else detail[:97] + "..."
+            for detail in shown["detail"].fillna("").astype(str)
+        ]
+    return text + markdown_table(shown) + f"\nCommands and full messages: `{SOURCES['pipeline'][0]}`.\n"
 
 
 def section_claims(results: Path) -> str:
