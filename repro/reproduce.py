@@ -217,7 +217,9 @@ def write_environment(results: Path) -> Path:
 PROFILE_CHUNK = 6
 
 
-def build_steps(*, python: str, results: Path, experiments: Path, preset: str, skip: set[str]) -> list[Step]:
+def build_steps(
+    *, python: str, results: Path, experiments: Path, preset: str, skip: set[str], force: bool = False
+) -> list[Step]:
     """The fixed steps (claims, synthetic, profile); experiments are handled separately.
 
     Profiling goes in chunks of PROFILE_CHUNK configs per process: one process per config spends a few
@@ -228,6 +230,8 @@ def build_steps(*, python: str, results: Path, experiments: Path, preset: str, s
         steps.append(Step("claims", "claims", (python, "-m", "repro.claims", "--out", str(results))))
     if "synthetic" not in skip:
         flag = () if preset == "default" else (f"--{preset}",)
+        # The ablation also skips runs already in its CSV: --force has to reach it to retrain them.
+        flag += ("--force",) if force else ()
         steps.append(Step(f"synthetic-{preset}", "synthetic",
                           (python, "-m", "repro.synthetic", "--out", str(results), *flag)))
     if "profile" not in skip and experiments.is_dir():
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     env_path = write_environment(args.results)
     console.print(f"wrote {env_path}")
     steps = build_steps(python=args.python, results=args.results, experiments=args.experiments,
-                        preset=preset, skip=skip)
+                        preset=preset, skip=skip, force=args.force)
     configs = sorted(args.experiments.glob("*.yaml")) if args.experiments.is_dir() else []
     if not args.experiments.is_dir():
         console.print(f"[yellow]no experiment folder at {args.experiments}: no profile/experiment steps[/]")

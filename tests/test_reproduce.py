@@ -175,3 +175,9 @@ def test_interrupt_records_the_step_and_exits_130(tmp_path):
     assert status.loc["claims", "status"] == "failed" and status.loc["claims", "detail"] == "interrupted"
     assert not (results / ".stamps" / "claims.done").exists()
     assert "report" not in status.index
+
+
+def test_force_reaches_the_synthetic_ablation(tmp_path):
+    steps = build_steps(python="py", results=tmp_path, experiments=tmp_path, preset="default",
+                        skip={"claims"}, force=True)
+    assert steps[0].argv == ("py", "-m", "repro.synthetic", "--out", str(tmp_path), "--force")
