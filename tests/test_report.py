@@ -1,0 +1,225 @@
+"""`repro.report` on small hand-made CSVs: every section, missing files, bad inputs."""
+
+import pandas as pd
+import pytest
+
+from repro.report import build_report, load_reported, main, markdown_table, write_report
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+@pytest.fixture
+def results(tmp_path):
+    out = tmp_path / "results"
+    _write(
+        out / "environment.csv", [{"fact": "torch", "value": "9.9.9"}, {"fact": "device", "value": "cpu (x)"}]
+    )
+    _write(
+        out / "claims.csv",
+        [
+            {
+                "claim": "flops",
+                "variant": "cca",
+                "recurrence": 2,
+                "batch": 1,
+                "channels": 512,
+                "qk_channels": 64,
+                "height": 97,
+                "width": 97,
+                "metric": "gflops",
+                "value": 16.54,
+                "unit": "GFLOP",
+                "reported_value": 16.5,
+                "source": "paper",
+                "method": "fvcore",
+                "device": "cpu",
+            },
+            {
+                "claim": "flops",
+                "variant": "cca",
+                "recurrence": 2,
+                "batch": 1,
+                "channels": 512,
+                "qk_channels": 64,
+                "height": 33,
+                "width": 33,
+                "metric": "gflops",
+                "value": 0.7,
+                "unit": "GFLOP",
+                "reported_value": None,
+                "source": "",
+                "method": "fvcore",
+                "device": "cpu",
+            },
+        ],
+    )
+    _write(
+        out / "synthetic_ablation.csv",
+        [
+            {
+                "variant": variant,
+                "recurrence": recurrence,
+                "seed": seed,
+                "miou": miou,
+                "object_accuracy": acc,
+                "params": 1000,
+                "flops": 2_000_000,
+                "flops_method": "counter",
+                "peak_memory_bytes": 2**20,
+                "memory_method": "profiler",
+                "train_time_s": 1.5,
+                "steps": 600,
+                "batch": 32,
+                "train_images": 10,
+                "device": "cpu",
+                "threads": 1,
+                "date": "2026-01-01T00:00:00Z",
+            }
+            for variant, recurrence, miou, acc in (("R1", 1, 0.31, 0.25), ("R2", 2, 0.99, 1.0))
+            for seed in (0, 1)
+        ],
+    )
+    _write(
+        out / "miou.csv",
+        [
+            {
+                "experiment": "city_r2",
+                "dataset": "cityscapes",
+                "backbone": "r101",
+                "crop": "769",
+                "schedule": "60k",
+                "metric": "miou",
+                "reported": 79.8,
+                "measured": 70.0,
+                "delta": -9.8,
+                "checkpoint": "",
+                "device": "cpu",
+                "date": "d",
+            },
+            {
+                "experiment": "city_r2",
+                "dataset": "cityscapes",
+                "backbone": "r101",
+                "crop": "769",
+                "schedule": "60k",
+                "metric": "miou",
+                "reported": 79.8,
+                "measured": 79.5,
+                "delta": -0.3,
+                "checkpoint": "",
+                "device": "cpu",
+                "date": "d2",
+            },
+        ],
+    )
+    _write(
+        out / "experiments_status.csv",
+        [
+            {
+                "experiment": "city_r2",
+                "config": "city_r2.yaml",
+                "status": "measured",
+                "detail": "",
+                "date": "d",
+            },
+            {
+                "experiment": "ade_r2",
+                "config": "ade_r2.yaml",
+                "status": "dataset not present",
+                "detail": "",
+                "date": "d",
+            },
+        ],
+    )
+    _write(
+        out / "model_efficiency.csv",
+        [
+            {
+                "experiment": "ade_r2",
+                "metric": "train_memory",
+                "value": 10.0,
+                "unit": "GB",
+                "reported": 12.5,
+                "method": "fake",
+                "device": "cpu",
+                "date": "d",
+            },
+        ],
+    )
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    (experiments / "city_r2.yaml").write_text(
+        "dataset: cityscapes\nreported:\n  miou: 79.8\n  ms_flip_miou: 81.3\n"
+        "source: {document: paper, table: 4}\n"
+    )
+    (experiments / "ade_r2.yaml").write_text("dataset: {name: ade20k}\nreported: {miou: 45.2, fps: 9.0}\n")
+    return out, experiments
+
+
+def test_markdown_table_formats_and_escapes():
+    table = markdown_table(pd.DataFrame({"a": [1.234567, None], "b": ["x|y", "z"]}))
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1.235 | x\\|y |", "|  | z |"]
+    assert markdown_table(pd.DataFrame(columns=["a"])) == "_(no rows)_\n"
+
+
+def test_report_has_every_section_from_the_csvs(results):
+    out, experiments = results
+    text = build_report(out, experiments)
+    assert "9.9.9" in text  # environment
+    assert "16.54" in text and "1.002" in text  # claim measured and measured/reported
+    assert "2 rows in `claims.csv`" in text
+    # Latest measurement wins; the row without data says why.
+    city = next(line for line in text.splitlines() if line.startswith("| city_r2 | cityscapes | miou"))
+    assert "79.5" in city and "-0.3" in city and "measured" in city
+    ade = next(line for line in text.splitlines() if line.startswith("| ade_r2 | ade20k | miou"))
+    assert "45.2" in ade and "dataset not present" in ade
+    flip = next(line for line in text.splitlines() if "ms_flip_miou" in line)
+    assert "81.3" in flip and "not run" not in flip
+    # Synthetic summary: mean over two seeds per variant.
+    r2 = next(line for line in text.splitlines() if line.startswith("| R2 | 600 |"))
+    assert "| 2 | 0.99 |" in r2
+    assert "0.8" in next(line for line in text.splitlines() if line.startswith("| ade_r2 | train_memory"))
+    # Sections without their CSV name the command that produces them.
+    assert "`ops_bench.csv` not found: produce it with `python -m repro.bench`" in text
+    assert "`attention_reach.csv` not found" in text
+    assert "Plot `plots/synthetic_ablation.png` not found" in text
+
+
+def test_report_embeds_existing_plots(results):
+    out, experiments = results
+    (out / "plots").mkdir()
+    (out / "plots" / "synthetic_ablation.png").write_bytes(b"png")
+    assert "![synthetic ablation](plots/synthetic_ablation.png)" in build_report(out, experiments)
+
+
+def test_report_with_no_csvs_says_how_to_make_each(tmp_path):
+    text = build_report(tmp_path, tmp_path / "nothing")
+    for name in ("claims.csv", "synthetic_ablation.csv", "model_efficiency.csv", "environment.csv"):
+        assert f"`{name}` not found" in text
+    assert "No experiment folder" in text
+
+
+def test_main_writes_report_file(results):
+    out, experiments = results
+    assert main(["--results", str(out), "--experiments", str(experiments)]) == 0
+    assert (out / "REPORT.md").read_text().startswith("# CCNet reproduction report")
+    assert not list(out.glob(".REPORT.md.*"))
+
+
+def test_missing_results_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_report(tmp_path / "absent", tmp_path)
+
+
+def test_bad_inputs_name_the_file(results, tmp_path):
+    out, experiments = results
+    (experiments / "bad.yaml").write_text("reported: [79.8]\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        load_reported(experiments)
+    (experiments / "bad.yaml").unlink()
+    pd.DataFrame({"claim": ["x"]}).to_csv(out / "claims.csv", index=False)
+    with pytest.raises(ValueError, match="claims.csv lacks columns"):
+        build_report(out, experiments)

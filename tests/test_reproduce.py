@@ -1,0 +1,183 @@
+"""`repro.reproduce`: step failures are recorded not fatal, stamps make reruns resume, dataset checks,
+and a fast end-to-end run (tiny synthetic ablation + report)."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from repro.reproduce import PROFILE_CHUNK, Pipeline, Step, build_steps, main
+
+# A stand-in interpreter: answers for the steps built in parallel (claims, profile, run) so these tests do
+# not depend on them, and hands everything else to the real Python.
+FAKE_PYTHON = """#!/bin/sh
+case "$2" in
+  repro.claims) echo "claims: $*"; exit 0 ;;
+  repro.profile) echo "profiled $*"; exit 0 ;;
+  repro.run)
+    if [ "$4" = "--check-data" ]; then
+      if grep -q present "$3"; then exit 0; fi
+      echo "dataset not found at /nowhere (set DATASET_ROOT)"; exit 3
+    fi
+    if grep -q crash "$3"; then echo "boom" >&2; exit 2; fi
+    echo "trained $3"; exit 0 ;;
+esac
+exec "{python}" "$@"
+"""
+
+
+def _pipeline(tmp_path, force=False):
+    return Pipeline(results=tmp_path, force=force, console=Console(quiet=True))
+
+
+def _fake_python(tmp_path):
+    path = tmp_path / "fakepython"
+    path.write_text(FAKE_PYTHON.replace("{python}", sys.executable))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_missing_module_is_a_recorded_failure(tmp_path):
+    pipeline = _pipeline(tmp_path)
+    outcome = pipeline.execute(Step("ghost", "claims", (sys.executable, "-m", "repro.no_such_step")))
+    assert outcome.failed and outcome.exit_code == 1
+    assert "No module named repro.no_such_step" in outcome.detail
+    status = pd.read_csv(tmp_path / "reproduce_status.csv")
+    assert status.loc[0, "step"] == "ghost" and status.loc[0, "status"] == "failed"
+    assert not (tmp_path / ".stamps" / "ghost.done").exists()
+
+
+def test_finished_steps_are_not_redone_unless_forced(tmp_path):
+    counter = tmp_path / "count.txt"
+    code = (
+        f"import pathlib; p = pathlib.Path({str(counter)!r}); "
+        "p.write_text(p.read_text() + 'x' if p.exists() else 'x')"
+    )
+    step = Step("counting", "synthetic", (sys.executable, "-c", code))
+    assert _pipeline(tmp_path).execute(step).status == "done"
+    assert _pipeline(tmp_path).execute(step).status == "done (earlier run)"
+    assert counter.read_text() == "x"
+    # A changed command is a different piece of work.
+    changed = Step("counting", "synthetic", (*step.argv, "--again"))
+    assert _pipeline(tmp_path).execute(changed).status == "done"
+    assert _pipeline(tmp_path, force=True).execute(changed).status == "done"
+    assert counter.read_text() == "xxx"
+    status = pd.read_csv(tmp_path / "reproduce_status.csv")
+    assert status["step"].tolist() == ["counting"]  # one row per step, the latest outcome
+
+
+def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
+    results, experiments = tmp_path / "results", tmp_path / "experiments"
+    experiments.mkdir()
+    (experiments / "a_present.yaml").write_text("name: alpha\n# present\nreported: {miou: 70.0}\n")
+    (experiments / "b_absent.yaml").write_text("reported: {miou: 80.0}\n")
+    (experiments / "c_crash.yaml").write_text("# present crash\nreported: {miou: 60.0}\n")
+    python = _fake_python(tmp_path)
+    argv = ["--results", str(results), "--experiments", str(experiments), "--skip", "synthetic",
+            "--python", python]
+    assert main(argv) == 1
+    experiments_status = pd.read_csv(results / "experiments_status.csv")
+    assert dict(zip(experiments_status["experiment"], experiments_status["status"], strict=True)) == {
+        "alpha": "measured", "b_absent": "dataset not present", "c_crash": "run failed",
+    }
+    assert "dataset not found at /nowhere (set DATASET_ROOT)" == experiments_status.set_index(
+        "experiment").loc["b_absent", "detail"]
+    status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
+    assert status.loc["claims", "status"] == "done"
+    assert status.loc["profile-01-of-01", "status"] == "done"
+    assert status.loc["run-c_crash", "status"] == "failed"
+    assert status.loc["report", "status"] == "done"  # the report still ran after the failure
+    report = (results / "REPORT.md").read_text()
+    assert "dataset not present" in report and "b_absent" in report
+    # Rerun: stamped steps are skipped, the failed one is tried again.
+    (experiments / "c_crash.yaml").write_text("# present\nreported: {miou: 60.0}\n")
+    assert main(argv) == 0
+    status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
+    assert status.loc["claims", "status"] == "done (earlier run)"
+    assert status.loc["run-c_crash", "status"] == "done"
+
+
+def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):
+    """The real synthetic step (--quick) and report, claims/profile/experiments left to their own tests."""
+    results = tmp_path / "results"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["--quick", "--results", str(results), "--experiments", str(tmp_path / "none"),
+            "--skip", "claims", "profile", "experiments"]
+    assert main(argv) == 0
+    ablation = pd.read_csv(results / "synthetic_ablation.csv")
+    assert sorted(ablation["variant"]) == ["R0", "R1", "R2", "R3", "nonlocal"]
+    assert (results / "plots" / "synthetic_ablation.png").exists()
+    assert (results / "plots" / "attention_reach.png").exists()
+    report = (results / "REPORT.md").read_text()
+    assert "## Synthetic long-range benchmark" in report and "| R2 | 20 |" in report
+    assert pd.read_csv(results / "environment.csv").set_index("fact").loc["torch", "value"]
+    assert main(argv) == 0
+    status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
+    assert status.loc["synthetic-quick", "status"] == "done (earlier run)"
+    # Without its status row (e.g. the CSV was deleted) the stamp alone still skips the step.
+    (results / "reproduce_status.csv").unlink()
+    assert main(argv) == 0
+    status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
+    assert status.loc["synthetic-quick", "status"] == "skipped (done before)"
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(SystemExit):
+        main(["--quick", "--full"])
+    with pytest.raises(SystemExit):
+        main(["--skip", "everything"])
+
+
+def test_profile_steps_cover_every_config_in_chunks(tmp_path):
+    for index in range(PROFILE_CHUNK + 2):
+        (tmp_path / f"exp{index}.yaml").write_text("reported: {}\n")
+    steps = build_steps(python="py", results=tmp_path / "r", experiments=tmp_path, preset="quick", skip=set())
+    profile = [step for step in steps if step.group == "profile"]
+    assert [step.name for step in profile] == ["profile-01-of-02", "profile-02-of-02"]
+    configs = [arg for step in profile for arg in step.argv if arg.endswith(".yaml")]
+    assert configs == [str(path) for path in sorted(tmp_path.glob("*.yaml"))]
+    assert all(step.argv[-2:] == ("--out", str(tmp_path / "r")) for step in profile)
+    assert [step.name for step in steps if step.group != "profile"] == ["claims", "synthetic-quick"]
+
+
+def test_interrupt_records_the_step_and_exits_130(tmp_path):
+    """Ctrl-C reaches the pipeline and its step (one process group): exit 130, the step recorded as
+    interrupted and not stamped, so a rerun does it again."""
+    started = tmp_path / "claims-started"
+    fake = tmp_path / "fakepython"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$2" = repro.claims ]; then touch {started}; exec "{sys.executable}" -c '
+        '"import time; time.sleep(60)"; fi\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    results = tmp_path / "results"
+    argv = [sys.executable, "-m", "repro.reproduce", "--results", str(results), "--experiments",
+            str(tmp_path / "none"), "--skip", "synthetic", "--python", str(fake)]
+    # Background processes may inherit an ignored SIGINT; a terminal's Ctrl-C finds it at its default.
+    process = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert process.poll() is None and time.monotonic() < deadline, "claims step never started"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
+    assert status.loc["claims", "status"] == "failed" and status.loc["claims", "detail"] == "interrupted"
+    assert not (results / ".stamps" / "claims.done").exists()
+    assert "report" not in status.index
+
+
+def test_force_reaches_the_synthetic_ablation(tmp_path):
+    steps = build_steps(python="py", results=tmp_path, experiments=tmp_path, preset="default",
+                        skip={"claims"}, force=True)
+    assert steps[0].argv == ("py", "-m", "repro.synthetic", "--out", str(tmp_path), "--force")
