@@ -153,7 +153,7 @@ def run(
     torch.set_num_threads(threads)
     rows = []
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    name = device_name(device)
+    device_label = device_name(device)
     library_versions = versions()
     with Progress(console=console, transient=True) as progress:
         total = len(shapes) * len(dtypes) * len(variant_names) * len(PASSES) * (rounds + 1)
@@ -168,7 +168,7 @@ def run(
                     if reason is None and device.type == "cpu" and dtype != torch.float32 and name == "cca_triton":
                         reason = "not measured: CPU"
                     if reason is not None:
-                        rows += [_row(VARIANTS[name], shape, dtype_name, p, device, name, library_versions, now,
+                        rows += [_row(VARIANTS[name], shape, dtype_name, p, device, device_label, library_versions, now,
                                       threads, status=reason) for p in PASSES]
                         progress.advance(task, len(PASSES) * (rounds + 1))
                     else:
@@ -196,13 +196,13 @@ def run(
                 for variant in runnable:
                     for pass_ in PASSES:
                         seconds = statistics.median(times[(variant.name, pass_)])
-                        rows.append(_row(variant, shape, dtype_name, pass_, device, name, library_versions, now,
+                        rows.append(_row(variant, shape, dtype_name, pass_, device, device_label, library_versions, now,
                                          threads, seconds=seconds, peak=peaks[(variant.name, pass_)],
                                          rounds=rounds))
     return pd.DataFrame(rows)
 
 
-def _row(variant, shape, dtype_name, pass_, device, name, library_versions, date, threads, *, status="ok",
+def _row(variant, shape, dtype_name, pass_, device, device_label, library_versions, date, threads, *, status="ok",
          seconds=None, peak=None, rounds=0):
     itemsize = DTYPES[dtype_name].itemsize
     model = variant.cost(shape.batch, shape.qk_channels, shape.channels, shape.height, shape.width, itemsize, pass_)
@@ -212,7 +212,7 @@ def _row(variant, shape, dtype_name, pass_, device, name, library_versions, date
         "height": shape.height, "width": shape.width, "pass": pass_,
         "milliseconds": "", "peak_memory_mb": "", "gb_per_s": "", "tflop_per_s": "",
         "model_gflop": round(model.flops / 1e9, 4), "model_mb_moved": round(model.bytes / 2**20, 3),
-        "device": device.type, "device_name": name, "threads": threads if device.type == "cpu" else "",
+        "device": device.type, "device_name": device_label, "threads": threads if device.type == "cpu" else "",
         "rounds": rounds, "torch": library_versions["torch"], "triton": library_versions["triton"], "date": date,
         "status": status,
     }

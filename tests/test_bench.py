@@ -3,6 +3,7 @@
 import pandas as pd
 
 from repro import bench
+from repro.environment import device_name
 from repro.io import upsert_csv
 
 
@@ -17,6 +18,7 @@ def test_quick_bench_writes_long_format_rows(tmp_path):
                    "date", "status"):
         assert column in frame.columns, column
     assert (frame["device"] == "cuda").sum() == 1  # the earlier row from another device is kept
+    assert set(frame[frame["device"] == "cpu"]["device_name"]) == {device_name("cpu")}
     ok = frame[frame["status"] == "ok"]
     assert set(ok["variant"]) == {"cca_naive", "cca_einsum"} and set(ok["pass"]) == set(bench.PASSES)
     assert (ok["milliseconds"].astype(float) > 0).all() and (ok["peak_memory_mb"].astype(float) > 0).all()
