@@ -13,14 +13,13 @@ off the pixel's row and column).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from repro.data.synthetic import IGNORE_INDEX, MarkerTask, generate
+from repro.io import atomic_savefig, write_csv_atomic
 
 
 def criss_cross_map(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -88,7 +87,7 @@ def plot_attention_reach(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from repro.synthetic import VAL_SEED, SyntheticSegmenter, write_csv_atomic
+    from repro.synthetic import VAL_SEED, SyntheticSegmenter
 
     task = MarkerTask() if task is None else task
     path, seed = _checkpoint_for(out, steps, seeds)
@@ -125,15 +124,10 @@ def plot_attention_reach(
                     "marker outlined in green")
     figure.tight_layout()
     png = out / "plots" / "attention_reach.png"
-    png.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=png.parent, prefix=".attention_reach.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temp, dpi=110)
-        os.replace(temp, png)
+        atomic_savefig(figure, png, dpi=110)
     finally:
         plt.close(figure)
-        Path(temp).unlink(missing_ok=True)
     write_csv_atomic(
         pd.DataFrame({
             "model": ["R2"] * 2, "seed": [seed] * 2, "steps": [steps] * 2, "pixel_row": [row] * 2,

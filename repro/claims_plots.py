@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from repro.claims import METHOD_ANALYTIC, METHOD_FAKE, METHOD_FVCORE  # noqa: E402
+from repro.io import atomic_savefig  # noqa: E402
 
 # Legend names of the methods (the CSV keeps the full description).
 SHORT_METHODS = {
@@ -38,15 +37,8 @@ def _label(row: pd.Series) -> str:
 
 
 def _save(figure: plt.Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temp, dpi=120, bbox_inches="tight")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        atomic_savefig(figure, path, dpi=120, bbox_inches="tight")
     finally:
         plt.close(figure)
 

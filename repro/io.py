@@ -54,6 +54,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write `frame` (no index) to the CSV at `path` atomically."""
+    return atomic_write_text(path, frame.to_csv(index=False))
+
+
+def atomic_savefig(figure: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
+    """`figure.savefig(path, ...)` atomically; the format is taken from the file suffix. The caller closes it."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    return _atomic_write(path, lambda f: figure.savefig(f, format=fmt, **savefig_kwargs))
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save(obj, path)` through a temporary file and `os.replace`."""
     import torch

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from repro.io import atomic_write_text
 
 REPORT_NAME = "REPORT.md"
 # (file, command that produces it) for every CSV the report reads.
@@ -282,16 +282,7 @@ def write_report(results: Path, experiments: Path) -> Path:
     if not results.is_dir():
         raise FileNotFoundError(f"results folder {results} does not exist; run `python -m repro.reproduce`")
     text = build_report(results, experiments)
-    path = results / REPORT_NAME
-    handle, temp = tempfile.mkstemp(dir=results, prefix=f".{REPORT_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(results / REPORT_NAME, text)
 
 
 def main(argv: list[str] | None = None) -> int:

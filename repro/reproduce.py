@@ -47,7 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from repro.environment import cpu_model, device_name
-from repro.synthetic import write_csv_atomic
+from repro.io import write_csv_atomic
 
 STEP_GROUPS = ("claims", "synthetic", "profile", "experiments", "report")
 DATASET_NOT_PRESENT = 3

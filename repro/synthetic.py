@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,6 +44,7 @@ from ops.cost import criss_cross_attention_cost
 from ops.criss_cross import CrissCrossAttention
 from ops.non_local import NonLocal2d
 from repro.data.synthetic import IGNORE_INDEX, MarkerTask, generate, object_classes
+from repro.io import atomic_savefig, atomic_torch_save, write_csv_atomic
 from repro.memory import peak_bytes
 
 VARIANTS = ("R0", "R1", "R2", "R3", "nonlocal")
@@ -315,31 +314,6 @@ def training_step_peak(model: SyntheticSegmenter, *, batch: int, task: MarkerTas
     return peak, f"{method}, forward+backward, batch {batch}"
 
 
-def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Write `frame` to `path` through a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            frame.to_csv(stream, index=False)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint_atomic(model: nn.Module, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(model.state_dict(), temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def checkpoint_path(out: Path, variant: str, seed: int, steps: int) -> Path:
     return out / "synthetic_checkpoints" / f"{variant}_seed{seed}_steps{steps}.pt"
 
@@ -390,7 +364,7 @@ def run_ablation(
             row["peak_memory_bytes"], row["memory_method"] = training_step_peak(
                 model, batch=settings.batch, task=task
             )
-            save_checkpoint_atomic(model, checkpoint_path(out, variant, seed, settings.steps))
+            atomic_torch_save(model.state_dict(), checkpoint_path(out, variant, seed, settings.steps))
             new = pd.DataFrame([{column: row[column] for column in CSV_COLUMNS}])
             rows = new if rows.empty else pd.concat([rows, new], ignore_index=True)
             write_csv_atomic(rows, csv_path)
@@ -438,15 +412,10 @@ def plot_ablation(csv_path: Path, png_path: Path, *, num_objects: int = 4) -> No
         f"Synthetic marker task: {seeds} seed(s), {steps} steps each (answer off the criss-cross)"
     )
     figure.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temp, dpi=110)
-        os.replace(temp, png_path)
+        atomic_savefig(figure, png_path, dpi=110)
     finally:
         plt.close(figure)
-        Path(temp).unlink(missing_ok=True)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
