@@ -1,9 +1,9 @@
 """CCNet model family: dilated ResNet backbones, RCCA / non-local / FCN heads, losses, checkpoint import
 and inference modes. Knows nothing of `repro`."""
 
-from models import checkpoints, heads, inference, losses, resnet
+from models import checkpoints, context, heads, inference, losses, resnet, synthetic
 from models.ccnet import HEADS, CCNet, build, count_parameters
-from models.checkpoints import SOURCES, LoadReport, export_state_dict, load_checkpoint, save_checkpoint
+from models.checkpoints import SOURCES, LoadReport, export_state_dict, load_checkpoint
 
 __all__ = [
     "HEADS",
@@ -12,6 +12,7 @@ __all__ = [
     "LoadReport",
     "build",
     "checkpoints",
+    "context",
     "count_parameters",
     "export_state_dict",
     "heads",
@@ -19,5 +20,5 @@ __all__ = [
     "load_checkpoint",
     "losses",
     "resnet",
-    "save_checkpoint",
+    "synthetic",
 ]

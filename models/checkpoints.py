@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,23 +402,3 @@ def export_state_dict(model: nn.Module, *, source: str) -> dict[str, torch.Tenso
         if mean_key in state:
             out[bias_key] = torch.zeros_like(state[mean_key])
     return out
-
-
-def save_checkpoint(
-    model: nn.Module, path: str | os.PathLike, *, extra: Mapping[str, object] | None = None
-) -> Path:
-    """Write {"state_dict": model.state_dict(), **extra} atomically (a temp file in the same folder, then
-    os.replace), creating the folder if needed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"state_dict": model.state_dict(), **(extra or {})}
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path

@@ -31,7 +31,10 @@ def _column_view(x: torch.Tensor, b: int) -> torch.Tensor:
     return x[b].transpose(0, 1)
 
 
-class _CrissCrossNaive(torch.autograd.Function):
+class CrissCrossNaiveFunction(torch.autograd.Function):
+    """The naive backend as one autograd Function (forward and hand-written backward); public so that
+    tracers can name it (fvcore sees it as `prim::PythonOp.CrissCrossNaiveFunction`)."""
+
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         q, k, v = _channels_last(query), _channels_last(key), _channels_last(value)
@@ -135,7 +138,7 @@ def criss_cross_attention_naive(query: torch.Tensor, key: torch.Tensor, value: t
 
     Inputs are assumed validated (`ops.criss_cross_attention` does it).
     """
-    return _CrissCrossNaive.apply(query, key, value)
+    return CrissCrossNaiveFunction.apply(query, key, value)
 
 
 def criss_cross_attention_einsum(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

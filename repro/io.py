@@ -1,10 +1,13 @@
-"""Atomic file writes and append-only result files.
+"""Atomic file writes and append-only result files: the one write mechanism of the project.
 
-Every file the project writes that a later step reads (checkpoints, CSVs) goes through a temporary file in
-the same directory and `os.replace`, so a crash or Ctrl-C leaves either the old file or the new one, never a
-truncated mix. CSV "appends" read the existing rows and rewrite the whole file atomically: earlier rows are
-never lost, even when the new rows bring new columns. `upsert_csv` (the lead's, used by repro.bench)
-replaces rows with the same key instead of appending.
+Every file the project writes (checkpoints, CSVs, figures, reports) goes through a temporary file in the same
+directory, flushed and fsynced, given the permissions a plain open() would, and renamed over the target with
+`os.replace`, so a crash or Ctrl-C leaves either the old file or the new one, never a truncated mix. This
+module sits beside the four rooms of `repro` (not inside one) because all of them write files.
+
+CSV "appends" read the existing rows and rewrite the whole file atomically: earlier rows are never lost, even
+when the new rows bring new columns. `upsert_csv` (used by the benchmarks and the profile) replaces rows with
+the same key instead of appending.
 """
 
 from __future__ import annotations
@@ -71,6 +74,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_checkpoint(model: Any, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write {"state_dict": model.state_dict(), **extra} atomically, creating the folder if needed."""
+    return atomic_torch_save({"state_dict": model.state_dict(), **(extra or {})}, path)
 
 
 def read_csv_rows(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:

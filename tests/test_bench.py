@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from repro import bench
-from repro.environment import device_name
 from repro.io import upsert_csv
+from repro.measure import bench
+from repro.vocabulary import device_label
 
 
 def test_quick_bench_writes_long_format_rows(tmp_path):
@@ -14,11 +14,11 @@ def test_quick_bench_writes_long_format_rows(tmp_path):
     assert bench.main(["--quick", "--out", str(out), "--variants", "cca_naive", "cca_einsum", "cca_triton"]) == 0
     frame = pd.read_csv(out, keep_default_na=False, dtype=str)
     for column in ("op", "backend", "dtype", "batch", "channels", "qk_channels", "height", "width", "pass",
-                   "milliseconds", "peak_memory_mb", "gb_per_s", "tflop_per_s", "device_name", "torch", "triton",
+                   "milliseconds", "peak_memory_mb", "gb_per_s", "tflop_per_s", "device", "torch", "triton",
                    "date", "status"):
         assert column in frame.columns, column
     assert (frame["device"] == "cuda").sum() == 1  # the earlier row from another device is kept
-    assert set(frame[frame["device"] == "cpu"]["device_name"]) == {device_name("cpu")}
+    assert set(frame["device"]) == {"cuda", device_label("cpu")}
     ok = frame[frame["status"] == "ok"]
     assert set(ok["variant"]) == {"cca_naive", "cca_einsum"} and set(ok["pass"]) == set(bench.PASSES)
     assert (ok["milliseconds"].astype(float) > 0).all() and (ok["peak_memory_mb"].astype(float) > 0).all()

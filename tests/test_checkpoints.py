@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models.checkpoints import detect_source, export_state_dict, load_checkpoint, save_checkpoint
+from models.checkpoints import detect_source, export_state_dict, load_checkpoint
 from models.resnet import ResNet
+from repro.io import save_checkpoint
 
 BLOCKS_R50 = (3, 4, 6, 3)
 

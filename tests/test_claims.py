@@ -8,26 +8,25 @@ import pandas as pd
 import pytest
 import torch
 
-from ops.non_local import NonLocal2d
-from repro.claims import (
+from models.context import RecurrentContext
+from repro.claims import main
+from repro.measure.claims import (
     COLUMNS,
-    METHOD_FAKE,
-    Variant,
+    METHOD_FAKE_MEMORY,
     counter_module_flops,
     estimated_step_bytes,
     flop_rows,
     fvcore_module_macs,
-    main,
     measured_step_bytes,
     memory_rows,
 )
-from repro.context_variants import HeadSplitNonLocal, RecurrentContext
+from repro.measure.variants import ContextVariant
 
 
 def test_reported_flops_at_97():
     """R=2 criss-cross about 16.5 GFLOPs and non-local 108.16 GFLOPs on 1x512x97x97 (FLOPs = 2 x MACs)."""
-    criss_cross = 2 * fvcore_module_macs(Variant("criss_cross_naive", 2), size=97) / 1e9
-    non_local = counter_module_flops(Variant("non_local_naive"), size=97) / 1e9
+    criss_cross = 2 * fvcore_module_macs(ContextVariant("cca_naive", 2), size=97) / 1e9
+    non_local = counter_module_flops(ContextVariant("non_local_naive"), size=97) / 1e9
     assert criss_cross == pytest.approx(16.5, rel=0.02)
     assert non_local == pytest.approx(108.16, rel=0.02)
     assert 1 - criss_cross / non_local == pytest.approx(0.85, abs=0.01)
@@ -35,44 +34,27 @@ def test_reported_flops_at_97():
 
 def test_reported_memory_ratio_at_97_is_not_11x_for_a_training_step():
     """The finding: the fp32 training-step ratio of naive non-local over R=2 is ~5.8x at 97x97, not 11x."""
-    criss_cross = estimated_step_bytes(Variant("criss_cross_naive", 2), size=97)
-    non_local = estimated_step_bytes(Variant("non_local_naive"), size=97)
+    criss_cross = estimated_step_bytes(ContextVariant("cca_naive", 2), size=97)
+    non_local = estimated_step_bytes(ContextVariant("non_local_naive"), size=97)
     assert 5.0 < non_local / criss_cross < 7.0
-
-
-def test_head_split_non_local_equals_non_local():
-    torch.manual_seed(0)
-    naive = NonLocal2d(16, qk_channels=4)
-    split = HeadSplitNonLocal(16, qk_channels=4)
-    split.load_state_dict(naive.state_dict())
-    with torch.no_grad():
-        naive.gamma.fill_(0.7)
-        split.gamma.fill_(0.7)
-    x = torch.randn(2, 16, 5, 7)
-    torch.testing.assert_close(split(x), naive(x), rtol=1e-5, atol=1e-5)
-
-
-def test_head_split_non_local_needs_divisible_channels():
-    with pytest.raises(ValueError, match="divisible"):
-        HeadSplitNonLocal(10, qk_channels=4)
 
 
 def test_variant_validation():
     with pytest.raises(ValueError, match="unknown context variant"):
-        Variant("criss_cross_fast")
+        ContextVariant("cca_fast")
     with pytest.raises(ValueError, match="no recurrence"):
-        Variant("non_local_naive", 2)
+        ContextVariant("non_local_naive", 2)
     with pytest.raises(ValueError, match="recurrence"):
         RecurrentContext(torch.nn.Identity(), recurrence=0)
 
 
 def test_recurrent_context_shares_weights():
-    module = Variant("criss_cross_naive", 3).build(channels=8, qk_channels=2)
-    single = Variant("criss_cross_naive", 1).build(channels=8, qk_channels=2)
+    module = ContextVariant("cca_naive", 3).build(channels=8, qk_channels=2)
+    single = ContextVariant("cca_naive", 1).build(channels=8, qk_channels=2)
     assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in single.parameters())
 
 
-@pytest.mark.parametrize("variant", [Variant("criss_cross_naive", 2), Variant("non_local_naive")])
+@pytest.mark.parametrize("variant", [ContextVariant("cca_naive", 2), ContextVariant("non_local_naive")])
 def test_small_memory_estimate_matches_allocator(variant):
     """Neither the naive criss-cross backend nor the naive non-local allocates behind the dispatcher."""
     real, method = measured_step_bytes(variant, size=9, device=torch.device("cpu"), channels=32, qk_channels=8)
@@ -84,15 +66,15 @@ def test_small_memory_estimate_matches_allocator(variant):
 def test_triton_estimate_drops_the_attention_map():
     """The fused backend saves q, k, v, out and a (B, H, W) LSE instead of the (B, H, W, H + W) map."""
     pytest.importorskip("ops.cca_triton")
-    naive = estimated_step_bytes(Variant("criss_cross_naive", 1), size=17, channels=32, qk_channels=8)
-    fused = estimated_step_bytes(Variant("criss_cross_triton", 1), size=17, channels=32, qk_channels=8)
+    naive = estimated_step_bytes(ContextVariant("cca_naive", 1), size=17, channels=32, qk_channels=8)
+    fused = estimated_step_bytes(ContextVariant("cca_triton", 1), size=17, channels=32, qk_channels=8)
     assert fused < naive
 
 
 def test_memory_grows_faster_for_non_local():
     def ratio(size: int) -> float:
-        return (estimated_step_bytes(Variant("non_local_naive"), size=size)
-                / estimated_step_bytes(Variant("criss_cross_naive", 2), size=size))
+        return (estimated_step_bytes(ContextVariant("non_local_naive"), size=size)
+                / estimated_step_bytes(ContextVariant("cca_naive", 2), size=size))
 
     assert ratio(33) < ratio(65) < ratio(129)
 
@@ -103,11 +85,11 @@ def test_small_rows_have_methods_and_reported_values():
     assert all(row["method"] for row in rows)
     flop_methods = {row["method"] for row in rows if row["claim"] == "flops"}
     assert len(flop_methods) == 3
-    triton = [row for row in rows if row["variant"] == "criss_cross_triton"]
+    triton = [row for row in rows if row["variant"] == "cca_triton"]
     not_run = [row for row in triton if row["method"].startswith("not run")]
     assert not_run and all(math.isnan(row["value"]) for row in not_run)
-    # conftest switches the interpreter on, so the custom op's fake implementation is traced.
-    estimated = [row for row in triton if row["method"] == METHOD_FAKE]
+    # With triton installed the custom op's fake implementation is traced (no kernel runs).
+    estimated = [row for row in triton if row["method"] == METHOD_FAKE_MEMORY]
     assert estimated and all(row["value"] > 0 for row in estimated)
     # Reported values belong to 97x97 only.
     assert all(row["reported_value"] == "" for row in rows)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import models
-from repro.config import ConfigError, load_config, model_kwargs, with_overrides
+from repro.engine.config import ConfigError, load_config, model_kwargs, with_overrides
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 CONFIGS = sorted(EXPERIMENTS.glob("*.yaml"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from repro.config import load_config, with_overrides
-from repro.data import (
+from repro.engine.config import load_config, with_overrides
+from repro.engine.data import (
     DatasetNotFoundError,
     ade20k,
     build_dataset,
@@ -20,15 +20,15 @@ from repro.data import (
     voc,
     write_fake_dataset,
 )
-from repro.data.transforms import (
+from repro.engine.data.transforms import (
     EvalTransform,
     TrainTransform,
     keep_ratio_size,
     normalise,
     photometric_distortion,
 )
-from repro.distributed import StepBatchSampler
-from repro.run import main
+from repro.engine.distributed import StepBatchSampler
+from repro.engine.runner import main
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

@@ -1,4 +1,4 @@
-"""A 2-process DDP smoke run on CPU with the gloo backend (torchrun; `repro.train` checks at the end that
+"""A 2-process DDP smoke run on CPU with the gloo backend (torchrun; `repro.engine.train` checks at the end that
 the ranks hold identical parameters, so unsynchronised gradients fail the run), and the process-group
 helpers."""
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from repro.distributed import DistContext, init_distributed, shard, wrap_model
+from repro.engine.distributed import DistContext, init_distributed, shard, wrap_model
+from repro.vocabulary import device_label
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def test_two_process_gloo_smoke_run(tmp_path):
     with (out / "miou.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     # Only rank 0 writes: one row per metric, one log line per step.
-    assert [row["metric"] for row in rows] == ["mIoU"] and rows[0]["device"] == "cpu x2"
+    assert [row["metric"] for row in rows] == ["mIoU"] and rows[0]["device"] == device_label("cpu", processes=2)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log if record["event"] == "train"] == [1, 2]
     assert [record["metric"] for record in log if record["event"] == "eval"] == ["mIoU"]

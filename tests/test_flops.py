@@ -1,4 +1,4 @@
-"""repro.flops: fvcore with attention handles equals the analytic model exactly; nothing carrying work is
+"""repro.measure.flops: fvcore with attention handles equals the analytic model exactly; nothing carrying work is
 skipped silently; FlopCounterMode under FakeTensorMode agrees up to the naive backend's masked diagonal."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ops.cost import criss_cross_module_cost, non_local_module_cost
-from repro.context_variants import Variant
-from repro.flops import (
+from repro.measure.flops import (
     CRISS_CROSS_NAIVE_OP,
     SDPA_OP,
     SkippedWorkError,
@@ -17,11 +16,12 @@ from repro.flops import (
     fvcore_handles,
     fvcore_macs,
 )
+from repro.measure.variants import ContextVariant
 
 BATCH, CHANNELS, QK, HEIGHT, WIDTH = 2, 16, 4, 7, 5  # non-square, odd: breaks row/column mix-ups
 
 
-def _fvcore(variant: Variant) -> int:
+def _fvcore(variant: ContextVariant) -> int:
     torch.manual_seed(0)
     module = variant.build(channels=CHANNELS, qk_channels=QK)
     with torch.no_grad():
@@ -31,16 +31,16 @@ def _fvcore(variant: Variant) -> int:
 @pytest.mark.parametrize("recurrence", [1, 2, 3])
 def test_fvcore_criss_cross_equals_analytic(recurrence):
     expected = criss_cross_module_cost(BATCH, CHANNELS, QK, HEIGHT, WIDTH, recurrence=recurrence).macs
-    assert _fvcore(Variant("criss_cross_naive", recurrence)) == expected
+    assert _fvcore(ContextVariant("cca_naive", recurrence)) == expected
 
 
 @pytest.mark.parametrize("name", ["non_local_naive", "non_local_sdpa"])
 def test_fvcore_non_local_equals_analytic(name):
-    assert _fvcore(Variant(name)) == non_local_module_cost(BATCH, CHANNELS, QK, HEIGHT, WIDTH).macs
+    assert _fvcore(ContextVariant(name)) == non_local_module_cost(BATCH, CHANNELS, QK, HEIGHT, WIDTH).macs
 
 
 def test_fvcore_head_split_non_local_counts_energies_per_head():
-    variant = Variant("non_local_sdpa_heads")
+    variant = ContextVariant("non_local_sdpa_heads")
     expected = variant.analytic_macs(batch=BATCH, channels=CHANNELS, qk_channels=QK, height=HEIGHT, width=WIDTH)
     heads, pixels = CHANNELS // QK, HEIGHT * WIDTH
     # Energies once per head (heads x Cqk) plus the aggregation of all C value channels.
@@ -52,8 +52,8 @@ def test_fvcore_head_split_non_local_counts_energies_per_head():
 def test_fvcore_attention_ops_go_through_handles():
     torch.manual_seed(0)
     x = torch.randn(1, CHANNELS, HEIGHT, WIDTH)
-    cc = fvcore_macs(Variant("criss_cross_naive", 1).build(channels=CHANNELS, qk_channels=QK), (x,))
-    sdpa = fvcore_macs(Variant("non_local_sdpa").build(channels=CHANNELS, qk_channels=QK), (x,))
+    cc = fvcore_macs(ContextVariant("cca_naive", 1).build(channels=CHANNELS, qk_channels=QK), (x,))
+    sdpa = fvcore_macs(ContextVariant("non_local_sdpa").build(channels=CHANNELS, qk_channels=QK), (x,))
     assert cc.by_operator[CRISS_CROSS_NAIVE_OP.split("::", 1)[1]] > 0
     assert sdpa.by_operator[SDPA_OP.split("::", 1)[1]] > 0
     # Only work-free ops were skipped, and they were recorded.
@@ -78,7 +78,7 @@ def test_fvcore_macs_rejects_non_tuple_inputs():
 
 @pytest.mark.parametrize("recurrence", [1, 2])
 def test_flop_counter_sees_the_masked_diagonal(recurrence):
-    variant = Variant("criss_cross_naive", recurrence)
+    variant = ContextVariant("cca_naive", recurrence)
     counted = flop_counter_flops(lambda: variant.build(channels=CHANNELS, qk_channels=QK),
                                  [(BATCH, CHANNELS, HEIGHT, WIDTH)])
     analytic = criss_cross_module_cost(BATCH, CHANNELS, QK, HEIGHT, WIDTH, recurrence=recurrence).macs
@@ -89,7 +89,7 @@ def test_flop_counter_sees_the_masked_diagonal(recurrence):
 
 @pytest.mark.parametrize("name", ["non_local_naive", "non_local_sdpa", "non_local_sdpa_heads"])
 def test_flop_counter_non_local_equals_analytic(name):
-    variant = Variant(name)
+    variant = ContextVariant(name)
     counted = flop_counter_flops(lambda: variant.build(channels=CHANNELS, qk_channels=QK),
                                  [(BATCH, CHANNELS, HEIGHT, WIDTH)])
     expected = variant.analytic_macs(batch=BATCH, channels=CHANNELS, qk_channels=QK, height=HEIGHT, width=WIDTH)

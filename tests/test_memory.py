@@ -1,4 +1,4 @@
-"""repro.memory: the allocator peak (profiler) and the FakeTensorMode + MemTracker estimate agree on steps
+"""repro.measure.memory: the allocator peak (profiler) and the FakeTensorMode + MemTracker estimate agree on steps
 without kernel-internal buffers, and the estimate allocates nothing real."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from repro.memory import cpu_peak_bytes, fake_peak_bytes
+from repro.measure.memory import cpu_peak_bytes, fake_peak_bytes
 
 FLOAT = 4
 

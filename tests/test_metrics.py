@@ -11,11 +11,11 @@ import torch
 from cityscapesscripts.helpers.labels import trainId2label
 from torch import nn
 
-from repro.config import EvalConfig, load_config, model_kwargs, with_overrides
-from repro.data import build_dataset, cityscapes, write_fake_dataset
-from repro.distributed import init_distributed
-from repro.evaluate import evaluate
-from repro.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from repro.engine.config import EvalConfig, load_config, model_kwargs, with_overrides
+from repro.engine.data import build_dataset, cityscapes, write_fake_dataset
+from repro.engine.distributed import init_distributed
+from repro.engine.evaluate import evaluate
+from repro.engine.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
 
 def test_confusion_and_iou_by_hand():
@@ -93,7 +93,7 @@ def test_run_cli_predictions_match_official_evaluator(tmp_path, monkeypatch):
     import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as official
 
     import models
-    from repro.run import main
+    from repro.engine.runner import main
 
     overrides = [
         f"data.root={tmp_path / 'cs'}",

@@ -83,9 +83,26 @@ def test_module_naive_and_sdpa_same_result_and_gradients():
 def test_module_defaults_and_errors():
     module = NonLocal2d(64)
     assert module.query_conv.out_channels == 8 and module.gamma.item() == 0.0
-    with pytest.raises(ValueError, match=r"unknown non-local impl 'flash'.*\('naive', 'sdpa'\)"):
+    with pytest.raises(ValueError, match=r"unknown non-local impl 'flash'.*\('naive', 'sdpa', 'sdpa_heads'\)"):
         NonLocal2d(8, impl="flash")
     with pytest.raises(ValueError, match=r"expects \(B, 8, H, W\)"):
         NonLocal2d(8)(torch.randn(1, 4, 3, 3))
     with pytest.raises(ValueError, match="rank 4"):
         non_local_attention(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+
+
+def test_head_split_non_local_equals_non_local():
+    torch.manual_seed(0)
+    naive = NonLocal2d(16, qk_channels=4)
+    split = NonLocal2d(16, qk_channels=4, impl="sdpa_heads")
+    split.load_state_dict(naive.state_dict())
+    with torch.no_grad():
+        naive.gamma.fill_(0.7)
+        split.gamma.fill_(0.7)
+    x = torch.randn(2, 16, 5, 7)
+    torch.testing.assert_close(split(x), naive(x), rtol=1e-5, atol=1e-5)
+
+
+def test_head_split_non_local_needs_divisible_channels():
+    with pytest.raises(ValueError, match="divisible"):
+        NonLocal2d(10, qk_channels=4, impl="sdpa_heads")

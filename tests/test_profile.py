@@ -12,9 +12,9 @@ import yaml
 from torch import nn
 
 from ops.cost import criss_cross_module_cost
-from repro.config import ConfigError, load_config, with_overrides
-from repro.flops import fvcore_macs
-from repro.profile import (
+from repro.engine.config import ConfigError, load_config, with_overrides
+from repro.measure.flops import fvcore_macs
+from repro.measure.profile import (
     COLUMNS,
     build_model,
     counter_flops,

@@ -3,7 +3,8 @@
 import pandas as pd
 import pytest
 
-from repro.report import build_report, load_reported, main, markdown_table, write_report
+from repro.pipeline.report import build_report, load_reported, main, markdown_table, write_report
+from tests.configs import write_config
 
 
 def _write(path, rows):
@@ -91,7 +92,7 @@ def results(tmp_path):
                 "backbone": "r101",
                 "crop": "769",
                 "schedule": "60k",
-                "metric": "miou",
+                "metric": "mIoU",
                 "reported": 79.8,
                 "measured": 70.0,
                 "delta": -9.8,
@@ -105,7 +106,7 @@ def results(tmp_path):
                 "backbone": "r101",
                 "crop": "769",
                 "schedule": "60k",
-                "metric": "miou",
+                "metric": "mIoU",
                 "reported": 79.8,
                 "measured": 79.5,
                 "delta": -0.3,
@@ -151,11 +152,8 @@ def results(tmp_path):
     )
     experiments = tmp_path / "experiments"
     experiments.mkdir()
-    (experiments / "city_r2.yaml").write_text(
-        "dataset: cityscapes\nreported:\n  miou: 79.8\n  ms_flip_miou: 81.3\n"
-        "source: {document: paper, table: 4}\n"
-    )
-    (experiments / "ade_r2.yaml").write_text("dataset: {name: ade20k}\nreported: {miou: 45.2, fps: 9.0}\n")
+    write_config(experiments, "city_r2", reported={"mIoU": 79.8, "mIoU_ms_flip": 81.3})
+    write_config(experiments, "ade_r2", base="mmseg_ade20k_r50_d8_512x512_80k", reported={"mIoU": 45.2, "fps": 9.0})
     return out, experiments
 
 
@@ -172,11 +170,11 @@ def test_report_has_every_section_from_the_csvs(results):
     assert "16.54" in text and "1.002" in text  # claim measured and measured/reported
     assert "2 rows in `claims.csv`" in text
     # Latest measurement wins; the row without data says why.
-    city = next(line for line in text.splitlines() if line.startswith("| city_r2 | cityscapes | miou"))
+    city = next(line for line in text.splitlines() if line.startswith("| city_r2 | cityscapes | mIoU |"))
     assert "79.5" in city and "-0.3" in city and "measured" in city
-    ade = next(line for line in text.splitlines() if line.startswith("| ade_r2 | ade20k | miou"))
+    ade = next(line for line in text.splitlines() if line.startswith("| ade_r2 | ade20k | mIoU |"))
     assert "45.2" in ade and "dataset not present" in ade
-    flip = next(line for line in text.splitlines() if "ms_flip_miou" in line)
+    flip = next(line for line in text.splitlines() if "mIoU_ms_flip" in line)
     assert "81.3" in flip and "not run" not in flip
     # Synthetic summary: mean over two seeds per variant.
     r2 = next(line for line in text.splitlines() if line.startswith("| R2 | 600 |"))
@@ -216,8 +214,9 @@ def test_missing_results_folder_is_a_clear_error(tmp_path):
 
 def test_bad_inputs_name_the_file(results, tmp_path):
     out, experiments = results
-    (experiments / "bad.yaml").write_text("reported: [79.8]\n")
-    with pytest.raises(ValueError, match="bad.yaml"):
+    bad = write_config(experiments, "bad")
+    bad.write_text(bad.read_text().replace("reported:\n  mIoU: 79.74", "reported: [79.8]"))
+    with pytest.raises(ValueError, match="bad.yaml: reported"):
         load_reported(experiments)
     (experiments / "bad.yaml").unlink()
     pd.DataFrame({"claim": ["x"]}).to_csv(out / "claims.csv", index=False)

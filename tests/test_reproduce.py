@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from repro.reproduce import PROFILE_CHUNK, Pipeline, Step, build_steps, main
+from repro.pipeline.reproduce import PROFILE_CHUNK, Pipeline, Step, build_steps, main
+from tests.configs import write_config
 
 # A stand-in interpreter: answers for the steps built in parallel (claims, profile, run) so these tests do
 # not depend on them, and hands everything else to the real Python.
@@ -75,32 +76,32 @@ def test_finished_steps_are_not_redone_unless_forced(tmp_path):
 def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
     results, experiments = tmp_path / "results", tmp_path / "experiments"
     experiments.mkdir()
-    (experiments / "a_present.yaml").write_text("name: alpha\n# present\nreported: {miou: 70.0}\n")
-    (experiments / "b_absent.yaml").write_text("reported: {miou: 80.0}\n")
-    (experiments / "c_crash.yaml").write_text("# present crash\nreported: {miou: 60.0}\n")
+    write_config(experiments, "alpha", comment="present", reported={"mIoU": 70.0})
+    write_config(experiments, "b_absent", reported={"mIoU": 80.0})
+    crash = write_config(experiments, "c_fails", comment="present crash", reported={"mIoU": 60.0})
     python = _fake_python(tmp_path)
     argv = ["--results", str(results), "--experiments", str(experiments), "--skip", "synthetic",
             "--python", python]
     assert main(argv) == 1
     experiments_status = pd.read_csv(results / "experiments_status.csv")
     assert dict(zip(experiments_status["experiment"], experiments_status["status"], strict=True)) == {
-        "alpha": "measured", "b_absent": "dataset not present", "c_crash": "run failed",
+        "alpha": "measured", "b_absent": "dataset not present", "c_fails": "run failed",
     }
     assert "dataset not found at /nowhere (set DATASET_ROOT)" == experiments_status.set_index(
         "experiment").loc["b_absent", "detail"]
     status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
     assert status.loc["claims", "status"] == "done"
     assert status.loc["profile-01-of-01", "status"] == "done"
-    assert status.loc["run-c_crash", "status"] == "failed"
+    assert status.loc["run-c_fails", "status"] == "failed"
     assert status.loc["report", "status"] == "done"  # the report still ran after the failure
     report = (results / "REPORT.md").read_text()
     assert "dataset not present" in report and "b_absent" in report
     # Rerun: stamped steps are skipped, the failed one is tried again.
-    (experiments / "c_crash.yaml").write_text("# present\nreported: {miou: 60.0}\n")
+    crash.write_text(crash.read_text().replace("# present crash", "# present"))
     assert main(argv) == 0
     status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
     assert status.loc["claims", "status"] == "done (earlier run)"
-    assert status.loc["run-c_crash", "status"] == "done"
+    assert status.loc["run-c_fails", "status"] == "done"
 
 
 def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):

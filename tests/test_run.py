@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.config import load_config
+from repro.engine.config import load_config
+from repro.engine.runner import RESULT_COLUMNS, main
 from repro.io import append_csv_rows, atomic_write_text, read_csv_rows
-from repro.run import RESULT_COLUMNS, main
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 CONFIGS = sorted(EXPERIMENTS.glob("*.yaml"))
@@ -74,7 +74,7 @@ def test_cli_errors(tmp_path, capsys):
         main([str(config), "--eval-only"])  # needs --checkpoint
     # Missing ImageNet weights are reported before anything is trained.
     root = tmp_path / "cs"
-    from repro.data import cityscapes
+    from repro.engine.data import cityscapes
 
     for split in ("train", "val"):
         cityscapes.write_fake(root, split=split, count=1, size_hw=(8, 8), seed=0)

@@ -4,10 +4,19 @@ import pandas as pd
 import pytest
 import torch
 
+from models.synthetic import VARIANTS, SyntheticSegmenter, receptive_radius_cells
 from ops.cost import criss_cross_module_cost, non_local_module_cost
 from ops.criss_cross import criss_cross_attention
-from repro.attention_reach import criss_cross_map, effective_maps, loop_maps, plot_attention_reach
-from repro.data.synthetic import (
+from repro.synthetic.ablation import (
+    TrainSettings,
+    count_flops,
+    mean_iou,
+    object_accuracy,
+    object_accuracy_by_class,
+    plot_ablation,
+    run_ablation,
+)
+from repro.synthetic.data import (
     IGNORE_INDEX,
     MARKER_COLOURS,
     RECT_COLOURS,
@@ -15,18 +24,7 @@ from repro.data.synthetic import (
     generate,
     object_classes,
 )
-from repro.synthetic import (
-    VARIANTS,
-    SyntheticSegmenter,
-    TrainSettings,
-    count_flops,
-    mean_iou,
-    object_accuracy,
-    object_accuracy_by_class,
-    plot_ablation,
-    receptive_radius_cells,
-    run_ablation,
-)
+from repro.synthetic.reach import criss_cross_map, effective_maps, loop_maps, plot_attention_reach
 
 TASK = MarkerTask()
 

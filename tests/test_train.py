@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.config import load_config, with_overrides
-from repro.data import write_fake_dataset
-from repro.distributed import init_distributed
-from repro.train import LAST_CHECKPOINT, poly_lr, train
+from repro.engine.config import load_config, with_overrides
+from repro.engine.data import write_fake_dataset
+from repro.engine.distributed import init_distributed
+from repro.engine.train import LAST_CHECKPOINT, poly_lr, train
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

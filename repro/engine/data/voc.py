@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from repro.data.base import not_found, random_image, resolve_root
+from repro.engine.data.base import not_found, random_image, resolve_root
 
 ENV_VAR = "VOC_DATASET"
 NUM_CLASSES = 21

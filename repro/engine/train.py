@@ -3,7 +3,7 @@ that resume exactly, a rich progress bar and a JSON-lines log.
 
 Exact resume: a checkpoint holds the model, optimizer and grad-scaler states, the step, and the torch /
 CUDA / NumPy / Python RNG states (dropout draws from torch's). The data a step sees depends only on the
-step (`repro.distributed.StepBatchSampler`) and the DataLoader gets its own generator, so a run interrupted
+step (`repro.engine.distributed.StepBatchSampler`) and the DataLoader gets its own generator, so a run interrupted
 after step s and resumed ends with the same weights as one that never stopped (checked on CPU).
 """
 
@@ -23,9 +23,9 @@ from torch import nn
 
 import models
 from models.losses import CrossEntropy, OHEMCrossEntropy, SegLoss
-from repro.config import ExperimentConfig, TrainConfig, model_kwargs
-from repro.data import build_dataset
-from repro.distributed import DistContext, StepBatchSampler, unwrap, wrap_model
+from repro.engine.config import ExperimentConfig, TrainConfig, model_kwargs
+from repro.engine.data import build_dataset
+from repro.engine.distributed import DistContext, StepBatchSampler, unwrap, wrap_model
 from repro.io import append_jsonl, atomic_torch_save
 
 LAST_CHECKPOINT = "checkpoint_last.pt"

@@ -17,10 +17,10 @@ from rich.progress import Progress
 from torch import nn
 
 from models.inference import predict_multiscale, predict_slide, predict_whole
-from repro.config import EvalConfig
-from repro.data.base import SegmentationFiles
-from repro.distributed import DistContext, all_reduce_sum, shard
-from repro.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from repro.engine.config import EvalConfig
+from repro.engine.data.base import SegmentationFiles
+from repro.engine.distributed import DistContext, all_reduce_sum, shard
+from repro.engine.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Two independent counters:
 
 * `fvcore_macs(model, inputs)`: fvcore's `FlopCountAnalysis` on the real module (a JIT trace of the
   forward), with handles for the attention ops fvcore does not know: the naive criss-cross autograd
-  Function (traced as `prim::PythonOp._CrissCrossNaive`), the Triton custom op (`ccrepro::cca_triton_forward`,
+  Function (traced as `prim::PythonOp.CrissCrossNaiveFunction`), the Triton custom op (`ccrepro::cca_triton_forward`,
   when that backend is present) and `aten::scaled_dot_product_attention`; normalisation, upsampling and
   pooling count 0 (no multiply-accumulates, as in the paper and FlopCounterMode). fvcore counts one
   multiply-accumulate (MAC) as one "flop"; after the trace, every op fvcore skipped must be in
@@ -33,9 +33,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, bmm_flop, sdpa_flop_count
 
+from ops.cca_naive import CrissCrossNaiveFunction
 from ops.cost import criss_cross_attention_cost
 
-CRISS_CROSS_NAIVE_OP = "prim::PythonOp._CrissCrossNaive"
+# How torch.jit traces the naive backend's autograd Function (fvcore sees the trace).
+CRISS_CROSS_NAIVE_OP = f"prim::PythonOp.{CrissCrossNaiveFunction.__name__}"
 # The Triton backend's forward custom op (see ops/cca_triton.py); registered whether or not it exists, a
 # handle for an op that never appears in a trace costs nothing.
 CRISS_CROSS_TRITON_OPS = ("ccrepro::cca_triton_forward",)
@@ -147,7 +149,7 @@ def fvcore_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> MacCount:
     if carrying:
         raise SkippedWorkError(
             f"fvcore skipped ops that may carry multiply-accumulates: {carrying}; register a handle in "
-            "repro.flops.fvcore_handles or, if they carry none, add them to MAC_FREE_OPS"
+            "repro.measure.flops.fvcore_handles or, if they carry none, add them to MAC_FREE_OPS"
         )
     return MacCount(macs=int(total), by_module=by_module, by_operator=by_operator, skipped=skipped)
 

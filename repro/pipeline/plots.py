@@ -11,39 +11,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from repro.claims import METHOD_ANALYTIC, METHOD_FAKE, METHOD_FVCORE  # noqa: E402
-from repro.io import atomic_savefig  # noqa: E402
-
-# Legend names of the methods (the CSV keeps the full description).
-SHORT_METHODS = {
-    "analytic": "analytic", "fvcore": "fvcore", "torch.utils.flop_counter": "FlopCounterMode",
-    "FakeTensorMode": "fake-mode estimate", "torch.profiler": "measured (profiler)",
-    "torch.cuda": "measured (CUDA)",
-}
-
-
-def _short(method: str) -> str:
-    return next((name for prefix, name in SHORT_METHODS.items() if method.startswith(prefix)), method)
+from repro.io import atomic_savefig
+from repro.measure.steps import METHOD_ANALYTIC, METHOD_FAKE_MEMORY, METHOD_FVCORE
+from repro.measure.steps import short_method as _short
+from repro.vocabulary import OP_VARIANTS, variant_label
 
 
 def _label(row: pd.Series) -> str:
-    return f"{row.variant} R={row.recurrence}" if row.variant.startswith("criss_cross") else row.variant
+    return variant_label(row.variant, row.recurrence) if row.variant in OP_VARIANTS else row.variant
 
 
-def _save(figure: plt.Figure, path: Path) -> None:
-    try:
-        atomic_savefig(figure, path, dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(figure)
+def _save(figure: Figure, path: Path) -> None:
+    atomic_savefig(figure, path, dpi=120, bbox_inches="tight")
 
 
-def _panel(axes: plt.Axes, frame: pd.DataFrame, *, line_method: str, unit: str, title: str) -> None:
+def _panel(axes: Axes, frame: pd.DataFrame, *, line_method: str, unit: str, title: str) -> None:
     frame = frame.assign(pixels=frame.height * frame.width, label=frame.apply(_label, axis=1))
     colours: dict[str, str] = {}
     for label, group in frame[frame.method == line_method].groupby("label", sort=False):
@@ -83,15 +69,17 @@ def plot_claims(csv_path: Path, out_dir: Path) -> list[Path]:
     memory = frame[(frame.claim == "memory") & (frame.metric == "train_step_peak_extra")]
     forward = frame[(frame.claim == "memory") & (frame.metric == "forward_peak_extra")]
     paths = []
-    figure, axes = plt.subplots(figsize=(9, 6.5))
+    figure = Figure(figsize=(9, 6.5))
+    axes = figure.subplots()
     _panel(axes, flops, line_method=METHOD_ANALYTIC, unit="forward GFLOPs (2 x multiply-accumulates)",
            title="Context module FLOPs, B=1, C=512, Cqk=64: criss-cross ~ HW(H+W), non-local ~ (HW)^2")
     paths.append(out_dir / "claims_flops.png")
     _save(figure, paths[-1])
-    figure, (train_axes, forward_axes) = plt.subplots(1, 2, figsize=(16, 6.5))
-    _panel(train_axes, memory, line_method=METHOD_FAKE, unit="peak beyond the input (MiB; paper: MB)",
+    figure = Figure(figsize=(16, 6.5))
+    train_axes, forward_axes = figure.subplots(1, 2)
+    _panel(train_axes, memory, line_method=METHOD_FAKE_MEMORY, unit="peak beyond the input (MiB; paper: MB)",
            title="Training step (forward + backward), B=1, C=512, Cqk=64, fp32")
-    _panel(forward_axes, forward, line_method=METHOD_FAKE, unit="peak beyond the input (MiB; paper: MB)",
+    _panel(forward_axes, forward, line_method=METHOD_FAKE_MEMORY, unit="peak beyond the input (MiB; paper: MB)",
            title="Forward only (no autograd), same modules")
     paths.append(out_dir / "claims_memory.png")
     _save(figure, paths[-1])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from repro.data.base import not_found, random_image, resolve_root, write_png
+from repro.engine.data.base import not_found, random_image, resolve_root, write_png
 
 ENV_VAR = "ADE20K_DATASET"
 NUM_CLASSES = 150

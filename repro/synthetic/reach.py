@@ -17,9 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-from repro.data.synthetic import IGNORE_INDEX, MarkerTask, generate
+from models.synthetic import SyntheticSegmenter
 from repro.io import atomic_savefig, write_csv_atomic
+from repro.synthetic.ablation import VAL_SEED, checkpoint_path
+from repro.synthetic.data import IGNORE_INDEX, MarkerTask, generate
 
 
 def criss_cross_map(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -66,8 +70,6 @@ def effective_maps(maps: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _checkpoint_for(out: Path, steps: int, seeds: tuple[int, ...]) -> tuple[Path, int]:
-    from repro.synthetic import checkpoint_path
-
     for seed in sorted(seeds):
         path = checkpoint_path(out, "R2", seed, steps)
         if path.exists():
@@ -82,13 +84,6 @@ def plot_attention_reach(
     *, out: Path, steps: int, seeds: tuple[int, ...], task: MarkerTask | None = None
 ) -> Path:
     """Draw the figure for the R=2 model of the lowest seed; returns the PNG path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from repro.synthetic import VAL_SEED, SyntheticSegmenter
-
     task = MarkerTask() if task is None else task
     path, seed = _checkpoint_for(out, steps, seeds)
     model = SyntheticSegmenter(variant="R2", num_classes=task.num_classes)
@@ -104,7 +99,8 @@ def plot_attention_reach(
     grids = [m[0, pixel].reshape(task.grid, task.grid) for m in composed]
     shares = [float(m[0, pixel][marker].sum()) for m in composed]
 
-    figure, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    figure = Figure(figsize=(12, 4.2))
+    axes = figure.subplots(1, 3)
     extent = (-0.5, task.grid - 0.5, task.grid - 0.5, -0.5)
     axes[0].imshow(images[0].permute(1, 2, 0).clamp(0, 1).numpy(), extent=extent)
     axes[0].set_title("input (x: chosen pixel)\nmarker colour = class")
@@ -117,17 +113,14 @@ def plot_attention_reach(
         marker_cells = torch.nonzero(cells == IGNORE_INDEX)
         top, left = (int(v) for v in marker_cells.min(0).values)
         size = task.marker_cells
-        axis.add_patch(plt.Rectangle((left - 0.5, top - 0.5), size, size, fill=False, color="lime", lw=1.5))
+        axis.add_patch(Rectangle((left - 0.5, top - 0.5), size, size, fill=False, color="lime", lw=1.5))
         axis.set_xticks([])
         axis.set_yticks([])
     figure.suptitle(f"Criss-cross attention reach, trained R=2 model (seed {seed}, {steps} steps), "
                     "marker outlined in green")
     figure.tight_layout()
     png = out / "plots" / "attention_reach.png"
-    try:
-        atomic_savefig(figure, png, dpi=110)
-    finally:
-        plt.close(figure)
+    atomic_savefig(figure, png, dpi=110)
     write_csv_atomic(
         pd.DataFrame({
             "model": ["R2"] * 2, "seed": [seed] * 2, "steps": [steps] * 2, "pixel_row": [row] * 2,

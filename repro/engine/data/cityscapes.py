@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as _LABELS
 
-from repro.data.base import not_found, random_image, resolve_root, write_png
+from repro.engine.data.base import not_found, random_image, resolve_root, write_png
 
 ENV_VAR = "CITYSCAPES_DATASET"
 NUM_CLASSES = 19

@@ -12,10 +12,10 @@ from types import ModuleType
 
 import numpy as np
 
-from repro.config import DataConfig, EvalConfig
-from repro.data import ade20k, cityscapes, voc
-from repro.data.base import DatasetNotFoundError, SegmentationFiles
-from repro.data.transforms import EvalTransform, TrainTransform
+from repro.engine.config import DataConfig, EvalConfig
+from repro.engine.data import ade20k, cityscapes, voc
+from repro.engine.data.base import DatasetNotFoundError, SegmentationFiles
+from repro.engine.data.transforms import EvalTransform, TrainTransform
 
 __all__ = [
     "DatasetNotFoundError",

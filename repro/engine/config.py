@@ -69,7 +69,7 @@ class ModelConfig:
     head_channels: int = 512
     dropout: float = 0.1
     contract_dilation: bool = True
-    nonlocal_impl: Literal["naive", "sdpa"] = "naive"
+    nonlocal_impl: Literal["naive", "sdpa", "sdpa_heads"] = "naive"
     # mmsegmentation's auxiliary FCN head has 256 channels, the official code's and sssegmentation's 512.
     aux_channels: int = 256
     # Final bilinear upsampling: mmsegmentation False, the official code True.
@@ -358,15 +358,11 @@ def config_from_dict(raw: dict[str, Any], *, origin: str = "<dict>") -> Experime
         raise ConfigError(f"{origin}: {err.key}: {err}") from None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read, override and validate the experiment YAML at `path`.
-
-    `overrides` are `section.key=value` strings (values parsed as YAML, e.g. `data.crop_size=[65,65]`).
-    The experiment `name` must equal the file's stem, so results can always be traced to their file.
-    """
+def read_yaml_mapping(path: str | Path, *, what: str) -> dict[str, Any]:
+    """The top-level mapping of the YAML file at `path`; `what` names the kind of file in errors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"experiment config {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     with path.open(encoding="utf-8") as f:
         try:
             raw = yaml.safe_load(f)
@@ -374,6 +370,28 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_dataclass(path: str | Path, cls: type, *, what: str) -> Any:
+    """Read the YAML at `path` and validate it into the frozen dataclass `cls` with the same rules as an
+    experiment config: unknown keys, missing required keys, wrong types and bad values raise ConfigError
+    naming the file and the dotted key."""
+    raw = read_yaml_mapping(path, what=what)
+    try:
+        return _build(cls, raw)
+    except _FieldError as err:
+        raise ConfigError(f"{path}: {err.key}: {err}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read, override and validate the experiment YAML at `path`.
+
+    `overrides` are `section.key=value` strings (values parsed as YAML, e.g. `data.crop_size=[65,65]`).
+    The experiment `name` must equal the file's stem, so results can always be traced to their file.
+    """
+    path = Path(path)
+    raw = read_yaml_mapping(path, what="experiment config")
     for override in overrides:
         try:
             _apply_override(raw, override)
@@ -418,6 +436,8 @@ __all__ = [
     "DATASET_CLASSES",
     "REPORTED_KEYS",
     "load_config",
+    "load_dataclass",
+    "read_yaml_mapping",
     "model_kwargs",
     "with_overrides",
 ]

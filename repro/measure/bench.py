@@ -1,0 +1,286 @@
+"""Operator benchmarks: `python -m repro.bench [--quick] [--out results/ops_bench.csv]`.
+
+Times criss-cross attention (naive, the mmcv einsum form, Triton) and the non-local baseline (naive, SDPA)
+forward, backward and forward+backward, side by side in one run with the variants interleaved, and writes
+long-format rows to results/ops_bench.csv (earlier rows with other keys, e.g. from another device, are kept).
+
+CPU: wall time of single calls at a fixed thread count (recorded; default 1, because OpenMP
+oversubscription on small machines makes timings swing wildly), median over rounds. CUDA: `triton.testing.do_bench`.
+Peak memory is the allocator peak above the inputs (repro.measure.memory), GB/s and TFLOP/s come from the analytic
+cost model in `ops.cost` (minimum bytes a fused kernel moves; 2 x MACs), so they are comparable across
+implementations. The backward is driven by a random gradient (a `.sum()` would pass a stride-0 one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from ops import cost
+from ops.cca_naive import criss_cross_attention_einsum
+from ops.criss_cross import criss_cross_attention, triton_available
+from ops.non_local import non_local_attention
+from repro.io import upsert_csv
+from repro.measure.environment import versions
+from repro.measure.memory import peak_bytes
+from repro.vocabulary import device_label, op_variant
+
+PASSES = ("fwd", "bwd", "fwd+bwd")
+KEY = ["variant", "dtype", "batch", "channels", "qk_channels", "height", "width", "pass", "device"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class OpVariant:
+    """One implementation of an op, timed on (query, key, value); `name` is its `repro.vocabulary` variant."""
+
+    op: str
+    backend: str
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+    @property
+    def name(self) -> str:
+        return op_variant(self.op, self.backend)
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why this variant cannot be timed on `device`, or None."""
+        if self.backend == "triton":
+            if device.type != "cuda":
+                return "not measured: Triton kernels are timed on CUDA only (the CPU interpreter is a correctness tool)"
+            if not triton_available(device):
+                return "not measured: triton is not installed"
+        return None
+
+    def cost(self, batch: int, qk_channels: int, channels: int, height: int, width: int, itemsize: int, pass_: str):
+        fwd_fn = cost.criss_cross_attention_cost if self.op == "cca" else cost.non_local_attention_cost
+        forward = fwd_fn(batch, qk_channels, channels, height, width, itemsize=itemsize)
+        if self.op == "cca":
+            backward = cost.criss_cross_attention_backward_cost(batch, qk_channels, channels, height, width,
+                                                                itemsize=itemsize)
+        else:
+            backward = forward * 2
+        return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[pass_]
+
+
+VARIANTS = {
+    variant.name: variant
+    for variant in (
+        OpVariant("cca", "naive", lambda q, k, v: criss_cross_attention(q, k, v, backend="naive")),
+        OpVariant("cca", "einsum", criss_cross_attention_einsum),
+        OpVariant("cca", "triton", lambda q, k, v: criss_cross_attention(q, k, v, backend="triton")),
+        OpVariant("non_local", "naive", lambda q, k, v: non_local_attention(q, k, v, impl="naive")),
+        OpVariant("non_local", "sdpa", lambda q, k, v: non_local_attention(q, k, v, impl="sdpa")),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    channels: int
+    qk_channels: int
+    height: int
+    width: int
+
+
+def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def make(channels: int) -> torch.Tensor:
+        x = torch.randn(shape.batch, channels, shape.height, shape.width, generator=generator)
+        return x.to(device=device, dtype=dtype).requires_grad_(True)
+
+    query, key, value = make(shape.qk_channels), make(shape.qk_channels), make(shape.channels)
+    grad_out = torch.randn(shape.batch, shape.channels, shape.height, shape.width, generator=generator)
+    return (query, key, value), grad_out.to(device=device, dtype=dtype)
+
+
+def _pass_fn(variant: OpVariant, pass_: str, inputs, grad_out) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(setup, timed) closures for one pass; setup runs untimed before each timed call."""
+    state: dict[str, torch.Tensor] = {}
+    if pass_ == "fwd":
+        return (lambda: None), (lambda: variant.fn(*inputs))
+    if pass_ == "bwd":
+        def setup():
+            state["out"] = variant.fn(*inputs)
+
+        def timed():
+            grads = torch.autograd.grad(state.pop("out"), inputs, grad_out)
+            return grads
+        return setup, timed
+    return (lambda: None), (lambda: torch.autograd.grad(variant.fn(*inputs), inputs, grad_out))
+
+
+def _time_cpu(setup, timed) -> float:
+    # One call per measurement, rounds interleaved across variants. (torch.utils.benchmark.Timer.timeit runs
+    # two hidden warm-up calls per measurement, which triples the cost of second-long non-local steps.)
+    setup()
+    start = time.perf_counter()
+    timed()
+    return time.perf_counter() - start
+
+
+def _time_cuda(setup, timed) -> float:
+    import triton.testing
+
+    def call():
+        setup()
+        timed()
+    # do_bench reports ms; for bwd the setup's forward is included, so it is subtracted by the caller.
+    return triton.testing.do_bench(call, warmup=10, rep=50) / 1e3
+
+
+def run(
+    shapes: list[Shape],
+    variant_names: list[str],
+    dtypes: list[str],
+    device: torch.device,
+    *,
+    rounds: int,
+    threads: int,
+    console: Console,
+) -> pd.DataFrame:
+    """Measure every (shape, dtype, variant, pass); variants interleaved round by round."""
+    torch.set_num_threads(threads)
+    rows = []
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    label = device_label(device)
+    library_versions = versions()
+    with Progress(console=console, transient=True) as progress:
+        total = len(shapes) * len(dtypes) * len(variant_names) * len(PASSES) * (rounds + 1)
+        task = progress.add_task("ops benchmark", total=total)
+        for shape in shapes:
+            for dtype_name in dtypes:
+                dtype = DTYPES[dtype_name]
+                inputs, grad_out = _inputs(shape, dtype, device)
+                runnable = []
+                for name in variant_names:
+                    reason = VARIANTS[name].unavailable(device)
+                    if reason is None and device.type == "cpu" and dtype != torch.float32 and name == "cca_triton":
+                        reason = "not measured: CPU"
+                    if reason is not None:
+                        rows += [_row(VARIANTS[name], shape, dtype_name, p, device, label, library_versions, now,
+                                      threads, status=reason) for p in PASSES]
+                        progress.advance(task, len(PASSES) * (rounds + 1))
+                    else:
+                        runnable.append(VARIANTS[name])
+                times = {(v.name, p): [] for v in runnable for p in PASSES}
+                peaks = {}
+                for variant in runnable:  # warm-up and memory, one call each
+                    for pass_ in PASSES:
+                        setup, timed = _pass_fn(variant, pass_, inputs, grad_out)
+                        setup()
+                        peaks[(variant.name, pass_)] = peak_bytes(timed, device)[0]
+                        progress.advance(task)
+                for _ in range(rounds):
+                    for variant in runnable:
+                        for pass_ in PASSES:
+                            setup, timed = _pass_fn(variant, pass_, inputs, grad_out)
+                            if device.type == "cuda":
+                                seconds = _time_cuda(setup, timed)
+                                if pass_ == "bwd":
+                                    seconds -= _time_cuda(lambda: None, lambda v=variant, x=inputs: v.fn(*x))
+                            else:
+                                seconds = _time_cpu(setup, timed)
+                            times[(variant.name, pass_)].append(seconds)
+                            progress.advance(task)
+                for variant in runnable:
+                    for pass_ in PASSES:
+                        seconds = statistics.median(times[(variant.name, pass_)])
+                        rows.append(_row(variant, shape, dtype_name, pass_, device, label, library_versions, now,
+                                         threads, seconds=seconds, peak=peaks[(variant.name, pass_)],
+                                         rounds=rounds))
+    return pd.DataFrame(rows)
+
+
+def _row(variant, shape, dtype_name, pass_, device, label, library_versions, date, threads, *, status="ok",
+         seconds=None, peak=None, rounds=0):
+    itemsize = DTYPES[dtype_name].itemsize
+    model = variant.cost(shape.batch, shape.qk_channels, shape.channels, shape.height, shape.width, itemsize, pass_)
+    row = {
+        "variant": variant.name, "op": variant.op, "backend": variant.backend, "dtype": dtype_name,
+        "batch": shape.batch, "channels": shape.channels, "qk_channels": shape.qk_channels,
+        "height": shape.height, "width": shape.width, "pass": pass_,
+        "milliseconds": "", "peak_memory_mb": "", "gb_per_s": "", "tflop_per_s": "",
+        "model_gflop": round(model.flops / 1e9, 4), "model_mb_moved": round(model.bytes / 2**20, 3),
+        "device": label, "threads": threads if device.type == "cpu" else "",
+        "rounds": rounds, "torch": library_versions["torch"], "triton": library_versions["triton"], "date": date,
+        "status": status,
+    }
+    if seconds is not None:
+        row.update(
+            milliseconds=round(seconds * 1e3, 3),
+            peak_memory_mb=round(peak / 2**20, 2),
+            gb_per_s=round(model.bytes / seconds / 1e9, 3),
+            tflop_per_s=round(model.flops / seconds / 1e12, 5),
+        )
+    return row
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """Side-by-side ratios from one run: time and peak memory of each variant relative to cca_naive."""
+    ok = frame[frame["status"] == "ok"].copy()
+    if ok.empty or "cca_naive" not in set(ok["variant"]):
+        return pd.DataFrame()
+    ok["milliseconds"] = ok["milliseconds"].astype(float)
+    ok["peak_memory_mb"] = ok["peak_memory_mb"].astype(float)
+    keys = ["dtype", "batch", "channels", "qk_channels", "height", "width", "pass"]
+    base = ok[ok["variant"] == "cca_naive"][keys + ["milliseconds", "peak_memory_mb"]]
+    merged = ok.merge(base, on=keys, suffixes=("", "_naive"))
+    merged["time_vs_naive"] = (merged["milliseconds"] / merged["milliseconds_naive"]).round(3)
+    merged["memory_vs_naive"] = (merged["peak_memory_mb"] / merged["peak_memory_mb_naive"]).round(3)
+    return merged[["variant", *keys, "milliseconds", "peak_memory_mb", "time_vs_naive", "memory_vs_naive"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m repro.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results/ops_bench.csv"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", nargs="+", default=None, choices=sorted(VARIANTS),
+                        help="default: all (triton rows say why when they cannot run)")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
+                        help="default: fp32 on CPU; fp32, bf16, fp16 on CUDA")
+    parser.add_argument("--shape", nargs=5, type=int, action="append", metavar=("B", "C", "CQK", "H", "W"),
+                        help="default: 2 512 64 97 97 on CPU; also 8 512 64 97 97 on CUDA")
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per variant and pass (median)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (recorded in the CSV)")
+    parser.add_argument("--quick", action="store_true", help="small shape, 2 rounds: a check that it all runs")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.rounds < 1 or args.threads < 1:
+        parser.error(f"--rounds and --threads must be >= 1, got {args.rounds} and {args.threads}")
+    if args.quick:
+        shapes, rounds = [Shape(1, 32, 8, 17, 19)], 2
+    elif args.shape:
+        shapes, rounds = [Shape(*s) for s in args.shape], args.rounds
+    else:
+        shapes = [Shape(2, 512, 64, 97, 97)] + ([Shape(8, 512, 64, 97, 97)] if device.type == "cuda" else [])
+        rounds = args.rounds
+    dtypes = args.dtypes or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32"])
+    variants = args.variants or list(VARIANTS)
+
+    console = Console()
+    frame = run(shapes, variants, dtypes, device, rounds=rounds, threads=args.threads, console=console)
+    upsert_csv(args.out, frame, KEY)
+    console.print(f"wrote {len(frame)} rows to {args.out}")
+    summary = summarize(frame)
+    if not summary.empty:
+        console.print(summary.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,354 @@
+"""`python -m repro.reproduce [--quick | --full] [--force]`: the main job (`nox -s reproduce`).
+
+Steps, each a subprocess called by module name (so a broken or missing step cannot take the others down):
+
+1. environment: `results/environment.csv` (device, versions, date), written in this process;
+2. claims: `python -m repro.claims --out RESULTS`;
+3. synthetic: `python -m repro.synthetic --out RESULTS [--quick | --full]` (the R=0/1/2/3/non-local
+   ablation on the marker task and its two figures);
+4. profile: `python -m repro.profile CONFIG... --out RESULTS` for every `experiments/*.yaml`, in chunks of a
+   few configs per process (each chunk stamped, so an interruption loses at most one chunk);
+5. experiments: `python -m repro.run CONFIG --check-data` for every config (exit 0: the dataset is there,
+   then `python -m repro.run CONFIG --results RESULTS/miou.csv` trains and evaluates it; exit 3: "dataset
+   not present"), recorded in `results/experiments_status.csv`;
+6. report: `python -m repro.report --results RESULTS --experiments EXPERIMENTS` (always rerun: cheap).
+
+Every finished step leaves a stamp `RESULTS/.stamps/NAME.done` holding its command; a rerun skips stamped
+steps whose command is unchanged, unless `--force`, so an interrupted pipeline continues where it stopped
+(the synthetic ablation also resumes run by run inside its step). Each step's outcome goes to
+`results/reproduce_status.csv`. The exit status is non-zero when any step failed; the other steps still run.
+
+Steps 2, 4 and 5 run one after another in one lane, the synthetic ablation in a second lane beside them
+(`--jobs 1`: everything in one lane); every step is single-threaded, so two lanes fit the 2-core machine and
+keep the default run within its 15-minute budget. `--quick` runs the tiny synthetic version, `--full` five
+seeds instead of two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from repro.io import write_csv_atomic
+from repro.vocabulary import cpu_model, device_label
+
+STEP_GROUPS = ("claims", "synthetic", "profile", "experiments", "report")
+DATASET_NOT_PRESENT = 3
+STATUS_COLUMNS = ("step", "status", "exit_code", "seconds", "detail", "command", "date")
+EXPERIMENT_COLUMNS = ("experiment", "config", "status", "detail", "date")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One subprocess of the pipeline. `name` is unique and names the stamp file."""
+
+    name: str
+    group: str
+    argv: tuple[str, ...]
+    stamped: bool = True
+
+
+@dataclass(frozen=True)
+class Outcome:
+    # "done", "done (earlier run)", "skipped (done before)", "failed", "dataset not present"
+    status: str
+    exit_code: int | None
+    seconds: float
+    detail: str
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def experiment_name(config: Path) -> str:
+    """The experiment's name as the report matches it: `load_config` requires it to equal the file stem."""
+    return config.stem
+
+
+class Pipeline:
+    """Runs steps with stamps, a rich progress display and a status CSV."""
+
+    def __init__(self, *, results: Path, force: bool, console: Console) -> None:
+        self.results = results
+        self.force = force
+        self.console = console
+        self.stamps = results / ".stamps"
+        self.status_path = results / "reproduce_status.csv"
+        # Two lanes record outcomes concurrently.
+        self.lock = threading.Lock()
+        self.status = (
+            pd.read_csv(self.status_path, dtype=str, keep_default_na=False)
+            if self.status_path.exists() else pd.DataFrame(columns=list(STATUS_COLUMNS))
+        )
+
+    def stamp_path(self, step: Step) -> Path:
+        return self.stamps / f"{step.name}.done"
+
+    def is_done(self, step: Step) -> bool:
+        stamp = self.stamp_path(step)
+        return (not self.force and step.stamped and stamp.exists()
+                and stamp.read_text() == " ".join(step.argv))
+
+    def record(self, step: Step, outcome: Outcome) -> None:
+        row = {
+            "step": step.name, "status": outcome.status,
+            "exit_code": "" if outcome.exit_code is None else str(outcome.exit_code),
+            "seconds": f"{outcome.seconds:.1f}", "detail": outcome.detail,
+            "command": " ".join(step.argv), "date": _now(),
+        }
+        with self.lock:
+            kept = self.status[self.status["step"] != step.name]
+            self.status = pd.concat([kept, pd.DataFrame([row])], ignore_index=True)
+            write_csv_atomic(self.status, self.status_path)
+
+    def execute(self, step: Step, *, ok_codes: tuple[int, ...] = (0,)) -> Outcome:
+        """Run `step` (unless stamped), stream its output, stamp it on success, record the outcome."""
+        if self.is_done(step):
+            self.console.print(f"[dim]skip {step.name}: done before (--force to redo)[/dim]")
+            with self.lock:
+                earlier = self.status.index[(self.status["step"] == step.name) & (self.status["status"] == "done")]
+                if len(earlier):
+                    # Keep the run that did the work (its time and date), marked as not redone now.
+                    self.status.loc[earlier, "status"] = "done (earlier run)"
+                    write_csv_atomic(self.status, self.status_path)
+                    return Outcome("done (earlier run)", None, 0.0, "")
+            outcome = Outcome("skipped (done before)", None, 0.0, f"stamp {self.stamp_path(step)}")
+            self.record(step, outcome)
+            return outcome
+        self.console.print(f"[bold]run[/bold] {step.name}: {' '.join(step.argv)}")
+        start = time.perf_counter()
+        tail: deque[str] = deque(maxlen=6)
+        try:
+            process = subprocess.Popen(
+                step.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            )
+        except OSError as error:
+            outcome = Outcome("failed", None, time.perf_counter() - start, f"could not start: {error}")
+            self.record(step, outcome)
+            return outcome
+        try:
+            for line in process.stdout:
+                line = line.rstrip()
+                # The PyTorch profiler (used for CPU memory) logs two kineto lines per measurement.
+                if line and "SyncActivityProfilerHandler" not in line:
+                    tail.append(line)
+                    self.console.print(Text(f"  {step.name} ", style="dim") + Text(line), highlight=False)
+            code = process.wait()
+        except KeyboardInterrupt:
+            process.terminate()
+            process.wait()
+            self.record(step, Outcome("failed", None, time.perf_counter() - start, "interrupted"))
+            raise
+        seconds = time.perf_counter() - start
+        if code in ok_codes:
+            if step.stamped and code == 0:
+                self.stamps.mkdir(parents=True, exist_ok=True)
+                self.stamp_path(step).write_text(" ".join(step.argv))
+            status = "done" if code == 0 else "dataset not present"
+            # Done: the last line says what was written; otherwise the whole message (why, where, how).
+            detail = (tail[-1] if tail else "") if code == 0 else " / ".join(line.strip() for line in tail)
+            outcome = Outcome(status, code, seconds, detail)
+        else:
+            missing = next((line for line in tail if "No module named" in line), None)
+            interrupted = code < 0 or code == 130 or any("KeyboardInterrupt" in line for line in tail)
+            detail = "interrupted" if interrupted else missing or " / ".join(tail) or "no output"
+            outcome = Outcome("failed", code, seconds, detail)
+            self.console.print(f"[red]step failed[/red] {step.name} (exit {code}): {detail}")
+        self.record(step, outcome)
+        return outcome
+
+
+def write_environment(results: Path) -> Path:
+    """`results/environment.csv`: one row per fact (device, versions, date)."""
+    import torch
+
+    facts = {
+        "date": _now(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": str(os.cpu_count()),
+        "device": device_label("cuda" if torch.cuda.is_available() else "cpu"),
+        "cpu": cpu_model(),
+    }
+    for package in ("torch", "numpy", "pandas", "triton", "fvcore", "matplotlib"):
+        try:
+            facts[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            facts[package] = "not installed"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    facts["git_commit"] = commit or "unknown"
+    path = results / "environment.csv"
+    write_csv_atomic(pd.DataFrame({"fact": list(facts), "value": list(facts.values())}), path)
+    return path
+
+
+PROFILE_CHUNK = 6
+
+
+def build_steps(
+    *, python: str, results: Path, experiments: Path, preset: str, skip: set[str], force: bool = False
+) -> list[Step]:
+    """The fixed steps (claims, synthetic, profile); experiments are handled separately.
+
+    Profiling goes in chunks of PROFILE_CHUNK configs per process: one process per config spends a few
+    seconds each on imports, one for all would redo everything after an interruption.
+    """
+    steps = []
+    if "claims" not in skip:
+        steps.append(Step("claims", "claims", (python, "-m", "repro.claims", "--out", str(results))))
+    if "synthetic" not in skip:
+        flag = () if preset == "default" else (f"--{preset}",)
+        # The ablation also skips runs already in its CSV: --force has to reach it to retrain them.
+        flag += ("--force",) if force else ()
+        steps.append(Step(f"synthetic-{preset}", "synthetic",
+                          (python, "-m", "repro.synthetic", "--out", str(results), *flag)))
+    if "profile" not in skip and experiments.is_dir():
+        configs = [str(config) for config in sorted(experiments.glob("*.yaml"))]
+        chunks = [configs[start:start + PROFILE_CHUNK] for start in range(0, len(configs), PROFILE_CHUNK)]
+        for index, chunk in enumerate(chunks, start=1):
+            argv = (python, "-m", "repro.profile", *chunk, "--out", str(results))
+            steps.append(Step(f"profile-{index:02d}-of-{len(chunks):02d}", "profile", argv))
+    return steps
+
+
+def run_experiments(pipeline: Pipeline, *, python: str, experiments: Path, progress, task) -> bool:
+    """Check every config's dataset, run those present; write experiments_status.csv. True if one failed."""
+    rows, failed = [], False
+    for config in sorted(experiments.glob("*.yaml")):
+        name = experiment_name(config)
+        check = Step(f"check-data-{config.stem}", "experiments",
+                     (python, "-m", "repro.run", str(config), "--check-data"), stamped=False)
+        outcome = pipeline.execute(check, ok_codes=(0, DATASET_NOT_PRESENT))
+        if outcome.status == "dataset not present":
+            rows.append({"experiment": name, "config": config.name, "status": "dataset not present",
+                         "detail": outcome.detail, "date": _now()})
+        elif outcome.failed:
+            failed = True
+            rows.append({"experiment": name, "config": config.name, "status": "data check failed",
+                         "detail": outcome.detail, "date": _now()})
+        else:
+            argv = (python, "-m", "repro.run", str(config), "--results", str(pipeline.results / "miou.csv"))
+            run = Step(f"run-{config.stem}", "experiments", argv)
+            result = pipeline.execute(run)
+            failed |= result.failed
+            rows.append({"experiment": name, "config": config.name,
+                         "status": "run failed" if result.failed else "measured",
+                         "detail": result.detail, "date": _now()})
+        progress.update(task, advance=1)
+    write_csv_atomic(pd.DataFrame(rows, columns=list(EXPERIMENT_COLUMNS)),
+                     pipeline.results / "experiments_status.csv")
+    return failed
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m repro.reproduce", description=__doc__.split("\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="short version (tiny synthetic ablation)")
+    size.add_argument("--full", action="store_true", help="long version (5 synthetic seeds)")
+    parser.add_argument("--force", action="store_true", help="redo steps that finished before")
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--experiments", type=Path, default=Path("experiments"))
+    parser.add_argument("--skip", nargs="+", default=[], choices=STEP_GROUPS, help="step groups to leave out")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for the steps")
+    parser.add_argument("--jobs", type=int, default=2, choices=(1, 2),
+                        help="2 (default): the synthetic ablation runs beside the other steps; 1: one at a time")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    preset = "quick" if args.quick else "full" if args.full else "default"
+    skip = set(args.skip)
+    args.results.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    pipeline = Pipeline(results=args.results, force=args.force, console=console)
+    env_path = write_environment(args.results)
+    console.print(f"wrote {env_path}")
+    steps = build_steps(python=args.python, results=args.results, experiments=args.experiments,
+                        preset=preset, skip=skip, force=args.force)
+    configs = sorted(args.experiments.glob("*.yaml")) if args.experiments.is_dir() else []
+    if not args.experiments.is_dir():
+        console.print(f"[yellow]no experiment folder at {args.experiments}: no profile/experiment steps[/]")
+    run_configs = bool(configs) and "experiments" not in skip
+    total = len(steps) + (len(configs) if run_configs else 0) + (0 if "report" in skip else 1)
+    # Two lanes by default: the single-threaded synthetic ablation beside the (also single-threaded)
+    # claims / profile / dataset checks, which is what keeps the default run within its budget on 2 cores.
+    synthetic = [step for step in steps if step.group == "synthetic"]
+    others = [step for step in steps if step.group != "synthetic"]
+    lanes = [others + synthetic] if args.jobs == 1 else [others, synthetic]
+    failed: list[str] = []
+    stop = threading.Event()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+    def run_lane(lane: list[Step], progress, task, with_experiments: bool) -> list[str]:
+        lane_failed = []
+        for step in lane:
+            if stop.is_set():
+                return lane_failed
+            if pipeline.execute(step).failed:
+                lane_failed.append(step.name)
+            progress.update(task, advance=1)
+        if with_experiments and run_configs and not stop.is_set():
+            if run_experiments(pipeline, python=args.python, experiments=args.experiments,
+                               progress=progress, task=task):
+                lane_failed.append("experiments")
+        return lane_failed
+
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("reproduce", total=total)
+        with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
+            futures = [pool.submit(run_lane, lane, progress, task, index == 0)
+                       for index, lane in enumerate(lanes)]
+            try:
+                while not all(future.done() for future in futures):
+                    time.sleep(0.2)
+            except KeyboardInterrupt:
+                # The steps' processes got the same SIGINT; let the lanes record them and stop.
+                stop.set()
+                wait(futures)
+                console.print("[yellow]interrupted: finished steps are stamped; rerun to continue[/]")
+                return 130
+            for future in futures:
+                failed.extend(future.result())
+        if "report" not in skip:
+            report = Step("report", "report", (args.python, "-m", "repro.report", "--results",
+                                               str(args.results), "--experiments", str(args.experiments)),
+                          stamped=False)
+            if pipeline.execute(report).failed:
+                failed.append("report")
+            progress.update(task, advance=1)
+    if failed:
+        names = ", ".join(failed)
+        console.print(f"[red]{len(failed)} step(s) failed:[/] {names} (see {pipeline.status_path})")
+        return 1
+    console.print(f"[green]all steps done[/]; report: {args.results / 'REPORT.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

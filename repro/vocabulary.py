@@ -1,0 +1,82 @@
+"""The project's one vocabulary: how every CSV and the report name op variants and devices.
+
+Op variants (the `variant` column of ops_bench.csv and claims.csv, a row family per STYLE.md):
+`{op}_{implementation}` with op `cca` (criss-cross attention, `ops.criss_cross_attention`) or `non_local`
+(`ops.non_local_attention` / `ops.NonLocal2d`). A criss-cross variant with recurrence R is labelled
+`cca_naive R=2` where a label is needed; the name itself never carries R (that is the `recurrence` column).
+Model-level names are the config's: heads `rcca`, `nonlocal`, `fcn` (`models.HEADS`), synthetic variants
+`R0`..`R3`, `nonlocal` (`models.synthetic.VARIANTS`).
+
+Devices (the `device` column of every CSV): `"<type>: <model>"`, e.g. `cpu: AMD EPYC 7B13` or
+`cuda: NVIDIA H200`, with ` x<N>` appended for N data-parallel processes; numbers that were counted, not
+run, say so in the same form: `counted: any device`, `traced: FakeTensorMode on cpu`.
+"""
+
+from __future__ import annotations
+
+import platform
+from functools import cache
+
+import torch
+
+CCA_IMPLEMENTATIONS = ("naive", "einsum", "triton")
+NON_LOCAL_IMPLEMENTATIONS = ("naive", "sdpa", "sdpa_heads")
+OP_VARIANTS = tuple(
+    [f"cca_{impl}" for impl in CCA_IMPLEMENTATIONS] + [f"non_local_{impl}" for impl in NON_LOCAL_IMPLEMENTATIONS]
+)
+
+DEVICE_COUNTED = "counted: any device"
+DEVICE_TRACED = "traced: FakeTensorMode on cpu"
+
+
+def op_variant(op: str, implementation: str) -> str:
+    """The variant name of `op` ("cca" or "non_local") in `implementation`; raises on unknown names."""
+    name = f"{op}_{implementation}"
+    if name not in OP_VARIANTS:
+        raise ValueError(f"unknown op variant {name!r} (op {op!r}, implementation {implementation!r}); "
+                         f"expected one of {OP_VARIANTS}")
+    return name
+
+
+def split_variant(name: str) -> tuple[str, str]:
+    """(op, implementation) of a variant name from OP_VARIANTS."""
+    if name not in OP_VARIANTS:
+        raise ValueError(f"unknown op variant {name!r}; expected one of {OP_VARIANTS}")
+    op = "cca" if name.startswith("cca_") else "non_local"
+    return op, name.removeprefix(f"{op}_")
+
+
+def variant_label(name: str, recurrence: int | None = None) -> str:
+    """`cca_naive R=2` for criss-cross variants, the bare name otherwise."""
+    op, _ = split_variant(name)
+    return f"{name} R={recurrence}" if op == "cca" and recurrence is not None else name
+
+
+@cache
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_name(device: torch.device | str) -> str:
+    """The hardware's model: the GPU's for CUDA devices, the CPU's otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def device_label(device: torch.device | str, *, processes: int = 1) -> str:
+    """`"<type>: <model>"` (plus ` x<processes>` when several), the `device` column of every CSV."""
+    device = torch.device(device)
+    if not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+    label = f"{device.type}: {device_name(device)}"
+    return f"{label} x{processes}" if processes > 1 else label
