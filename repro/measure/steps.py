@@ -68,11 +68,11 @@ def training_step(state: StepState) -> None:
     """Forward, backward, optimizer step (when there is one), gradients released."""
     if (state.grad_output is None) == (state.loss is None):
         raise ValueError("StepState needs exactly one of grad_output and loss")
-    outputs = state.model(*state.inputs)
+    # No name holds the outputs: they are freed as soon as backward no longer needs them, as in a real step.
     if state.loss is not None:
-        state.loss(outputs, *state.targets).backward()
+        state.loss(state.model(*state.inputs), *state.targets).backward()
     else:
-        outputs.backward(state.grad_output)
+        state.model(*state.inputs).backward(state.grad_output)
     if state.optimizer is not None:
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
