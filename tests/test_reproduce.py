@@ -255,3 +255,9 @@ def test_force_reaches_the_synthetic_ablation(tmp_path):
     steps = build_steps(python="py", results=tmp_path, experiments=tmp_path, preset="default",
                         skip={"claims", "bench"}, force=True)
     assert steps[0].argv == ("py", "-m", "repro.synthetic", "--out", str(tmp_path), "--force")
+
+
+def test_benchmark_step_writes_into_the_results_folder(tmp_path):
+    steps = build_steps(python="py", results=tmp_path, experiments=tmp_path / "none", preset="quick", skip=set())
+    bench = next(step for step in steps if step.group == "bench")
+    assert bench.argv[:4] == ("py", "-m", "repro.bench", "--out") and bench.argv[4] == str(tmp_path / "ops_bench.csv")

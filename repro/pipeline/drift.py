@@ -86,6 +86,10 @@ RULES = (
         "miou": ACCURACY, "object_accuracy": ACCURACY, "params": EXACT, "flops": EXACT,
         "peak_memory_bytes": MEMORY, "train_time_s": TIMING_ONLY,
     }),
+    DriftRule("ops_bench.csv", ("variant", "dtype", "batch", "channels", "qk_channels", "height", "width", "pass",
+                                "device"), {
+        "milliseconds": TIMING_ONLY, "peak_memory_mb": MEMORY, "model_gflop": EXACT, "model_mb_moved": EXACT,
+    }),
     DriftRule("attention_reach.csv", ("model", "seed", "steps", "pixel_row", "pixel_col", "after_loops"),
               {"attention_share_on_marker": ACCURACY}),
 )

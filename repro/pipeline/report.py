@@ -397,8 +397,10 @@ def findings_block(results: Path, experiments: Path) -> str:
     """The README's short findings list (between the FINDINGS markers)."""
     lines = []
     for row in verdicts(results, experiments):
-        measured = f" {row.measured}." if row.measured else ""
-        lines.append(f"- **{row.claim}**: {row.verdict}.{measured}")
+        # A figure only where there is one; "not measurable here" already says why.
+        shown = row.measured and not row.verdict.startswith(NOT_MEASURABLE)
+        measured = f"; measured here: {row.measured}" if shown else ""
+        lines.append(f"- **{row.claim}**: {row.verdict}{measured}.")
     return "\n".join(lines) + "\n\nDetails, methods and plots: [`results/REPORT.md`](results/REPORT.md).\n"
 
 

@@ -3,9 +3,10 @@
 Steps, each a subprocess called by module name (so a broken or missing step cannot take the others down):
 
 1. environment: `results/environment.csv` (device, versions, date), written in this process;
-2. claims: `python -m repro.claims --out RESULTS`, then bench: `python -m repro.bench --out RESULTS/ops_bench.csv`;
+2. claims: `python -m repro.claims --out RESULTS`;
 3. synthetic: `python -m repro.synthetic --out RESULTS [--quick | --full]` (the R=0/1/2/3/non-local
-   ablation on the marker task and its two figures);
+   ablation on the marker task and its two figures), then bench: `python -m repro.bench --out
+   RESULTS/ops_bench.csv --rounds 3` (the operator benchmark);
 4. profile: `python -m repro.profile CONFIG... --out RESULTS` for every `experiments/*.yaml`, in chunks of a
    few configs per process (each chunk stamped, so an interruption loses at most one chunk);
 5. experiments: `python -m repro.run CONFIG --check-data` for every config (exit 0: the dataset is there,
@@ -25,7 +26,7 @@ continues where it stopped (the synthetic ablation also resumes run by run insid
 per checkout and ignored by git. Each step's outcome goes to `results/reproduce_status.csv`, commands with
 repository-relative paths. The exit status is non-zero when any step failed; the other steps still run.
 
-Steps 2, 4 and 5 run one after another in one lane, the synthetic ablation in a second lane beside them
+Steps 2, 4 and 5 run one after another in one lane, the synthetic ablation and the benchmark in a second lane
 (`--jobs 1`: everything in one lane); every step is single-threaded, so two lanes fit the 2-core machine and
 keep the default run within its 15-minute budget. `--quick` runs the tiny synthetic version, `--full` five
 seeds instead of two.
@@ -301,7 +302,9 @@ def build_steps(
     if "claims" not in skip:
         steps.append(Step("claims", "claims", (python, "-m", "repro.claims", "--out", str(results))))
     if "bench" not in skip:
-        steps.append(Step("bench", "bench", (python, "-m", "repro.bench", "--out", str(results / "ops_bench.csv"))))
+        # 3 timed rounds (median) instead of 5: the naive non-local passes take seconds each on a CPU.
+        steps.append(Step("bench", "bench", (python, "-m", "repro.bench", "--out", str(results / "ops_bench.csv"),
+                                             "--rounds", "3")))
     if "synthetic" not in skip:
         flag = () if preset == "default" else (f"--{preset}",)
         # The ablation skips runs already in its CSV (a resumed step); --force has to reach it too.
@@ -387,9 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     total = len(steps) + (len(configs) if run_configs else 0) + (0 if "report" in skip else 1)
     # Two lanes by default: the single-threaded synthetic ablation beside the (also single-threaded)
     # claims / profile / dataset checks, which is what keeps the default run within its budget on 2 cores.
-    synthetic = [step for step in steps if step.group == "synthetic"]
-    others = [step for step in steps if step.group != "synthetic"]
-    lanes = [others + synthetic] if args.jobs == 1 else [others, synthetic]
+    # The operator benchmark (single-threaded too) follows the ablation in its lane, which has the slack.
+    second = [step for step in steps if step.group == "synthetic"] + [step for step in steps if step.group == "bench"]
+    others = [step for step in steps if step.group not in ("synthetic", "bench")]
+    lanes = [others + second] if args.jobs == 1 else [others, second]
     failed: list[str] = []
     stop = threading.Event()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
