@@ -1,6 +1,7 @@
 """`repro.reproduce`: step failures are recorded not fatal, stamps make reruns resume, dataset checks,
 and a fast end-to-end run (tiny synthetic ablation + report)."""
 
+import io
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import time
 import pandas as pd
 import pytest
 from rich.console import Console
+from rich.text import Text
 
 from repro.pipeline.reproduce import (
     PROFILE_CHUNK,
@@ -21,6 +23,7 @@ from repro.pipeline.reproduce import (
     committed_bytes,
     display_command,
     main,
+    make_console,
     start_fresh,
 )
 from tests.configs import write_config
@@ -261,3 +264,18 @@ def test_benchmark_step_writes_into_the_results_folder(tmp_path):
     steps = build_steps(python="py", results=tmp_path, experiments=tmp_path / "none", preset="quick", skip=set())
     bench = next(step for step in steps if step.group == "bench")
     assert bench.argv[:4] == ("py", "-m", "repro.bench", "--out") and bench.argv[4] == str(tmp_path / "ops_bench.csv")
+
+
+def test_console_does_not_wrap_when_not_a_terminal(tmp_path):
+    buffer = io.StringIO()
+    console = make_console(file=buffer)
+    assert not console.is_terminal and console.width == 80
+    argv = (sys.executable, "-m", "repro.profile", *(f"experiments/config_{index}.yaml" for index in range(20)))
+    console.print(Text("run ", style="bold") + Text(display_command(argv)))
+    assert buffer.getvalue().count("\n") == 1 and "config_19.yaml" in buffer.getvalue()
+
+
+def test_steps_see_a_wide_console(tmp_path):
+    step = Step("columns", "claims", (sys.executable, "-c", "import os; print('COLUMNS=' + os.environ['COLUMNS'])"),
+                stamped=False)
+    assert _pipeline(tmp_path).execute(step).detail == "COLUMNS=1000"

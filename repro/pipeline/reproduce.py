@@ -103,6 +103,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Steps write to a pipe, which rich and argparse treat as 80 columns wide; this job decides how lines are shown.
+STEP_COLUMNS = "1000"
+
+
+def make_console(**kwargs) -> Console:
+    """This job's console: lines are never wrapped (soft wrap), so logs and CI keep every command whole."""
+    return Console(soft_wrap=True, **kwargs)
+
+
 def display_command(argv: tuple[str, ...], *, root: Path | None = None) -> str:
     """The command as a user would type it in the repository: `python` for the interpreter, paths under
     `root` (default: the working directory) relative to it. Stamps keep the exact argv; this is for the
@@ -221,7 +230,8 @@ class Pipeline:
         tail: deque[str] = deque(maxlen=6)
         try:
             process = subprocess.Popen(
-                step.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+                step.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                env={**os.environ, "COLUMNS": STEP_COLUMNS},
             )
         except OSError as error:
             outcome = Outcome("failed", None, time.perf_counter() - start, f"could not start: {error}")
@@ -370,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(args.skip)
     args.results.mkdir(parents=True, exist_ok=True)
     # Logs and CI capture stdout: a console that wraps at 80 columns there splits commands mid-word.
-    console = Console(soft_wrap=True)
+    console = make_console()
     needs_configs = {"profile", "experiments"}
     groups = ["pipeline", *(group for group in GROUP_OUTPUTS if group != "pipeline" and group not in skip
                             and (group not in needs_configs or args.experiments.is_dir()))]
