@@ -415,9 +415,11 @@ def section_drift(results: Path, pages: dict[str, str]) -> str:
         return text + ("_No reference snapshot in this checkout: the figures above are the committed ones. "
                        "`python -m repro.reproduce` recomputes them and compares them here._\n")
     text += (f"Reference: the committed CSVs as `repro.reproduce` saved them before recomputing "
-             f"(`{drift.REFERENCE_DIR.as_posix()}/`). Tolerances: counts exact, memory 5%, synthetic "
+             f"(`{(results / drift.REFERENCE_DIR).as_posix()}/`). Tolerances: counts exact, memory 5%, synthetic "
              "accuracies 0.05, wall-clock times not compared.\n\n")
-    summary = comparison.groupby(["file", "status"]).size().unstack(fill_value=0).reset_index()
+    order = [drift.WITHIN, drift.DRIFTED, drift.NEW, drift.GONE, drift.TIMING]
+    summary = (comparison.groupby(["file", "status"]).size().unstack(fill_value=0)
+               .reindex(columns=order, fill_value=0).reset_index())
     text += markdown_table(summary)
     drifted = comparison[comparison["status"] == drift.DRIFTED]
     if not drifted.empty:

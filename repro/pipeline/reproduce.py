@@ -163,6 +163,8 @@ def start_fresh(results: Path, groups: list[str], *, force: bool) -> list[str]:
                 committed = committed_bytes(path)
                 if committed is not None:
                     atomic_write_bytes(reference / name, committed[0])
+                else:  # nothing committed: no reference (an older snapshot would compare against a stale run)
+                    (reference / name).unlink(missing_ok=True)
             path.unlink(missing_ok=True)
         stamps.mkdir(parents=True, exist_ok=True)
         marker.write_text(_now())
