@@ -277,7 +277,7 @@ def test_write_report_writes_details_and_the_readme_block(results, tmp_path):
     assert other.read_text() == "no markers\n"
 
 
-def test_committed_report_is_short_and_points_nowhere_private():
+def test_committed_report_is_short_with_the_verdicts_first():
     """The real results: REPORT.md under 30 KB, verdict table first; detail pages hold the long tables."""
     pages = {}
     text = build_report(RESULTS, EXPERIMENTS, pages)

@@ -401,6 +401,9 @@ def findings_block(results: Path, experiments: Path) -> str:
         shown = row.measured and not row.verdict.startswith(NOT_MEASURABLE)
         measured = f"; measured here: {row.measured}" if shown else ""
         lines.append(f"- **{row.claim}**: {row.verdict}{measured}.")
+    gpus = gpu_devices(results)
+    lines.append(f"- **GPU**: rows measured on {', '.join(gpus)}." if gpus else
+                 "- **GPU**: nothing in `results/` has been measured on a GPU yet.")
     return "\n".join(lines) + "\n\nDetails, methods and plots: [`results/REPORT.md`](results/REPORT.md).\n"
 
 
