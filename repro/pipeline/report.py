@@ -209,7 +209,7 @@ def verdict_flops(results: Path) -> Verdict:
     methods = ", ".join(sorted({short_method(method) for method in reported["method"]}))
     return Verdict(
         claim,
-        f"{cca[1]:g} vs {non_local[1]:g} GFLOPs ({reduction[1]:.0%} fewer)",
+        f"paper: {cca[1]:g} vs {non_local[1]:g} GFLOPs ({reduction[1]:.0%} fewer)",
         f"{cca[0]:.2f} vs {non_local[0]:.1f} GFLOPs ({reduction[0]:.1%} fewer); every counted figure within "
         f"{(ratios - 1).abs().max():.1%} of the paper's",
         f"counted 3 ways ({methods}) on 1x512x97x97, FLOPs = 2 x MACs",
@@ -237,7 +237,7 @@ def verdict_memory(results: Path, metric: str, step: str) -> Verdict:
     methods = " and ".join(sorted({short_method(method) for method in rows["method"]}))
     values = "/".join(f"{value:.1f}x" for value in sorted(set(measured.round(1))))
     return Verdict(
-        claim, f"{reported:g}x{paper_mib}", f"{values}{mib}",
+        claim, f"paper: {reported:g}x{paper_mib}, step and batch not stated", f"{values}{mib}",
         f"module alone, batch 1, fp32, naive non-local; {methods}",
         REPRODUCED if ok else f"{NOT_REPRODUCED} (beyond {MEMORY_RATIO_TOLERANCE:.0%})",
     )
@@ -278,7 +278,7 @@ def whole_network_pairs(results: Path, experiments: Path) -> pd.DataFrame | None
 
 def verdict_whole_network(results: Path, experiments: Path) -> Verdict:
     claim = "Whole network: non-local / CCNet training memory, same recipe (mmsegmentation)"
-    paper = "11x for the module alone; no whole-network figure"
+    paper = "paper: 11x for the module alone, no whole-network figure"
     pairs = whole_network_pairs(results, experiments)
     if pairs is None or pairs.empty:
         return Verdict(claim, paper, "", "", f"{NOT_MEASURABLE}: {missing('efficiency').strip('_')}")
@@ -318,7 +318,8 @@ def verdict_training_memory(results: Path) -> Verdict:
 
 def verdict_synthetic(results: Path) -> Verdict:
     claim = "Two criss-cross loops reach every pixel, one does not"
-    paper = "R=2 aggregates full-image context; R=1 only the pixel's row and column"
+    paper = ("paper and official README (attention maps): R=2 aggregates full-image context, R=1 only the "
+             "pixel's row and column")
     frame = read_csv(results, "synthetic")
     if frame is None:
         return Verdict(claim, paper, "", "", f"{NOT_MEASURABLE}: {missing('synthetic').strip('_')}")
