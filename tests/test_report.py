@@ -1,10 +1,23 @@
 """`repro.report` on small hand-made CSVs: every section, missing files, bad inputs."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
-from repro.pipeline.report import build_report, load_reported, main, markdown_table, write_report
+from repro.pipeline.report import (
+    FINDINGS_END,
+    FINDINGS_START,
+    build_report,
+    load_reported,
+    main,
+    markdown_table,
+    write_report,
+)
 from tests.configs import write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS, EXPERIMENTS = ROOT / "results", ROOT / "experiments"
 
 
 def _write(path, rows):
@@ -23,14 +36,14 @@ def results(tmp_path):
         [
             {
                 "claim": "flops",
-                "variant": "cca",
+                "variant": "cca_naive",
                 "recurrence": 2,
                 "batch": 1,
                 "channels": 512,
                 "qk_channels": 64,
                 "height": 97,
                 "width": 97,
-                "metric": "gflops",
+                "metric": "flops",
                 "value": 16.54,
                 "unit": "GFLOP",
                 "reported_value": 16.5,
@@ -40,14 +53,14 @@ def results(tmp_path):
             },
             {
                 "claim": "flops",
-                "variant": "cca",
+                "variant": "cca_naive",
                 "recurrence": 2,
                 "batch": 1,
                 "channels": 512,
                 "qk_channels": 64,
                 "height": 33,
                 "width": 33,
-                "metric": "gflops",
+                "metric": "flops",
                 "value": 0.7,
                 "unit": "GFLOP",
                 "reported_value": None,
@@ -55,6 +68,17 @@ def results(tmp_path):
                 "method": "fvcore",
                 "device": "cpu",
             },
+            *(
+                {
+                    "claim": "flops", "variant": variant, "recurrence": recurrence, "batch": 1, "channels": 512,
+                    "qk_channels": 64, "height": 97, "width": 97, "metric": metric, "value": value, "unit": unit,
+                    "reported_value": reported, "source": "paper", "method": "analytic ops.cost", "device": "any",
+                }
+                for variant, recurrence, metric, value, unit, reported in (
+                    ("non_local_naive", 1, "flops", 108.15, "GFLOP", 108.0),
+                    ("cca_naive_r2_vs_non_local_naive", 2, "flop_reduction", 0.847, "fraction", 0.85),
+                )
+            ),
         ],
     )
     _write(
@@ -140,12 +164,12 @@ def results(tmp_path):
         [
             {
                 "experiment": "ade_r2",
-                "metric": "train_memory",
+                "metric": "train_memory_peak",
                 "value": 10.0,
-                "unit": "GB",
+                "unit": "GiB",
                 "reported": 12.5,
-                "method": "fake",
-                "device": "cpu",
+                "method": "FakeTensorMode + MemTracker estimate",
+                "device": "traced",
                 "date": "d",
             },
         ],
@@ -165,25 +189,102 @@ def test_markdown_table_formats_and_escapes():
 
 def test_report_has_every_section_from_the_csvs(results):
     out, experiments = results
-    text = build_report(out, experiments)
+    pages = {}
+    text = build_report(out, experiments, pages)
     assert "9.9.9" in text  # environment
     assert "16.54" in text and "1.002" in text  # claim measured and measured/reported
-    assert "2 rows in `claims.csv`" in text
-    # Latest measurement wins; the row without data says why.
+    assert "4 rows in `claims.csv`" in text
+    # Latest measurement wins; measured rows are listed, the others collapse into one line per status.
     city = next(line for line in text.splitlines() if line.startswith("| city_r2 | cityscapes | mIoU |"))
-    assert "79.5" in city and "-0.3" in city and "measured" in city
-    ade = next(line for line in text.splitlines() if line.startswith("| ade_r2 | ade20k | mIoU |"))
+    assert "79.5" in city and "-0.3" in city
+    assert "- 1 row: dataset not present here; run `python -m repro.run CONFIG`" in text
+    assert "| ade_r2 | ade20k | mIoU |" not in text
+    miou_page = pages["miou.md"]
+    ade = next(line for line in miou_page.splitlines() if line.startswith("| ade_r2 | ade20k | mIoU |"))
     assert "45.2" in ade and "dataset not present" in ade
-    flip = next(line for line in text.splitlines() if "mIoU_ms_flip" in line)
+    flip = next(line for line in miou_page.splitlines() if "mIoU_ms_flip" in line)
     assert "81.3" in flip and "not run" not in flip
     # Synthetic summary: mean over two seeds per variant.
     r2 = next(line for line in text.splitlines() if line.startswith("| R2 | 600 |"))
     assert "| 2 | 0.99 |" in r2
-    assert "0.8" in next(line for line in text.splitlines() if line.startswith("| ade_r2 | train_memory"))
+    assert "0.8" in next(line for line in text.splitlines() if line.startswith("| ade_r2 | 10 | GiB | 12.5"))
     # Sections without their CSV name the command that produces them.
     assert "`ops_bench.csv` not found: produce it with `python -m repro.bench`" in text
     assert "`attention_reach.csv` not found" in text
     assert "Plot `plots/synthetic_ablation.png` not found" in text
+    # Long tables go to linked detail pages.
+    for name in ("claims.md", "synthetic.md", "miou.md", "model_efficiency.md"):
+        assert f"(details/{name})" in text and name in pages
+
+
+def verdict_table(text: str) -> list[str]:
+    """The rows of the first section's table, which must be the findings."""
+    lines = text.splitlines()
+    start = next(index for index, line in enumerate(lines) if line.startswith("## "))
+    assert lines[start] == "## Findings"
+    table = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    assert table[0] == "| claim | the source says | measured here | how | verdict |"
+    return table[2:]
+
+
+def test_report_opens_with_the_verdict_table(results):
+    out, experiments = results
+    rows = verdict_table(build_report(out, experiments))
+    verdicts = [row.rsplit("|", 2)[-2].strip() for row in rows]
+    assert len(rows) >= 6
+    assert all(v.startswith(("reproduced", "not reproduced", "not measurable here")) for v in verdicts), verdicts
+    assert next(row for row in rows if "FLOPs" in row).endswith("| reproduced (within 5%) |")  # 16.54 vs 16.5
+    assert "| reproduced |" in next(row for row in rows if "Two criss-cross loops" in row)  # R1 0.25, R2 1.0
+    assert "reproduced (1/1 measured)" in next(row for row in rows if "Published mIoU" in row)
+    assert "not measurable here: no GPU" in next(row for row in rows if "speed" in row)
+
+
+def test_verdicts_follow_the_numbers(results):
+    out, experiments = results
+    claims = pd.read_csv(out / "claims.csv")
+    claims.loc[0, "value"] = 20.0  # 21% off the paper's 16.5
+    claims.to_csv(out / "claims.csv", index=False)
+    miou = pd.read_csv(out / "miou.csv")
+    miou.loc[1, "measured"] = 70.0
+    miou.to_csv(out / "miou.csv", index=False)
+    rows = verdict_table(build_report(out, experiments))
+    assert "not reproduced (beyond 5%)" in next(row for row in rows if "FLOPs" in row)
+    assert "not reproduced (0/1 measured)" in next(row for row in rows if "Published mIoU" in row)
+
+
+def test_write_report_writes_details_and_the_readme_block(results, tmp_path):
+    out, experiments = results
+    readme = out.parent / "README.md"
+    readme.write_text(f"# x\n\n{FINDINGS_START}\nold\n{FINDINGS_END}\n\nrest\n")
+    (out / "details").mkdir()
+    (out / "details" / "stale.md").write_text("from an earlier report")
+    write_report(out, experiments)
+    assert (out / "details" / "claims.md").read_text().startswith("# Every claims row")
+    assert not (out / "details" / "stale.md").exists()
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{FINDINGS_END}\n\nrest\n")
+    block = text[text.index(FINDINGS_START):text.index(FINDINGS_END)]
+    assert "**Criss-cross (R=2) needs ~85% fewer FLOPs than a non-local block**: reproduced" in block
+    assert "results/REPORT.md" in block
+    # A README without the markers is left alone.
+    other = tmp_path / "OTHER.md"
+    other.write_text("no markers\n")
+    write_report(out, experiments, readme=other)
+    assert other.read_text() == "no markers\n"
+
+
+def test_committed_report_is_short_with_the_verdicts_first():
+    """The real results: REPORT.md under 30 KB, verdict table first; detail pages hold the long tables."""
+    pages = {}
+    text = build_report(RESULTS, EXPERIMENTS, pages)
+    assert len(text.encode()) < 30_000
+    assert text.index("## Findings") < text.index("## ", text.index("## Findings") + 3)
+    assert "| claim | the source says | measured here | how | verdict |" in text
+    assert sum(len(page) for page in pages.values()) > len(text)  # the long tables are elsewhere
 
 
 def test_report_embeds_existing_plots(results):

@@ -1,7 +1,9 @@
 """`repro.reproduce`: step failures are recorded not fatal, stamps make reruns resume, dataset checks,
 and a fast end-to-end run (tiny synthetic ablation + report)."""
 
+import io
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -11,8 +13,19 @@ import time
 import pandas as pd
 import pytest
 from rich.console import Console
+from rich.text import Text
 
-from repro.pipeline.reproduce import PROFILE_CHUNK, Pipeline, Step, build_steps, main
+from repro.pipeline.reproduce import (
+    PROFILE_CHUNK,
+    Pipeline,
+    Step,
+    build_steps,
+    committed_bytes,
+    display_command,
+    main,
+    make_console,
+    start_fresh,
+)
 from tests.configs import write_config
 
 # A stand-in interpreter: answers for the steps built in parallel (claims, profile, run) so these tests do
@@ -20,6 +33,7 @@ from tests.configs import write_config
 FAKE_PYTHON = """#!/bin/sh
 case "$2" in
   repro.claims) echo "claims: $*"; exit 0 ;;
+  repro.bench) echo "bench: $*"; exit 0 ;;
   repro.profile) echo "profiled $*"; exit 0 ;;
   repro.run)
     if [ "$4" = "--check-data" ]; then
@@ -105,11 +119,13 @@ def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
 
 
 def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):
-    """The real synthetic step (--quick) and report, claims/profile/experiments left to their own tests."""
+    """The real synthetic step (--quick) and report, claims/bench/profile/experiments left to their own tests.
+    A fresh checkout (committed results, no stamps) retrains instead of reusing the committed runs, and the
+    report compares this run with the committed one."""
     results = tmp_path / "results"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     argv = ["--quick", "--results", str(results), "--experiments", str(tmp_path / "none"),
-            "--skip", "claims", "profile", "experiments"]
+            "--skip", "claims", "bench", "profile", "experiments"]
     assert main(argv) == 0
     ablation = pd.read_csv(results / "synthetic_ablation.csv")
     assert sorted(ablation["variant"]) == ["R0", "R1", "R2", "R3", "nonlocal"]
@@ -126,6 +142,66 @@ def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):
     assert main(argv) == 0
     status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
     assert status.loc["synthetic-quick", "status"] == "skipped (done before)"
+    assert status["command"].str.startswith("python -m ").all()  # not this machine's interpreter path
+
+    # A fresh clone: these results are the committed reference, and no stamps exist.
+    ablation["date"] = "committed"
+    ablation["miou"] = 0.5 + 0.4 * ablation["recurrence"].fillna(0)  # R3's 1.7 cannot come out of a real run
+    ablation.to_csv(results / "synthetic_ablation.csv", index=False)
+    shutil.rmtree(results / ".stamps")
+    assert main(argv) == 0
+    retrained = pd.read_csv(results / "synthetic_ablation.csv")
+    assert sorted(retrained["variant"]) == ["R0", "R1", "R2", "R3", "nonlocal"]
+    assert not (retrained["date"] == "committed").any()
+    reference = pd.read_csv(results / ".stamps" / "reference" / "synthetic_ablation.csv")
+    assert (reference["date"] == "committed").all()
+    report = (results / "REPORT.md").read_text()
+    drift_section = report[report.index("## This run vs the committed results"):]
+    assert "synthetic_ablation.csv" in drift_section and "drifted" in drift_section
+    assert (results / "details" / "drift.md").exists()
+
+
+def test_start_fresh_saves_the_committed_results_once(tmp_path):
+    results = tmp_path / "results"
+    (results / "plots").mkdir(parents=True)
+    (results / "claims.csv").write_text("claim,value\nflops,1\n")
+    (results / "plots" / "claims_flops.png").write_bytes(b"png")
+    (results / "reproduce_status.csv").write_text("step,status\nclaims,done\n")
+    assert start_fresh(results, ["pipeline", "claims"], force=False) == ["pipeline", "claims"]
+    assert not (results / "claims.csv").exists() and not (results / "plots" / "claims_flops.png").exists()
+    assert not (results / "reproduce_status.csv").exists()
+    assert (results / ".stamps" / "reference" / "claims.csv").read_text() == "claim,value\nflops,1\n"
+    # This run's file survives a resumed run; --force starts over and takes it as the new reference.
+    (results / "claims.csv").write_text("claim,value\nflops,2\n")
+    assert start_fresh(results, ["pipeline", "claims"], force=False) == []
+    assert (results / "claims.csv").exists()
+    assert start_fresh(results, ["claims"], force=True) == ["claims"]
+    assert (results / ".stamps" / "reference" / "claims.csv").read_text() == "claim,value\nflops,2\n"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_reference_is_the_committed_file_not_a_local_edit(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    csv = repo / "results" / "claims.csv"
+    csv.write_text("committed\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "results/claims.csv"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "results"], check=True)
+    csv.write_text("edited by hand\n")
+    assert committed_bytes(csv) == (b"committed\n", "git HEAD")
+    untracked = repo / "results" / "other.csv"
+    untracked.write_text("x\n")
+    assert committed_bytes(untracked) == (b"x\n", "file on disk")
+    assert committed_bytes(repo / "results" / "absent.csv") is None
+
+
+def test_status_commands_are_repository_relative(tmp_path):
+    argv = ("/opt/venv/bin/python", "-m", "repro.profile", str(tmp_path / "experiments" / "a b.yaml"), "--out",
+            str(tmp_path / "results"))
+    assert display_command(argv, root=tmp_path) == "python -m repro.profile 'experiments/a b.yaml' --out results"
+    assert display_command(("py", "-m", "x", "/elsewhere/f.yaml"), root=tmp_path).endswith("/elsewhere/f.yaml")
 
 
 def test_bad_arguments_are_rejected():
@@ -144,7 +220,7 @@ def test_profile_steps_cover_every_config_in_chunks(tmp_path):
     configs = [arg for step in profile for arg in step.argv if arg.endswith(".yaml")]
     assert configs == [str(path) for path in sorted(tmp_path.glob("*.yaml"))]
     assert all(step.argv[-2:] == ("--out", str(tmp_path / "r")) for step in profile)
-    assert [step.name for step in steps if step.group != "profile"] == ["claims", "synthetic-quick"]
+    assert [step.name for step in steps if step.group != "profile"] == ["claims", "bench", "synthetic-quick"]
 
 
 def test_interrupt_records_the_step_and_exits_130(tmp_path):
@@ -180,5 +256,26 @@ def test_interrupt_records_the_step_and_exits_130(tmp_path):
 
 def test_force_reaches_the_synthetic_ablation(tmp_path):
     steps = build_steps(python="py", results=tmp_path, experiments=tmp_path, preset="default",
-                        skip={"claims"}, force=True)
+                        skip={"claims", "bench"}, force=True)
     assert steps[0].argv == ("py", "-m", "repro.synthetic", "--out", str(tmp_path), "--force")
+
+
+def test_benchmark_step_writes_into_the_results_folder(tmp_path):
+    steps = build_steps(python="py", results=tmp_path, experiments=tmp_path / "none", preset="quick", skip=set())
+    bench = next(step for step in steps if step.group == "bench")
+    assert bench.argv[:4] == ("py", "-m", "repro.bench", "--out") and bench.argv[4] == str(tmp_path / "ops_bench.csv")
+
+
+def test_console_does_not_wrap_when_not_a_terminal(tmp_path):
+    buffer = io.StringIO()
+    console = make_console(file=buffer)
+    assert not console.is_terminal and console.width == 80
+    argv = (sys.executable, "-m", "repro.profile", *(f"experiments/config_{index}.yaml" for index in range(20)))
+    console.print(Text("run ", style="bold") + Text(display_command(argv)))
+    assert buffer.getvalue().count("\n") == 1 and "config_19.yaml" in buffer.getvalue()
+
+
+def test_steps_see_a_wide_console(tmp_path):
+    step = Step("columns", "claims", (sys.executable, "-c", "import os; print('COLUMNS=' + os.environ['COLUMNS'])"),
+                stamped=False)
+    assert _pipeline(tmp_path).execute(step).detail == "COLUMNS=1000"

@@ -5,7 +5,8 @@ Steps, each a subprocess called by module name (so a broken or missing step cann
 1. environment: `results/environment.csv` (device, versions, date), written in this process;
 2. claims: `python -m repro.claims --out RESULTS`;
 3. synthetic: `python -m repro.synthetic --out RESULTS [--quick | --full]` (the R=0/1/2/3/non-local
-   ablation on the marker task and its two figures);
+   ablation on the marker task and its two figures), then bench: `python -m repro.bench --out
+   RESULTS/ops_bench.csv --rounds 3` (the operator benchmark);
 4. profile: `python -m repro.profile CONFIG... --out RESULTS` for every `experiments/*.yaml`, in chunks of a
    few configs per process (each chunk stamped, so an interruption loses at most one chunk);
 5. experiments: `python -m repro.run CONFIG --check-data` for every config (exit 0: the dataset is there,
@@ -13,12 +14,19 @@ Steps, each a subprocess called by module name (so a broken or missing step cann
    not present"), recorded in `results/experiments_status.csv`;
 6. report: `python -m repro.report --results RESULTS --experiments EXPERIMENTS` (always rerun: cheap).
 
-Every finished step leaves a stamp `RESULTS/.stamps/NAME.done` holding its command; a rerun skips stamped
-steps whose command is unchanged, unless `--force`, so an interrupted pipeline continues where it stopped
-(the synthetic ablation also resumes run by run inside its step). Each step's outcome goes to
-`results/reproduce_status.csv`. The exit status is non-zero when any step failed; the other steps still run.
+The committed `results/` are the reference, never the answer: the first time a step group runs in a checkout
+(or with `--force`), the committed version of the files it writes is saved to `RESULTS/.stamps/reference/`
+and the files are removed, so every figure the report shows was computed by this run (the synthetic ablation
+retrains instead of finding its runs in the committed CSV), and the report's "this run vs the committed
+results" section compares the two (`repro.pipeline.drift`).
 
-Steps 2, 4 and 5 run one after another in one lane, the synthetic ablation in a second lane beside them
+Every finished step leaves a stamp `RESULTS/.stamps/NAME.done` holding its command; a rerun in the same
+checkout skips stamped steps whose command is unchanged, unless `--force`, so an interrupted pipeline
+continues where it stopped (the synthetic ablation also resumes run by run inside its step). `.stamps/` is
+per checkout and ignored by git. Each step's outcome goes to `results/reproduce_status.csv`, commands with
+repository-relative paths. The exit status is non-zero when any step failed; the other steps still run.
+
+Steps 2, 4 and 5 run one after another in one lane, the synthetic ablation and the benchmark in a second lane
 (`--jobs 1`: everything in one lane); every step is single-threaded, so two lanes fit the 2-core machine and
 keep the default run within its 15-minute budget. `--quick` runs the tiny synthetic version, `--full` five
 seeds instead of two.
@@ -30,6 +38,8 @@ import argparse
 import importlib.metadata
 import os
 import platform
+import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -45,10 +55,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from repro.io import write_csv_atomic
+from repro.io import atomic_write_bytes, write_csv_atomic
+from repro.pipeline.drift import reference_dir
 from repro.vocabulary import cpu_model, device_label
 
-STEP_GROUPS = ("claims", "synthetic", "profile", "experiments", "report")
+STEP_GROUPS = ("claims", "bench", "synthetic", "profile", "experiments", "report")
+# What each step group (re)writes in RESULTS: cleared, after a reference copy of the CSVs, on the group's first
+# run in a checkout. "pipeline" is this job's own bookkeeping.
+GROUP_OUTPUTS = {
+    "pipeline": ("reproduce_status.csv",),
+    "claims": ("claims.csv", "plots/claims_flops.png", "plots/claims_memory.png"),
+    "bench": ("ops_bench.csv",),
+    "synthetic": ("synthetic_ablation.csv", "attention_reach.csv", "plots/synthetic_ablation.png",
+                  "plots/attention_reach.png"),
+    "profile": ("model_efficiency.csv", "model_efficiency.md"),
+    "experiments": ("experiments_status.csv",),
+}
 DATASET_NOT_PRESENT = 3
 STATUS_COLUMNS = ("step", "status", "exit_code", "seconds", "detail", "command", "date")
 EXPERIMENT_COLUMNS = ("experiment", "config", "status", "detail", "date")
@@ -79,6 +101,75 @@ class Outcome:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# Steps write to a pipe, which rich and argparse treat as 80 columns wide; this job decides how lines are shown.
+STEP_COLUMNS = "1000"
+
+
+def make_console(**kwargs) -> Console:
+    """This job's console: lines are never wrapped (soft wrap), so logs and CI keep every command whole."""
+    return Console(soft_wrap=True, **kwargs)
+
+
+def display_command(argv: tuple[str, ...], *, root: Path | None = None) -> str:
+    """The command as a user would type it in the repository: `python` for the interpreter, paths under
+    `root` (default: the working directory) relative to it. Stamps keep the exact argv; this is for the
+    status CSV and the console, which must not carry one machine's absolute paths."""
+    root = Path.cwd() if root is None else root
+    words = ["python" if index == 0 else _relative(word, root) for index, word in enumerate(argv)]
+    return shlex.join(words)
+
+
+def _relative(word: str, root: Path) -> str:
+    path = Path(word)
+    if not path.is_absolute():
+        return word
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return word
+
+
+def committed_bytes(path: Path) -> tuple[bytes, str] | None:
+    """The committed content of `path` and where it came from: `git show HEAD:` when `path` is tracked in a
+    git checkout, the file on disk otherwise; None when neither exists."""
+    if shutil.which("git") is not None and path.parent.is_dir():
+        try:
+            shown = subprocess.run(["git", "show", f"HEAD:./{path.name}"], cwd=path.parent, capture_output=True,
+                                   check=False)
+        except OSError:
+            shown = None
+        if shown is not None and shown.returncode == 0:
+            return shown.stdout, "git HEAD"
+    if path.is_file():
+        return path.read_bytes(), "file on disk"
+    return None
+
+
+def start_fresh(results: Path, groups: list[str], *, force: bool) -> list[str]:
+    """For every group in `groups` not yet started in this checkout (or all with `force`): copy the committed
+    CSVs it writes to the reference folder, remove its outputs, and mark it started. Returns the groups
+    cleared. A group that was started before keeps its outputs, so an interrupted run resumes."""
+    stamps, reference = results / ".stamps", reference_dir(results)
+    cleared = []
+    for group in groups:
+        marker = stamps / f"{group}.started"
+        if marker.exists() and not force:
+            continue
+        for name in GROUP_OUTPUTS.get(group, ()):
+            path = results / name
+            if name.endswith(".csv") and group != "pipeline":
+                committed = committed_bytes(path)
+                if committed is not None:
+                    atomic_write_bytes(reference / name, committed[0])
+                else:  # nothing committed: no reference (an older snapshot would compare against a stale run)
+                    (reference / name).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        stamps.mkdir(parents=True, exist_ok=True)
+        marker.write_text(_now())
+        cleared.append(group)
+    return cleared
 
 
 def experiment_name(config: Path) -> str:
@@ -115,7 +206,7 @@ class Pipeline:
             "step": step.name, "status": outcome.status,
             "exit_code": "" if outcome.exit_code is None else str(outcome.exit_code),
             "seconds": f"{outcome.seconds:.1f}", "detail": outcome.detail,
-            "command": " ".join(step.argv), "date": _now(),
+            "command": display_command(step.argv), "date": _now(),
         }
         with self.lock:
             kept = self.status[self.status["step"] != step.name]
@@ -136,12 +227,13 @@ class Pipeline:
             outcome = Outcome("skipped (done before)", None, 0.0, f"stamp {self.stamp_path(step)}")
             self.record(step, outcome)
             return outcome
-        self.console.print(f"[bold]run[/bold] {step.name}: {' '.join(step.argv)}")
+        self.console.print(Text("run ", style="bold") + Text(f"{step.name}: {display_command(step.argv)}"))
         start = time.perf_counter()
         tail: deque[str] = deque(maxlen=6)
         try:
             process = subprocess.Popen(
-                step.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+                step.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                env={**os.environ, "COLUMNS": STEP_COLUMNS},
             )
         except OSError as error:
             outcome = Outcome("failed", None, time.perf_counter() - start, f"could not start: {error}")
@@ -221,9 +313,13 @@ def build_steps(
     steps = []
     if "claims" not in skip:
         steps.append(Step("claims", "claims", (python, "-m", "repro.claims", "--out", str(results))))
+    if "bench" not in skip:
+        # 3 timed rounds (median) instead of 5: the naive non-local passes take seconds each on a CPU.
+        steps.append(Step("bench", "bench", (python, "-m", "repro.bench", "--out", str(results / "ops_bench.csv"),
+                                             "--rounds", "3")))
     if "synthetic" not in skip:
         flag = () if preset == "default" else (f"--{preset}",)
-        # The ablation also skips runs already in its CSV: --force has to reach it to retrain them.
+        # The ablation skips runs already in its CSV (a resumed step); --force has to reach it too.
         flag += ("--force",) if force else ()
         steps.append(Step(f"synthetic-{preset}", "synthetic",
                           (python, "-m", "repro.synthetic", "--out", str(results), *flag)))
@@ -285,7 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     preset = "quick" if args.quick else "full" if args.full else "default"
     skip = set(args.skip)
     args.results.mkdir(parents=True, exist_ok=True)
-    console = Console()
+    # Logs and CI capture stdout: a console that wraps at 80 columns there splits commands mid-word.
+    console = make_console()
+    needs_configs = {"profile", "experiments"}
+    groups = ["pipeline", *(group for group in GROUP_OUTPUTS if group != "pipeline" and group not in skip
+                            and (group not in needs_configs or args.experiments.is_dir()))]
+    cleared = start_fresh(args.results, groups, force=args.force)
+    if cleared:
+        console.print(f"fresh start for {', '.join(cleared)}: committed results saved to "
+                      f"{reference_dir(args.results)} and recomputed")
     pipeline = Pipeline(results=args.results, force=args.force, console=console)
     env_path = write_environment(args.results)
     console.print(f"wrote {env_path}")
@@ -298,9 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     total = len(steps) + (len(configs) if run_configs else 0) + (0 if "report" in skip else 1)
     # Two lanes by default: the single-threaded synthetic ablation beside the (also single-threaded)
     # claims / profile / dataset checks, which is what keeps the default run within its budget on 2 cores.
-    synthetic = [step for step in steps if step.group == "synthetic"]
-    others = [step for step in steps if step.group != "synthetic"]
-    lanes = [others + synthetic] if args.jobs == 1 else [others, synthetic]
+    # The operator benchmark (single-threaded too) follows the ablation in its lane, which has the slack.
+    second = [step for step in steps if step.group == "synthetic"] + [step for step in steps if step.group == "bench"]
+    others = [step for step in steps if step.group not in ("synthetic", "bench")]
+    lanes = [others + second] if args.jobs == 1 else [others, second]
     failed: list[str] = []
     stop = threading.Event()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -8,8 +8,8 @@ Layout (defaults): a `size` x `size` image (32 x 32) on a grid of `cell` x `cell
 16 x 16 cells). Every image holds
 
 * a square *marker* of `marker_cells` x `marker_cells` cells (6 x 6) painted in one of `num_objects` (4)
-  marker colours; the colour *is* the class of the image's object. 6, not the 3 of the first prototype
-  (shared/NOTES.md): the share of a pixel's two-hop attention that can land on the marker grows with its
+  marker colours; the colour *is* the class of the image's object. 6, not the 3 of the first
+  prototype: the share of a pixel's two-hop attention that can land on the marker grows with its
   area (about 6/31 per hop at uniform attention on a 16-cell grid), and with 3 x 3 cells the small model's
   R=2 stayed at chance on most seeds of the tuning runs;
 * one axis-aligned *rectangle* (`rect_min_cells` .. `rect_max_cells` cells a side, 2..5) painted in a colour
