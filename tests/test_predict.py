@@ -24,6 +24,7 @@ from repro.engine.predict import (
     main,
     parse_point,
 )
+from repro.pipeline.report import section_predict_example
 from repro.synthetic.data import IGNORE_INDEX, MarkerTask, generate
 from repro.synthetic.example import write_example
 from repro.synthetic.reach import effective_maps, loop_maps
@@ -375,3 +376,7 @@ def test_synthetic_example_predicts_the_marker_class(tmp_path):
     predicted = np.asarray(Image.open(tmp_path / "predict_example" / "marker_example_labels.png"))
     rectangle = ((labels[0] > 0) & (labels[0] != IGNORE_INDEX)).numpy()
     assert (predicted[rectangle] == int(labels[0][rectangle][0])).mean() > 0.9
+    # The report shows it (and says how to make it when it is missing).
+    section = section_predict_example(tmp_path)
+    assert "predict_example/marker_example_attention.png" in section and "| 2 |" in section
+    assert "python -m repro.synthetic.example" in section_predict_example(tmp_path / "elsewhere")
