@@ -24,6 +24,7 @@ from repro.engine.predict import (
     main,
     parse_point,
 )
+from repro.engine.predict_figures import peak_xy
 from repro.pipeline.report import section_predict_example
 from repro.synthetic.data import IGNORE_INDEX, MarkerTask, generate
 from repro.synthetic.example import write_example
@@ -112,6 +113,10 @@ def test_cell_of_maps_pixels_onto_the_grid():
     assert cell_of((95, 63), image_hw=(64, 96), grid_hw=(8, 12)) == (7, 11)
     assert cell_of((15, 8), image_hw=(64, 96), grid_hw=(8, 12)) == (1, 1)
     assert cell_of((16, 7), image_hw=(64, 96), grid_hw=(8, 12)) == (0, 2)
+    weights = np.zeros((8, 12))
+    weights[1, 2] = 1.0
+    x, y = peak_xy(weights, image_hw=(64, 96))
+    assert (x, y) == (19.5, 11.5) and cell_of((x, y), image_hw=(64, 96), grid_hw=(8, 12)) == (1, 2)
 
 
 @pytest.mark.parametrize("variant", ["R1", "R3"])
@@ -263,6 +268,7 @@ def test_command_writes_masks_overlays_legends_and_attention(tiny, tmp_path):
         assert set(classes["class_id"]) == set(np.unique(labels).tolist())
         attention = pd.read_csv(out / f"{stem}_attention.csv")
         assert list(attention["after_passes"]) == [1, 2, 1, 2]
+        assert attention["peak_x"].between(0, width).all() and attention["peak_y"].between(0, height).all()
         assert (attention.loc[attention["after_passes"] == 1, "share_off_row_column"] == 0).all()
         assert (out / f"{stem}_legend.png").stat().st_size > 0 and (out / f"{stem}_attention.png").stat().st_size > 0
     assert not list(tmp_path.glob(".out.partial-*"))

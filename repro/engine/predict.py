@@ -11,7 +11,8 @@ IMAGE is a file, a folder (its images, recursively) or a glob pattern. Per image
   classes present with their share of the pixels;
 * with `--attention`: `STEM_attention.png` (per point: the image with the point, where its attention lands
   after the first pass and after each further pass, composed A_r ... A_1, overlaid on the image, with the
-  share falling outside the point's row and column) and `STEM_attention.csv` (those shares).
+  share falling outside the point's row and column and the peak ringed) and `STEM_attention.csv` (those
+  shares, each map's largest weight and where it is).
 
 The image is read as RGB (EXIF orientation applied), rescaled keep-ratio to `eval.scale` when the config sets
 it, normalised as the config's dataset is, and predicted in the config's `eval.mode` (whole or slide
@@ -54,7 +55,14 @@ from repro.engine.config import ConfigError, EvalConfig, ExperimentConfig, load_
 from repro.engine.data.palettes import Palette, palette_for
 from repro.engine.data.transforms import keep_ratio_size, normalise
 from repro.engine.evaluate import predict_logits
-from repro.engine.predict_figures import attention_figure, class_counts, legend_figure, overlay
+from repro.engine.predict_figures import (
+    attention_dpi,
+    attention_figure,
+    class_counts,
+    legend_figure,
+    overlay,
+    peak_xy,
+)
 from repro.io import atomic_savefig, atomic_write_bytes, write_csv_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -359,15 +367,18 @@ def write_prediction(
             image, maps=maps, points_xy=list(attention.points_xy), cells=list(attention.cells),
             off_cross=shares, title=f"{stem}: criss-cross attention, {title}",
         )
-        written.append(atomic_savefig(figure, folder / f"{stem}_attention.png", dpi=110))
+        written.append(atomic_savefig(figure, folder / f"{stem}_attention.png",
+                                      dpi=attention_dpi(attention.grid_hw)))
         rows = []
         for index, ((x, y), (row, col)) in enumerate(zip(attention.points_xy, attention.cells, strict=True)):
             for loop in range(attention.passes):
+                peak = peak_xy(maps[index, loop], image_hw=image.shape[:2])
                 rows.append({
                     "image": stem, "point_x": int(x), "point_y": int(y), "cell_row": row, "cell_col": col,
                     "grid_h": attention.grid_hw[0], "grid_w": attention.grid_hw[1], "after_passes": loop + 1,
                     "share_off_row_column": float(shares[index, loop]),
                     "max_weight": float(maps[index, loop].max()),
+                    "peak_x": round(peak[0], 1), "peak_y": round(peak[1], 1),
                 })
         written.append(write_csv_atomic(pd.DataFrame(rows), folder / f"{stem}_attention.csv"))
     return written

@@ -50,6 +50,22 @@ def legend_figure(palette: Palette, counts: np.ndarray, *, title: str) -> Figure
     return figure
 
 
+PANEL_INCHES = 3.6
+
+
+def attention_dpi(grid_hw: tuple[int, int], *, low: int = 110, high: int = 220) -> int:
+    """Resolution at which every grid cell gets about 2 screen pixels in a panel (within [low, high])."""
+    return int(min(max(2 * max(grid_hw) / PANEL_INCHES, low), high))
+
+
+def peak_xy(weights: np.ndarray, *, image_hw: tuple[int, int]) -> tuple[float, float]:
+    """(x, y) image pixel at the centre of the grid cell where the (h, w) map `weights` is largest."""
+    grid_h, grid_w = weights.shape
+    row, col = np.unravel_index(int(np.argmax(weights)), weights.shape)
+    height, width = image_hw
+    return (col + 0.5) * width / grid_w - 0.5, (row + 0.5) * height / grid_h - 0.5
+
+
 def attention_figure(
     image: np.ndarray,
     *,
@@ -71,7 +87,7 @@ def attention_figure(
     count, passes = maps.shape[:2]
     height, width = image.shape[:2]
     grid_h, grid_w = maps.shape[-2:]
-    panel_w = 3.6
+    panel_w = PANEL_INCHES
     panel_h = max(panel_w * height / width, 1.6) + 0.7
     figure = Figure(figsize=(panel_w * (passes + 1) + 0.6, panel_h * count + 0.5), layout="constrained")
     axes = np.asarray(figure.subplots(count, passes + 1, squeeze=False))
@@ -92,9 +108,12 @@ def attention_figure(
                 vmin=0.0, vmax=max(float(weights.max()), 1e-12),
             )
             figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+            # A peaked map on a large grid can be a cell smaller than a screen pixel: ring its maximum.
+            peak_x, peak_y = peak_xy(weights, image_hw=(height, width))
+            axis.plot(peak_x, peak_y, marker="o", markersize=11, mfc="none", mec="white", mew=1.5)
             which = "first pass" if loop == 0 else f"effective, A{loop + 1}" + "".join(
                 f"·A{earlier}" for earlier in range(loop, 0, -1))
-            axis.set_title(f"after R={loop + 1} ({which})\noff row/column: {off_cross[index, loop]:.3f}",
+            axis.set_title(f"after R={loop + 1} ({which}), o: peak\noff row/column: {off_cross[index, loop]:.3f}",
                            fontsize=8)
         for axis in axes[index]:
             axis.plot(x, y, marker="x", color="white", markersize=9, mew=2.5)
