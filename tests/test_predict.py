@@ -326,6 +326,11 @@ def test_checkpoints_that_do_not_fit_are_named(tiny, tmp_path, capsys):
     torch.save(voc_model.state_dict(), tiny["folder"] / "voc.pt")
     assert _run(tiny, out, image, checkpoint="voc.pt") == 2
     _assert_failed_cleanly(capsys, out, "class count mismatch", "predicts 21 classes", "cityscapes with 19")
+    (tiny["folder"] / "notes.pt").write_text("not a checkpoint")
+    assert _run(tiny, out, image, checkpoint="notes.pt") == 2
+    _assert_failed_cleanly(capsys, out, "cannot read checkpoint", "notes.pt")
+    assert _run(tiny, out, image, checkpoint="absent.pt") == 2
+    _assert_failed_cleanly(capsys, out, "absent.pt", "does not exist")
 
 
 def test_bad_points_modes_and_inputs_are_refused(tiny, tmp_path, capsys):

@@ -197,6 +197,10 @@ def load_model(cfg: ExperimentConfig, checkpoint: Path, *, source: str | None = 
                 f"config {cfg.name!r} is {cfg.data.dataset} with {expected}; use a config of the dataset the "
                 "checkpoint was trained on"
             ) from err
+        if isinstance(err, EOFError | pickle.UnpicklingError):
+            raise PredictError(
+                f"cannot read checkpoint {str(checkpoint)!r} (not a PyTorch checkpoint, or cut off): {err}"
+            ) from err
         raise PredictError(f"checkpoint {str(checkpoint)!r} does not fit config {cfg.name!r}: {err}") from err
     return model.eval()
 
