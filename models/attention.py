@@ -38,15 +38,15 @@ def record_criss_cross(model: nn.Module) -> Iterator[list[CrissCrossPass]]:
     passes: list[CrissCrossPass] = []
 
     def hook_for(name: str):
-        def record(module: CrissCrossAttention, args: tuple) -> None:
-            features = args[0]
+        def record(module: CrissCrossAttention, args: tuple, kwargs: dict) -> None:
+            features = args[0] if args else kwargs["x"]
             with torch.no_grad():
                 passes.append(CrissCrossPass(name, module.query_conv(features), module.key_conv(features)))
 
         return record
 
     handles = [
-        module.register_forward_pre_hook(hook_for(name))
+        module.register_forward_pre_hook(hook_for(name), with_kwargs=True)
         for name, module in model.named_modules()
         if isinstance(module, CrissCrossAttention)
     ]

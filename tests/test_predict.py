@@ -363,6 +363,9 @@ def test_collect_images_and_parse_point(tmp_path):
         Image.new("RGB", (4, 4)).save(path)
     (tmp_path / "a" / "notes.txt").write_text("")
     assert [p.name for p in collect_images([tmp_path / "a"])] == ["x.png", "y.jpg"]
+    (tmp_path / "a" / "out").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "a" / "out" / "x_overlay.png")
+    assert [p.name for p in collect_images([tmp_path / "a"], exclude=tmp_path / "a" / "out")] == ["x.png", "y.jpg"]
     assert [p.name for p in collect_images([str(tmp_path / "a" / "*.jpg")])] == ["y.jpg"]
     with pytest.raises(PredictError, match="same output files"):
         collect_images([tmp_path / "a", tmp_path / "b"])

@@ -79,9 +79,12 @@ class PredictError(ValueError):
 # Inputs
 
 
-def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+def collect_images(inputs: Sequence[str | os.PathLike], *, exclude: Path | None = None) -> list[Path]:
     """Image files named by `inputs`: files as given, folders searched recursively for image suffixes, glob
-    patterns expanded; in order, without repeats. Raises PredictError for an input that names nothing."""
+    patterns expanded; in order, without repeats. Folder searches skip `exclude` (the output folder, so a
+    rerun into a folder inside the inputs does not predict its own outputs). Raises PredictError for an
+    input that names nothing."""
+    skip = Path(exclude).resolve() if exclude is not None else None
     found: list[Path] = []
     for item in inputs:
         text = str(item)
@@ -89,7 +92,11 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         if path.is_file():
             matches = [path]
         elif path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            matches = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                and (skip is None or not p.resolve().is_relative_to(skip))
+            )
             if not matches:
                 raise PredictError(f"folder {text!r} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
         elif glob.has_magic(text):
@@ -388,6 +395,19 @@ def write_prediction(
     return written
 
 
+def check_inputs(images: Sequence[Path], out: Path, points_xy: Sequence[tuple[int, int]] = ()) -> None:
+    """Before any work: every image opens and holds every point, and `out` is (or can become) a folder."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise PredictError(f"--out {str(out)!r} exists and is not a folder")
+    for path in images:
+        height, width = image_size(Path(path))
+        for x, y in points_xy:
+            if not (x < width and y < height):
+                raise PredictError(
+                    f"--attention point ({x},{y}) is outside image {str(path)!r} ({width} x {height} pixels)"
+                )
+
+
 def predict_to_folder(
     predictor: Predictor,
     images: Sequence[Path],
@@ -403,16 +423,8 @@ def predict_to_folder(
     the temporary folder is removed and `out` is left as it was.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PredictError(f"--out {str(out)!r} exists and is not a folder")
     images = [Path(path) for path in images]
-    for path in images:
-        height, width = image_size(path)
-        for x, y in points_xy:
-            if not (x < width and y < height):
-                raise PredictError(
-                    f"--attention point ({x},{y}) is outside image {str(path)!r} ({width} x {height} pixels)"
-                )
+    check_inputs(images, out, points_xy)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -467,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         points = [parse_point(text) for text in args.attention]
-        images = collect_images(args.images)
+        images = collect_images(args.images, exclude=args.out)
+        # Cheap checks first: a bad image or point should not wait for a large checkpoint to load.
+        check_inputs(images, args.out, points)
         cfg = load_config(args.config, args.overrides)
         device = args.device
         if device == "auto":
