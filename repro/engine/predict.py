@@ -63,6 +63,7 @@ from repro.engine.predict_figures import (
     overlay,
     peak_xy,
 )
+from repro.engine.runner import load_weights
 from repro.io import atomic_savefig, atomic_write_bytes, write_csv_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -185,8 +186,6 @@ def load_model(cfg: ExperimentConfig, checkpoint: Path, *, source: str | None = 
     The config's ImageNet backbone is not loaded: the checkpoint replaces every weight. PredictError names
     the keys and shapes when the checkpoint does not fit, and says so when its class count differs.
     """
-    from repro.engine.runner import load_weights
-
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise PredictError(f"checkpoint {str(checkpoint)!r} does not exist")
@@ -225,7 +224,8 @@ class Predictor:
     """A model with everything needed to predict one image as its config says.
 
     mode: "whole", "slide" (windows of eval_cfg.crop_size every eval_cfg.stride) or "ms_flip" (eval_cfg's
-    ms_scales and mirror, each view in eval_cfg.mode). scale: keep-ratio rescale (long, short) or None.
+    ms_scales and mirror, each view in eval_cfg.mode). Images are first rescaled keep-ratio to
+    eval_cfg.scale (long, short) when it is set, then normalised with mean / std in channel_order.
     """
 
     model: nn.Module
