@@ -145,8 +145,10 @@ def test_maps_are_the_same_whichever_backend_ran_the_block():
     images = generate(1, seed=8)[0].to(device)
     expected = attention_at_points(naive, images, [(20, 3)])
     got = attention_at_points(fused, images, [(20, 3)])
-    assert torch.allclose(got.maps, expected.maps, atol=1e-5)
-    assert torch.allclose(got.logits, expected.logits, atol=1e-4)
+    # Fp32 either way; on a GPU the two backends' reductions run in a different order.
+    tolerance = 1e-4 if device.type == "cuda" else 1e-5
+    assert torch.allclose(got.maps, expected.maps, atol=tolerance)
+    assert torch.allclose(got.logits, expected.logits, atol=10 * tolerance)
 
 
 def test_hooks_are_removed_and_models_without_attention_are_refused():
