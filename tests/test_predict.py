@@ -242,7 +242,8 @@ def tiny(tmp_path_factory):
                             "head_act": "leaky_relu", "pool_ceil_mode": True})
     model.decode_head.set_gamma(1.0)
     torch.save(model.state_dict(), folder / "ours.pt")
-    torch.save({"state_dict": models.export_state_dict(model, source="mmseg")}, folder / "mmseg.pt")
+    for source in ("mmseg", "sssegmentation"):
+        torch.save({"state_dict": models.export_state_dict(model, source=source)}, folder / f"{source}.pt")
     rng = np.random.default_rng(0)
     images = folder / "images"
     images.mkdir()
@@ -274,12 +275,13 @@ def test_command_writes_masks_overlays_legends_and_attention(tiny, tmp_path):
         assert (attention.loc[attention["after_passes"] == 1, "share_off_row_column"] == 0).all()
         assert (out / f"{stem}_legend.png").stat().st_size > 0 and (out / f"{stem}_attention.png").stat().st_size > 0
     assert not list(tmp_path.glob(".out.partial-*"))
-    # The same weights in mmsegmentation's layout give the same labels.
-    again = tmp_path / "mmseg"
-    assert _run(tiny, again, str(tiny["images"] / "street.png"), "--checkpoint-source", "mmseg",
-                checkpoint="mmseg.pt") == 0
-    assert np.array_equal(np.asarray(Image.open(again / "street_labels.png")),
-                          np.asarray(Image.open(out / "street_labels.png")))
+    # The same weights in mmsegmentation's and sssegmentation's layouts give the same labels.
+    for source in ("mmseg", "sssegmentation"):
+        again = tmp_path / source
+        assert _run(tiny, again, str(tiny["images"] / "street.png"), "--checkpoint-source", source,
+                    checkpoint=f"{source}.pt") == 0
+        assert np.array_equal(np.asarray(Image.open(again / "street_labels.png")),
+                              np.asarray(Image.open(out / "street_labels.png")))
 
 
 @pytest.mark.parametrize("mode", ["slide", "ms_flip"])
