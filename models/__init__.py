@@ -1,7 +1,7 @@
 """CCNet model family: dilated ResNet backbones, RCCA / non-local / FCN heads, losses, checkpoint import
 and inference modes. Knows nothing of `repro`."""
 
-from models import checkpoints, context, heads, inference, losses, resnet, synthetic
+from models import attention, checkpoints, context, heads, inference, losses, resnet, synthetic
 from models.ccnet import HEADS, CCNet, build, count_parameters
 from models.checkpoints import SOURCES, LoadReport, export_state_dict, load_checkpoint
 
@@ -10,6 +10,7 @@ __all__ = [
     "SOURCES",
     "CCNet",
     "LoadReport",
+    "attention",
     "build",
     "checkpoints",
     "context",

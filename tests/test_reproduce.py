@@ -131,6 +131,7 @@ def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):
     assert sorted(ablation["variant"]) == ["R0", "R1", "R2", "R3", "nonlocal"]
     assert (results / "plots" / "synthetic_ablation.png").exists()
     assert (results / "plots" / "attention_reach.png").exists()
+    assert (results / "predict_example" / "marker_example_attention.png").exists()
     report = (results / "REPORT.md").read_text()
     assert "## Synthetic long-range benchmark" in report and "| R2 | 20 |" in report
     assert pd.read_csv(results / "environment.csv").set_index("fact").loc["torch", "value"]
@@ -220,7 +221,8 @@ def test_profile_steps_cover_every_config_in_chunks(tmp_path):
     configs = [arg for step in profile for arg in step.argv if arg.endswith(".yaml")]
     assert configs == [str(path) for path in sorted(tmp_path.glob("*.yaml"))]
     assert all(step.argv[-2:] == ("--out", str(tmp_path / "r")) for step in profile)
-    assert [step.name for step in steps if step.group != "profile"] == ["claims", "bench", "synthetic-quick"]
+    assert [step.name for step in steps if step.group != "profile"] == [
+        "claims", "bench", "synthetic-quick", "predict-example-quick"]
 
 
 def test_interrupt_records_the_step_and_exits_130(tmp_path):

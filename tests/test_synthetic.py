@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models.synthetic import VARIANTS, SyntheticSegmenter, receptive_radius_cells
+from ops.cca_maps import criss_cross_map
 from ops.cost import criss_cross_module_cost, non_local_module_cost
 from ops.criss_cross import criss_cross_attention
 from repro.synthetic.ablation import (
@@ -24,7 +25,7 @@ from repro.synthetic.data import (
     generate,
     object_classes,
 )
-from repro.synthetic.reach import criss_cross_map, effective_maps, loop_maps, plot_attention_reach
+from repro.synthetic.reach import effective_maps, loop_maps, plot_attention_reach
 
 TASK = MarkerTask()
 

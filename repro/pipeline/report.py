@@ -42,6 +42,8 @@ SOURCES = {
     "synthetic": ("synthetic_ablation.csv", "python -m repro.synthetic --out results"),
     "reach": ("attention_reach.csv", "python -m repro.synthetic --out results"),
     "ops_bench": ("ops_bench.csv", "python -m repro.bench"),
+    "predict_example": ("predict_example/marker_example_attention.csv",
+                        "python -m repro.synthetic.example --out results"),
     "efficiency": ("model_efficiency.csv", "python -m repro.profile experiments/*.yaml"),
 }
 # The paper's module-level claims are read at its feature map (1 x 512 x 97 x 97, a 769 x 769 input at OS 8).
@@ -591,6 +593,33 @@ def section_miou(results: Path, experiments: Path, pages: dict[str, str]) -> str
     return text + "\n"
 
 
+def section_predict_example(results: Path) -> str:
+    text = "## Prediction command: colour mask and R=1 / R=2 attention (synthetic example)\n\n"
+    frame = read_csv(results, "predict_example")
+    if frame is None:
+        return text + missing("predict_example")
+    _require(frame, ["after_passes", "share_off_row_column"], SOURCES["predict_example"][0])
+    text += ("`python -m repro.predict CONFIG.yaml --checkpoint PATH IMAGE... --out DIR --attention X,Y` on a "
+             "validation image of the marker task with the trained R=2 synthetic model "
+             "(`python -m repro.synthetic.example`, the same code): input, predicted labels (palette PNG), "
+             "overlay, and the attention of the marked rectangle pixel after one and two criss-cross passes. "
+             "The marker (whose colour is the rectangle's class) shares no row or column with the pixel: the "
+             "first pass cannot put attention on it, the composed second pass does. The marker itself is "
+             "unlabelled in training, so the colours predicted on it mean nothing.\n\n")
+    text += markdown_table(frame) + "\n"
+    folder = Path(SOURCES["predict_example"][0]).parent
+    images = [(f"{folder}/{name}", caption) for name, caption in (
+        ("marker_example.png", "input"), ("marker_example_labels.png", "predicted labels"),
+        ("marker_example_overlay.png", "overlay"))]
+    present = [(path, caption) for path, caption in images if (results / path).exists()]
+    text += " ".join(f'<img src="{path}" alt="{caption}" width="160">' for path, caption in present) + "\n\n"
+    for name, caption in (("marker_example_legend.png", "classes present"),
+                          ("marker_example_attention.png", "attention after R=1 and R=2")):
+        if (results / folder / name).exists():
+            text += f"![{caption}]({folder}/{name})\n\n"
+    return text
+
+
 def section_ops_bench(results: Path, pages: dict[str, str]) -> str:
     text = "## Operator benchmark\n\n"
     frame = read_csv(results, "ops_bench")
@@ -669,6 +698,7 @@ def build_report(results: Path, experiments: Path, pages: dict[str, str] | None 
         section_claims(results, pages),
         section_whole_network(results, experiments, pages),
         section_synthetic(results, pages),
+        section_predict_example(results),
         section_miou(results, experiments, pages),
         section_ops_bench(results, pages),
         section_gpu(results),

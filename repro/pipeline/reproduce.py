@@ -5,8 +5,9 @@ Steps, each a subprocess called by module name (so a broken or missing step cann
 1. environment: `results/environment.csv` (device, versions, date), written in this process;
 2. claims: `python -m repro.claims --out RESULTS`;
 3. synthetic: `python -m repro.synthetic --out RESULTS [--quick | --full]` (the R=0/1/2/3/non-local
-   ablation on the marker task and its two figures), then bench: `python -m repro.bench --out
-   RESULTS/ops_bench.csv --rounds 3` (the operator benchmark);
+   ablation on the marker task and its two figures), then `python -m repro.synthetic.example` (the
+   prediction command's colour mask and R=1 / R=2 attention figure on the trained R=2 model), then bench:
+   `python -m repro.bench --out RESULTS/ops_bench.csv --rounds 3` (the operator benchmark);
 4. profile: `python -m repro.profile CONFIG... --out RESULTS` for every `experiments/*.yaml`, in chunks of a
    few configs per process (each chunk stamped, so an interruption loses at most one chunk);
 5. experiments: `python -m repro.run CONFIG --check-data` for every config (exit 0: the dataset is there,
@@ -323,6 +324,10 @@ def build_steps(
         flag += ("--force",) if force else ()
         steps.append(Step(f"synthetic-{preset}", "synthetic",
                           (python, "-m", "repro.synthetic", "--out", str(results), *flag)))
+        # `python -m repro.predict`'s worked example on the trained R=2 model (after it, in the same lane).
+        preset_flag = () if preset == "default" else (f"--{preset}",)
+        steps.append(Step(f"predict-example-{preset}", "synthetic",
+                          (python, "-m", "repro.synthetic.example", "--out", str(results), *preset_flag)))
     if "profile" not in skip and experiments.is_dir():
         configs = [str(config) for config in sorted(experiments.glob("*.yaml"))]
         chunks = [configs[start:start + PROFILE_CHUNK] for start in range(0, len(configs), PROFILE_CHUNK)]

@@ -2,9 +2,10 @@
 
 Like the official CCNet visualisation, the effective attention after two loops is the product of the two
 loops' criss-cross attention maps: A_eff = A_2 @ A_1 (rows: query pixels, columns: attended pixels). The maps
-are computed *explicitly* here from the trained module's query/key projections (`criss_cross_map`: a dense
-(HW x HW) matrix, -inf off the pixel's row and column, one joint softmax), not through the op, so the figure
-is an independent view of what the op does (the tests check `criss_cross_map @ value` equals the op).
+are computed *explicitly* from the query/key each loop was given (`ops.criss_cross_map`: a dense (HW x HW)
+matrix, -inf off the pixel's row and column, one joint softmax), not through the op, so the figure is an
+independent view of what the op does (the tests check `criss_cross_map @ value` equals the op). The same maps
+for any model and image, at any size: `python -m repro.predict ... --attention X,Y`.
 
 Writes `results/plots/attention_reach.png` and `results/attention_reach.csv` (the share of the chosen
 pixel's attention that lands on the marker after each loop; exactly 0 after one loop because the marker is
@@ -20,45 +21,29 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from models.attention import record_criss_cross
 from models.synthetic import SyntheticSegmenter
+from ops.cca_maps import criss_cross_map
 from repro.io import atomic_savefig, write_csv_atomic
 from repro.synthetic.ablation import VAL_SEED, checkpoint_path
 from repro.synthetic.data import IGNORE_INDEX, MarkerTask, generate
 
 
-def criss_cross_map(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """Dense criss-cross attention matrix: (B, Cqk, H, W) x2 -> (B, H*W, H*W), rows sum to 1.
-
-    Entry [b, p, p'] is the softmax weight pixel p gives pixel p' (zero unless p' shares p's row or
-    column; p itself counted once), with no scaling, as `ops.criss_cross_attention` defines it.
-    """
-    if query.dim() != 4 or query.shape != key.shape:
-        raise ValueError(
-            "query and key must be (B, C, H, W) of equal shape, "
-            f"got {tuple(query.shape)} and {tuple(key.shape)}"
-        )
-    _, _, height, width = query.shape
-    energy = torch.einsum("bcp,bcq->bpq", query.flatten(2), key.flatten(2))
-    rows = torch.arange(height, device=query.device).repeat_interleave(width)
-    cols = torch.arange(width, device=query.device).repeat(height)
-    on_cross = (rows[:, None] == rows[None, :]) | (cols[:, None] == cols[None, :])
-    return torch.softmax(energy.masked_fill(~on_cross, float("-inf")), dim=-1)
-
-
-def loop_maps(model, images: torch.Tensor) -> list[torch.Tensor]:
-    """Per-loop criss-cross maps (B, HW, HW) of a trained `SyntheticSegmenter` with R >= 1."""
+def loop_maps(model: SyntheticSegmenter, images: torch.Tensor) -> list[torch.Tensor]:
+    """Per-loop dense criss-cross maps (B, HW, HW) of a trained `SyntheticSegmenter` with R >= 1, from the query
+    and key each loop was given (`models.attention.record_criss_cross`)."""
     if model.variant == "nonlocal" or model.recurrence < 1:
         raise ValueError(
             f"attention reach needs a criss-cross model with R >= 1, got variant {model.variant!r}"
         )
-    attention = model.context
-    maps = []
-    with torch.no_grad():
-        features = model.features(images)
-        for _ in range(model.recurrence):
-            maps.append(criss_cross_map(attention.query_conv(features), attention.key_conv(features)))
-            features = attention(features)
-    return maps
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), record_criss_cross(model) as passes:
+            model(images)
+    finally:
+        model.train(was_training)
+    return [criss_cross_map(recorded.query, recorded.key) for recorded in passes]
 
 
 def effective_maps(maps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -80,15 +65,24 @@ def _checkpoint_for(out: Path, steps: int, seeds: tuple[int, ...]) -> tuple[Path
     )
 
 
+def load_trained_r2(
+    *, out: Path, steps: int, seeds: tuple[int, ...], task: MarkerTask | None = None
+) -> tuple[SyntheticSegmenter, Path, int]:
+    """The trained R=2 model of the lowest seed that has a checkpoint under `out`, in eval mode, with its
+    checkpoint path and seed (weights read with `weights_only=True`)."""
+    task = MarkerTask() if task is None else task
+    path, seed = _checkpoint_for(out, steps, seeds)
+    model = SyntheticSegmenter(variant="R2", num_classes=task.num_classes)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval(), path, seed
+
+
 def plot_attention_reach(
     *, out: Path, steps: int, seeds: tuple[int, ...], task: MarkerTask | None = None
 ) -> Path:
     """Draw the figure for the R=2 model of the lowest seed; returns the PNG path."""
     task = MarkerTask() if task is None else task
-    path, seed = _checkpoint_for(out, steps, seeds)
-    model = SyntheticSegmenter(variant="R2", num_classes=task.num_classes)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model.eval()
+    model, _, seed = load_trained_r2(out=out, steps=steps, seeds=seeds, task=task)
     images, labels = generate(1, seed=VAL_SEED, task=task)
     cells = labels[0, :: task.cell, :: task.cell]
     rect = torch.nonzero((cells > 0) & (cells != IGNORE_INDEX))
