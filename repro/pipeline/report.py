@@ -17,6 +17,7 @@ import pandas as pd
 
 from repro.engine.config import load_config
 from repro.io import atomic_write_text
+from repro.pipeline.recipes import section_recipes
 
 REPORT_NAME = "REPORT.md"
 # (file, command that produces it) for every CSV the report reads.
@@ -257,6 +258,7 @@ def build_report(results: Path, experiments: Path) -> str:
         section_miou(results, experiments),
         section_efficiency(results),
         section_ops_bench(results),
+        section_recipes(experiments, table=markdown_table),
     ]
     return "\n".join(parts)
 
