@@ -98,6 +98,24 @@ def test_poly_schedule_matches_each_source(data_root, iterations):
         assert 7.0e-3 < ratio - 1 < 7.2e-3
 
 
+def test_rows_schedules_follow_their_sources():
+    """The shipped rows, not overrides: lr at 0, 1, T/2, T-1, T against each source's formula."""
+    ssseg = load_config(EXPERIMENTS / "ssseg_voc_r50_d8.yaml").train
+    T = ssseg.iterations
+    for step in (0, 1, T // 2, T - 1, T):
+        # sssegmentation: min_lr defaults to lr * 0.01 (basescheduler.py line 15); coeff (1 - k / T) ** 0.9.
+        expected = (1 - step / T) ** 0.9 * (ssseg.lr - ssseg.lr * 0.01) + ssseg.lr * 0.01
+        assert poly_lr(step, ssseg) == pytest.approx(expected, rel=1e-6)
+    assert poly_lr(T - 1, ssseg) == pytest.approx(1.0072e-4, rel=1e-4)  # not ~4e-7 as with min_lr 0
+    mmseg = load_config(EXPERIMENTS / "mmseg_cityscapes_r50_d8_512x1024_40k.yaml").train
+    reference = _mmengine_poly(0.01, 1e-4, 0.9, mmseg.iterations, mmseg.iterations + 1)
+    for step in (0, 1, mmseg.iterations // 2, mmseg.iterations - 1, mmseg.iterations):
+        assert poly_lr(step, mmseg) == pytest.approx(reference[step], rel=1e-6)
+    official = load_config(EXPERIMENTS / "cityscapes_r2.yaml").train
+    for step in (0, 1, 30000, 59999):
+        assert poly_lr(step, official) == pytest.approx(0.01 * (1 - step / 60000) ** 0.9, rel=1e-6)
+
+
 def test_build_loss_averages_as_the_config_says(data_root):
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 19, 6, 6, generator=generator)
