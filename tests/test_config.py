@@ -86,15 +86,17 @@ def _family(path: Path) -> str:
 # Each source's recipe, as read in its own code (see the YAML comments for file and line).
 RECIPES = {
     "official": dict(
-        rescale="factor", base_size=None, scale_step=0.1, cat_max_ratio=1.0, photometric_distortion="none",
+        rescale="factor", base_size=None, scale_step=0.1, cat_max_ratio=1.0, crop_fallback="none",
+        photometric_distortion="none",
         pad_position="bottom_right", min_lr=0.0, poly_horizon="iterations", loss_average="valid_pixels",
     ),
     "mmseg": dict(
-        rescale="keep_ratio_bounds", scale_step=None, cat_max_ratio=0.75, photometric_distortion="hsv",
+        rescale="keep_ratio_bounds", scale_step=None, cat_max_ratio=0.75, crop_fallback="fresh_draw",
+        photometric_distortion="hsv",
         pad_position="bottom_right", min_lr=1e-4, poly_horizon="iterations_minus_one", loss_average="all_pixels",
     ),
     "ssseg": dict(
-        rescale="keep_ratio_bounds", scale_step=None, cat_max_ratio=0.75,
+        rescale="keep_ratio_bounds", scale_step=None, cat_max_ratio=0.75, crop_fallback="last_draw",
         photometric_distortion="hsv_red_blue_swapped", pad_position="centre", min_lr=1e-4,
         poly_horizon="iterations", loss_average="valid_pixels",
     ),
@@ -146,6 +148,7 @@ def test_ssseg_iterations_follow_its_sampler(path):
     ("section", "key"),
     [
         ("data", "rescale"), ("data", "base_size"), ("data", "scale_step"), ("data", "cat_max_ratio"),
+        ("data", "crop_fallback"),
         ("data", "photometric_distortion"), ("data", "pad_position"), ("train", "min_lr"),
         ("train", "poly_horizon"), ("train", "loss_average"),
     ],
@@ -188,6 +191,7 @@ def test_model_kwargs_are_build_arguments():
         (lambda r: r["data"].update(rescale="keep_ratio_bounds"), "data.base_size: required when rescale"),
         (lambda r: r["data"].update(base_size=[2048, 1024]), "data.base_size: expected null when rescale"),
         (lambda r: r["data"].update(pad_position="top"), "data.pad_position: expected one of"),
+        (lambda r: r["data"].update(cat_max_ratio=0.75), "data.crop_fallback: expected 'fresh_draw' or 'last_draw'"),
         (lambda r: r["train"].update(loss="ohem"), "train.ohem_thresh: required when loss is 'ohem'"),
         (lambda r: r["train"].update(ohem_thresh=0.7), "train.ohem_thresh: expected null unless loss"),
         (

@@ -39,7 +39,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 def _transform(**kwargs) -> TrainTransform:
     """A TrainTransform with the official recipe's choices unless overridden."""
     settings = dict(
-        rescale="factor", base_size=None, scale_step=None, cat_max_ratio=1.0, photometric="none",
+        rescale="factor", base_size=None, scale_step=None, cat_max_ratio=1.0, crop_fallback="none", photometric="none",
         pad_position="bottom_right", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), channel_order="rgb",
     )
     return TrainTransform(**{**settings, **kwargs})
@@ -188,7 +188,8 @@ def test_cat_max_ratio_rejects_single_class_crops():
     label = np.zeros((20, 20), dtype=np.uint8)
     label[:, 15:] = 1
     image = np.zeros((20, 20, 3), dtype=np.uint8)
-    strict = _transform(crop_size=(10, 10), scale_range=(1.0, 1.0), cat_max_ratio=0.75, flip=False)
+    strict = _transform(crop_size=(10, 10), scale_range=(1.0, 1.0), cat_max_ratio=0.75, crop_fallback="last_draw",
+                        flip=False)
     loose = _transform(crop_size=(10, 10), scale_range=(1.0, 1.0), flip=False)
 
     def mixed_crops(transform) -> int:
@@ -196,6 +197,26 @@ def test_cat_max_ratio_rejects_single_class_crops():
         return sum(len(np.unique(crop)) > 1 for crop in crops)
 
     assert mixed_crops(strict) > mixed_crops(loose)
+
+
+@pytest.mark.parametrize(("fallback", "draws"), [("fresh_draw", 11), ("last_draw", 10)])
+def test_crop_fallback_after_ten_rejections(fallback, draws):
+    # One class everywhere: every window is rejected. mmseg RandomCrop.crop_bbox (transforms.py lines 280-290)
+    # then crops an 11th window, sssegmentation RandomCrop (transforms.py lines 88-104) keeps the 10th.
+    label = np.zeros((30, 40), dtype=np.uint8)
+    image = np.arange(30 * 40 * 3, dtype=np.int64).reshape(30, 40, 3) % 251
+    image = image.astype(np.uint8)
+    transform = _transform(crop_size=(8, 8), scale_range=(1.0, 1.0), cat_max_ratio=0.75, crop_fallback=fallback,
+                           flip=False)
+    out_image, _ = transform(image, label, rng=np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    rng.uniform(1.0, 1.0)  # the scale ratio is drawn first
+    windows = [(int(rng.integers(0, 23)), int(rng.integers(0, 33))) for _ in range(11)]
+    top, left = windows[draws - 1]
+    expected = torch.from_numpy(image[top : top + 8, left : left + 8].transpose(2, 0, 1).astype(np.float32))
+    assert torch.equal(out_image, expected)
+    with pytest.raises(ValueError, match="crop_fallback"):
+        _transform(crop_size=(8, 8), scale_range=(1.0, 1.0), cat_max_ratio=0.75, crop_fallback="none")
 
 
 def test_normalise_and_keep_ratio():

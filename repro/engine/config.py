@@ -97,7 +97,8 @@ class DataConfig:
     Each training image is rescaled by a random ratio from `scale_range` (continuous, or in steps of
     `scale_step` as the official code's 0.7 + randint(0, 14) / 10) following `rescale`, randomly cropped to
     at most `crop_size` (re-drawn up to 10 times while one class covers `cat_max_ratio` or more of the
-    labelled pixels of the crop), flipped, colour-jittered as `photometric_distortion` says, normalised, and
+    labelled pixels of the crop, then `crop_fallback`), flipped, colour-jittered as `photometric_distortion`
+    says, normalised, and
     padded to `crop_size` (image 0 after normalisation, i.e. the mean colour; label `ignore_index`) at
     `pad_position`. Resizing is OpenCV's (bilinear for images, nearest for labels), as in every source.
 
@@ -124,6 +125,10 @@ class DataConfig:
     scale_step: float | None
     # 1.0 switches the re-drawn crop off (official code).
     cat_max_ratio: float
+    # The crop when 10 windows in a row were rejected by cat_max_ratio: "fresh_draw" (mmseg RandomCrop.crop_bbox
+    # draws an 11th, unchecked), "last_draw" (sssegmentation RandomCrop keeps the 10th); "none" with
+    # cat_max_ratio 1.0, where nothing is rejected.
+    crop_fallback: Literal["none", "fresh_draw", "last_draw"]
     # "none"; "hsv": mmseg PhotoMetricDistortion (OpenCV BGR->HSV of the true colours); "hsv_red_blue_swapped":
     # sssegmentation's, which applies COLOR_RGB2HSV to OpenCV's BGR image (hue turns the other way).
     photometric_distortion: Literal["none", "hsv", "hsv_red_blue_swapped"]
@@ -146,6 +151,9 @@ class DataConfig:
         _expect(0 <= self.ignore_index <= 255, "ignore_index", "in [0, 255]", self.ignore_index)
         _expect(self.num_workers >= 0, "num_workers", ">= 0", self.num_workers)
         _expect(self.base_size is None or min(self.base_size) >= 1, "base_size", "positive", self.base_size)
+        no_check = self.cat_max_ratio >= 1.0
+        expected = "'none' exactly when cat_max_ratio is 1.0" if no_check else "'fresh_draw' or 'last_draw'"
+        _expect((self.crop_fallback == "none") == no_check, "crop_fallback", expected, self.crop_fallback)
         if self.rescale == "keep_ratio_bounds":
             _require(self.base_size is not None, "base_size", "required when rescale is 'keep_ratio_bounds'")
         else:

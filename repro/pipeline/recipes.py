@@ -35,6 +35,7 @@ RECIPE_FIELDS = (
     ("data", "scale_range", "random ratio range"),
     ("data", "scale_step", "ratio step (none: continuous)"),
     ("data", "cat_max_ratio", "crop re-drawn while one class covers this share"),
+    ("data", "crop_fallback", "crop after 10 rejected windows"),
     ("data", "photometric_distortion", "colour jitter"),
     ("data", "pad_position", "padding position"),
     ("train", "loss", "decode loss"),

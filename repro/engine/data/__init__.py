@@ -69,6 +69,7 @@ def build_dataset(data: DataConfig, *, split: str, eval_cfg: EvalConfig | None =
             base_size=data.base_size,
             scale_step=data.scale_step,
             cat_max_ratio=data.cat_max_ratio,
+            crop_fallback=data.crop_fallback,
             photometric=data.photometric_distortion,
             pad_position=data.pad_position,
             flip=data.flip,

@@ -23,6 +23,7 @@ import torch
 RESCALES = ("factor", "keep_ratio_bounds")
 PHOTOMETRIC = ("none", "hsv", "hsv_red_blue_swapped")
 PAD_POSITIONS = ("bottom_right", "centre")
+CROP_FALLBACKS = ("none", "fresh_draw", "last_draw")
 # PhotoMetricDistortion defaults of mmsegmentation and sssegmentation (identical).
 BRIGHTNESS_DELTA = 32
 CONTRAST_RANGE = (0.5, 1.5)
@@ -133,10 +134,10 @@ class TrainTransform:
     """Random rescale, random crop, flip, photometric distortion, normalise, pad (see `DataConfig`).
 
     The crop window is drawn on the rescaled image (offsets in [0, max(size - crop, 0)], re-drawn up to 10
-    times while one class covers `cat_max_ratio` or more of the labelled pixels: mmseg / sssegmentation
-    RandomCrop), then the normalised image is padded to `crop_size` with 0 (the mean colour) and the label
-    with `ignore_index`, at `pad_position`. For the official code, which pads bottom-right before cropping,
-    this is the same distribution: a dimension smaller than the crop is always taken whole at offset 0.
+    times while one class covers `cat_max_ratio` or more of the labelled pixels, then `crop_fallback`: mmseg /
+    sssegmentation RandomCrop), then the normalised image is padded to `crop_size` with 0 (the mean colour)
+    and the label with `ignore_index`, at `pad_position`. For the official code, which pads bottom-right before
+    cropping, this is the same distribution: a dimension smaller than the crop is always taken whole at offset 0.
     """
 
     def __init__(
@@ -153,6 +154,7 @@ class TrainTransform:
         cat_max_ratio: float,
         photometric: str,
         pad_position: str,
+        crop_fallback: str,
         flip: bool = True,
         ignore_index: int = 255,
     ) -> None:
@@ -166,6 +168,13 @@ class TrainTransform:
             raise ValueError(f"base_size is required with rescale 'keep_ratio_bounds' only, got {base_size!r}")
         if photometric not in PHOTOMETRIC:
             raise ValueError(f"photometric must be one of {PHOTOMETRIC}, got {photometric!r}")
+        if crop_fallback not in CROP_FALLBACKS:
+            raise ValueError(f"crop_fallback must be one of {CROP_FALLBACKS}, got {crop_fallback!r}")
+        if (crop_fallback == "none") != (cat_max_ratio >= 1.0):
+            raise ValueError(
+                f"crop_fallback {crop_fallback!r} does not fit cat_max_ratio {cat_max_ratio}: 'none' exactly when "
+                "cat_max_ratio is 1.0"
+            )
         if pad_position not in PAD_POSITIONS:
             raise ValueError(f"pad_position must be one of {PAD_POSITIONS}, got {pad_position!r}")
         self.crop_size = tuple(crop_size)
@@ -177,6 +186,7 @@ class TrainTransform:
         self.cat_max_ratio = cat_max_ratio
         self.photometric = photometric
         self.pad_position = pad_position
+        self.crop_fallback = crop_fallback
         self.flip = flip
         self.ignore_index = ignore_index
 
@@ -198,15 +208,21 @@ class TrainTransform:
         """(top, left, height, width) of the crop in `label`'s frame."""
         height, width = label.shape
         crop_h, crop_w = min(self.crop_size[0], height), min(self.crop_size[1], width)
-        for _ in range(10):
-            top = int(rng.integers(0, height - crop_h + 1))
-            left = int(rng.integers(0, width - crop_w + 1))
-            if self.cat_max_ratio >= 1.0:
-                break
+
+        def draw() -> tuple[int, int]:
+            return int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+
+        top, left = draw()
+        if self.cat_max_ratio >= 1.0:
+            return top, left, crop_h, crop_w
+        for attempt in range(10):
             window = label[top : top + crop_h, left : left + crop_w]
             _, counts = np.unique(window[window != self.ignore_index], return_counts=True)
             if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                 break
+            # mmseg draws again after every rejection, the 11th unchecked; sssegmentation keeps the 10th.
+            if attempt < 9 or self.crop_fallback == "fresh_draw":
+                top, left = draw()
         return top, left, crop_h, crop_w
 
     def __call__(
