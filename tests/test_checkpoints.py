@@ -397,3 +397,29 @@ def test_detect_source_of_each_layout():
     assert detect_source(ssseg_spec()) == "sssegmentation"
     assert detect_source({_strip(k): v for k, v in official_spec().items()}) == "official"
     assert detect_source(_build(stem="v1c", head_channels=32).state_dict()) == "ccrepro"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [f"ssseg_{dataset}_r50_{os}" for dataset in ("ade20k", "cityscapes", "voc") for os in ("d8", "d16")],
+)
+def test_ssseg_rows_accept_an_ssseg_checkpoint(name):
+    """Every sssegmentation row builds sssegmentation's network (the v1c stem 3->32->32->64 of its
+    `resnet50conv3x3stem`) so that a checkpoint in its layout places every tensor (R-101 rows differ only in
+    layer3's block count)."""
+    from pathlib import Path
+
+    from repro.engine.config import load_config, model_kwargs
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
+    kwargs = dict(model_kwargs(cfg), pretrained_backbone=None, backend="naive")
+    model = models.build(**kwargs)
+    assert tuple(model.backbone.stem[0].weight.shape) == (32, 3, 3, 3)
+    state = random_state(ssseg_spec(classes=cfg.model.num_classes))
+    report = load_checkpoint(model, state, source="sssegmentation")
+    assert not report.missing and not report.unexpected
+    ours = model.state_dict()
+    loaded = {key for key in ours if not key.endswith("num_batches_tracked")}
+    assert set(report.loaded) >= loaded
+    assert torch.equal(ours["backbone.stem.6.weight"], state["backbone_net.stem.6.weight"])
+    assert torch.equal(ours["decode_head.classifier.weight"], state["decoder.4.weight"])

@@ -86,6 +86,87 @@ def test_official_recipe():
     assert (ohem.loss, ohem.ohem_thresh, ohem.ohem_min_kept) == ("ohem", 0.7, 100000)
 
 
+def _family(path: Path) -> str:
+    return path.stem.split("_")[0] if path.stem.startswith(("mmseg_", "ssseg_", "paddleseg_")) else "official"
+
+
+# Each source's recipe, as read in its own code (see the YAML comments for file and line).
+RECIPES = {
+    "official": dict(
+        rescale="factor", base_size=None, scale_step=0.1, cat_max_ratio=1.0, crop_fallback="none",
+        photometric_distortion="none",
+        pad_position="bottom_right", min_lr=0.0, poly_horizon="iterations", loss_average="valid_pixels",
+    ),
+    "mmseg": dict(
+        rescale="keep_ratio_bounds", scale_step=None, cat_max_ratio=0.75, crop_fallback="fresh_draw",
+        photometric_distortion="hsv",
+        pad_position="bottom_right", min_lr=1e-4, poly_horizon="iterations_minus_one", loss_average="all_pixels",
+    ),
+    "ssseg": dict(
+        rescale="keep_ratio_bounds", scale_step=None, cat_max_ratio=0.75, crop_fallback="last_draw",
+        photometric_distortion="hsv_red_blue_swapped", pad_position="centre", min_lr=1e-4,
+        poly_horizon="iterations", loss_average="valid_pixels",
+    ),
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_row_states_its_sources_recipe(path):
+    family = _family(path)
+    if family not in RECIPES:
+        pytest.skip(f"{path.stem}: PaddleSeg's recipe is not checked against its code")
+    cfg = load_config(path)
+    for key, value in RECIPES[family].items():
+        section = cfg.data if hasattr(cfg.data, key) else cfg.train
+        assert getattr(section, key) == value, f"{path.stem}: {key}"
+    # Each recipe field carries a comment naming where in the source it was read.
+    text = path.read_text()
+    for key in ("rescale", "pad_position", "poly_horizon", "loss_average", "min_lr"):
+        line = next(line for line in text.splitlines() if line.startswith(f"  {key}:"))
+        assert "#" in line, f"{path.stem}: {key} has no source comment"
+    if family == "mmseg" and cfg.data.crop_size == (769, 769):
+        # configs/_base_/datasets/cityscapes_769x769.py lines 8 and 18: scale=(2049, 1025).
+        assert cfg.data.base_size == (2049, 1025) and cfg.eval.scale == (2049, 1025)
+    if family == "ssseg":
+        # ssseg/modules/models/backbones/resnet.py: conv3x3 stem with stem_channels 64 (3->32->32->64), v1c.
+        assert cfg.model.stem == "v1c" and "v1c" in cfg.model.pretrained_backbone
+
+
+# sssegmentation iterations per epoch: DistributedSampler (padded to ceil(N / GPUs) samples per rank) and
+# DataLoader(drop_last=True): floor(ceil(N / GPUs) / batch per GPU); the total batch (16 or 8) is split over
+# the GPUs (auto_adapt_to_expected_train_bs). Epochs from the docs table; N = the training split's size.
+SSSEG_SCHEDULES = {"ade20k": (130, 20210, 16), "voc": (60, 10582, 16), "cityscapes": (220, 2975, 8)}
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("ssseg_*.yaml")), ids=lambda p: p.stem)
+def test_ssseg_iterations_follow_its_sampler(path):
+    cfg = load_config(path)
+    epochs, images, total_batch = SSSEG_SCHEDULES[cfg.data.dataset]
+    gpus = cfg.train.source_gpus
+    assert cfg.data.batch_size * gpus == total_batch
+    per_epoch = -(-images // gpus) // (total_batch // gpus)
+    assert cfg.train.iterations == epochs * per_epoch
+    # 8 GPUs give the same count (the rows do not depend on the GPU count the docs leave open).
+    assert per_epoch == -(-images // 8) // (total_batch // 8)
+    assert (cfg.data.dataset, per_epoch) in {("ade20k", 1263), ("voc", 661), ("cityscapes", 372)}
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("data", "rescale"), ("data", "base_size"), ("data", "scale_step"), ("data", "cat_max_ratio"),
+        ("data", "crop_fallback"),
+        ("data", "photometric_distortion"), ("data", "pad_position"), ("train", "min_lr"),
+        ("train", "poly_horizon"), ("train", "loss_average"),
+    ],
+)
+def test_recipe_fields_have_no_default(tmp_path, raw, section, key):
+    raw[section].pop(key)
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError, match=f"{section}.{key}: required key is missing"):
+        load_config(path)
+
+
 def test_model_kwargs_are_build_arguments():
     cfg = load_config(EXPERIMENTS / "cityscapes_r2.yaml")
     kwargs = model_kwargs(cfg)
@@ -114,6 +195,17 @@ def test_model_kwargs_are_build_arguments():
         ),
         (lambda r: r["reported"].update(mIoU_test=80.0), "reported.mIoU_test"),
         (lambda r: r.update(train=3), "train: expected a mapping"),
+        (lambda r: r["data"].update(rescale="keep_ratio_bounds"), "data.base_size: required when rescale"),
+        (lambda r: r["data"].update(base_size=[2048, 1024]), "data.base_size: expected null when rescale"),
+        (lambda r: r["data"].update(pad_position="top"), "data.pad_position: expected one of"),
+        (lambda r: r["data"].update(cat_max_ratio=0.75), "data.crop_fallback: expected 'fresh_draw' or 'last_draw'"),
+        (lambda r: r["train"].update(loss="ohem"), "train.ohem_thresh: required when loss is 'ohem'"),
+        (lambda r: r["train"].update(ohem_thresh=0.7), "train.ohem_thresh: expected null unless loss"),
+        (
+            lambda r: r["train"].update(loss="ohem", ohem_thresh=0.7, ohem_min_kept=10, loss_average="all_pixels"),
+            "train.loss_average: expected 'valid_pixels' with loss 'ohem'",
+        ),
+        (lambda r: r["train"].update(min_lr=0.02), "train.min_lr: expected in [0, lr=0.01)"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, raw, edit, message):

@@ -26,11 +26,23 @@ from repro.engine.data.transforms import (
     keep_ratio_size,
     normalise,
     photometric_distortion,
+    random_bounds,
+    resize_by_factor,
+    resize_to,
 )
 from repro.engine.distributed import StepBatchSampler
 from repro.engine.runner import main
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _transform(**kwargs) -> TrainTransform:
+    """A TrainTransform with the official recipe's choices unless overridden."""
+    settings = dict(
+        rescale="factor", base_size=None, scale_step=None, cat_max_ratio=1.0, crop_fallback="none", photometric="none",
+        pad_position="bottom_right", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), channel_order="rgb",
+    )
+    return TrainTransform(**{**settings, **kwargs})
 
 
 def _cfg(name: str, root: Path | None, **overrides):
@@ -152,19 +164,19 @@ def test_train_transform_scale_pad_crop_flip():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
     label = rng.integers(0, 5, size=(10, 12), dtype=np.uint8)
-    common = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), channel_order="rgb")
     # Crop larger than the image at scale 1: padding is 0 in the image and ignore in the label.
-    pad = TrainTransform(crop_size=(16, 20), scale_range=(1.0, 1.0), flip=False, **common)
+    pad = _transform(crop_size=(16, 20), scale_range=(1.0, 1.0), flip=False)
     out_image, out_label = pad(image, label, rng=np.random.default_rng(1))
     assert out_image.shape == (3, 16, 20) and out_label.shape == (16, 20)
     assert (out_label == 255).sum() == 16 * 20 - 10 * 12 and (out_image[:, 10:, :] == 0).all()
     assert torch.equal(out_label[:10, :12], torch.from_numpy(label.astype(np.int64)))
     # Scale steps are taken from the grid low + k * step.
-    stepped = TrainTransform(crop_size=(4, 4), scale_range=(0.7, 2.1), scale_step=0.1, **common)
-    ratios = {round(stepped._ratio(np.random.default_rng(s)), 6) for s in range(200)}
-    assert ratios == {round(0.7 + 0.1 * k, 6) for k in range(15)}
+    stepped = _transform(crop_size=(4, 4), scale_range=(0.7, 2.1), scale_step=0.1)
+    ratios = {stepped._ratio(np.random.default_rng(s)) for s in range(200)}
+    # Bit for bit the official f_scale = 0.7 + random.randint(0, 14) / 10.0 (dataset/datasets.py).
+    assert ratios == {0.7 + k / 10.0 for k in range(15)}
     # Flip: the same seed with and without flipping differs by a mirror when the coin says flip.
-    flip = TrainTransform(crop_size=(10, 12), scale_range=(1.0, 1.0), flip=True, **common)
+    flip = _transform(crop_size=(10, 12), scale_range=(1.0, 1.0), flip=True)
     for seed in range(6):
         a_img, a_lab = flip(image, label, rng=np.random.default_rng(seed))
         assert torch.equal(a_lab, torch.from_numpy(label.astype(np.int64))) or torch.equal(
@@ -176,15 +188,35 @@ def test_cat_max_ratio_rejects_single_class_crops():
     label = np.zeros((20, 20), dtype=np.uint8)
     label[:, 15:] = 1
     image = np.zeros((20, 20, 3), dtype=np.uint8)
-    common = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), channel_order="rgb", flip=False)
-    strict = TrainTransform(crop_size=(10, 10), scale_range=(1.0, 1.0), cat_max_ratio=0.75, **common)
-    loose = TrainTransform(crop_size=(10, 10), scale_range=(1.0, 1.0), **common)
+    strict = _transform(crop_size=(10, 10), scale_range=(1.0, 1.0), cat_max_ratio=0.75, crop_fallback="last_draw",
+                        flip=False)
+    loose = _transform(crop_size=(10, 10), scale_range=(1.0, 1.0), flip=False)
 
     def mixed_crops(transform) -> int:
         crops = [transform(image, label, rng=np.random.default_rng(s))[1] for s in range(30)]
         return sum(len(np.unique(crop)) > 1 for crop in crops)
 
     assert mixed_crops(strict) > mixed_crops(loose)
+
+
+@pytest.mark.parametrize(("fallback", "draws"), [("fresh_draw", 11), ("last_draw", 10)])
+def test_crop_fallback_after_ten_rejections(fallback, draws):
+    # One class everywhere: every window is rejected. mmseg RandomCrop.crop_bbox (transforms.py lines 280-290)
+    # then crops an 11th window, sssegmentation RandomCrop (transforms.py lines 88-104) keeps the 10th.
+    label = np.zeros((30, 40), dtype=np.uint8)
+    image = np.arange(30 * 40 * 3, dtype=np.int64).reshape(30, 40, 3) % 251
+    image = image.astype(np.uint8)
+    transform = _transform(crop_size=(8, 8), scale_range=(1.0, 1.0), cat_max_ratio=0.75, crop_fallback=fallback,
+                           flip=False)
+    out_image, _ = transform(image, label, rng=np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    rng.uniform(1.0, 1.0)  # the scale ratio is drawn first
+    windows = [(int(rng.integers(0, 23)), int(rng.integers(0, 33))) for _ in range(11)]
+    top, left = windows[draws - 1]
+    expected = torch.from_numpy(image[top : top + 8, left : left + 8].transpose(2, 0, 1).astype(np.float32))
+    assert torch.equal(out_image, expected)
+    with pytest.raises(ValueError, match="crop_fallback"):
+        _transform(crop_size=(8, 8), scale_range=(1.0, 1.0), cat_max_ratio=0.75, crop_fallback="none")
 
 
 def test_normalise_and_keep_ratio():
@@ -235,9 +267,143 @@ def test_photometric_distortion_changes_colours_only():
     outputs = [photometric_distortion(image, rng=np.random.default_rng(s)) for s in range(8)]
     assert all(out.shape == image.shape and out.dtype == np.uint8 for out in outputs)
     assert sum(not np.array_equal(out, image) for out in outputs) >= 6  # 1/16 chance per seed of no change
-    common = dict(crop_size=(12, 12), scale_range=(1.0, 1.0), flip=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    jitter = TrainTransform(photometric=True, channel_order="rgb", **common)
-    plain = TrainTransform(photometric=False, channel_order="rgb", **common)
+    common = dict(crop_size=(12, 12), scale_range=(1.0, 1.0), flip=False)
+    jitter = _transform(photometric="hsv", **common)
+    plain = _transform(photometric="none", **common)
     jittered, jitter_label = jitter(image, label, rng=np.random.default_rng(3))
     _, plain_label = plain(image, label, rng=np.random.default_rng(3))
     assert torch.equal(jitter_label, plain_label) and jittered.shape == (3, 12, 12)
+
+
+class FixedDraws:
+    """A stand-in for np.random.Generator: every coin says yes, uniform draws return `uniform`, and the hue
+    draw returns `hue`; it records the ranges asked for."""
+
+    def __init__(self, *, uniform: float, hue: int) -> None:
+        self.uniform_value, self.hue = uniform, hue
+        self.integer_ranges: list[tuple] = []
+
+    def integers(self, low, high=None):
+        self.integer_ranges.append((low, high))
+        return 1 if high is None else self.hue
+
+    def uniform(self, low, high):
+        return self.uniform_value
+
+
+def _source_photometric(bgr: np.ndarray, *, alpha: float, beta: float, hue: int, to_hsv, from_hsv):
+    """mmsegmentation / sssegmentation PhotoMetricDistortion.transform on OpenCV's BGR image, every coin yes
+    and contrast first (mode 1): brightness, contrast, saturation, hue, each through `convert` (float32,
+    clip, truncate to uint8)."""
+    import cv2
+
+    def convert(array, a=1.0, b=0.0):
+        return np.clip(array.astype(np.float32) * a + b, 0, 255).astype(np.uint8)
+
+    image = convert(bgr, b=beta)
+    image = convert(image, a=alpha)
+    hsv = cv2.cvtColor(image, to_hsv)
+    hsv[:, :, 1] = convert(hsv[:, :, 1], a=alpha)
+    image = cv2.cvtColor(hsv, from_hsv)
+    hsv = cv2.cvtColor(image, to_hsv)
+    hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + hue) % 180
+    return cv2.cvtColor(hsv, from_hsv)
+
+
+@pytest.mark.parametrize("mode", ["hsv", "hsv_red_blue_swapped"])
+def test_photometric_distortion_follows_the_sources(mode):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(9, 11, 3), dtype=np.uint8)
+    draws = FixedDraws(uniform=1.3, hue=-18)
+    ours = photometric_distortion(rgb, rng=draws, mode=mode)
+    # Hue is drawn as randint(-18, 18): -18..17 (mmseg transforms.py line 704, sssegmentation line 501).
+    assert (-18, 18) in draws.integer_ranges
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # what cv2.imread gives the sources
+    if mode == "hsv":  # mmseg: mmcv.bgr2hsv / hsv2bgr
+        conversions = dict(to_hsv=cv2.COLOR_BGR2HSV, from_hsv=cv2.COLOR_HSV2BGR)
+    else:  # sssegmentation transforms.py line 486: COLOR_RGB2HSV / COLOR_HSV2RGB on the BGR image
+        conversions = dict(to_hsv=cv2.COLOR_RGB2HSV, from_hsv=cv2.COLOR_HSV2RGB)
+    expected = _source_photometric(bgr, alpha=1.3, beta=1.3, hue=-18, **conversions)[:, :, ::-1]
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_the_two_photometric_modes_turn_hue_opposite_ways():
+    red = np.zeros((1, 1, 3), dtype=np.uint8)
+    red[..., 0] = 200
+    true_hue = photometric_distortion(red, rng=FixedDraws(uniform=1.0, hue=10), mode="hsv")
+    swapped = photometric_distortion(red, rng=FixedDraws(uniform=1.0, hue=10), mode="hsv_red_blue_swapped")
+    # +10 on OpenCV's 0..180 hue scale is +20 degrees: red moves towards yellow (green grows) when the hue is
+    # the true one, towards magenta (blue grows) when red and blue are swapped.
+    assert true_hue[0, 0, 1] > 40 > true_hue[0, 0, 2]
+    assert swapped[0, 0, 2] > 40 > swapped[0, 0, 1]
+
+
+def test_opencv_bilinear_does_not_antialias():
+    # Halving with OpenCV's bilinear samples at (x + 0.5) * 2 - 0.5 = 2x + 0.5: the mean of a 2x2 block
+    # (values are multiples of 4 so the mean is exact); PIL's bilinear would spread a wider filter.
+    rng = np.random.default_rng(0)
+    image = (rng.integers(0, 64, size=(8, 12, 3)) * 4).astype(np.uint8)
+    expected = image.reshape(4, 2, 6, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    np.testing.assert_array_equal(resize_to(image, (4, 6)), expected.astype(np.uint8))
+    # Doubling a ramp: samples at (x + 0.5) / 2 - 0.5, clamped at the border: 0, 25, 75, 100.
+    ramp = np.array([[0, 100]], dtype=np.uint8).repeat(2, axis=0)
+    assert resize_to(ramp, (4, 4))[0].tolist() == [0, 25, 75, 100]
+    assert resize_by_factor(ramp, 2.0)[0].tolist() == [0, 25, 75, 100]
+    labels = np.array([[1, 2], [3, 4]], dtype=np.uint8)
+    assert set(np.unique(resize_to(labels, (5, 7), nearest=True))) == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.7431, 1.2345, 2.0])
+def test_keep_ratio_bounds_truncate_then_round(ratio):
+    # mmcv RandomResize._random_sample_ratio (processing.py line 1515) truncates the bounds, rescale_size
+    # (geometric.py line 33) rounds the size with int(x * f + 0.5); sssegmentation Resize lines 46 and 52.
+    bounds = (int(2049 * ratio), int(1025 * ratio))
+    assert random_bounds((2049, 1025), ratio) == bounds
+    factor = min(bounds[0] / 2048, bounds[1] / 1024)
+    expected = (int(1024 * factor + 0.5), int(2048 * factor + 0.5))
+    transform = _transform(crop_size=(4200, 4200), scale_range=(ratio, ratio), rescale="keep_ratio_bounds",
+                           base_size=(2049, 1025), flip=False)
+    label = np.zeros((1024, 2048), dtype=np.uint8)
+    image = np.zeros((1024, 2048, 3), dtype=np.uint8)
+    _, out_label = transform(image, label, rng=np.random.default_rng(0))
+    rows = int((out_label != 255).any(dim=1).sum())
+    cols = int((out_label != 255).any(dim=0).sum())
+    assert (rows, cols) == expected
+
+
+def test_factor_rescale_is_opencvs():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, size=(37, 53), dtype=np.uint8)
+    transform = _transform(crop_size=(200, 200), scale_range=(1.3, 1.3), flip=False)
+    out_image, out_label = transform(image, label, rng=np.random.default_rng(0))
+    import cv2
+
+    # speedinghzl/CCNet dataset/datasets.py generate_scale_label, then image -= mean (0 here), pad bottom-right.
+    expected = cv2.resize(image, None, fx=1.3, fy=1.3, interpolation=cv2.INTER_LINEAR)
+    expected_label = cv2.resize(label, None, fx=1.3, fy=1.3, interpolation=cv2.INTER_NEAREST)
+    h, w = expected_label.shape
+    assert torch.equal(out_image[:, :h, :w], torch.from_numpy(expected.transpose(2, 0, 1).astype(np.float32)))
+    assert torch.equal(out_label[:h, :w], torch.from_numpy(expected_label.astype(np.int64)))
+
+
+@pytest.mark.parametrize("position", ["bottom_right", "centre"])
+def test_pad_colour_and_position(position):
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    image = np.full((5, 6, 3), 200, dtype=np.uint8)
+    label = np.zeros((5, 6), dtype=np.uint8)
+    transform = _transform(crop_size=(10, 9), scale_range=(1.0, 1.0), flip=False, pad_position=position,
+                           mean=mean, std=std)
+    out_image, out_label = transform(image, label, rng=np.random.default_rng(0))
+    # Padding happens after normalisation with 0 (mmseg data_preprocessor.py lines 117-129 then stack_batch
+    # pad_val=0; official copyMakeBorder value 0.0 after image -= mean; sssegmentation Padding after
+    # Normalize): the padded pixels hold the normalised mean colour, 0, not black ((0 - mean) / std).
+    top, left = (0, 0) if position == "bottom_right" else ((10 - 5) // 2, (9 - 6) // 2)
+    inside = torch.zeros(10, 9, dtype=torch.bool)
+    inside[top : top + 5, left : left + 6] = True
+    assert torch.equal(out_label != 255, inside)
+    assert (out_image[:, ~inside] == 0).all()
+    expected_inside = torch.tensor([(200 - m) / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32)
+    torch.testing.assert_close(out_image[:, inside], expected_inside[:, None].expand(3, 30))

@@ -34,8 +34,11 @@ TINY = {
               "num_classes": 19, "aux": True, "backend": "naive"},
     "data": {"dataset": "cityscapes", "train_split": "train", "val_split": "val", "crop_size": [33, 33],
              "batch_size": 1, "scale_range": [0.5, 2.0], "mean": [123.675, 116.28, 103.53],
-             "std": [58.395, 57.12, 57.375], "channel_order": "rgb"},
-    "train": {"iterations": 10, "lr": 0.01, "weight_decay": 0.0005, "loss": "ce", "source_gpus": 1},
+             "std": [58.395, 57.12, 57.375], "channel_order": "rgb", "rescale": "factor", "base_size": None,
+             "scale_step": None, "cat_max_ratio": 1.0, "crop_fallback": "none", "photometric_distortion": "none",
+             "pad_position": "bottom_right"},
+    "train": {"iterations": 10, "lr": 0.01, "weight_decay": 0.0005, "loss": "ce", "source_gpus": 1,
+              "min_lr": 0.0, "poly_horizon": "iterations", "loss_average": "valid_pixels"},
     "eval": {"mode": "slide", "crop_size": [33, 33], "stride": [22, 22], "scale": [64, 48]},
 }
 

@@ -12,7 +12,7 @@ import torch
 from repro.engine.config import load_config, with_overrides
 from repro.engine.data import write_fake_dataset
 from repro.engine.distributed import init_distributed
-from repro.engine.train import LAST_CHECKPOINT, poly_lr, train
+from repro.engine.train import LAST_CHECKPOINT, build_loss, poly_lr, train
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -54,6 +54,80 @@ def test_poly_schedule(data_root):
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def _mmengine_poly(lr, eta_min, power, end, steps):
+    """mmengine PolyLR (optim/scheduler/param_scheduler.py): total_iters = end - begin - 1 (line 847) and the
+    chainable update lr <- (lr - eta_min) * (1 - 1 / (total_iters - last_step + 1)) ** power + eta_min
+    (lines 879-888), one scheduler step after each iteration while last_step < end; returns the lr each
+    iteration 0..steps-1 trains with."""
+    total_iters, value, values = end - 1, lr, []
+    for step in range(steps):
+        values.append(value)
+        last_step = step + 1
+        if last_step < end:
+            value = (value - eta_min) * (1 - 1 / (total_iters - last_step + 1)) ** power + eta_min
+    return values
+
+
+@pytest.mark.parametrize("iterations", [40000, 20000, 7])
+def test_poly_schedule_matches_each_source(data_root, iterations):
+    T = iterations
+    steps = [0, 1, T // 2, T - 1, T]
+    mmseg = tiny_config(data_root, **{
+        "train.iterations": T, "train.min_lr": 1e-4, "train.poly_horizon": "iterations_minus_one",
+    }).train
+    reference = _mmengine_poly(0.01, 1e-4, 0.9, T, T + 1)
+    for step in steps:
+        assert poly_lr(step, mmseg) == pytest.approx(reference[step], rel=1e-6)
+    assert poly_lr(T - 1, mmseg) == pytest.approx(1e-4, rel=1e-12)  # eta_min reached at the last step
+    # speedinghzl/CCNet train.py: lr_poly(base_lr, i_iter, num_steps, power) = base_lr * (1 - i / max) ** power.
+    official = tiny_config(data_root, **{"train.iterations": T}).train
+    for step in steps:
+        assert poly_lr(step, official) == pytest.approx(0.01 * (1 - step / T) ** 0.9, rel=1e-6, abs=1e-15)
+    # sssegmentation PolyScheduler.updatelr (polyscheduler.py line 24), min_lr = lr * 0.01 (basescheduler.py
+    # line 15), cur_iter counted from 0 before each step.
+    ssseg = tiny_config(data_root, **{"train.iterations": T, "train.min_lr": 0.01 * 0.01}).train
+    for step in steps:
+        expected = (1 - step / T) ** 0.9 * (0.01 - 1e-4) + 1e-4
+        assert poly_lr(step, ssseg) == pytest.approx(expected, rel=1e-6)
+    if T == 40000:
+        # The end point matters: at the last step the two horizons differ by 7.1e-3 relative (issue 13).
+        ratio = poly_lr(T - 1, tiny_config(data_root, **{"train.iterations": T, "train.min_lr": 1e-4}).train) / 1e-4
+        assert ratio == pytest.approx(1 + (0.01 - 1e-4) * (1 / T) ** 0.9 / 1e-4, rel=1e-9)
+        assert 7.0e-3 < ratio - 1 < 7.2e-3
+
+
+def test_rows_schedules_follow_their_sources():
+    """The shipped rows, not overrides: lr at 0, 1, T/2, T-1, T against each source's formula."""
+    ssseg = load_config(EXPERIMENTS / "ssseg_voc_r50_d8.yaml").train
+    T = ssseg.iterations
+    for step in (0, 1, T // 2, T - 1, T):
+        # sssegmentation: min_lr defaults to lr * 0.01 (basescheduler.py line 15); coeff (1 - k / T) ** 0.9.
+        expected = (1 - step / T) ** 0.9 * (ssseg.lr - ssseg.lr * 0.01) + ssseg.lr * 0.01
+        assert poly_lr(step, ssseg) == pytest.approx(expected, rel=1e-6)
+    assert poly_lr(T - 1, ssseg) == pytest.approx(1.0072e-4, rel=1e-4)  # not ~4e-7 as with min_lr 0
+    mmseg = load_config(EXPERIMENTS / "mmseg_cityscapes_r50_d8_512x1024_40k.yaml").train
+    reference = _mmengine_poly(0.01, 1e-4, 0.9, mmseg.iterations, mmseg.iterations + 1)
+    for step in (0, 1, mmseg.iterations // 2, mmseg.iterations - 1, mmseg.iterations):
+        assert poly_lr(step, mmseg) == pytest.approx(reference[step], rel=1e-6)
+    official = load_config(EXPERIMENTS / "cityscapes_r2.yaml").train
+    for step in (0, 1, 30000, 59999):
+        assert poly_lr(step, official) == pytest.approx(0.01 * (1 - step / 60000) ** 0.9, rel=1e-6)
+
+
+def test_build_loss_averages_as_the_config_says(data_root):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 19, 6, 6, generator=generator)
+    target = torch.randint(0, 19, (2, 6, 6), generator=generator)
+    target[:, :2] = 255
+    outputs = (logits, logits.flip(-1))
+    losses = {}
+    for average in ("all_pixels", "valid_pixels"):
+        train_cfg = tiny_config(data_root, **{"train.loss_average": average}).train
+        losses[average] = build_loss(train_cfg, ignore_index=255)(outputs, target)
+    valid_fraction = float((target != 255).float().mean())
+    torch.testing.assert_close(losses["all_pixels"], losses["valid_pixels"] * valid_fraction)
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(data_root, tmp_path):
@@ -103,6 +177,7 @@ def test_accumulation_ohem_and_bf16_autocast_run(data_root, tmp_path):
             "train.grad_accum_steps": 2,
             "data.batch_size": 1,
             "train.loss": "ohem",
+            "train.ohem_thresh": 0.7,
             "train.ohem_min_kept": 50,
             "train.amp": "bf16",
             "model.depth": 50,

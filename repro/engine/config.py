@@ -94,12 +94,16 @@ class ModelConfig:
 class DataConfig:
     """Dataset, augmentation and normalisation of the training pipeline.
 
-    Training images are (optionally) rescaled to `base_size` (long side, short side; keep ratio, as
-    mmsegmentation's `img_scale`), then by a random ratio in `scale_range` (continuous, or in steps of
-    `scale_step` as the official code's 0.7 + randint(0, 14) / 10), padded to `crop_size` (image with 0
-    after normalisation, label with `ignore_index`), randomly cropped (re-drawn up to 10 times while one
-    class covers more than `cat_max_ratio` of the crop), flipped and, with `photometric_distortion`, colour
-    jittered as mmsegmentation's PhotoMetricDistortion.
+    Each training image is rescaled by a random ratio from `scale_range` (continuous, or in steps of
+    `scale_step` as the official code's 0.7 + randint(0, 14) / 10) following `rescale`, randomly cropped to
+    at most `crop_size` (re-drawn up to 10 times while one class covers `cat_max_ratio` or more of the
+    labelled pixels of the crop, then `crop_fallback`), flipped, colour-jittered as `photometric_distortion`
+    says, normalised, and
+    padded to `crop_size` (image 0 after normalisation, i.e. the mean colour; label `ignore_index`) at
+    `pad_position`. Resizing is OpenCV's (bilinear for images, nearest for labels), as in every source.
+
+    The recipe fields below have no default: the sources differ on each of them (see
+    `repro.pipeline.recipes` for the table), so every row states its source's choice.
     """
 
     dataset: Literal["cityscapes", "ade20k", "voc"]
@@ -111,13 +115,28 @@ class DataConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     channel_order: Literal["rgb", "bgr"]
+    # "factor": cv2.resize(image, None, fx=ratio, fy=ratio) (official datasets.py generate_scale_label).
+    # "keep_ratio_bounds": bounds (int(long * ratio), int(short * ratio)) of `base_size`, then a keep-ratio
+    # rescale into them with sizes int(x * f + 0.5) (mmcv RandomResize + imrescale; sssegmentation Resize).
+    rescale: Literal["factor", "keep_ratio_bounds"]
+    # (long side, short side) of the keep-ratio rescale; required with rescale "keep_ratio_bounds".
+    base_size: tuple[int, int] | None
+    # None: ratio uniform in scale_range; else low + step * randint over the steps (both ends included).
+    scale_step: float | None
+    # 1.0 switches the re-drawn crop off (official code).
+    cat_max_ratio: float
+    # The crop when 10 windows in a row were rejected by cat_max_ratio: "fresh_draw" (mmseg RandomCrop.crop_bbox
+    # draws an 11th, unchecked), "last_draw" (sssegmentation RandomCrop keeps the 10th); "none" with
+    # cat_max_ratio 1.0, where nothing is rejected.
+    crop_fallback: Literal["none", "fresh_draw", "last_draw"]
+    # "none"; "hsv": mmseg PhotoMetricDistortion (OpenCV BGR->HSV of the true colours); "hsv_red_blue_swapped":
+    # sssegmentation's, which applies COLOR_RGB2HSV to OpenCV's BGR image (hue turns the other way).
+    photometric_distortion: Literal["none", "hsv", "hsv_red_blue_swapped"]
+    # "bottom_right" (official copyMakeBorder(0, pad_h, 0, pad_w); mmseg stack_batch) or "centre"
+    # (sssegmentation Padding: top = (out - h) // 2).
+    pad_position: Literal["bottom_right", "centre"]
     root: str | None = None
-    base_size: tuple[int, int] | None = None
-    scale_step: float | None = None
-    cat_max_ratio: float = 1.0
     flip: bool = True
-    # mmsegmentation's PhotoMetricDistortion (brightness, contrast, saturation, hue).
-    photometric_distortion: bool = False
     ignore_index: int = 255
     num_workers: int = 4
 
@@ -132,11 +151,21 @@ class DataConfig:
         _expect(0 <= self.ignore_index <= 255, "ignore_index", "in [0, 255]", self.ignore_index)
         _expect(self.num_workers >= 0, "num_workers", ">= 0", self.num_workers)
         _expect(self.base_size is None or min(self.base_size) >= 1, "base_size", "positive", self.base_size)
+        no_check = self.cat_max_ratio >= 1.0
+        expected = "'none' exactly when cat_max_ratio is 1.0" if no_check else "'fresh_draw' or 'last_draw'"
+        _expect((self.crop_fallback == "none") == no_check, "crop_fallback", expected, self.crop_fallback)
+        if self.rescale == "keep_ratio_bounds":
+            _require(self.base_size is not None, "base_size", "required when rescale is 'keep_ratio_bounds'")
+        else:
+            _expect(self.base_size is None, "base_size", "null when rescale is 'factor'", self.base_size)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """SGD with momentum; poly schedule lr(it) = (lr - min_lr) * (1 - it / iterations) ** lr_power + min_lr.
+    """SGD with momentum; poly schedule lr(s) = (lr - min_lr) * (1 - s / T) ** lr_power + min_lr at step s
+    (0-based), T = iterations or iterations - 1 as `poly_horizon` says, lr(s) = min_lr for s >= T.
+
+    The recipe fields below have no default: the sources differ on each of them.
     """
 
     iterations: int
@@ -146,11 +175,19 @@ class TrainConfig:
     loss: Literal["ce", "ohem"]
     # GPUs of the source's run: batch_size x source_gpus is the published total batch.
     source_gpus: int
+    # Official lr_poly: 0; mmseg PolyLR eta_min 1e-4; sssegmentation BaseScheduler: lr * 0.01.
+    min_lr: float
+    # "iterations": official lr_poly(base_lr, i_iter, num_steps) and sssegmentation PolyScheduler
+    # (cur_iter / max_iters); "iterations_minus_one": mmengine PolyLR (total_iters = end - begin - 1).
+    poly_horizon: Literal["iterations", "iterations_minus_one"]
+    # Cross-entropy mean over "valid_pixels" (official nn.CrossEntropyLoss, sssegmentation) or over
+    # "all_pixels" of the crop, ignored ones counting 0 (mmseg CrossEntropyLoss avg_non_ignore=False).
+    loss_average: Literal["valid_pixels", "all_pixels"]
     lr_power: float = 0.9
-    min_lr: float = 0.0
     momentum: float = 0.9
-    ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100000
+    # OHEM (loss "ohem" only, and then required): the official OhemCrossEntropy2d's thresh and min_kept.
+    ohem_thresh: float | None = None
+    ohem_min_kept: int | None = None
     aux_weight: float = 0.4
     amp: Literal["none", "bf16", "fp16"] = "none"
     grad_accum_steps: int = 1
@@ -161,13 +198,24 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _expect(self.iterations >= 1, "iterations", ">= 1", self.iterations)
         _expect(self.lr > 0, "lr", "> 0", self.lr)
-        _expect(0 <= self.min_lr < self.lr, "min_lr", "in [0, lr={self.lr})", self.min_lr)
+        _expect(0 <= self.min_lr < self.lr, "min_lr", f"in [0, lr={self.lr})", self.min_lr)
         _expect(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
         _expect(self.source_gpus >= 1, "source_gpus", ">= 1", self.source_gpus)
         _expect(self.lr_power > 0, "lr_power", "> 0", self.lr_power)
         _expect(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
-        _expect(0 < self.ohem_thresh <= 1, "ohem_thresh", "in (0, 1]", self.ohem_thresh)
-        _expect(self.ohem_min_kept >= 0, "ohem_min_kept", ">= 0", self.ohem_min_kept)
+        if self.poly_horizon == "iterations_minus_one":
+            _expect(self.iterations >= 2, "iterations", ">= 2 with poly_horizon iterations_minus_one", self.iterations)
+        if self.loss == "ohem":
+            _require(self.ohem_thresh is not None, "ohem_thresh", "required when loss is 'ohem'")
+            _require(self.ohem_min_kept is not None, "ohem_min_kept", "required when loss is 'ohem'")
+            _expect(0 < self.ohem_thresh <= 1, "ohem_thresh", "in (0, 1]", self.ohem_thresh)
+            _expect(self.ohem_min_kept >= 0, "ohem_min_kept", ">= 0", self.ohem_min_kept)
+            # The official OhemCrossEntropy2d averages over the kept (labelled) pixels.
+            _expect(self.loss_average == "valid_pixels", "loss_average", "'valid_pixels' with loss 'ohem'",
+                    self.loss_average)
+        else:
+            for key in ("ohem_thresh", "ohem_min_kept"):
+                _expect(getattr(self, key) is None, key, "null unless loss is 'ohem'", getattr(self, key))
         _expect(self.aux_weight >= 0, "aux_weight", ">= 0", self.aux_weight)
         _expect(self.grad_accum_steps >= 1, "grad_accum_steps", ">= 1", self.grad_accum_steps)
         _expect(self.checkpoint_every >= 1, "checkpoint_every", ">= 1", self.checkpoint_every)

@@ -51,10 +51,12 @@ SMOKE_CROP = (33, 33)
 
 def smoke_config(cfg: ExperimentConfig, *, data_root: Path) -> ExperimentConfig:
     """The config shrunk for `--smoke` (see the module docstring for what changes and what stays)."""
+    # Keep-ratio bounds equal to the generated image: the random ratio alone rescales it.
+    smoke_bounds = (max(SMOKE_IMAGE_HW), min(SMOKE_IMAGE_HW))
     overrides = {
         "data.root": str(data_root),
         "data.crop_size": SMOKE_CROP,
-        "data.base_size": None,
+        "data.base_size": smoke_bounds if cfg.data.rescale == "keep_ratio_bounds" else None,
         "data.batch_size": 2,
         "data.num_workers": 0,
         "model.head_channels": 16,
@@ -65,7 +67,7 @@ def smoke_config(cfg: ExperimentConfig, *, data_root: Path) -> ExperimentConfig:
         "train.grad_accum_steps": 1,
         "train.checkpoint_every": 2,
         "train.log_every": 1,
-        "train.ohem_min_kept": min(cfg.train.ohem_min_kept, 256),
+        "train.ohem_min_kept": None if cfg.train.ohem_min_kept is None else min(cfg.train.ohem_min_kept, 256),
         "eval.scale": None,
         "eval.ms_scales": (0.75, 1.0),
     }

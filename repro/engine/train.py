@@ -32,8 +32,11 @@ LAST_CHECKPOINT = "checkpoint_last.pt"
 
 
 def poly_lr(step: int, train: TrainConfig) -> float:
-    """Learning rate at `step` (0-based): (lr - min_lr) * (1 - step / iterations) ** power + min_lr."""
-    progress = min(step, train.iterations) / train.iterations
+    """Learning rate at `step` (0-based): (lr - min_lr) * (1 - step / T) ** power + min_lr, and min_lr from
+    step T on, where T is `iterations` (official lr_poly, sssegmentation PolyScheduler) or `iterations - 1`
+    (mmengine PolyLR, whose total_iters is end - begin - 1) as `train.poly_horizon` says."""
+    horizon = train.iterations - 1 if train.poly_horizon == "iterations_minus_one" else train.iterations
+    progress = min(step, horizon) / horizon
     return (train.lr - train.min_lr) * (1.0 - progress) ** train.lr_power + train.min_lr
 
 
@@ -43,14 +46,15 @@ def build_model(cfg: ExperimentConfig, *, device: torch.device) -> nn.Module:
 
 
 def build_loss(train: TrainConfig, *, ignore_index: int) -> SegLoss:
-    """Decode loss (cross-entropy or OHEM, as the official OHEM run: decode output only) + aux x weight."""
+    """Decode loss (cross-entropy, or the official OHEM on the decode output only, as CriterionOhemDSN) +
+    aux x weight; cross-entropy averaged as `train.loss_average` says."""
     if train.loss == "ohem":
         decode = OHEMCrossEntropy(
             ignore_index=ignore_index, thresh=train.ohem_thresh, min_kept=train.ohem_min_kept
         )
     else:
-        decode = CrossEntropy(ignore_index=ignore_index)
-    aux = CrossEntropy(ignore_index=ignore_index)
+        decode = CrossEntropy(ignore_index=ignore_index, average=train.loss_average)
+    aux = CrossEntropy(ignore_index=ignore_index, average=train.loss_average)
     return SegLoss(decode_loss=decode, aux_loss=aux, aux_weight=train.aux_weight)
 
 

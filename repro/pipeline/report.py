@@ -26,6 +26,7 @@ import pandas as pd
 from repro.engine.config import load_config
 from repro.io import atomic_write_text
 from repro.pipeline import drift
+from repro.pipeline.recipes import section_recipes
 
 REPORT_NAME = "REPORT.md"
 DETAILS = "details"
@@ -700,6 +701,7 @@ def build_report(results: Path, experiments: Path, pages: dict[str, str] | None 
         section_synthetic(results, pages),
         section_predict_example(results),
         section_miou(results, experiments, pages),
+        section_recipes(experiments, table=markdown_table),
         section_ops_bench(results, pages),
         section_gpu(results),
         section_pipeline(results, pages),

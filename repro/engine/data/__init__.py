@@ -65,11 +65,14 @@ def build_dataset(data: DataConfig, *, split: str, eval_cfg: EvalConfig | None =
         transform = TrainTransform(
             crop_size=data.crop_size,
             scale_range=data.scale_range,
+            rescale=data.rescale,
             base_size=data.base_size,
             scale_step=data.scale_step,
             cat_max_ratio=data.cat_max_ratio,
-            flip=data.flip,
+            crop_fallback=data.crop_fallback,
             photometric=data.photometric_distortion,
+            pad_position=data.pad_position,
+            flip=data.flip,
             ignore_index=data.ignore_index,
             **norm,
         )
