@@ -30,6 +30,7 @@ SOURCES = {
     "reach": ("attention_reach.csv", "python -m repro.synthetic --out results"),
     "ops_bench": ("ops_bench.csv", "python -m repro.bench"),
     "efficiency": ("model_efficiency.csv", "python -m repro.profile experiments/*.yaml"),
+    "gpu": ("gpu_acceptance.csv", "nox -s gpu (python -m repro.gpu) on a CUDA machine"),
 }
 
 
@@ -243,6 +244,21 @@ def section_efficiency(results: Path) -> str:
     return text
 
 
+def section_gpu_acceptance(results: Path) -> str:
+    """The GPU acceptance run (`repro.pipeline.gpu`): failed checks first, then every row."""
+    text = "## GPU acceptance\n\n"
+    frame = read_csv(results, "gpu")
+    if frame is None:
+        return text + "Nothing has been measured on a GPU yet. " + missing("gpu")
+    _require(frame, ["step", "check", "metric", "value", "unit", "status", "device"], "gpu_acceptance.csv")
+    failed = frame[frame["status"].astype(str).str.startswith("FAILED")]
+    devices = ", ".join(sorted(str(device) for device in frame["device"].dropna().unique()))
+    text += f"{len(frame)} rows on {devices}; {len(failed)} failed.\n\n"
+    if not failed.empty:
+        text += "Failed:\n\n" + markdown_table(failed) + "\n"
+    return text + "<details><summary>Every row</summary>\n\n" + markdown_table(frame) + "\n</details>\n"
+
+
 def build_report(results: Path, experiments: Path) -> str:
     """The whole REPORT.md text."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -257,6 +273,7 @@ def build_report(results: Path, experiments: Path) -> str:
         section_miou(results, experiments),
         section_efficiency(results),
         section_ops_bench(results),
+        section_gpu_acceptance(results),
     ]
     return "\n".join(parts)
 
