@@ -184,8 +184,8 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
                 "interpreter, a correctness tool far too slow for this sweep")
     if not triton_installed():
         return "not run: the triton package is not installed"
-    x = torch.randn(1, 8, 3, 3, device=device)
     try:
+        x = torch.randn(1, 8, 3, 3, device=device)
         ContextVariant("cca_triton", 1).build(channels=8, qk_channels=8).to(device)(x)
     except Exception as error:
         raise RuntimeError(f"the Triton criss-cross backend failed on a 1x8x3x3 probe on {device_label(device)}: "

@@ -19,7 +19,8 @@ exit status is non-zero when any step failed):
    fake-mode estimate, with the ratios.
 4. `calibration`: the fake-mode training-memory estimate of `repro.measure.profile` beside the real
    `max_memory_allocated` of the same step, for two configs with a published memory figure.
-5. `train`: 20 training iterations (after 2 warm-up ones, one of which measures the peak memory) of R-101-D8 at 769x769, batch 2, with the
+5. `train`: 20 training iterations (after 2 warm-up ones, the second measuring the peak memory) of
+   R-101-D8 at 769x769, batch 2, with the
    criss-cross head (naive, then Triton) and the non-local head: iterations/s and peak memory.
 6. `report`: `results/REPORT.md` regenerated (`repro.pipeline.report`), with a section built from
    DIR/gpu_acceptance.csv.
