@@ -28,8 +28,8 @@ exit status is non-zero when any step failed):
 Every row goes to DIR/gpu_acceptance.csv (step, check, variant, dtype, shape, metric, value, unit, status,
 method, device, date; `device` names the GPU model, e.g. `cuda: NVIDIA H200`), replaced by key on a rerun.
 
-`--tiny` runs the same code on the CPU at tiny sizes (Triton in its interpreter, a shrunk R-50 model, 2
-iterations) in well under a minute: the tests run it, so the command is known to work before a GPU sees it.
+`--tiny` runs the same code on the CPU at tiny sizes (Triton in its interpreter, a shrunk R-50 model, one
+timed iteration) in about a minute of CPU time: the tests run it, so the command is known to work before a GPU sees it.
 Its rows say `cpu: ...` and it writes nothing outside DIR (default: a fresh temporary folder).
 """
 
@@ -71,7 +71,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Error of the Triton backend relative to the largest |value| of an fp64 naive reference.
 TOLERANCES = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
 OP_TEST_FILES = ("tests/test_cca_triton.py", "tests/test_cca_naive.py", "tests/test_criss_cross_api.py",
-                 "tests/test_non_local.py", "tests/test_device.py")
+                 "tests/test_non_local.py", "tests/test_heads.py", "tests/test_flops.py", "tests/test_device.py")
 CALIBRATION_CONFIGS = ("mmseg_cityscapes_r101_d8_769x769_40k", "mmseg_ade20k_r101_d8_512x512_80k")
 TRAIN_CONFIG = "mmseg_cityscapes_r101_d8_769x769_40k"
 TRAIN_HEADS = {"rcca_naive": {"model.head": "rcca", "model.backend": "naive"},
@@ -169,36 +169,53 @@ def _triton(*tensors):
 
 
 def kernel_rows(plan: Plan, rec: Recorder) -> None:
-    """Correctness against fp64 naive, determinism, opcheck, torch.compile; then the op tests under pytest."""
-    from ops.criss_cross import criss_cross_attention
-
-    device = plan.device
+    """Correctness against fp64 naive, determinism, opcheck, torch.compile; then the op tests under pytest.
+    A check that raises is a FAILED row naming the error; the other checks still run."""
+    checks: list[tuple[str, str, tuple, Callable[[], None]]] = []
     for shape in plan.kernel_shapes:
         for dtype_name in plan.kernel_dtypes:
             for layout in ("contiguous", "channels_last", "sliced"):
-                tensors, grad = _qkv(shape, DTYPES[dtype_name], device, layout)
-                results = _forward_backward(_triton, tensors, grad)
-                reference_inputs = [t.detach().double().requires_grad_(True) for t in tensors]
-                expected = _forward_backward(lambda *t: criss_cross_attention(*t, backend="naive"),
-                                             reference_inputs, grad.double())
-                for name, got, want in zip(("out", "grad_query", "grad_key", "grad_value"), results, expected):
-                    error = float((got.detach().double() - want.detach()).abs().max()
-                                  / want.detach().abs().max().clamp_min(1e-30))
-                    ok = error <= TOLERANCES[dtype_name]
-                    rec.add("kernels", f"triton vs fp64 naive, {layout}", f"max_rel_error_{name}", error, "ratio",
-                            status="ok" if ok else f"FAILED: above {TOLERANCES[dtype_name]}",
-                            variant="cca_triton", dtype=dtype_name, shape=_shape_text(shape),
-                            method="max |triton - naive fp64| / max |naive fp64|")
-            tensors, grad = _qkv(shape, DTYPES[dtype_name], device)
-            first = _forward_backward(_triton, tensors, grad)
-            second = _forward_backward(_triton, tensors, grad)
-            same = all(torch.equal(a, b) for a, b in zip(first, second))
-            rec.add("kernels", "determinism", "bitwise_equal_runs", int(same), "bool",
-                    status="ok" if same else "FAILED: two forward + backward runs differ",
-                    variant="cca_triton", dtype=dtype_name, shape=_shape_text(shape),
-                    method="torch.equal of output and input gradients of two runs")
-    _opcheck_and_compile(plan, rec)
+                checks.append((f"triton vs fp64 naive, {layout}", dtype_name, shape,
+                               lambda s=shape, d=dtype_name, lay=layout: _correctness(plan, rec, s, d, lay)))
+            checks.append(("determinism", dtype_name, shape,
+                           lambda s=shape, d=dtype_name: _determinism(plan, rec, s, d)))
+    checks.append(("opcheck and torch.compile", "fp32", plan.kernel_shapes[-1],
+                   lambda: _opcheck_and_compile(plan, rec)))
+    for check, dtype_name, shape, action in checks:
+        try:
+            action()
+        except Exception as error:
+            traceback.print_exc()
+            rec.add("kernels", check, "raised", 1, "bool", status=f"FAILED: {type(error).__name__}: {error}"[:500],
+                    variant="cca_triton", dtype=dtype_name, shape=_shape_text(shape))
     _pytest_rows(plan, rec)
+
+
+def _correctness(plan: Plan, rec: Recorder, shape, dtype_name: str, layout: str) -> None:
+    from ops.criss_cross import criss_cross_attention
+
+    tensors, grad = _qkv(shape, DTYPES[dtype_name], plan.device, layout)
+    results = _forward_backward(_triton, tensors, grad)
+    reference_inputs = [t.detach().double().requires_grad_(True) for t in tensors]
+    expected = _forward_backward(lambda *t: criss_cross_attention(*t, backend="naive"), reference_inputs,
+                                 grad.double())
+    for name, got, want in zip(("out", "grad_query", "grad_key", "grad_value"), results, expected):
+        error = float((got.detach().double() - want.detach()).abs().max()
+                      / want.detach().abs().max().clamp_min(1e-30))
+        ok = error <= TOLERANCES[dtype_name]
+        rec.add("kernels", f"triton vs fp64 naive, {layout}", f"max_rel_error_{name}", error, "ratio",
+                status="ok" if ok else f"FAILED: above {TOLERANCES[dtype_name]}", variant="cca_triton",
+                dtype=dtype_name, shape=_shape_text(shape), method="max |triton - naive fp64| / max |naive fp64|")
+
+
+def _determinism(plan: Plan, rec: Recorder, shape, dtype_name: str) -> None:
+    tensors, grad = _qkv(shape, DTYPES[dtype_name], plan.device)
+    first = _forward_backward(_triton, tensors, grad)
+    second = _forward_backward(_triton, tensors, grad)
+    same = all(torch.equal(a, b) for a, b in zip(first, second))
+    rec.add("kernels", "determinism", "bitwise_equal_runs", int(same), "bool",
+            status="ok" if same else "FAILED: two forward + backward runs differ", variant="cca_triton",
+            dtype=dtype_name, shape=_shape_text(shape), method="torch.equal of output and input gradients of two runs")
 
 
 def _opcheck_and_compile(plan: Plan, rec: Recorder) -> None:
