@@ -341,6 +341,8 @@ def train_rows(plan: Plan, rec: Recorder) -> None:
         # Warm-up step 2 measures the peak (momentum buffers exist by then, as in every later step).
         peak, memory_method = peak_bytes(lambda s=state: training_step(s), plan.device)
         _synchronize(plan.device)
+        if plan.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(plan.device)
         started = time.perf_counter()
         for _ in range(plan.train_iterations):
             training_step(state)
@@ -354,6 +356,10 @@ def train_rows(plan: Plan, rec: Recorder) -> None:
                 **common)
         rec.add("train", what, "peak_extra_memory_gib", peak / 2**30, "GiB",
                 method=f"{memory_method}, one step above the model, optimizer state and batch", **common)
+        if plan.device.type == "cuda":
+            rec.add("train", what, "peak_memory_gib", torch.cuda.max_memory_allocated(plan.device) / 2**30, "GiB",
+                    method=f"{METHOD_CUDA_MEMORY} over the timed iterations (weights, momentum, batch included)",
+                    **common)
         del state
         if plan.device.type == "cuda":
             torch.cuda.empty_cache()
