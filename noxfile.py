@@ -1,4 +1,4 @@
-"""Sessions: `nox -s tests`, `nox -s reproduce` (the main job), `nox -s bench`, `nox -s lint`.
+"""Sessions: `nox -s tests`, `nox -s reproduce` (the main job), `nox -s bench`, `nox -s gpu`, `nox -s lint`.
 
 Virtual environments are reused between runs (torch is installed once). TORCH_SPEC picks the torch build:
 the default `torch==2.13.0` is the CPU wheel on the project's CI machines and the CUDA wheel from PyPI on a
@@ -41,6 +41,15 @@ def bench(session: nox.Session) -> None:
     """Operator benchmarks -> results/ops_bench.csv (not part of the tests)."""
     _install(session)
     session.run("python", "-m", "repro.bench", *session.posargs)
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The whole GPU acceptance run on a CUDA machine (`python -m repro.gpu`): kernel correctness and op tests
+    natively, benchmarks, claims memory, memory calibration, training speed -> results/, then REPORT.md.
+    `nox -s gpu -- --tiny` runs the same code on the CPU at tiny sizes into a temporary folder."""
+    _install(session, "[test]")  # pytest: the operator tests run on the GPU as part of the acceptance
+    session.run("python", "-m", "repro.gpu", *session.posargs)
 
 
 @nox.session

@@ -10,8 +10,11 @@ branch).
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
+from functools import cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,14 +41,60 @@ def triton_available(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1" and device.type == "cpu"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn "auto" into a concrete backend for `device`; reject unknown names."""
+# Evidence for backend="auto" on CUDA: one row per (GPU model, dtype, shape) that `python -m repro.bench` timed
+# on that GPU, naive and Triton side by side (written by `repro.measure.bench.write_auto_backend_evidence` from
+# results/ops_bench.csv, committed with the package). A small file beside this module rather than the results
+# CSV itself: `ops` never imports `repro` nor depends on where results live, and an installed package carries it.
+AUTO_EVIDENCE = Path(__file__).with_name("auto_backend.csv")
+EVIDENCE_COLUMNS = ("device", "dtype", "batch", "channels", "qk_channels", "height", "width",
+                    "naive_fwd_ms", "triton_fwd_ms", "naive_fwd_bwd_ms", "triton_fwd_bwd_ms", "torch", "triton",
+                    "date")
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@cache
+def load_auto_evidence(path: Path = AUTO_EVIDENCE) -> tuple[dict[str, str], ...]:
+    """The rows of the evidence file (read once per path, on first use, never at import); () if it is absent.
+    A file with other columns is an error naming the file and the columns expected."""
+    if not path.is_file():
+        return ()
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != EVIDENCE_COLUMNS:
+            raise ValueError(f"{path}: columns {reader.fieldnames} are not the expected {EVIDENCE_COLUMNS}")
+        return tuple(reader)
+
+
+def triton_proven_faster(device_name: str, dtype: torch.dtype, *, path: Path | None = None) -> bool:
+    """Whether the evidence shows the Triton backend faster than naive on the GPU model `device_name` at
+    `dtype`: at least one row for that model and dtype, and Triton faster in every such row, forward and
+    forward + backward. Another GPU model or dtype proves nothing."""
+    dtype_name = DTYPE_NAMES.get(dtype)
+    rows = [row for row in load_auto_evidence(AUTO_EVIDENCE if path is None else path)
+            if row["device"] == f"cuda: {device_name}" and row["dtype"] == dtype_name]
+    return bool(rows) and all(
+        float(row["triton_fwd_ms"]) < float(row["naive_fwd_ms"])
+        and float(row["triton_fwd_bwd_ms"]) < float(row["naive_fwd_bwd_ms"])
+        for row in rows
+    )
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Turn "auto" into a concrete backend for `device` and `dtype`; reject unknown names.
+
+    "auto" picks Triton only on CUDA, and only where a committed benchmark row (`AUTO_EVIDENCE`) shows it
+    faster than naive on this GPU model at this dtype; everywhere else it picks naive. The fused kernel saves
+    memory (no (B, H, W, H + W) map) but whether it is faster is a measurement, not an assumption; until a GPU
+    has measured it, naive is the safe default. `backend="triton"` asks for the kernel explicitly.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown criss-cross attention backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        # The interpreter is a correctness tool, far slower than the naive path: auto never picks it on CPU.
-        return "triton" if device.type == "cuda" and triton_available(device) else "naive"
-    return backend
+    if backend != "auto":
+        return backend
+    # The interpreter is a correctness tool, far slower than the naive path: auto never picks it on CPU.
+    if device.type != "cuda" or not triton_available(device) or not torch.cuda.is_available():
+        return "naive"
+    return "triton" if triton_proven_faster(torch.cuda.get_device_name(device), dtype) else "naive"
 
 
 def criss_cross_attention(
@@ -56,14 +105,15 @@ def criss_cross_attention(
     Args:
         query, key: (B, Cqk, H, W).
         value: (B, Cv, H, W).
-        backend: "naive" (pure PyTorch, any device), "triton" (fused kernel) or "auto" (triton on CUDA,
-            naive otherwise).
+        backend: "naive" (pure PyTorch, any device), "triton" (fused kernel) or "auto" (triton on CUDA where
+            a committed benchmark shows it faster than naive on this GPU at this dtype, naive otherwise; see
+            `resolve_backend`).
 
     Returns:
         (B, Cv, H, W), in the dtype of the inputs.
     """
     check_qkv(query, key, value, "criss_cross_attention")
-    resolved = resolve_backend(backend, query.device)
+    resolved = resolve_backend(backend, query.device, query.dtype)
     if resolved == "naive":
         return criss_cross_attention_naive(query, key, value)
     return _triton(query, key, value)

@@ -1,8 +1,9 @@
 """Test-session setup and the device the operator tests run on.
 
 The Triton kernels are checked on CPU through the Triton interpreter, which must be switched on before
-triton is first imported; on a machine with a CUDA device the kernels run natively instead, and the operator
-tests run there (the `op_device` fixture). CPU-only tests ask for `torch.device("cpu")` themselves.
+triton is first imported; on a machine with a CUDA device the kernels run natively instead (an exported
+TRITON_INTERPRET=1 is refused there), and the operator tests run on it (the `op_device` fixture). CPU-only
+tests pin `torch.device("cpu")` themselves. `tests/test_device.py` checks this logic with CUDA faked.
 """
 
 import os
@@ -10,9 +11,27 @@ import os
 import pytest
 import torch
 
+
+def op_device_for(cuda_available: bool) -> torch.device:
+    """The device of the operator tests: CUDA when present (kernels run natively), else the CPU, where the
+    Triton kernels run in the interpreter."""
+    return torch.device("cuda" if cuda_available else "cpu")
+
+
+def interpreter_setting(cuda_available: bool, environ: dict) -> str | None:
+    """The TRITON_INTERPRET value the session needs ("1" without CUDA, None: leave it unset with CUDA);
+    raises when CUDA is present but the interpreter was exported (the kernels would not run natively)."""
+    if not cuda_available:
+        return "1"
+    if environ.get("TRITON_INTERPRET", "0") == "1":
+        raise pytest.UsageError("TRITON_INTERPRET=1 is set on a machine with CUDA: the Triton kernels would run in "
+                                "the interpreter instead of natively. Unset it to run the suite.")
+    return None
+
+
 CUDA = torch.cuda.is_available()
 
-if not CUDA:
+if interpreter_setting(CUDA, dict(os.environ)) is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Keep runs repeatable and avoid oversubscribing small CI machines.
@@ -26,6 +45,5 @@ def op_device_name() -> str:
 
 @pytest.fixture
 def op_device() -> torch.device:
-    """The device of the operator tests: CUDA when present (kernels run natively), else the CPU, where the
-    Triton kernels run in the interpreter."""
-    return torch.device("cuda" if CUDA else "cpu")
+    """The device of the operator tests (see `op_device_for`)."""
+    return op_device_for(CUDA)

@@ -33,3 +33,25 @@ def non_local_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                 weights = torch.softmax((query[b, :, i, j, None] * keys).sum(0), dim=0)
                 out[b, :, i, j] = (values * weights).sum(1)
     return out
+
+
+# A key bias adds the same q . b to every energy of a query pixel; the softmax is shift-invariant, so the
+# gradient of every key-projection bias is exactly zero in exact arithmetic (criss-cross and non-local alike).
+# In floating point it is rounding noise, whose size and sign differ between CPUs and thread counts.
+SHIFT_INVARIANT_SUFFIX = "key_conv.bias"
+
+
+def assert_gradients_reach_parameters(named_parameters, *, rtol: float = 1e-4) -> None:
+    """Every parameter has a gradient; the key-projection biases' are ~0 relative to the largest gradient
+    (at most `rtol` of it), every other parameter's is non-zero. Raises AssertionError naming the parameter."""
+    grads = {name: parameter.grad for name, parameter in named_parameters}
+    missing = [name for name, grad in grads.items() if grad is None]
+    assert not missing, f"no gradient for {missing}"
+    scale = max(float(grad.abs().max()) for grad in grads.values())
+    assert scale > 0, "every gradient is zero"
+    for name, grad in grads.items():
+        size = float(grad.abs().max())
+        if name.endswith(SHIFT_INVARIANT_SUFFIX):
+            assert size <= rtol * scale, f"{name}: gradient {size:.3g} should vanish (largest {scale:.3g})"
+        else:
+            assert size > 0, f"{name}: zero gradient"

@@ -1,4 +1,5 @@
-"""The naive criss-cross backend against an explicit per-pixel reference and the mmcv einsum form."""
+"""The naive criss-cross backend against an explicit per-pixel reference and the mmcv einsum form, on the
+operator tests' device (`op_device`: CUDA when present, else the CPU)."""
 
 import pytest
 import torch
@@ -24,12 +25,13 @@ TOLERANCES = {  # (rtol, atol) against an fp64 computation of the same inputs
 }
 
 
-def _inputs(shape, dtype=torch.float64, seed=0, requires_grad=False):
+def _inputs(shape, dtype=torch.float64, seed=0, requires_grad=False, device="cpu"):
     batch, qk_channels, value_channels, height, width = shape
     generator = torch.Generator().manual_seed(seed)
 
     def make(channels):
-        return torch.randn(batch, channels, height, width, generator=generator, dtype=torch.float64).to(dtype)
+        x = torch.randn(batch, channels, height, width, generator=generator, dtype=torch.float64)
+        return x.to(device=device, dtype=dtype)
 
     tensors = make(qk_channels), make(qk_channels), make(value_channels)
     return [t.requires_grad_(requires_grad) for t in tensors]
@@ -42,17 +44,17 @@ def _forward_backward(fn, tensors, grad_out):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_forward_matches_per_pixel_reference(shape):
-    query, key, value = _inputs(shape)
+def test_forward_matches_per_pixel_reference(shape, op_device):
+    query, key, value = _inputs(shape, device=op_device)
     expected = criss_cross_reference(query, key, value)
     torch.testing.assert_close(criss_cross_attention(query, key, value, backend="naive"), expected)
     torch.testing.assert_close(criss_cross_attention_einsum(query, key, value), expected)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_gradients_match_reference(shape):
-    tensors = _inputs(shape, requires_grad=True)
-    grad_out = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64)
+def test_gradients_match_reference(shape, op_device):
+    tensors = _inputs(shape, requires_grad=True, device=op_device)
+    grad_out = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64, device=op_device)
     out, grads = _forward_backward(lambda *t: criss_cross_attention(*t, backend="naive"), tensors, grad_out)
     ref_out, ref_grads = _forward_backward(criss_cross_reference, tensors, grad_out)
     torch.testing.assert_close(out, ref_out)
@@ -61,13 +63,13 @@ def test_gradients_match_reference(shape):
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 3, 1, 1), (2, 2, 3, 3, 4), (1, 3, 2, 5, 1), (1, 1, 2, 2, 5)], ids=str)
-def test_gradcheck_fp64(shape):
-    tensors = _inputs(shape, requires_grad=True)
+def test_gradcheck_fp64(shape, op_device):
+    tensors = _inputs(shape, requires_grad=True, device=op_device)
     assert torch.autograd.gradcheck(lambda *t: criss_cross_attention(*t, backend="naive"), tensors)
 
 
-def test_double_backward_is_rejected_clearly():
-    query, key, value = _inputs((1, 2, 2, 3, 3), requires_grad=True)
+def test_double_backward_is_rejected_clearly(op_device):
+    query, key, value = _inputs((1, 2, 2, 3, 3), requires_grad=True, device=op_device)
     out = criss_cross_attention(query, key, value, backend="naive")
     (grad_query,) = torch.autograd.grad(out.square().sum(), query, create_graph=True)
     # The hand-written backward is not itself differentiable; it must say so rather than return wrong zeros.
@@ -77,11 +79,11 @@ def test_double_backward_is_rejected_clearly():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 8, 16, 9, 13), (1, 4, 6, 1, 17), (1, 16, 32, 17, 16)], ids=str)
-def test_low_precision_against_fp64(dtype, shape):
+def test_low_precision_against_fp64(dtype, shape, op_device):
     rtol, atol = TOLERANCES[dtype]
-    tensors = _inputs(shape, dtype=dtype, seed=1, requires_grad=True)
+    tensors = _inputs(shape, dtype=dtype, seed=1, requires_grad=True, device=op_device)
     reference = [t.detach().double().requires_grad_(True) for t in tensors]
-    grad_out = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64)
+    grad_out = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64, device=op_device)
     out, grads = _forward_backward(
         lambda *t: criss_cross_attention(*t, backend="naive"), tensors, grad_out.to(dtype)
     )
@@ -102,8 +104,8 @@ def criss_cross_reference_fast(query, key, value):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
-def test_non_contiguous_inputs(layout):
-    query, key, value = _inputs((2, 3, 4, 5, 6))
+def test_non_contiguous_inputs(layout, op_device):
+    query, key, value = _inputs((2, 3, 4, 5, 6), device=op_device)
     if layout == "channels_last":
         views = [t.to(memory_format=torch.channels_last) for t in (query, key, value)]
     elif layout == "transposed":
@@ -117,8 +119,8 @@ def test_non_contiguous_inputs(layout):
     )
 
 
-def test_gradients_are_finite_for_large_energies():
-    query, key, value = _inputs((1, 4, 3, 6, 5), dtype=torch.float32, requires_grad=True)
+def test_gradients_are_finite_for_large_energies(op_device):
+    query, key, value = _inputs((1, 4, 3, 6, 5), dtype=torch.float32, requires_grad=True, device=op_device)
     with torch.no_grad():
         query.mul_(30)
     out = criss_cross_attention(query, key, value, backend="naive")
@@ -128,21 +130,21 @@ def test_gradients_are_finite_for_large_energies():
         assert torch.isfinite(tensor.grad).all()
 
 
-def test_attention_rows_are_convex_combinations():
+def test_attention_rows_are_convex_combinations(op_device):
     # With value = 1 everywhere, every output is exactly 1: the weights over the H + W - 1 pixels sum to 1.
-    query, key, _ = _inputs((2, 3, 1, 7, 4))
-    value = torch.ones(2, 5, 7, 4, dtype=torch.float64)
+    query, key, _ = _inputs((2, 3, 1, 7, 4), device=op_device)
+    value = torch.ones(2, 5, 7, 4, dtype=torch.float64, device=op_device)
     torch.testing.assert_close(criss_cross_attention(query, key, value, backend="naive"), value)
 
 
-def test_only_the_criss_cross_path_contributes():
+def test_only_the_criss_cross_path_contributes(op_device):
     # Changing value off row i and column j must not change the output at (i, j).
-    query, key, value = _inputs((1, 3, 2, 6, 7))
+    query, key, value = _inputs((1, 3, 2, 6, 7), device=op_device)
     out = criss_cross_attention(query, key, value, backend="naive")
     perturbed = value.clone()
     perturbed[:, :, 0, 0] += 100.0
     out2 = criss_cross_attention(query, key, perturbed, backend="naive")
-    changed = (out2 - out).abs().amax(dim=1)[0] > 0
+    changed = ((out2 - out).abs().amax(dim=1)[0] > 0).cpu()
     expected = torch.zeros(6, 7, dtype=torch.bool)
     expected[0, :] = True
     expected[:, 0] = True

@@ -1,4 +1,5 @@
-"""The public criss-cross API: backend dispatch, input validation, and the CrissCrossAttention module."""
+"""The public criss-cross API: backend dispatch, input validation, and the CrissCrossAttention module, on the
+operator tests' device (`op_device`: CUDA when present, else the CPU)."""
 
 import os
 import subprocess
@@ -9,14 +10,14 @@ import torch
 
 import ops
 from ops import CrissCrossAttention, criss_cross_attention, resolve_backend
-from tests.reference import criss_cross_reference
+from tests.reference import assert_gradients_reach_parameters, criss_cross_reference
 
 
-def _qkv(batch=2, qk_channels=3, value_channels=4, height=5, width=6, dtype=torch.float32):
+def _qkv(batch=2, qk_channels=3, value_channels=4, height=5, width=6, dtype=torch.float32, device="cpu"):
     return (
-        torch.randn(batch, qk_channels, height, width, dtype=dtype),
-        torch.randn(batch, qk_channels, height, width, dtype=dtype),
-        torch.randn(batch, value_channels, height, width, dtype=dtype),
+        torch.randn(batch, qk_channels, height, width, dtype=dtype, device=device),
+        torch.randn(batch, qk_channels, height, width, dtype=dtype, device=device),
+        torch.randn(batch, value_channels, height, width, dtype=dtype, device=device),
     )
 
 
@@ -49,9 +50,11 @@ def test_auto_picks_naive_on_cpu():
     ],
 )
 @pytest.mark.parametrize("backend", ["naive", "auto"])
-def test_bad_inputs_raise_clear_errors(change, error, pattern, backend):
+def test_bad_inputs_raise_clear_errors(change, error, pattern, backend, op_device):
+    if op_device.type != "cpu":
+        pattern = pattern.replace("cpu", op_device.type)
     with pytest.raises(error, match=pattern):
-        criss_cross_attention(*change(*_qkv()), backend=backend)
+        criss_cross_attention(*change(*_qkv(device=op_device)), backend=backend)
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():
@@ -96,12 +99,12 @@ def test_module_rejects_wrong_channel_count():
         CrissCrossAttention(0)
 
 
-def test_module_forward_and_all_parameter_gradients():
+def test_module_forward_and_all_parameter_gradients(op_device):
     torch.manual_seed(0)
-    module = CrissCrossAttention(16, qk_channels=4, backend="naive").double()
+    module = CrissCrossAttention(16, qk_channels=4, backend="naive").double().to(op_device)
     with torch.no_grad():
         module.gamma.fill_(0.7)
-    x = torch.randn(2, 16, 5, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64, device=op_device, requires_grad=True)
 
     def reference(inp):
         attn = criss_cross_reference(module.query_conv(inp), module.key_conv(inp), module.value_conv(inp))
@@ -117,19 +120,34 @@ def test_module_forward_and_all_parameter_gradients():
     assert set(names) == {"x", "gamma", "query_conv.weight", "query_conv.bias", "key_conv.weight",
                           "key_conv.bias", "value_conv.weight", "value_conv.bias"}
     for name, grad, ref in zip(names, grads, ref_grads):
-        assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, ref, msg=lambda m, n=name: f"{n}: {m}")
+    for parameter, grad in zip(module.parameters(), grads[1:]):
+        parameter.grad = grad
+    # key_conv.bias: ~0 (exactly 0 in exact arithmetic, the softmax is shift-invariant); every other is non-zero.
+    assert_gradients_reach_parameters(module.named_parameters())
+    assert grads[0].abs().sum() > 0
 
 
-def test_module_gradcheck_with_nonzero_gamma():
+def test_module_gradcheck_with_nonzero_gamma(op_device):
     torch.manual_seed(1)
-    module = CrissCrossAttention(8, qk_channels=2, backend="naive").double()
+    module = CrissCrossAttention(8, qk_channels=2, backend="naive").double().to(op_device)
     with torch.no_grad():
         module.gamma.fill_(1.3)
-    x = torch.randn(1, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 8, 3, 4, dtype=torch.float64, device=op_device, requires_grad=True)
     assert torch.autograd.gradcheck(module, (x,))
 
 
-def test_public_names():
-    for name in ("criss_cross_attention", "CrissCrossAttention", "NonLocal2d", "non_local_attention", "cost"):
-        assert hasattr(ops, name)
+def test_public_names_are_the_documented_objects():
+    """Every name of `ops.__all__` exists and is the object of the module that defines it."""
+    from ops import cost, criss_cross, non_local
+
+    expected = {
+        "BACKENDS": criss_cross.BACKENDS, "CrissCrossAttention": criss_cross.CrissCrossAttention,
+        "criss_cross_attention": criss_cross.criss_cross_attention, "resolve_backend": criss_cross.resolve_backend,
+        "NonLocal2d": non_local.NonLocal2d, "non_local_attention": non_local.non_local_attention, "cost": cost,
+    }
+    assert set(ops.__all__) == set(expected)
+    for name, obj in expected.items():
+        assert getattr(ops, name) is obj, name
+    assert callable(ops.criss_cross_attention) and isinstance(ops.CrissCrossAttention(8), torch.nn.Module)
+    assert ops.BACKENDS == ("auto", "naive", "triton")

@@ -175,13 +175,21 @@ def test_train_transform_scale_pad_crop_flip():
     ratios = {stepped._ratio(np.random.default_rng(s)) for s in range(200)}
     # Bit for bit the official f_scale = 0.7 + random.randint(0, 14) / 10.0 (dataset/datasets.py).
     assert ratios == {0.7 + k / 10.0 for k in range(15)}
-    # Flip: the same seed with and without flipping differs by a mirror when the coin says flip.
+    # Flip: with the same seed, the flipping transform gives the non-flipping one's output or its mirror, image
+    # and label together; over 20 seeds both outcomes occur (a transform that never flips fails here).
     flip = _transform(crop_size=(10, 12), scale_range=(1.0, 1.0), flip=True)
-    for seed in range(6):
+    keep = _transform(crop_size=(10, 12), scale_range=(1.0, 1.0), flip=False)
+    mirrored = 0
+    for seed in range(20):
         a_img, a_lab = flip(image, label, rng=np.random.default_rng(seed))
-        assert torch.equal(a_lab, torch.from_numpy(label.astype(np.int64))) or torch.equal(
-            a_lab, torch.from_numpy(label[:, ::-1].astype(np.int64))
-        )
+        b_img, b_lab = keep(image, label, rng=np.random.default_rng(seed))
+        assert not torch.equal(b_lab, b_lab.flip(-1)) and not torch.equal(b_img, b_img.flip(-1))
+        if torch.equal(a_lab, b_lab.flip(-1)):
+            assert torch.equal(a_img, b_img.flip(-1)), seed  # the image is mirrored with its label
+            mirrored += 1
+        else:
+            assert torch.equal(a_lab, b_lab) and torch.equal(a_img, b_img), seed
+    assert 0 < mirrored < 20
 
 
 def test_cat_max_ratio_rejects_single_class_crops():

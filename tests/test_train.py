@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,53 @@ def test_accumulation_ohem_and_bf16_autocast_run(data_root, tmp_path):
     # One step of 2 micro-batches of 1 image: the logged throughput counts 2 images per step.
     assert torch.load(checkpoint, weights_only=False)["step"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _without_batch_statistics(module: torch.nn.Module) -> torch.nn.Module:
+    """Every BatchNorm replaced by the identity: the only layers whose output depends on the batch."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, torch.nn.Identity())
+        else:
+            _without_batch_statistics(child)
+    return module
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, monkeypatch):
+    """One step of 2 micro-batches of 1 image moves the weights as one step of a batch of 2 (the same two images
+    and augmentations), and differently from a step on the first image alone. Made exact by construction: no
+    BatchNorm or dropout (batch-dependent / random), every label pixel valid so the per-image mean losses
+    average to the batch mean."""
+    from repro.engine import train as train_module
+    from repro.engine.data import cityscapes
+    from repro.engine.data.base import write_png
+
+    root = tmp_path / "data"
+    labels = cityscapes.write_fake(root, split="train", count=2, size_hw=(40, 48), seed=0)
+    valid_ids = np.array([label.id for label in cityscapes._LABELS if 0 <= label.trainId < 255], dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    for path in labels:
+        write_png(path, rng.choice(valid_ids, size=(40, 48)).astype(np.uint8))
+    initial: dict[str, torch.Tensor] = {}
+    build = train_module.build_model
+
+    def build_without_bn(cfg, *, device):
+        model = _without_batch_statistics(build(cfg, device=device))
+        initial.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_without_bn)
+
+    def update(batch_size: int, accum: int) -> dict[str, torch.Tensor]:
+        cfg = tiny_config(root, **{"train.iterations": 1, "data.batch_size": batch_size,
+                                   "train.grad_accum_steps": accum, "model.dropout": 0.0, "train.loss": "ce"})
+        model, _ = train(cfg, out_dir=tmp_path / f"b{batch_size}a{accum}", ctx=init_distributed(device="cpu"),
+                         progress=False)
+        return {k: v.detach() - initial[k] for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    batch, accumulated, first_only = update(2, 1), update(1, 2), update(1, 1)
+    scale = max(float(delta.abs().max()) for delta in batch.values())
+    assert scale > 0
+    for key, delta in batch.items():
+        torch.testing.assert_close(accumulated[key], delta, rtol=1e-3, atol=1e-4 * scale, msg=key)
+    assert max(float((first_only[k] - batch[k]).abs().max()) for k in batch) > 1e-2 * scale

@@ -28,9 +28,9 @@ from rich.progress import Progress
 
 from ops import cost
 from ops.cca_naive import criss_cross_attention_einsum
-from ops.criss_cross import criss_cross_attention, triton_available
+from ops.criss_cross import EVIDENCE_COLUMNS, criss_cross_attention, triton_available
 from ops.non_local import non_local_attention
-from repro.io import upsert_csv
+from repro.io import atomic_write_text, upsert_csv
 from repro.measure.environment import versions
 from repro.measure.memory import peak_bytes
 from repro.vocabulary import device_label, op_variant
@@ -242,6 +242,40 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     return merged[["variant", *keys, "milliseconds", "peak_memory_mb", "time_vs_naive", "memory_vs_naive"]]
 
 
+def auto_backend_evidence(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows `ops.criss_cross.resolve_backend` decides "auto" by: every CUDA shape and dtype of a benchmark
+    CSV where both cca_naive and cca_triton were timed (status ok), their fwd and fwd+bwd milliseconds side by
+    side, with the GPU, versions and date of the Triton row. Rows from CPUs never count."""
+    columns = list(EVIDENCE_COLUMNS)
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    ok = frame[(frame["status"] == "ok") & frame["device"].astype(str).str.startswith("cuda: ")
+               & frame["pass"].isin(["fwd", "fwd+bwd"])]
+    keys = ["device", "dtype", "batch", "channels", "qk_channels", "height", "width"]
+    rows = []
+    for key, group in ok.groupby(keys, sort=True):
+        times = {(row["variant"], row["pass"]): float(row["milliseconds"]) for _, row in group.iterrows()}
+        needed = [(v, p) for v in ("cca_naive", "cca_triton") for p in ("fwd", "fwd+bwd")]
+        if not all(k in times for k in needed):
+            continue
+        triton_row = group[group["variant"] == "cca_triton"].iloc[0]
+        rows.append({**dict(zip(keys, key)),
+                     "naive_fwd_ms": times[("cca_naive", "fwd")], "triton_fwd_ms": times[("cca_triton", "fwd")],
+                     "naive_fwd_bwd_ms": times[("cca_naive", "fwd+bwd")],
+                     "triton_fwd_bwd_ms": times[("cca_triton", "fwd+bwd")],
+                     "torch": triton_row["torch"], "triton": triton_row["triton"], "date": triton_row["date"]})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write_auto_backend_evidence(bench_csv: Path, path: Path) -> pd.DataFrame:
+    """Regenerate the backend="auto" evidence file `path` (normally `ops.criss_cross.AUTO_EVIDENCE`) from all
+    rows of `bench_csv`, atomically; returns its rows."""
+    frame = pd.read_csv(bench_csv, keep_default_na=False, dtype=str) if Path(bench_csv).is_file() else pd.DataFrame()
+    evidence = auto_backend_evidence(frame)
+    atomic_write_text(path, evidence.to_csv(index=False))
+    return evidence
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m repro.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/ops_bench.csv"))
@@ -255,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per variant and pass (median)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (recorded in the CSV)")
     parser.add_argument("--quick", action="store_true", help="small shape, 2 rounds: a check that it all runs")
+    parser.add_argument("--auto-evidence", type=Path, default=None, metavar="PATH",
+                        help="also regenerate the backend='auto' evidence file from the CUDA rows of --out "
+                             "(the committed one is ops/auto_backend.csv)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -279,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(frame)
     if not summary.empty:
         console.print(summary.to_string(index=False))
+    if args.auto_evidence is not None:
+        evidence = write_auto_backend_evidence(args.out, args.auto_evidence)
+        console.print(f"wrote {len(evidence)} evidence rows to {args.auto_evidence}")
     return 0
 
 

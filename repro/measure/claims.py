@@ -175,15 +175,21 @@ def estimated_step_bytes(variant: ContextVariant, *, size: int, metric: str = "t
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton criss-cross backend is not measured on `device`, or None when it is."""
+    """Why the Triton criss-cross backend is not measured on `device`, or None when it is.
+
+    On CUDA the backend must run: a kernel that fails there is a bug, so the error propagates (the command
+    fails, showing it) instead of becoming a "not run" row."""
     if device.type != "cuda":
         return ("not run: the Triton backend runs natively only on CUDA; on CPU only in the Triton "
                 "interpreter, a correctness tool far too slow for this sweep")
+    if not triton_installed():
+        return "not run: the triton package is not installed"
     try:
         x = torch.randn(1, 8, 3, 3, device=device)
         ContextVariant("cca_triton", 1).build(channels=8, qk_channels=8).to(device)(x)
-    except (NotImplementedError, RuntimeError, ImportError) as error:
-        return f"not run: the Triton backend failed on a 1x8x3x3 probe ({type(error).__name__}: {error})"
+    except Exception as error:
+        raise RuntimeError(f"the Triton criss-cross backend failed on a 1x8x3x3 probe on {device_label(device)}: "
+                           f"{type(error).__name__}: {error}") from error
     return None
 
 
@@ -213,24 +219,25 @@ def flop_rows(sizes: Sequence[int], *, fvcore_max_size: int) -> list[dict]:
     return rows
 
 
-def memory_rows(sizes: Sequence[int], *, device: torch.device, run_max_size: int) -> list[dict]:
+def memory_rows(sizes: Sequence[int], *, device: torch.device, run_max_size: int,
+                variants: Sequence[ContextVariant] = MEMORY_VARIANTS) -> list[dict]:
     """Memory rows for both steps in STEPS: the fake-mode estimate at every size, the allocator measurement
-    up to `run_max_size`, a not-run row for the Triton backend where it cannot run, and the non-local / R=2
-    ratios."""
+    up to `run_max_size`, a not-run row for the Triton backend where it cannot run (never on CUDA: there a
+    kernel failure raises), and the non-local / R=2 ratios."""
     rows: list[dict] = []
-    triton_reason = triton_unavailable_reason(device)
+    triton_reason = triton_unavailable_reason(device) if any(v.name == "cca_triton" for v in variants) else None
     for size in sizes:
         for metric in STEPS:
             rows += _memory_rows_at(size, metric, device=device, run=size <= run_max_size,
-                                    triton_reason=triton_reason)
+                                    triton_reason=triton_reason, variants=variants)
     return rows
 
 
 def _memory_rows_at(size: int, metric: str, *, device: torch.device, run: bool,
-                    triton_reason: str | None) -> list[dict]:
+                    triton_reason: str | None, variants: Sequence[ContextVariant]) -> list[dict]:
     rows: list[dict] = []
     peaks: dict[tuple[str, str], int] = {}
-    for variant in MEMORY_VARIANTS:
+    for variant in variants:
         is_triton = variant.name == "cca_triton"
         if not is_triton or triton_installed():
             # The Triton custom op has a fake implementation: its outputs are traced without running it.
@@ -245,18 +252,19 @@ def _memory_rows_at(size: int, metric: str, *, device: torch.device, run: bool,
             peak, method = measured_step_bytes(variant, size=size, device=device, metric=metric)
             peaks[(variant.label, method)] = peak
     for (label, method), peak in peaks.items():
-        variant = next(v for v in MEMORY_VARIANTS if v.label == label)
+        variant = next(v for v in variants if v.label == label)
         where = DEVICE_TRACED if method == METHOD_FAKE_MEMORY else device_label(device)
         rows.append(_row("memory", variant.name, variant.recurrence, size, metric, peak / MIB, "MiB", method,
                          where))
     ratio_metric = "memory_ratio" if metric == "train_step_peak_extra" else "forward_memory_ratio"
     for method in sorted({method for _, method in peaks}):
-        base = peaks.get((CCA_R2, method))
         where = DEVICE_TRACED if method == METHOD_FAKE_MEMORY else device_label(device)
-        for other in ("non_local_naive", "non_local_sdpa", "non_local_sdpa_heads"):
-            if base and (other, method) in peaks:
-                rows.append(_row("memory", f"{other}_over_cca_naive_r2", 2, size, ratio_metric,
-                                 peaks[(other, method)] / base, "ratio", method, where))
+        for base_variant in ("cca_naive", "cca_triton"):
+            base = peaks.get((ContextVariant(base_variant, 2).label, method))
+            for other in ("non_local_naive", "non_local_sdpa", "non_local_sdpa_heads"):
+                if base and (other, method) in peaks:
+                    rows.append(_row("memory", f"{other}_over_{base_variant}_r2", 2, size, ratio_metric,
+                                     peaks[(other, method)] / base, "ratio", method, where))
     return rows
 
 

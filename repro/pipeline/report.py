@@ -46,6 +46,7 @@ SOURCES = {
     "predict_example": ("predict_example/marker_example_attention.csv",
                         "python -m repro.synthetic.example --out results"),
     "efficiency": ("model_efficiency.csv", "python -m repro.profile experiments/*.yaml"),
+    "gpu": ("gpu_acceptance.csv", "nox -s gpu (python -m repro.gpu) on a CUDA machine"),
 }
 # The paper's module-level claims are read at its feature map (1 x 512 x 97 x 97, a 769 x 769 input at OS 8).
 PAPER_SIZE = 97
@@ -682,6 +683,21 @@ def section_environment(results: Path) -> str:
     return text + f"\nDevices named in the result CSVs: {', '.join(sorted(devices(results))) or 'none'}.\n"
 
 
+def section_gpu_acceptance(results: Path) -> str:
+    """The GPU acceptance run (`repro.pipeline.gpu`): failed checks first, then every row."""
+    text = "## GPU acceptance\n\n"
+    frame = read_csv(results, "gpu")
+    if frame is None:
+        return text + "Nothing has been measured on a GPU yet. " + missing("gpu")
+    _require(frame, ["step", "check", "metric", "value", "unit", "status", "device"], "gpu_acceptance.csv")
+    failed = frame[frame["status"].astype(str).str.startswith("FAILED")]
+    devices = ", ".join(sorted(str(device) for device in frame["device"].dropna().unique()))
+    text += f"{len(frame)} rows on {devices}; {len(failed)} failed.\n\n"
+    if not failed.empty:
+        text += "Failed:\n\n" + markdown_table(failed) + "\n"
+    return text + "<details><summary>Every row</summary>\n\n" + markdown_table(frame) + "\n</details>\n"
+
+
 # --------------------------------------------------------------------------------------------------------
 # Assembly
 
@@ -704,6 +720,7 @@ def build_report(results: Path, experiments: Path, pages: dict[str, str] | None 
         section_recipes(experiments, table=markdown_table),
         section_ops_bench(results, pages),
         section_gpu(results),
+        section_gpu_acceptance(results),
         section_pipeline(results, pages),
         section_environment(results),
     ]
