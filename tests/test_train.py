@@ -53,7 +53,7 @@ def test_poly_schedule(data_root):
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(data_root, tmp_path):
@@ -77,7 +77,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(data_root, tmp_path):
     log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in log]
     assert steps == [1, 2, 3, 4]
-    state = torch.load(resumed, map_location="cpu", weights_only=False)
+    state = torch.load(resumed, map_location="cpu", weights_only=True)
     assert state["step"] == 4
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(poly_lr(3, cfg.train))
     # Written atomically: no temporary files left next to the checkpoint.
@@ -88,7 +88,7 @@ def test_resume_rejects_other_experiment(data_root, tmp_path):
     cfg = tiny_config(data_root, **{"train.iterations": 1})
     ctx = init_distributed(device="cpu")
     train(cfg, out_dir=tmp_path, ctx=ctx, progress=False)
-    state = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=False)
+    state = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
     state["experiment"] = "something_else"
     torch.save(state, tmp_path / LAST_CHECKPOINT)
     with pytest.raises(ValueError, match="belongs to experiment 'something_else'"):
@@ -112,5 +112,5 @@ def test_accumulation_ohem_and_bf16_autocast_run(data_root, tmp_path):
     record = json.loads((tmp_path / "train_log.jsonl").read_text())
     assert record["step"] == 1 and torch.isfinite(torch.tensor(record["loss"]))
     # One step of 2 micro-batches of 1 image: the logged throughput counts 2 images per step.
-    assert torch.load(checkpoint, weights_only=False)["step"] == 1
+    assert torch.load(checkpoint, weights_only=True)["step"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 import models
+from models.checkpoints import CheckpointError
 from models.losses import CrossEntropy, OHEMCrossEntropy, SegLoss
 from repro.engine.config import ExperimentConfig, TrainConfig, model_kwargs
 from repro.engine.data import build_dataset
@@ -29,6 +30,8 @@ from repro.engine.distributed import DistContext, StepBatchSampler, unwrap, wrap
 from repro.io import append_jsonl, atomic_torch_save
 
 LAST_CHECKPOINT = "checkpoint_last.pt"
+# v2: RNG states as tensors and lists (v1 held NumPy arrays, which only full unpickling could read).
+TRAIN_FORMAT = "ccrepro-train-v2"
 
 
 def poly_lr(step: int, train: TrainConfig) -> float:
@@ -55,16 +58,32 @@ def build_loss(train: TrainConfig, *, ignore_index: int) -> SegLoss:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG state as tensors, ints, floats and lists: what `torch.load(weights_only=True)` reads back."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    numpy_state, python_state = state["numpy"], state["python"]
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    keys = numpy_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        ("MT19937", keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    )
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -85,9 +104,9 @@ def _autocast(amp: str, device: torch.device):
 def save_training_state(
     path: Path, *, model: nn.Module, optimizer, scaler, step: int, cfg: ExperimentConfig
 ) -> Path:
-    """Atomically write everything a resume needs."""
+    """Atomically write everything a resume needs, only in types `torch.load(weights_only=True)` accepts."""
     state = {
-        "format": "ccrepro-train-v1",
+        "format": TRAIN_FORMAT,
         "experiment": cfg.name,
         "config": asdict(cfg),
         "step": step,
@@ -100,17 +119,35 @@ def save_training_state(
 
 
 def load_training_state(path: Path, *, model: nn.Module, optimizer, scaler, cfg: ExperimentConfig) -> int:
-    """Restore a `save_training_state` file; returns the step to continue from."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != "ccrepro-train-v1":
-        raise ValueError(f"{path} is not a ccrepro training checkpoint (format {state.get('format')!r})")
-    if state["experiment"] != cfg.name:
-        raise ValueError(f"{path} belongs to experiment {state['experiment']!r}, not {cfg.name!r}")
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
-    return int(state["step"])
+    """Restore a `save_training_state` file (opened weights-only, `models.safe_load`); returns the step to
+    continue from. CheckpointError (naming the file) when it is damaged, unsafe, of another experiment or
+    another model."""
+    state = models.safe_load(path, what="training checkpoint")
+    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path} is not a ccrepro training checkpoint (format {found!r}, expected {TRAIN_FORMAT!r}); "
+            "--resume continues only from a checkpoint_last.pt this version wrote"
+        )
+    if state.get("experiment") != cfg.name:
+        raise CheckpointError(f"{path} belongs to experiment {state.get('experiment')!r}, not {cfg.name!r}")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= cfg.train.iterations:
+        raise CheckpointError(f"{path}: step {step!r} is not an integer in [0, {cfg.train.iterations}]")
+    try:
+        models.load_checkpoint(unwrap(model), state.get("model", {}), source="ccrepro")
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        raise CheckpointError(
+            f"{path}: the optimizer, grad-scaler or RNG state cannot be restored ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    return step
 
 
 def train(

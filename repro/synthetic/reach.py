@@ -20,6 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+import models
 from models.synthetic import SyntheticSegmenter
 from repro.io import atomic_savefig, write_csv_atomic
 from repro.synthetic.ablation import VAL_SEED, checkpoint_path
@@ -87,7 +88,7 @@ def plot_attention_reach(
     task = MarkerTask() if task is None else task
     path, seed = _checkpoint_for(out, steps, seeds)
     model = SyntheticSegmenter(variant="R2", num_classes=task.num_classes)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    models.load_checkpoint(model, path, source="ccrepro")  # weights-only, CheckpointError if unusable
     model.eval()
     images, labels = generate(1, seed=VAL_SEED, task=task)
     cells = labels[0, :: task.cell, :: task.cell]
