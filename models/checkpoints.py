@@ -288,8 +288,8 @@ def safe_load(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
             ) from None
         first_line = next((line.strip() for line in message.splitlines() if line.strip()), type(err).__name__)
         if "Weights only load failed" in first_line:
-            detail = re.search(r"WeightsUnpickler error: (.+)", message)
-            first_line = detail.group(1).strip() if detail else "the weights-only unpickler rejected it"
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+            first_line = "the weights-only unpickler rejected it" + (f" ({detail.group(1).strip()})" if detail else "")
         kind = "truncated or damaged" if head.startswith(_ZIP_MAGIC) else "damaged or not a PyTorch checkpoint"
         raise CheckpointError(
             f"{what} {path} ({size} bytes) is {kind}: {type(err).__name__}: {first_line[:300]}"

@@ -66,10 +66,22 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
         # Also on KeyboardInterrupt: never leave half-written temporaries behind.
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-        if isinstance(err, OSError):
-            raise _write_error(err, path) from None
+        cause = _os_error_in(err)
+        if cause is not None:
+            raise _write_error(cause, path) from None
         raise
     return path
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `err` itself, or one it was raised while handling (torch.save turns a
+    full disk into a RuntimeError about the zip writer's position, raised from its cleanup)."""
+    seen = 0
+    while isinstance(err, Exception) and seen < 10:
+        if isinstance(err, OSError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def check_writable(folder: str | os.PathLike) -> Path:

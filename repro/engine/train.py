@@ -4,7 +4,10 @@ that resume exactly, a rich progress bar and a JSON-lines log.
 Exact resume: a checkpoint holds the model, optimizer and grad-scaler states, the step, and the torch /
 CUDA / NumPy / Python RNG states (dropout draws from torch's). The data a step sees depends only on the
 step (`repro.engine.distributed.StepBatchSampler`) and the DataLoader gets its own generator, so a run interrupted
-after step s and resumed ends with the same weights as one that never stopped (checked on CPU).
+after step s and resumed ends with the same weights as one that never stopped (checked on CPU, also for a process
+killed with SIGKILL at a random moment or in the middle of a checkpoint write: the write is atomic, so the file
+is always the previous complete checkpoint). Everything is stored as tensors, numbers, strings and lists, so a
+resume opens the file weights-only (`models.safe_load`), never by full unpickling.
 """
 
 from __future__ import annotations
@@ -178,6 +181,11 @@ def train(
     )
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=tcfg.amp == "fp16")
     checkpoint = out_dir / LAST_CHECKPOINT
+    if ctx.is_main:
+        # A run killed while writing a checkpoint leaves its temporary file (repro.io); the checkpoint itself
+        # is the previous, complete one.
+        for stale in out_dir.glob(f".{LAST_CHECKPOINT}.*.tmp"):
+            stale.unlink(missing_ok=True)
     start = 0
     if resume and checkpoint.is_file():
         start = load_training_state(checkpoint, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg)
