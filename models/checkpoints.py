@@ -406,6 +406,17 @@ def load_checkpoint(
     backbone; the heads are then not "missing".
     """
     state = read_state_dict(path_or_state_dict)
+    try:
+        return _load_state(model, state, source=source, strict=strict)
+    except CheckpointError as err:
+        if isinstance(path_or_state_dict, str | os.PathLike):
+            raise CheckpointError(f"{os.fspath(path_or_state_dict)}: {err}") from None
+        raise
+
+
+def _load_state(
+    model: nn.Module, state: dict[str, torch.Tensor], *, source: str | None, strict: bool
+) -> LoadReport:
     source = detect_source(state) if source is None else source
     _check_source(source)
     target = model.state_dict()
