@@ -32,7 +32,7 @@ from repro.engine.config import load_config, model_kwargs
 from repro.engine.data import DatasetError, build_dataset, write_fake_dataset
 from repro.engine.distributed import init_distributed
 from repro.engine.runner import RESULT_COLUMNS, main
-from repro.engine.train import LAST_CHECKPOINT, TRAIN_FORMAT, train
+from repro.engine.train import LAST_CHECKPOINT, TRAIN_FORMAT, load_training_state, train
 from repro.io import CsvFormatError, append_csv_rows, atomic_torch_save
 from repro.synthetic.ablation import checkpoint_path
 from repro.synthetic.reach import plot_attention_reach
@@ -174,6 +174,14 @@ def test_cli_refuses_malicious_checkpoint_for_eval_and_resume(tmp_path, data_roo
     # Nothing was written: no results, no evaluation, the refused file untouched.
     assert not (out / "miou.csv").exists() and not (out / "eval.json").exists()
     assert (resumed / LAST_CHECKPOINT).read_bytes() == before
+
+
+def test_training_checkpoint_of_the_old_format_is_refused_with_a_hint(tmp_path):
+    """Format v1 held NumPy RNG state, which only full unpickling reads: refused, with what to do instead."""
+    path = tmp_path / LAST_CHECKPOINT
+    torch.save({"format": "ccrepro-train-v1", "rng": {"numpy": np.random.get_state()}}, path)
+    with pytest.raises(CheckpointError, match=r"refused .* NumPy RNG state.*start the run again without --resume"):
+        load_training_state(path, model=None, optimizer=None, scaler=None, cfg=load_config(CONFIG))
 
 
 def test_no_code_opens_a_file_by_full_unpickling():

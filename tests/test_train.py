@@ -114,3 +114,23 @@ def test_accumulation_ohem_and_bf16_autocast_run(data_root, tmp_path):
     # One step of 2 micro-batches of 1 image: the logged throughput counts 2 images per step.
     assert torch.load(checkpoint, weights_only=True)["step"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    """Torch, NumPy and Python RNG states are stored as tensors and lists, restored exactly from a file opened
+    with `torch.load(weights_only=True)`."""
+    import random
+
+    import numpy as np
+
+    from models.checkpoints import safe_load
+    from repro.engine.train import _rng_state, _set_rng_state
+
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
+    torch.save({"rng": _rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    _set_rng_state(safe_load(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected

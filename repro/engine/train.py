@@ -125,7 +125,15 @@ def load_training_state(path: Path, *, model: nn.Module, optimizer, scaler, cfg:
     """Restore a `save_training_state` file (opened weights-only, `models.safe_load`); returns the step to
     continue from. CheckpointError (naming the file) when it is damaged, unsafe, of another experiment or
     another model."""
-    state = models.safe_load(path, what="training checkpoint")
+    try:
+        state = models.safe_load(path, what="training checkpoint")
+    except CheckpointError as err:
+        if "numpy" in str(err):
+            raise CheckpointError(
+                f"{err} (a training checkpoint written before format {TRAIN_FORMAT!r} held NumPy RNG state, which "
+                "cannot be opened safely: start the run again without --resume)"
+            ) from None
+        raise
     if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
