@@ -287,6 +287,7 @@ def safe_load(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
                 "yourself."
             ) from None
         first_line = next((line.strip() for line in message.splitlines() if line.strip()), type(err).__name__)
+        first_line = first_line.split(". ")[0]  # torch's zip reader goes on with generic advice
         if "Weights only load failed" in first_line:
             detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
             first_line = "the weights-only unpickler rejected it" + (f" ({detail.group(1).strip()})" if detail else "")
