@@ -33,6 +33,7 @@ import math
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -338,6 +339,8 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return run(args)  # signal handlers can only be set from the main thread
     # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: temporaries removed, the last checkpoint kept.
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
