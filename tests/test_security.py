@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -637,7 +638,9 @@ def test_sigterm_and_sigint_stop_cleanly_with_the_last_checkpoint_intact(tmp_pat
     assert len(lines) == 1 and "Traceback" not in err, err
     step = safe_load(out / LAST_CHECKPOINT)["step"]
     assert step >= 1 and _temporaries(out) == []
+    args = cli_args(data_root, out, iterations=50, checkpoint_every=1)
+    again = args[: args.index("--out-dir")] + ["--resume", "--out-dir", str(out), "--results", str(out / "miou.csv")]
     assert lines[0] == (
         f"cityscapes_r2: interrupted ({name}); {out / LAST_CHECKPOINT} (step {step} of 50) is intact; "
-        f"continue with: python -m repro.run {CONFIG} --resume --out-dir {out}"
+        f"continue with: python -m repro.run {shlex.join(again)}"
     )

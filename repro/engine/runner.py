@@ -30,6 +30,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import shlex
 import signal
 import sys
 import tempfile
@@ -175,7 +176,10 @@ def _interrupted_message(cfg: ExperimentConfig, args: argparse.Namespace, out_di
         step = models.safe_load(checkpoint, what="training checkpoint")["step"]
     except (CheckpointError, KeyError, TypeError):
         step = "?"
-    command = f"python -m repro.run {args.config} --resume" + (f" --out-dir {out_dir}" if args.out_dir else "")
+    again = [str(args.config), *(part for override in args.overrides for part in ("--set", override)), "--resume"]
+    again += ["--out-dir", str(out_dir)] if args.out_dir else []
+    again += ["--results", str(args.results)] if args.results else []
+    command = "python -m repro.run " + shlex.join(again)
     return (
         f"{cfg.name}: interrupted ({name}); {checkpoint} (step {step} of {cfg.train.iterations}) is intact; "
         f"continue with: {command}"
