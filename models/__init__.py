@@ -3,12 +3,13 @@ and inference modes. Knows nothing of `repro`."""
 
 from models import attention, checkpoints, context, heads, inference, losses, resnet, synthetic
 from models.ccnet import HEADS, CCNet, build, count_parameters
-from models.checkpoints import SOURCES, LoadReport, export_state_dict, load_checkpoint
+from models.checkpoints import SOURCES, CheckpointError, LoadReport, export_state_dict, load_checkpoint, safe_load
 
 __all__ = [
     "HEADS",
     "SOURCES",
     "CCNet",
+    "CheckpointError",
     "LoadReport",
     "attention",
     "build",
@@ -21,5 +22,6 @@ __all__ = [
     "load_checkpoint",
     "losses",
     "resnet",
+    "safe_load",
     "synthetic",
 ]

@@ -28,6 +28,11 @@ Sources and where their layouts come from:
 * "mmseg_imagenet": open-mmlab's ResNetV1c ImageNet weights (`stem.N`, `layerN`; `fc` ignored); stem "v1c".
 * "ccrepro": our own state dict (identity).
 
+Files are opened by `safe_load` only: `torch.load(weights_only=True)`, never full unpickling, because a
+checkpoint downloaded from the internet could otherwise run code when opened (a pickle may call any function).
+Whatever goes wrong with a file (not a checkpoint, damaged, unsafe, wrong layout or class count) is one
+`CheckpointError` naming the file and the problem.
+
 A `module.` prefix (DataParallel) is stripped and `{"state_dict": ...}` / `{"model": ...}` wrappers unwrapped.
 `num_batches_tracked` is optional in both directions (InPlaceABN and frozen BN have none).
 A NonLocalHead has the same parameters as the criss-cross block (q/k/v convs, gamma), so it exports in the
@@ -41,6 +46,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,6 +64,11 @@ SOURCES = (
 )
 # Sources that hold an ImageNet backbone only; their rules are relative to the backbone.
 BACKBONE_SOURCES = ("torchvision", "official_imagenet", "mmseg_imagenet")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: not a PyTorch file, damaged, unsafe to open, or not matching the model."""
+
 
 SCALAR = "scalar"  # mmcv `Scale`: a 0-d tensor in the checkpoint, shape (1,) in ours.
 
@@ -220,30 +231,108 @@ class LoadReport:
         return "\n".join(lines)
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+_PICKLE_MAGIC = b"\x80"  # torch.save's legacy format and plain pickles start with the PROTO opcode
+
+
+def _describe_non_checkpoint(path: Path, head: bytes, size: int) -> str | None:
+    """Why a file is plainly not a torch.save file (empty, a web page, text); None when it may be one."""
+    if size == 0:
+        return f"{path} is empty (0 bytes), not a checkpoint"
+    if head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        return None
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return (
+            f"{path} is a web page (HTML), not a checkpoint: the download probably saved a login or error page; "
+            "download the .pth file itself"
+        )
+    text = head.decode("utf-8", errors="replace").rstrip("\ufffd")  # 64 bytes may cut a character
+    if text and "\ufffd" not in text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"{path} is a text file (starts with {text[:40]!r}), not a PyTorch checkpoint"
+    return None  # some other binary: torch.load decides (and its error is reported)
+
+
+def safe_load(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
+    """The object `torch.save` wrote to `path`, read with `torch.load(weights_only=True)` onto the CPU.
+
+    This is the only way the project opens a checkpoint: the weights-only unpickler builds tensors, numbers,
+    strings, lists, tuples and dicts and refuses everything else, so opening a file can never run code from
+    it. There is no fallback to full unpickling. Raises FileNotFoundError when `path` is not a file and
+    `CheckpointError` (one line naming the file) when it is empty, text, HTML, damaged, truncated, or needs
+    anything beyond weights to be unpickled. `what` names the kind of file in messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    problem = _describe_non_checkpoint(path, head, size)
+    if problem is not None:
+        raise CheckpointError(problem)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to decode means the file is unusable
+        message = str(err)
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        if unsafe is not None:
+            raise CheckpointError(
+                f"refused to open {what} {path}: unpickling it would call {unsafe.group(1)}, which a file of "
+                "weights never needs and which could run code; only tensors, numbers, strings, lists and dicts "
+                "are loaded (weights_only=True). If you trust the file, convert it to a plain state dict "
+                "yourself."
+            ) from None
+        first_line = next((line.strip() for line in message.splitlines() if line.strip()), type(err).__name__)
+        first_line = first_line.split(". ")[0]  # torch's zip reader goes on with generic advice
+        if "Weights only load failed" in first_line:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+            first_line = "the weights-only unpickler rejected it" + (f" ({detail.group(1).strip()})" if detail else "")
+        kind = "truncated or damaged" if head.startswith(_ZIP_MAGIC) else "damaged or not a PyTorch checkpoint"
+        raise CheckpointError(
+            f"{what} {path} ({size} bytes) is {kind}: {type(err).__name__}: {first_line[:300]}"
+        ) from None
+
+
+def _unwrap(state: Any, origin: str) -> dict[str, Any]:
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{origin} holds a {type(state).__name__}, expected a state dict (a mapping)")
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), Mapping):
+            return state[wrapper]
+    return state
+
+
 def read_state_dict(
     path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Load a checkpoint file (or take a mapping), unwrap {"state_dict"}/{"model"} and strip "module."."""
+    """Load a checkpoint file with `safe_load` (or take a mapping), unwrap {"state_dict"}/{"model"} and strip
+    "module."; CheckpointError when the content is not a mapping of names to tensors."""
     if isinstance(path_or_state_dict, str | os.PathLike):
-        path = Path(path_or_state_dict)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        origin = f"checkpoint {os.fspath(path_or_state_dict)}"
+        state = safe_load(path_or_state_dict)
     elif isinstance(path_or_state_dict, Mapping):
+        origin = "the state dict"
         state = path_or_state_dict
     else:
         raise TypeError(
             f"expected a checkpoint path or a state dict, got {type(path_or_state_dict).__name__}"
         )
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
+    state = _unwrap(state, origin)
     out = {}
     for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{origin}: entry name {key!r} is a {type(key).__name__}, expected a string")
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"checkpoint entry {key!r} is a {type(value).__name__}, expected a tensor")
+            raise CheckpointError(
+                f"{origin}: entry {key!r} is a {type(value).__name__}, expected a tensor"
+            )
         out[key.removeprefix("module.")] = value
+    if not out:
+        raise CheckpointError(f"{origin} holds no tensors")
     return out
 
 
@@ -267,14 +356,14 @@ def detect_source(keys) -> str:
     if "conv1.weight" in keys:
         return "official_imagenet" if "conv2.weight" in keys else "torchvision"
     sample = ", ".join(sorted(keys)[:5])
-    raise ValueError(
+    raise CheckpointError(
         f"cannot detect the checkpoint layout from its keys (e.g. {sample}); pass source= one of {SOURCES}"
     )
 
 
 def _check_source(source: str) -> None:
     if source not in SOURCES:
-        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {SOURCES}")
+        raise CheckpointError(f"unknown checkpoint source {source!r}; expected one of {SOURCES}")
 
 
 def _target_key(ours: str, prefix: str, bare_backbone: bool, source: str) -> str | None:
@@ -293,6 +382,16 @@ def _shape_ok(value: torch.Tensor, target: torch.Tensor, transform: str | None) 
     return tuple(value.shape) == tuple(target.shape)
 
 
+def _class_hint(ours: str, value: torch.Tensor, target: Mapping[str, torch.Tensor]) -> str:
+    """For a classifier: the class counts, the usual reason a released checkpoint does not fit."""
+    if not re.search(r"classifier\.(weight|bias)$", ours) or value.dim() == 0:
+        return ""
+    return (
+        f" (the checkpoint predicts {value.shape[0]} classes, the model {target[ours].shape[0]}: "
+        "a checkpoint of another dataset, or the wrong model.num_classes)"
+    )
+
+
 def load_checkpoint(
     model: nn.Module,
     path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
@@ -302,11 +401,23 @@ def load_checkpoint(
 ) -> LoadReport:
     """Load a checkpoint in any supported layout into `model` (a CCNet, or a bare ResNet backbone).
 
-    Raises ValueError naming the key and both shapes on a shape mismatch, and (strict=True) when any weight of
-    the model is left unset or any checkpoint key has no place in the model. ImageNet sources only fill the
+    Files are opened with `safe_load` (weights only). Raises CheckpointError naming the key and both shapes on a
+    shape mismatch (and the class counts for a classifier), and (strict=True) when any weight of the model is
+    left unset or any checkpoint key has no place in the model. ImageNet sources only fill the
     backbone; the heads are then not "missing".
     """
     state = read_state_dict(path_or_state_dict)
+    try:
+        return _load_state(model, state, source=source, strict=strict)
+    except CheckpointError as err:
+        if isinstance(path_or_state_dict, str | os.PathLike):
+            raise CheckpointError(f"{os.fspath(path_or_state_dict)}: {err}") from None
+        raise
+
+
+def _load_state(
+    model: nn.Module, state: dict[str, torch.Tensor], *, source: str | None, strict: bool
+) -> LoadReport:
     source = detect_source(state) if source is None else source
     _check_source(source)
     target = model.state_dict()
@@ -339,12 +450,12 @@ def load_checkpoint(
             continue
         ours, transform = chosen
         if not _shape_ok(value, target[ours], transform):
-            raise ValueError(
+            raise CheckpointError(
                 f"shape mismatch for checkpoint key {key!r} -> model key {ours!r}: checkpoint has "
-                f"{tuple(value.shape)}, model has {tuple(target[ours].shape)}"
+                f"{tuple(value.shape)}, model has {tuple(target[ours].shape)}{_class_hint(ours, value, target)}"
             )
         if ours in mapped:
-            raise ValueError(f"checkpoint keys {origin[ours]!r} and {key!r} both map to model key {ours!r}")
+            raise CheckpointError(f"checkpoint keys {origin[ours]!r} and {key!r} both map to model key {ours!r}")
         if transform == SCALAR:
             notes.append(f"{key}: reshaped {tuple(value.shape)} -> {tuple(target[ours].shape)}")
         mapped[ours] = value.reshape(target[ours].shape).to(target[ours].dtype)
@@ -354,12 +465,12 @@ def load_checkpoint(
         if bias_key not in state:
             continue
         if mean_key not in mapped:
-            raise ValueError(
+            raise CheckpointError(
                 f"cannot fold {bias_key!r}: its norm's running mean {mean_key!r} is not in the checkpoint"
             )
         bias = state[bias_key]
         if tuple(bias.shape) != tuple(mapped[mean_key].shape):
-            raise ValueError(
+            raise CheckpointError(
                 f"shape mismatch for checkpoint key {bias_key!r} -> model key {mean_key!r}: checkpoint has "
                 f"{tuple(bias.shape)}, model has {tuple(mapped[mean_key].shape)}"
             )
@@ -368,7 +479,7 @@ def load_checkpoint(
 
     missing = [key for key in expected if key not in mapped and not key.endswith("num_batches_tracked")]
     if strict and (missing or unexpected):
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint (source={source}) does not match the model: {len(missing)} missing "
             f"{missing[:10]}, {len(unexpected)} unexpected {unexpected[:10]}; "
             "pass strict=False to load anyway"

@@ -48,5 +48,5 @@ def test_two_process_gloo_smoke_run(tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log if record["event"] == "train"] == [1, 2]
     assert [record["metric"] for record in log if record["event"] == "eval"] == ["mIoU"]
-    state = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert state["step"] == 2 and not any(key.startswith("module.") for key in state["model"])

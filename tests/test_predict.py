@@ -398,3 +398,18 @@ def test_synthetic_example_predicts_the_marker_class(tmp_path):
     section = section_predict_example(tmp_path)
     assert "predict_example/marker_example_attention.png" in section and "| 2 |" in section
     assert "python -m repro.synthetic.example" in section_predict_example(tmp_path / "elsewhere")
+
+
+def test_command_refuses_a_malicious_checkpoint(tiny, tmp_path, capsys):
+    """A checkpoint whose unpickling would run code is refused by the predict command too (weights-only
+    loading), the payload never runs, and --out stays empty."""
+    from tests.test_security import write_malicious
+
+    marker = tmp_path / "marker"
+    for kind in ("zip", "pickle"):
+        write_malicious(tiny["folder"] / f"evil_{kind}.pth", marker, kind=kind)
+        out = tmp_path / f"out_{kind}"
+        assert _run(tiny, out, str(tiny["images"]), checkpoint=f"evil_{kind}.pth") != 0
+        assert "refused to open checkpoint" in capsys.readouterr().err
+        assert not out.exists() or not any(out.iterdir())
+    assert not marker.exists()

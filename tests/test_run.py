@@ -57,7 +57,7 @@ def test_results_are_appended_and_eval_only(tmp_path):
     assert rows[3]["checkpoint"] == str(checkpoint)
     # A plain state dict (as a foreign release would be) goes through models.load_checkpoint: same numbers.
     plain = tmp_path / "plain.pt"
-    torch.save(torch.load(checkpoint, weights_only=False)["model"], plain)
+    torch.save(torch.load(checkpoint, weights_only=True)["model"], plain)
     eval_args[2] = str(plain)
     assert main([str(config), *eval_args, "--results", str(results), "--no-progress"]) == 0
     rows = _rows(results)

@@ -54,7 +54,7 @@ def test_poly_schedule(data_root):
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def _mmengine_poly(lr, eta_min, power, end, steps):
@@ -152,7 +152,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(data_root, tmp_path):
     log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in log]
     assert steps == [1, 2, 3, 4]
-    state = torch.load(resumed, map_location="cpu", weights_only=False)
+    state = torch.load(resumed, map_location="cpu", weights_only=True)
     assert state["step"] == 4
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(poly_lr(3, cfg.train))
     # Written atomically: no temporary files left next to the checkpoint.
@@ -163,7 +163,7 @@ def test_resume_rejects_other_experiment(data_root, tmp_path):
     cfg = tiny_config(data_root, **{"train.iterations": 1})
     ctx = init_distributed(device="cpu")
     train(cfg, out_dir=tmp_path, ctx=ctx, progress=False)
-    state = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=False)
+    state = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
     state["experiment"] = "something_else"
     torch.save(state, tmp_path / LAST_CHECKPOINT)
     with pytest.raises(ValueError, match="belongs to experiment 'something_else'"):
@@ -188,7 +188,7 @@ def test_accumulation_ohem_and_bf16_autocast_run(data_root, tmp_path):
     record = json.loads((tmp_path / "train_log.jsonl").read_text())
     assert record["step"] == 1 and torch.isfinite(torch.tensor(record["loss"]))
     # One step of 2 micro-batches of 1 image: the logged throughput counts 2 images per step.
-    assert torch.load(checkpoint, weights_only=False)["step"] == 1
+    assert torch.load(checkpoint, weights_only=True)["step"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -240,3 +240,23 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, monkeypatch):
     for key, delta in batch.items():
         torch.testing.assert_close(accumulated[key], delta, rtol=1e-3, atol=1e-4 * scale, msg=key)
     assert max(float((first_only[k] - batch[k]).abs().max()) for k in batch) > 1e-2 * scale
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    """Torch, NumPy and Python RNG states are stored as tensors and lists, restored exactly from a file opened
+    with `torch.load(weights_only=True)`."""
+    import random
+
+    import numpy as np
+
+    from models.checkpoints import safe_load
+    from repro.engine.train import _rng_state, _set_rng_state
+
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
+    torch.save({"rng": _rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    _set_rng_state(safe_load(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected

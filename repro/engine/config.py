@@ -320,6 +320,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT_MAX = 1.7976931348623157e308  # sys.float_info.max; NaN fails the comparison as well
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` and convert lists to tuples; raise _FieldError."""
     origin = typing.get_origin(tp)
@@ -351,10 +354,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is int:
         _expect(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        # Every integer of a config ends in torch or NumPy (seeds, sizes, steps): 64 bits at most.
+        _expect(-(2**63) <= value < 2**63, key, "an integer of at most 64 bits", value)
         return value
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _require(ok, key, f"expected a number, got {value!r}")
+        _require(abs(value) <= _FLOAT_MAX, key, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         _require(isinstance(value, str), key, f"expected a string, got {value!r}")
@@ -393,7 +399,11 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text)
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = " ".join(str(err).split())
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({problem})") from None
 
 
 def config_from_dict(raw: dict[str, Any], *, origin: str = "<dict>") -> ExperimentConfig:
@@ -416,6 +426,8 @@ def read_yaml_mapping(path: str | Path, *, what: str) -> dict[str, Any]:
             raw = yaml.safe_load(f)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     return raw

@@ -15,6 +15,13 @@ stem, output stride, head kind and recurrence stay; `head_channels` and `aux_cha
 results go to the run folder, never to results/miou.csv. Measured on the shared 2-core machine (one
 thread, other jobs running): 3-6 s per config in-process (R-101 the slower), about 25 s as a fresh process
 (imports, model construction); all 37 configs ~2 minutes.
+
+Bad input ends with one line on stderr naming the file and the problem, and an exit code: 2 config, 3 no
+dataset, 4 a checkpoint / dataset file / results CSV that cannot be used, 5 a file that cannot be written
+(full disk, folder not writable), 130 / 143 interrupted (Ctrl-C, SIGTERM; the last checkpoint stays intact
+and `--resume` continues from it). Checkpoints are opened weights-only (`models.safe_load`): a file that
+would run code when unpickled is refused, never opened. The output folder and the results CSV's header are
+checked before training starts.
 """
 
 from __future__ import annotations
@@ -23,24 +30,36 @@ import argparse
 import datetime as dt
 import json
 import math
-import pickle
+import shlex
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 import models
+from models.checkpoints import CheckpointError
 from repro.engine.config import ConfigError, ExperimentConfig, load_config, with_overrides
-from repro.engine.data import DatasetNotFoundError, build_dataset, check_dataset, write_fake_dataset
+from repro.engine.data import DatasetError, DatasetNotFoundError, build_dataset, check_dataset, write_fake_dataset
 from repro.engine.distributed import barrier, init_distributed, shutdown
 from repro.engine.evaluate import EvalResult, evaluate
-from repro.engine.train import build_model, train
-from repro.io import append_csv_rows, append_jsonl, atomic_write_text
+from repro.engine.train import LAST_CHECKPOINT, TRAIN_FORMAT, build_model, train
+from repro.io import (
+    CsvFormatError,
+    append_csv_rows,
+    append_jsonl,
+    atomic_write_text,
+    check_csv_header,
+    check_writable,
+)
 from repro.vocabulary import device_label
 
-EXIT_OK, EXIT_CONFIG, EXIT_NO_DATA = 0, 2, 3
+EXIT_OK, EXIT_CONFIG, EXIT_NO_DATA, EXIT_BAD_INPUT, EXIT_CANNOT_WRITE = 0, 2, 3, 4, 5
+# The project's errors about a bad input file (the CLI prints them as one line).
+INPUT_ERRORS = (CheckpointError, DatasetError, CsvFormatError, FileNotFoundError)
 RESULT_COLUMNS = (
     "experiment", "dataset", "backbone", "crop", "schedule", "metric",
     "reported", "measured", "delta", "checkpoint", "device", "date",
@@ -111,23 +130,62 @@ def _json_number(value: float) -> float | None:
 
 
 def load_weights(model: torch.nn.Module, path: Path, *, source: str | None) -> None:
-    """Our training checkpoint (`checkpoint_last.pt`) or a foreign one through `models.load_checkpoint`.
+    """Our training checkpoint (`checkpoint_last.pt`) or a foreign one, through `models.load_checkpoint`.
 
-    Foreign files are read with `weights_only=True`; only a file that needs full unpickling (ours holds
-    NumPy RNG state) is read fully, and then it must carry our format tag.
+    Every file is opened weights-only (`models.safe_load`); there is no fallback to full unpickling.
+    Raises CheckpointError naming the file and the problem.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    state = models.safe_load(path)
+    if isinstance(state, dict) and str(state.get("format", "")).startswith("ccrepro-train"):
+        if state["format"] != TRAIN_FORMAT:
+            raise CheckpointError(f"{path} is a ccrepro training checkpoint of format {state['format']!r}, "
+                                  f"expected {TRAIN_FORMAT!r}")
+        state, source = state.get("model"), "ccrepro"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not (isinstance(state, dict) and state.get("format") == "ccrepro-train-v1"):
-            raise ValueError(f"{path} is neither a plain state dict nor a ccrepro training checkpoint") from None
-        model.load_state_dict(state["model"])
-        return
-    report = models.load_checkpoint(model, state, source=source)
+        report = models.load_checkpoint(model, state, source=source)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     print(f"loaded {path}: {report}")
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of one of the project's errors; one re-raised from a DataLoader worker carries the worker's
+    traceback, whose last line is the original message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) received: unwinds like Ctrl-C, so atomic writes drop their temporary files."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _interrupted_message(cfg: ExperimentConfig, args: argparse.Namespace, out_dir: Path, err: BaseException) -> str:
+    name = err.args[0] if isinstance(err, Interrupted) else "SIGINT"
+    checkpoint = out_dir / LAST_CHECKPOINT
+    if args.eval_only or not checkpoint.is_file():
+        return f"{cfg.name}: interrupted ({name}); no checkpoint of this run was written"
+    try:
+        step = models.safe_load(checkpoint, what="training checkpoint")["step"]
+    except (CheckpointError, KeyError, TypeError):
+        step = "?"
+    again = [str(args.config), *(part for override in args.overrides for part in ("--set", override)), "--resume"]
+    again += ["--out-dir", str(out_dir)] if args.out_dir else []
+    again += ["--results", str(args.results)] if args.results else []
+    command = "python -m repro.run " + shlex.join(again)
+    return (
+        f"{cfg.name}: interrupted ({name}); {checkpoint} (step {step} of {cfg.train.iterations}) is intact; "
+        f"continue with: {command}"
+    )
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -213,62 +271,88 @@ def run(args: argparse.Namespace) -> int:
 
     ctx = init_distributed(device=args.device)
     try:
-        progress = not args.no_progress
-        if args.eval_only:
-            model = build_model(cfg, device=torch.device("cpu"))
-            load_weights(model, args.checkpoint, source=args.checkpoint_source)
-            model = model.to(ctx.device)
-            checkpoint = str(args.checkpoint)
-        else:
-            model, checkpoint_path = train(
-                cfg, out_dir=out_dir, ctx=ctx, resume=args.resume, progress=progress
-            )
-            checkpoint = str(checkpoint_path)
-        dataset = build_dataset(cfg.data, split="val", eval_cfg=cfg.eval)
-        on_prediction = None
-        if args.save_predictions is not None:
-            on_prediction = _prediction_writer(cfg, dataset, args.save_predictions)
-        results = evaluate(
-            model,
-            dataset,
-            eval_cfg=cfg.eval,
-            num_classes=cfg.model.num_classes,
-            ignore_index=cfg.data.ignore_index,
-            ctx=ctx,
-            limit=args.eval_limit if args.eval_limit is not None else (1 if args.smoke else None),
-            on_prediction=on_prediction,
-            progress=progress,
-        )
-        if ctx.is_main:
-            device = device_label(ctx.device, processes=ctx.world_size)
-            rows = result_rows(cfg, results, checkpoint=checkpoint, device=device, smoke=args.smoke)
-            append_csv_rows(results_path, rows, columns=RESULT_COLUMNS)
-            # NaN (a class absent from labels and predictions) becomes null: strict JSON.
-            details = {
-                metric: {
-                    "mIoU": _json_number(r.miou),
-                    "pixel_accuracy": _json_number(r.pixel_accuracy),
-                    "iou_per_class": [_json_number(v) for v in r.iou_per_class],
-                }
-                for metric, r in results.items()
-            }
-            atomic_write_text(out_dir / "eval.json", json.dumps(details, indent=2, allow_nan=False) + "\n")
-            for metric, r in results.items():
-                record = {"experiment": cfg.name, "event": "eval", "metric": metric, "mIoU": _json_number(r.miou)}
-                append_jsonl(out_dir / "train_log.jsonl", {**record, "checkpoint": checkpoint, "time": time.time()})
-            for row in rows:
-                measured = f"{row['measured']:.2f}"
-                print(f"{cfg.name} {row['metric']}: measured {measured}  reported {row['reported'] or '-'}")
-        barrier(ctx)
+        return _run(cfg, args, ctx=ctx, out_dir=out_dir, results_path=results_path)
+    except INPUT_ERRORS as err:
+        print(f"{cfg.name}: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        print(f"{cfg.name}: cannot write {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_CANNOT_WRITE
+    except KeyboardInterrupt as err:
+        print(_interrupted_message(cfg, args, out_dir, err), file=sys.stderr)
+        return 128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)
     finally:
         shutdown(ctx)
         if temp is not None:
             temp.cleanup()
+
+
+def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path, results_path: Path) -> int:
+    """Train (or load) and evaluate; the errors of bad inputs are reported by `run`."""
+    # Before any work: a run of hours must not end on a folder it cannot write or a CSV it cannot append to.
+    check_writable(out_dir)
+    check_writable(results_path.parent)
+    check_csv_header(results_path, RESULT_COLUMNS)
+    progress = not args.no_progress
+    if args.eval_only:
+        model = build_model(cfg, device=torch.device("cpu"))
+        load_weights(model, args.checkpoint, source=args.checkpoint_source)
+        model = model.to(ctx.device)
+        checkpoint = str(args.checkpoint)
+    else:
+        model, checkpoint_path = train(
+            cfg, out_dir=out_dir, ctx=ctx, resume=args.resume, progress=progress
+        )
+        checkpoint = str(checkpoint_path)
+    dataset = build_dataset(cfg.data, split="val", eval_cfg=cfg.eval)
+    on_prediction = None
+    if args.save_predictions is not None:
+        on_prediction = _prediction_writer(cfg, dataset, args.save_predictions)
+    results = evaluate(
+        model,
+        dataset,
+        eval_cfg=cfg.eval,
+        num_classes=cfg.model.num_classes,
+        ignore_index=cfg.data.ignore_index,
+        ctx=ctx,
+        limit=args.eval_limit if args.eval_limit is not None else (1 if args.smoke else None),
+        on_prediction=on_prediction,
+        progress=progress,
+    )
+    if ctx.is_main:
+        device = device_label(ctx.device, processes=ctx.world_size)
+        rows = result_rows(cfg, results, checkpoint=checkpoint, device=device, smoke=args.smoke)
+        append_csv_rows(results_path, rows, columns=RESULT_COLUMNS)
+        # NaN (a class absent from labels and predictions) becomes null: strict JSON.
+        details = {
+            metric: {
+                "mIoU": _json_number(r.miou),
+                "pixel_accuracy": _json_number(r.pixel_accuracy),
+                "iou_per_class": [_json_number(v) for v in r.iou_per_class],
+            }
+            for metric, r in results.items()
+        }
+        atomic_write_text(out_dir / "eval.json", json.dumps(details, indent=2, allow_nan=False) + "\n")
+        for metric, r in results.items():
+            record = {"experiment": cfg.name, "event": "eval", "metric": metric, "mIoU": _json_number(r.miou)}
+            append_jsonl(out_dir / "train_log.jsonl", {**record, "checkpoint": checkpoint, "time": time.time()})
+        for row in rows:
+            measured = f"{row['measured']:.2f}"
+            print(f"{cfg.name} {row['metric']}: measured {measured}  reported {row['reported'] or '-'}")
+    barrier(ctx)
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(_parse_args(argv))
+    args = _parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return run(args)  # signal handlers can only be set from the main thread
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: temporaries removed, the last checkpoint kept.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        return run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

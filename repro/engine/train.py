@@ -4,7 +4,10 @@ that resume exactly, a rich progress bar and a JSON-lines log.
 Exact resume: a checkpoint holds the model, optimizer and grad-scaler states, the step, and the torch /
 CUDA / NumPy / Python RNG states (dropout draws from torch's). The data a step sees depends only on the
 step (`repro.engine.distributed.StepBatchSampler`) and the DataLoader gets its own generator, so a run interrupted
-after step s and resumed ends with the same weights as one that never stopped (checked on CPU).
+after step s and resumed ends with the same weights as one that never stopped (checked on CPU, also for a process
+killed with SIGKILL at a random moment or in the middle of a checkpoint write: the write is atomic, so the file
+is always the previous complete checkpoint). Everything is stored as tensors, numbers, strings and lists, so a
+resume opens the file weights-only (`models.safe_load`), never by full unpickling.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 import models
+from models.checkpoints import CheckpointError
 from models.losses import CrossEntropy, OHEMCrossEntropy, SegLoss
 from repro.engine.config import ExperimentConfig, TrainConfig, model_kwargs
 from repro.engine.data import build_dataset
@@ -29,6 +33,8 @@ from repro.engine.distributed import DistContext, StepBatchSampler, unwrap, wrap
 from repro.io import append_jsonl, atomic_torch_save
 
 LAST_CHECKPOINT = "checkpoint_last.pt"
+# v2: RNG states as tensors and lists (v1 held NumPy arrays, which only full unpickling could read).
+TRAIN_FORMAT = "ccrepro-train-v2"
 
 
 def poly_lr(step: int, train: TrainConfig) -> float:
@@ -59,16 +65,32 @@ def build_loss(train: TrainConfig, *, ignore_index: int) -> SegLoss:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG state as tensors, ints, floats and lists: what `torch.load(weights_only=True)` reads back."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    numpy_state, python_state = state["numpy"], state["python"]
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    keys = numpy_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        ("MT19937", keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    )
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -89,9 +111,9 @@ def _autocast(amp: str, device: torch.device):
 def save_training_state(
     path: Path, *, model: nn.Module, optimizer, scaler, step: int, cfg: ExperimentConfig
 ) -> Path:
-    """Atomically write everything a resume needs."""
+    """Atomically write everything a resume needs, only in types `torch.load(weights_only=True)` accepts."""
     state = {
-        "format": "ccrepro-train-v1",
+        "format": TRAIN_FORMAT,
         "experiment": cfg.name,
         "config": asdict(cfg),
         "step": step,
@@ -104,17 +126,43 @@ def save_training_state(
 
 
 def load_training_state(path: Path, *, model: nn.Module, optimizer, scaler, cfg: ExperimentConfig) -> int:
-    """Restore a `save_training_state` file; returns the step to continue from."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != "ccrepro-train-v1":
-        raise ValueError(f"{path} is not a ccrepro training checkpoint (format {state.get('format')!r})")
-    if state["experiment"] != cfg.name:
-        raise ValueError(f"{path} belongs to experiment {state['experiment']!r}, not {cfg.name!r}")
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
-    return int(state["step"])
+    """Restore a `save_training_state` file (opened weights-only, `models.safe_load`); returns the step to
+    continue from. CheckpointError (naming the file) when it is damaged, unsafe, of another experiment or
+    another model."""
+    try:
+        state = models.safe_load(path, what="training checkpoint")
+    except CheckpointError as err:
+        if "numpy" in str(err):
+            raise CheckpointError(
+                f"{err} (a training checkpoint written before format {TRAIN_FORMAT!r} held NumPy RNG state, which "
+                "cannot be opened safely: start the run again without --resume)"
+            ) from None
+        raise
+    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path} is not a ccrepro training checkpoint (format {found!r}, expected {TRAIN_FORMAT!r}); "
+            "--resume continues only from a checkpoint_last.pt this version wrote"
+        )
+    if state.get("experiment") != cfg.name:
+        raise CheckpointError(f"{path} belongs to experiment {state.get('experiment')!r}, not {cfg.name!r}")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= cfg.train.iterations:
+        raise CheckpointError(f"{path}: step {step!r} is not an integer in [0, {cfg.train.iterations}]")
+    try:
+        models.load_checkpoint(unwrap(model), state.get("model", {}), source="ccrepro")
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        raise CheckpointError(
+            f"{path}: the optimizer, grad-scaler or RNG state cannot be restored ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    return step
 
 
 def train(
@@ -145,6 +193,11 @@ def train(
     )
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=tcfg.amp == "fp16")
     checkpoint = out_dir / LAST_CHECKPOINT
+    if ctx.is_main:
+        # A run killed while writing a checkpoint leaves its temporary file (repro.io); the checkpoint itself
+        # is the previous, complete one.
+        for stale in out_dir.glob(f".{LAST_CHECKPOINT}.*.tmp"):
+            stale.unlink(missing_ok=True)
     start = 0
     if resume and checkpoint.is_file():
         start = load_training_state(checkpoint, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg)

@@ -21,6 +21,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+import models
 from models.attention import record_criss_cross
 from models.synthetic import SyntheticSegmenter
 from ops.cca_maps import criss_cross_map
@@ -69,11 +70,11 @@ def load_trained_r2(
     *, out: Path, steps: int, seeds: tuple[int, ...], task: MarkerTask | None = None
 ) -> tuple[SyntheticSegmenter, Path, int]:
     """The trained R=2 model of the lowest seed that has a checkpoint under `out`, in eval mode, with its
-    checkpoint path and seed (weights read with `weights_only=True`)."""
+    checkpoint path and seed (read weights-only by `models.load_checkpoint`; CheckpointError if unusable)."""
     task = MarkerTask() if task is None else task
     path, seed = _checkpoint_for(out, steps, seeds)
     model = SyntheticSegmenter(variant="R2", num_classes=task.num_classes)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    models.load_checkpoint(model, path, source="ccrepro")
     return model.eval(), path, seed
 
 

@@ -14,10 +14,11 @@ import numpy as np
 
 from repro.engine.config import DataConfig, EvalConfig
 from repro.engine.data import ade20k, cityscapes, voc
-from repro.engine.data.base import DatasetNotFoundError, SegmentationFiles
+from repro.engine.data.base import DatasetError, DatasetNotFoundError, SegmentationFiles
 from repro.engine.data.transforms import EvalTransform, TrainTransform
 
 __all__ = [
+    "DatasetError",
     "DatasetNotFoundError",
     "SegmentationFiles",
     "build_dataset",
@@ -38,6 +39,19 @@ def dataset_module(name: str) -> ModuleType:
 def _label_lut(name: str) -> np.ndarray:
     module = dataset_module(name)
     return module.label_id_lut() if name == "cityscapes" else module.label_lut()
+
+
+def _label_known(name: str) -> np.ndarray:
+    """(256,) bool: the stored label values dataset `name` defines (classes and ignore values)."""
+    known = np.zeros(256, dtype=bool)
+    if name == "cityscapes":
+        known[list(cityscapes.LABEL_IDS)] = True  # label ids 0..33; those outside the 19 classes map to ignore
+    elif name == "ade20k":
+        known[: ade20k.NUM_CLASSES + 1] = True  # 0 (other) is reduced to ignore
+    else:
+        known[: voc.NUM_CLASSES] = True
+        known[255] = True  # object borders
+    return known
 
 
 def check_dataset(data: DataConfig) -> Path:
@@ -76,10 +90,15 @@ def build_dataset(data: DataConfig, *, split: str, eval_cfg: EvalConfig | None =
             ignore_index=data.ignore_index,
             **norm,
         )
-        return SegmentationFiles(pairs, label_lut=_label_lut(data.dataset), train_transform=transform)
+        return SegmentationFiles(
+            pairs, label_lut=_label_lut(data.dataset), label_known=_label_known(data.dataset),
+            train_transform=transform,
+        )
     scale = eval_cfg.scale if eval_cfg is not None else None
     transform = EvalTransform(scale=scale, **norm)
-    return SegmentationFiles(pairs, label_lut=_label_lut(data.dataset), eval_transform=transform)
+    return SegmentationFiles(
+        pairs, label_lut=_label_lut(data.dataset), label_known=_label_known(data.dataset), eval_transform=transform
+    )
 
 
 def write_fake_dataset(

@@ -22,6 +22,10 @@ LAYOUT = (
 )
 
 
+# The label ids a gtFine_labelIds.png may hold (the license plate's -1 is never stored).
+LABEL_IDS = tuple(sorted(label.id for label in _LABELS if 0 <= label.id < 256))
+
+
 def label_id_lut() -> np.ndarray:
     """(256,) uint8: Cityscapes label id -> train id (255 = ignore)."""
     lut = np.full(256, 255, dtype=np.uint8)
