@@ -32,7 +32,6 @@ import dataclasses
 import glob
 import io
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from torch import nn
 
 import models
 from models.attention import PointAttention, attention_at_points
-from models.checkpoints import KEY_RULES, detect_source, read_state_dict
+from models.checkpoints import KEY_RULES, CheckpointError, detect_source, read_state_dict
 from repro.engine.config import ConfigError, EvalConfig, ExperimentConfig, load_config, model_kwargs
 from repro.engine.data.palettes import Palette, palette_for
 from repro.engine.data.transforms import keep_ratio_size, normalise
@@ -192,8 +191,12 @@ def load_model(cfg: ExperimentConfig, checkpoint: Path, *, source: str | None = 
     source = "ccrepro" if source == "ours" else source
     model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None})
     try:
-        load_weights(model, checkpoint, source=source)
-    except (ValueError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
+        state = models.safe_load(checkpoint)
+    except CheckpointError as err:
+        raise PredictError(f"cannot read checkpoint {str(checkpoint)!r}: {err}") from err
+    try:
+        load_weights(model, checkpoint, source=source, state=state)
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
         found = _classifier_classes(checkpoint, source)
         expected = cfg.model.num_classes
         if found is not None and found[1] != expected:
@@ -202,10 +205,6 @@ def load_model(cfg: ExperimentConfig, checkpoint: Path, *, source: str | None = 
                 f"class count mismatch: checkpoint {str(checkpoint)!r} predicts {classes} classes ({key}), but "
                 f"config {cfg.name!r} is {cfg.data.dataset} with {expected}; use a config of the dataset the "
                 "checkpoint was trained on"
-            ) from err
-        if isinstance(err, EOFError | pickle.UnpicklingError):
-            raise PredictError(
-                f"cannot read checkpoint {str(checkpoint)!r} (not a PyTorch checkpoint, or cut off): {err}"
             ) from err
         raise PredictError(f"checkpoint {str(checkpoint)!r} does not fit config {cfg.name!r}: {err}") from err
     return model.eval()

@@ -129,13 +129,14 @@ def _json_number(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def load_weights(model: torch.nn.Module, path: Path, *, source: str | None) -> None:
+def load_weights(model: torch.nn.Module, path: Path, *, source: str | None, state: object = None) -> None:
     """Our training checkpoint (`checkpoint_last.pt`) or a foreign one, through `models.load_checkpoint`.
 
-    Every file is opened weights-only (`models.safe_load`); there is no fallback to full unpickling.
+    Every file is opened weights-only (`models.safe_load`); there is no fallback to full unpickling. `state`
+    is what `models.safe_load(path)` returned, when the caller has read the file already.
     Raises CheckpointError naming the file and the problem.
     """
-    state = models.safe_load(path)
+    state = models.safe_load(path) if state is None else state
     if isinstance(state, dict) and str(state.get("format", "")).startswith("ccrepro-train"):
         if state["format"] != TRAIN_FORMAT:
             raise CheckpointError(f"{path} is a ccrepro training checkpoint of format {state['format']!r}, "
