@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.engine.config import load_config
+import models
+from repro.engine.config import load_config, model_kwargs
+from repro.engine.data import write_fake_dataset
 from repro.engine.runner import RESULT_COLUMNS, main
 from repro.io import append_csv_rows, atomic_write_text, read_csv_rows
 
@@ -62,6 +64,24 @@ def test_results_are_appended_and_eval_only(tmp_path):
     assert main([str(config), *eval_args, "--results", str(results), "--no-progress"]) == 0
     rows = _rows(results)
     assert [row["measured"] for row in rows[5:]] == [rows[1]["measured"], rows[2]["measured"]]
+
+
+def test_eval_only_needs_no_imagenet_backbone(tmp_path):
+    """A released checkpoint replaces every weight: --eval-only works without the config's ImageNet file."""
+    config = EXPERIMENTS / "mmseg_cityscapes_r50_d8_512x1024_40k.yaml"
+    cfg = load_config(config)
+    released = tmp_path / "released.pth"
+    model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None})
+    torch.save({"state_dict": models.export_state_dict(model, source="mmseg")}, released)
+    root = write_fake_dataset(cfg.data, tmp_path / "data", count=1, size_hw=(33, 44))
+    missing = tmp_path / "no_such_backbone.pth"
+    overrides = [f"data.root={root}", f"model.pretrained_backbone={missing}", "eval.scale=null",
+                 "data.num_workers=0"]
+    args = [str(config), "--eval-only", "--checkpoint", str(released), "--checkpoint-source", "mmseg",
+            "--out-dir", str(tmp_path / "e"), "--results", str(tmp_path / "e" / "miou.csv"), "--no-progress",
+            *[f"--set={item}" for item in overrides]]
+    assert main(args) == 0
+    assert not missing.exists() and (tmp_path / "e" / "miou.csv").is_file()
 
 
 def test_cli_errors(tmp_path, capsys):

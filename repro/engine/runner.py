@@ -296,7 +296,8 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
     check_csv_header(results_path, RESULT_COLUMNS)
     progress = not args.no_progress
     if args.eval_only:
-        model = build_model(cfg, device=torch.device("cpu"))
+        # The checkpoint replaces every weight: the ImageNet backbone file is neither needed nor read.
+        model = build_model(with_overrides(cfg, {"model.pretrained_backbone": None}), device=torch.device("cpu"))
         load_weights(model, args.checkpoint, source=args.checkpoint_source)
         model = model.to(ctx.device)
         checkpoint = str(args.checkpoint)
