@@ -139,12 +139,14 @@ def test_module_gradcheck_with_nonzero_gamma(op_device):
 
 def test_public_names_are_the_documented_objects():
     """Every name of `ops.__all__` exists and is the object of the module that defines it."""
-    from ops import cost, criss_cross, non_local
+    from ops import cca_maps, cost, criss_cross, non_local
 
     expected = {
         "BACKENDS": criss_cross.BACKENDS, "CrissCrossAttention": criss_cross.CrissCrossAttention,
         "criss_cross_attention": criss_cross.criss_cross_attention, "resolve_backend": criss_cross.resolve_backend,
         "NonLocal2d": non_local.NonLocal2d, "non_local_attention": non_local.non_local_attention, "cost": cost,
+        "criss_cross_map": cca_maps.criss_cross_map, "criss_cross_probabilities": cca_maps.criss_cross_probabilities,
+        "point_attention": cca_maps.point_attention, "off_cross_share": cca_maps.off_cross_share,
     }
     assert set(ops.__all__) == set(expected)
     for name, obj in expected.items():
