@@ -363,7 +363,9 @@ class Blocks:
 
     line: query and key positions per tile (BLOCK_M, BLOCK_N); a line up to this long is one tile, so its
     energies are computed once. qk_channels: BLOCK_K, the query/key channel block. v_channels: BLOCK_V, the
-    value channel block. num_warps, num_stages: GPU launch settings.
+    value channel block. num_warps, num_stages: GPU launch settings of the forward kernels. backward_line,
+    backward_warps: the line tile and warps of the backward line kernel (default line, num_warps).
+    max_registers: a per-thread register cap for ptxas in the forward kernels (None: its choice).
     """
 
     line: int
@@ -371,10 +373,15 @@ class Blocks:
     v_channels: int
     num_warps: int = 4
     num_stages: int = 2
+    backward_line: int | None = None
+    backward_warps: int | None = None
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("line", "qk_channels", "v_channels"):
+        for name in ("line", "qk_channels", "v_channels", "backward_line"):
             value = getattr(self, name)
+            if name == "backward_line" and value is None:
+                continue
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 raise ValueError(f"Blocks.{name} must be a power of two >= 16, got {value!r}")
 
@@ -389,8 +396,12 @@ def default_blocks(device: torch.device, dtype: torch.dtype) -> Blocks:
     if device.type != "cuda":
         return Blocks(line=128, qk_channels=128, v_channels=128)
     if dtype in (torch.float16, torch.bfloat16):
-        return Blocks(line=128, qk_channels=32, v_channels=32, num_warps=8, num_stages=2)
-    return Blocks(line=64, qk_channels=16, v_channels=16, num_warps=8, num_stages=2)
+        # A 97-pixel line is one tile: energies computed once per pass. Forward capped at 128 registers (no
+        # spills): 2 blocks of 8 warps per SM. The backward holds S, P, dP and dS of a 128 x 128 tile: about
+        # 254 registers at 8 warps without spills, one block per SM.
+        return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=8, num_stages=2, max_registers=128)
+    # fp32 products in tf32x3 split every operand in two: 128-wide tiles spill, so lines take several tiles.
+    return Blocks(line=64, qk_channels=16, v_channels=16, num_warps=4, num_stages=2, backward_line=32)
 
 
 def _tile(extent: int, upper: int) -> int:
@@ -471,10 +482,18 @@ class Launch:
     constexprs: dict
     num_warps: int
     num_stages: int
+    max_registers: int | None = None
+
+    @property
+    def options(self) -> dict:
+        """Launch options as triton takes them."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.max_registers is not None:
+            options["maxnreg"] = self.max_registers
+        return options
 
     def launch(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
-                               num_stages=self.num_stages)
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
 
 
 def plan_forward(
@@ -501,7 +520,7 @@ def plan_forward(
             {"MASK_DIAG": column, "MERGE": not column, "ONE_KEY_BLOCK": length <= block_line,
              "BLOCK_M": block_line, "BLOCK_N": block_line, "BLOCK_K": _tile(qk_channels, blocks.qk_channels),
              "BLOCK_V": _tile(v_channels, blocks.v_channels), **kernel_dtypes},
-            blocks.num_warps, blocks.num_stages,
+            blocks.num_warps, blocks.num_stages, blocks.max_registers,
         ))
     return (out, lse), launches
 
@@ -531,7 +550,7 @@ def plan_backward(
     )]
     for column in (True, False):
         n_lines, length = (width, height) if column else (height, width)
-        block_line = _tile(length, blocks.line)
+        block_line = _tile(length, blocks.backward_line or blocks.line)
         launches.append(Launch(
             _line_backward_kernel, (batch * n_lines,),
             (query, key, value, grad_out, lse, delta, *partials, *grads,
@@ -541,7 +560,7 @@ def plan_backward(
              *_line_strides(grads[2], column=column), n_lines, length, qk_channels, v_channels),
             {"MASK_DIAG": column, "FIRST": column, "LAST": not column, "BLOCK_M": block_line,
              "BLOCK_N": block_line, "BLOCK_K": block_k, "BLOCK_V": block_v, **kernel_dtypes},
-            blocks.num_warps, blocks.num_stages,
+            blocks.backward_warps or blocks.num_warps, blocks.num_stages,
         ))
     return grads, launches
 
