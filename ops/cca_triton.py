@@ -1,8 +1,10 @@
-"""Fused criss-cross attention in Triton: forward and deterministic backward, no materialised attention map.
+"""Fused criss-cross attention in Triton (second generation): forward and deterministic backward, no
+materialised attention map.
 
-Layers (each small): Triton kernels -> launchers (`cca_triton_forward`, `cca_triton_backward`: checks,
-allocation, grid) -> `torch.library` custom ops `ccrepro::cca_triton_forward` / `ccrepro::cca_triton_backward`
-(fake implementations, autograd, FLOP formula, fvcore handle) -> `criss_cross_attention_triton`, which
+Layers (each small): Triton kernels -> launchers (`plan_forward` / `plan_backward` allocate outputs and plan
+the launches without running anything, `cca_triton_forward` / `cca_triton_backward` check and run them) ->
+`torch.library` custom ops `ccrepro::cca_triton_forward` / `ccrepro::cca_triton_backward` (fake
+implementations, autograd, FLOP formula, fvcore handle) -> `criss_cross_attention_triton`, which
 `ops.criss_cross_attention(..., backend="triton")` calls.
 
 Decomposition. A pixel (i, j) attends the H - 1 other pixels of its column and the W pixels of its row (itself
@@ -10,32 +12,45 @@ once, in the row). Both are "lines": a column is a line of length H whose positi
 row a line of length W whose positions are adjacent. One stride-generic line kernel serves both, with the
 strides swapped; only the column pass masks the diagonal.
 
-* Forward, pass 1 (columns): a program owns a block of query positions on one line of one image and one
-  block of value channels; it runs an online softmax over key blocks of its line and writes the normalised
-  column output and the column log-sum-exp (LSE) into its own buffer. Pass 2 (rows) does the same over the
-  row and merges with pass 1 by log-sum-exp, so the softmax is joint over the H + W - 1 pixels. Only the
-  final (B, H, W) LSE (fp32; fp64 for fp64 inputs) is saved for backward: the (B, H, W, H + W) map never
-  exists in memory.
-* Backward: delta = sum_c dO * O per pixel; probabilities are recomputed as exp(q.k - lse). Per pass, a dq
-  kernel owns query pixels, a dk kernel owns key pixels and a dv kernel owns key pixels x a block of value
-  channels; the row pass adds onto what the column pass wrote. Every output element has exactly one owner in
-  each pass, so there are no atomics and the result is deterministic. As in flash attention, delta uses the
-  output as stored (rounded to the input dtype); in bf16 that rounding dominates the error of dq and dk.
-* Channels are looped over in blocks (BLOCK_K for query/key, BLOCK_V for value), so Cqk and Cv are not
-  limited by registers. The kernels take arbitrary element strides, so NCHW, channels_last and
-  non-contiguous inputs need no copy; channels_last makes every tile row a contiguous channel vector (NCHW
-  cannot coalesce the column pass).
+Design, and why:
+* Whole-line tiles. A program owns one line (up to the line tile, 128 positions on a GPU in bf16 / fp16) and
+  all value channels: the energies S = q k^T of the line are computed once and its softmax once, P stays in
+  registers while the value channels are swept in BLOCK_V blocks. (The first version split the value
+  channels over the grid and recomputed S per split: 8x at Cv = 512.) Longer lines loop over key blocks:
+  a statistics pass, then S recomputed per value block.
+* Two passes merged by log-sum-exp. Pass 1 (columns) writes its normalised output and LSE; pass 2 (rows)
+  computes the row LSE, merges the two into the joint LSE, and writes out = out_column * exp(lse_column -
+  lse) + P_row v with P_row normalised by the joint LSE. The program of a row reads its own pixels before
+  writing them, so out and the LSE buffer serve both passes. Only the (B, H, W) LSE (fp32; fp64 for fp64
+  inputs) is saved for backward.
+* One backward kernel per pass: per (query block, key block) of its line a program computes S, P = exp(S -
+  lse), dP = dO v^T (sweeping Cv, writing dv = P^T dO per value block on the way), dS = P (dP - delta), then
+  dq = dS k and dk = dS^T q. A program owns its line, so every gradient element has one owner: no atomics,
+  fixed order, deterministic. The column pass writes fp32 partial sums, the row pass adds to them and its
+  last contribution stores the gradient in the input dtype (no bf16 rounding between passes). delta = sum_c
+  dO * O is one small kernel before the passes.
+* bf16 / fp16 dots take half-precision operands with fp32 accumulation; the rounding points are the inputs,
+  P (forward and dv) and dS (dq, dk). fp32 dots use "tf32x3" (three tf32 products, about fp32 accuracy), not
+  FMA-only "ieee". In the interpreter bf16 operands are rounded to bf16 and multiplied in fp32 (`_operand`).
+* Layout. The kernels take arbitrary element strides (NCHW, channels_last, non-contiguous: no copy in the
+  launcher). Channels-last inputs (1x1 convs on a channels-last feature map produce them) make every tile row
+  a contiguous channel vector; NCHW works but the column pass then touches one element per 32-byte sector.
 
-Cost of one call, per (B, Cqk, Cv, H, W) with P = B * H * W pixels, A = H + W - 1 attended pixels each and
-itemsize s (see `ops.cost`, which the FLOP formula and fvcore handle below use):
-* forward: P * A * (Cqk + Cv) multiply-accumulates (FLOPs = 2x that); the energies are recomputed once per
-  value-channel block (ceil(Cv / BLOCK_V) times), which the analytic count does not include. Bytes at the
-  minimum: read q, k, v, write out = P * (2 Cqk + 2 Cv) * s, plus the fp32 LSE (4 P). In addition pass 1
-  writes the column output that pass 2 re-reads and overwrites (2 P Cv s) and the column LSE (8 P), and q, k
-  are re-read once per value-channel block (mostly from cache).
-* backward: 2 * P * A * (Cqk + Cv) multiply-accumulates plus one energy recomputation P * A * Cqk
-  (`ops.cost.criss_cross_attention_backward_cost(recompute=True)`).
-The roofline fraction of a measured time t is then max(flops / peak_flops, bytes / peak_bandwidth) / t.
+Cost of one call, per (B, Cqk, Cv, H, W) with P = B * H * W pixels, A = H + W - 1 attended pixels each,
+itemsize s, lines no longer than the line tile T_col >= H, T_row >= W (whole tiles are computed), channels in
+blocks (Cqk', Cv': rounded up to BLOCK_K, BLOCK_V):
+* forward bytes: P * (s (4 Cqk + 5 Cv) + 12): q, k, v read by both passes, out written by pass 1, read and
+  written by pass 2, the LSE likewise (the minimum is P * (s (2 Cqk + 2 Cv) + 4)).
+  MACs: (B W T_col^2 + B H T_row^2) (Cqk' + Cv') (the minimum P A (Cqk + Cv)).
+* backward bytes: P (2 s Cv + 4) for delta, 2 P (8 + s (4 Cqk + 2 Cv)) for the passes' reads, 8 P (2 Cqk + Cv)
+  for the fp32 partials written and read back, P s (2 Cqk + Cv) for the gradients (the minimum is
+  P (s (4 Cqk + 5 Cv) + 4)). MACs: (B W T_col^2 + B H T_row^2) (3 Cqk' + 2 Cv').
+  `tests/test_kernels.py` checks both formulas to the byte against the interpreter's counts.
+Counted at the issue's shapes and compiled for sm_80 / sm_90 by `python -m repro.kernels`:
+`results/kernel_model.csv` (bytes, 32-byte sectors and MACs per kernel against the minimum of `ops.cost`)
+and `results/kernel_resources.csv` (registers, spills, shared memory, asynchronous copies, blocks per SM).
+The FLOP formula and the fvcore handle report the analytic `ops.cost` counts; the roofline fraction of a
+measured time t is max(flops / peak_flops, bytes / peak_bandwidth) / t.
 """
 
 from __future__ import annotations
@@ -400,8 +415,11 @@ def default_blocks(device: torch.device, dtype: torch.dtype) -> Blocks:
         # spills): 2 blocks of 8 warps per SM. The backward holds S, P, dP and dS of a 128 x 128 tile: about
         # 254 registers at 8 warps without spills, one block per SM.
         return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=8, num_stages=2, max_registers=128)
-    # fp32 products in tf32x3 split every operand in two: 128-wide tiles spill, so lines take several tiles.
-    return Blocks(line=64, qk_channels=16, v_channels=16, num_warps=4, num_stages=2, backward_line=32)
+    # fp32 products in tf32x3 split every operand in two: a 128-wide forward tile fits only without a register
+    # cap (about 250 registers at 8 warps, one block per SM); the backward spills above 32-wide tiles at 4
+    # warps, so its lines take several tiles with the partial sums going through memory.
+    return Blocks(line=128, qk_channels=16, v_channels=16, num_warps=8, num_stages=2, backward_line=32,
+                  backward_warps=4)
 
 
 def _tile(extent: int, upper: int) -> int:

@@ -302,14 +302,15 @@ def compile_launch(launch, target: str) -> dict:
     bound_args, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
     log = io.StringIO()
-    previous = triton.knobs.nvidia.dump_ptxas_log
-    triton.knobs.nvidia.dump_ptxas_log = True
+    # ptxas reports only when it runs: bypass triton's cache for this compilation.
+    previous = triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile
+    triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile = True, True
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=gpu,
                                       options=options.__dict__)
     finally:
-        triton.knobs.nvidia.dump_ptxas_log = previous
+        triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile = previous
     report = {name: int(match.group(1)) if (match := pattern.search(log.getvalue())) else 0
               for name, pattern in _PTXAS.items()}
     if not report["registers"]:
