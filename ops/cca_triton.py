@@ -380,7 +380,8 @@ class Blocks:
     energies are computed once. qk_channels: BLOCK_K, the query/key channel block. v_channels: BLOCK_V, the
     value channel block. num_warps, num_stages: GPU launch settings of the forward kernels. backward_line,
     backward_warps: the line tile and warps of the backward line kernel (default line, num_warps).
-    max_registers: a per-thread register cap for ptxas in the forward kernels (None: its choice).
+    max_registers: a per-thread register cap for ptxas in the forward kernels when a line is one tile (None:
+    its choice; longer lines, which keep more live values, are never capped).
     """
 
     line: int
@@ -401,25 +402,35 @@ class Blocks:
                 raise ValueError(f"Blocks.{name} must be a power of two >= 16, got {value!r}")
 
 
-def default_blocks(device: torch.device, dtype: torch.dtype) -> Blocks:
-    """Tile bounds for inputs of `dtype` on `device`.
+def default_blocks(device: torch.device, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> Blocks:
+    """Tile bounds for inputs of `dtype` on `device` (on CUDA for `capability`, default the device's).
 
     Interpreter cost grows with programs x loop iterations, not with tile size, so CPU (CI) uses large tiles.
-    On a GPU no candidate could be timed (no GPU was available); these are the settings whose kernels
-    compile for sm_80 and sm_90 without register spills (results/kernel_resources.csv, `repro.kernels`).
+    On a GPU no candidate could be timed (no GPU was available); these are settings whose kernels compile for
+    sm_80 and sm_90 without register spills (results/kernel_resources.csv, `python -m repro.kernels`).
     """
     if device.type != "cuda":
         return Blocks(line=128, qk_channels=128, v_channels=128)
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
     if dtype in (torch.float16, torch.bfloat16):
-        # A 97-pixel line is one tile: energies computed once per pass. Forward capped at 128 registers (no
-        # spills): 2 blocks of 8 warps per SM. The backward holds S, P, dP and dS of a 128 x 128 tile: about
-        # 254 registers at 8 warps without spills, one block per SM.
-        return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=8, num_stages=2, max_registers=128)
-    # fp32 products in tf32x3 split every operand in two: a 128-wide forward tile fits only without a register
-    # cap (about 250 registers at 8 warps, one block per SM); the backward spills above 32-wide tiles at 4
-    # warps, so its lines take several tiles with the partial sums going through memory.
+        # A 97-pixel line is one tile: energies computed once per pass. sm_90: the whole-line forward fits 128
+        # registers without spills, 2 blocks of 8 warps per SM (sm_80's ptxas needs ~185). The backward holds
+        # S, P, dP and dS of a 128 x 128 tile: about 254 registers at 8 warps, one block per SM; sm_80's ptxas
+        # spills there, so its backward lines take 64-wide tiles.
+        if capability >= (9, 0):
+            return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=8, num_stages=2, max_registers=128)
+        return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=8, num_stages=2, backward_line=64)
+    # fp32 products in tf32x3 split every operand in two: a 128-wide forward tile fits (about 250 registers at
+    # 8 warps, one block per SM); the backward spills above 32-wide tiles at 4 warps, so its lines take
+    # several tiles with the partial sums going through memory.
     return Blocks(line=128, qk_channels=16, v_channels=16, num_warps=8, num_stages=2, backward_line=32,
                   backward_warps=4)
+
+
+def _warps(block_line: int, warps: int) -> int:
+    """Warps for a line tile: at most 4 for tiles of 32 positions or fewer (a 16 x 16 tile has 256 elements)."""
+    return min(warps, 4) if block_line <= 32 else warps
 
 
 def _tile(extent: int, upper: int) -> int:
@@ -457,7 +468,9 @@ def _kernel_dtypes(dtype: torch.dtype, *, allow_tf32: bool) -> dict[str, object]
         return {"DOT_DTYPE": tl.float32, "ROUND_BF16": False, "PRECISION": "tf32" if allow_tf32 else "tf32x3",
                 "ACC": tl.float32}
     if dtype == torch.bfloat16 and INTERPRETED:
-        return {"DOT_DTYPE": tl.float32, "ROUND_BF16": True, "PRECISION": "ieee", "ACC": tl.float32}
+        # The precision is the GPU's (the interpreter ignores it), so planned launches name the same
+        # configuration in and out of the interpreter.
+        return {"DOT_DTYPE": tl.float32, "ROUND_BF16": True, "PRECISION": "tf32", "ACC": tl.float32}
     half = tl.float16 if dtype == torch.float16 else tl.bfloat16
     return {"DOT_DTYPE": half, "ROUND_BF16": False, "PRECISION": "tf32", "ACC": tl.float32}
 
@@ -538,7 +551,8 @@ def plan_forward(
             {"MASK_DIAG": column, "MERGE": not column, "ONE_KEY_BLOCK": length <= block_line,
              "BLOCK_M": block_line, "BLOCK_N": block_line, "BLOCK_K": _tile(qk_channels, blocks.qk_channels),
              "BLOCK_V": _tile(v_channels, blocks.v_channels), **kernel_dtypes},
-            blocks.num_warps, blocks.num_stages, blocks.max_registers,
+            _warps(block_line, blocks.num_warps), blocks.num_stages,
+            blocks.max_registers if length <= block_line else None,
         ))
     return (out, lse), launches
 
@@ -578,7 +592,7 @@ def plan_backward(
              *_line_strides(grads[2], column=column), n_lines, length, qk_channels, v_channels),
             {"MASK_DIAG": column, "FIRST": column, "LAST": not column, "BLOCK_M": block_line,
              "BLOCK_N": block_line, "BLOCK_K": block_k, "BLOCK_V": block_v, **kernel_dtypes},
-            blocks.backward_warps or blocks.num_warps, blocks.num_stages,
+            _warps(block_line, blocks.backward_warps or blocks.num_warps), blocks.num_stages,
         ))
     return grads, launches
 

@@ -46,6 +46,10 @@ MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 # The shapes of the issue's goals: B = 1 and 2, Cqk 64, Cv 512, 97 x 97.
 GOAL_SHAPES = tuple((batch, 64, 512, 97, 97) for batch in (1, 2))
+# The GPU whose tiles the counted model uses (H100 / H200).
+MODEL_TARGET = "sm_90"
+# Columns that identify a row of kernel_model.csv.
+MODEL_KEY = ("pass", "kernel", "dtype", "layout", "batch", "qk_channels", "v_channels", "height", "width")
 
 
 def _interpreted() -> bool:
@@ -172,14 +176,15 @@ def _inputs(batch: int, qk_channels: int, v_channels: int, height: int, width: i
 
 def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width: int, dtype_name: str,
                layout: str = "channels_last") -> list[dict]:
-    """Counted forward and backward of `ops.cca_triton` at one shape with the tiles the launchers pick on a GPU:
+    """Counted forward and backward of `ops.cca_triton` at one shape with the tiles the launchers pick on an
+    sm_90 GPU (MODEL_TARGET):
     one row per kernel and one "all" row per pass, with the minimum bytes and MACs of `ops.cost` beside the
     counts."""
     from ops import cost
     from ops.cca_triton import cca_triton_backward, cca_triton_forward, default_blocks
 
     dtype = DTYPES[dtype_name]
-    blocks = default_blocks(torch.device("cuda"), dtype)
+    blocks = default_blocks(torch.device("cuda"), dtype, _capability(MODEL_TARGET))
     query, key, value, grad_out = _inputs(batch, qk_channels, v_channels, height, width, dtype, layout)
     itemsize = query.element_size()
     pairs = batch * height * width * (height + width - 1)
@@ -225,24 +230,28 @@ def _meta_inputs(batch, qk_channels, v_channels, height, width, dtype):
     )
 
 
-def planned_launches(shape: tuple[int, int, int, int, int], dtype: torch.dtype, blocks=None):
-    """(pass, Launch) of the forward and backward the launchers plan on a CUDA device for `shape` (tiles:
-    `blocks`, default those the launchers pick on a GPU)."""
+def planned_launches(shape: tuple[int, int, int, int, int], dtype: torch.dtype, blocks=None, target="sm_90"):
+    """(pass, Launch) of the forward and backward the launchers plan on a CUDA device of `target` for `shape`
+    (tiles: `blocks`, default those the launchers pick there)."""
     from ops import cca_triton
 
-    blocks = blocks or cca_triton.default_blocks(torch.device("cuda"), dtype)
+    blocks = blocks or cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(target))
     query, key, value, grad_out = _meta_inputs(*shape, dtype)
     (out, lse), forward = cca_triton.plan_forward(query, key, value, blocks=blocks)
     _, backward = cca_triton.plan_backward(grad_out, query, key, value, out, lse, blocks=blocks)
     return [("forward", launch) for launch in forward] + [("backward", launch) for launch in backward]
 
 
-def tile_shapes(dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
-    """Shapes that make the GPU launchers pick every tile configuration they can: each line tile from 16 to
-    the largest (and lines longer than it), each channel tile from 16 to the largest."""
+def _capability(target: str) -> tuple[int, int]:
+    return divmod(TARGETS[target][0], 10)
+
+
+def tile_shapes(dtype: torch.dtype, target: str = "sm_90") -> list[tuple[int, int, int, int, int]]:
+    """Shapes that make the GPU launchers pick every tile configuration they can on `target`: each line tile
+    from 16 to the largest (and lines longer than it), each channel tile from 16 to the largest."""
     from ops import cca_triton
 
-    blocks = cca_triton.default_blocks(torch.device("cuda"), dtype)
+    blocks = cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(target))
 
     def powers(upper):
         return [1 << n for n in range(4, upper.bit_length())]
@@ -253,14 +262,15 @@ def tile_shapes(dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
         lengths, powers(blocks.qk_channels), powers(blocks.v_channels))]
 
 
-def launch_configs(dtypes=tuple(DTYPES), shapes=None):
-    """Distinct compilations over the shapes (default: the issue's shape B = 8, then `tile_shapes`): one per
-    (kernel, constexprs, warps, stages), the first shape that needs it giving the specialisation."""
+def launch_configs(target: str, dtypes=tuple(DTYPES), shapes=None):
+    """Distinct compilations for `target` over the shapes (default: the issue's shape B = 8, then
+    `tile_shapes`): one per (kernel, constexprs, warps, stages), the first shape that needs it giving the
+    specialisation."""
     configs = {}
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        for shape in shapes or [(8, 64, 512, 97, 97), *tile_shapes(dtype)]:
-            for pass_name, launch in planned_launches(shape, dtype):
+        for shape in shapes or [(8, 64, 512, 97, 97), *tile_shapes(dtype, target)]:
+            for pass_name, launch in planned_launches(shape, dtype, target=target):
                 constexprs = {name: (str(value) if not isinstance(value, (bool, int)) else value)
                               for name, value in launch.constexprs.items()}
                 key = (launch.kernel.__name__, dtype_name, tuple(sorted(constexprs.items())),
@@ -334,9 +344,9 @@ def resource_rows(targets=tuple(TARGETS), dtypes=tuple(DTYPES), shapes=None) -> 
     import triton
 
     rows = []
-    for pass_name, dtype_name, shape, launch in launch_configs(dtypes, shapes):
-        constexprs = config_string(launch)
-        for target in targets:
+    for target in targets:
+        for pass_name, dtype_name, shape, launch in launch_configs(target, dtypes, shapes):
+            constexprs = config_string(launch)
             rows.append({
                 "kernel": launch.kernel.__name__, "pass": pass_name, "dtype": dtype_name, "target": target,
                 "config": constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
@@ -349,13 +359,6 @@ def resource_rows(targets=tuple(TARGETS), dtypes=tuple(DTYPES), shapes=None) -> 
 
 def resource_frame(**kwargs) -> pd.DataFrame:
     return pd.DataFrame(resource_rows(**kwargs))
-
-
-def model_frame(shapes=GOAL_SHAPES, dtypes=("fp32", "bf16"), layouts=("channels_last",)) -> pd.DataFrame:
-    rows = []
-    for shape, dtype_name, layout in itertools.product(shapes, dtypes, layouts):
-        rows.extend(model_rows(*shape, dtype_name, layout))
-    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     import subprocess
     import sys
 
-    from repro.io import write_csv_atomic
+    from repro.io import upsert_csv, write_csv_atomic
 
     parser = argparse.ArgumentParser(prog="python -m repro.kernels", description=main.__doc__)
     parser.add_argument("part", nargs="?", choices=("model", "resources"), help="default: both")
@@ -396,8 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TRITON_INTERPRET"] = "1" if wanted_interpreter else "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, set to silence its warning
     if args.part == "model":
-        frame = model_frame(shapes=[(1, 16, 64, 17, 17)] if args.quick else GOAL_SHAPES)
+        # Minutes per shape in the interpreter: each (shape, dtype) is written as soon as it is counted, so an
+        # interrupted run keeps what it finished (rows with the same key are replaced).
         path = os.path.join(args.out_dir, "kernel_model.csv")
+        for shape, dtype_name in itertools.product([(1, 16, 64, 17, 17)] if args.quick else GOAL_SHAPES,
+                                                   ("bf16", "fp32")):
+            rows = pd.DataFrame(model_rows(*shape, dtype_name))
+            upsert_csv(path, rows, key=MODEL_KEY)
+            print(f"counted {dtype_name} {'x'.join(map(str, shape))} into {path}", flush=True)
+        return 0
     else:
         frame = (resource_frame(dtypes=("bf16",), shapes=[(8, 64, 512, 97, 97)])
                  if args.quick else resource_frame())
