@@ -380,7 +380,8 @@ class Blocks:
     energies are computed once. qk_channels: BLOCK_K, the query/key channel block. v_channels: BLOCK_V, the
     value channel block. num_warps, num_stages: GPU launch settings of the forward kernels. backward_line,
     backward_warps: the line tile and warps of the backward line kernel (default line, num_warps).
-    max_registers: a per-thread register cap for ptxas in the forward kernels when a line is one tile (None:
+    long_line, long_line_warps: the forward's line tile and warps for lines longer than `line` (default line,
+    num_warps). max_registers: a per-thread register cap for ptxas in the forward kernels when a line is one tile (None:
     its choice; longer lines, which keep more live values, are never capped).
     """
 
@@ -391,12 +392,14 @@ class Blocks:
     num_stages: int = 2
     backward_line: int | None = None
     backward_warps: int | None = None
+    long_line: int | None = None
+    long_line_warps: int | None = None
     max_registers: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("line", "qk_channels", "v_channels", "backward_line"):
+        for name in ("line", "qk_channels", "v_channels", "backward_line", "long_line"):
             value = getattr(self, name)
-            if name == "backward_line" and value is None:
+            if name in ("backward_line", "long_line") and value is None:
                 continue
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 raise ValueError(f"Blocks.{name} must be a power of two >= 16, got {value!r}")
@@ -421,10 +424,14 @@ def default_blocks(device: torch.device, dtype: torch.dtype, capability: tuple[i
         if capability >= (9, 0):
             return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=8, num_stages=2, max_registers=128)
         return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=8, num_stages=2, backward_line=64)
-    # fp32 products in tf32x3 split every operand in two: a 128-wide forward tile fits (about 250 registers at
-    # 8 warps, one block per SM); the backward spills above 32-wide tiles at 4 warps, so its lines take
-    # several tiles with the partial sums going through memory.
-    return Blocks(line=128, qk_channels=16, v_channels=16, num_warps=8, num_stages=2, backward_line=32,
+    # fp32 products in tf32x3 split every operand in two: on sm_90 a whole 128-wide forward tile fits (about 250
+    # registers at 8 warps, one block per SM), longer lines loop over 64-wide tiles; sm_80 spills above 64. The
+    # backward spills above 32-wide tiles at 4 warps, so its lines take several tiles with the partial sums
+    # going through memory.
+    if capability >= (9, 0):
+        return Blocks(line=128, qk_channels=16, v_channels=16, num_warps=8, num_stages=2, backward_line=32,
+                      backward_warps=4, long_line=64, long_line_warps=4)
+    return Blocks(line=64, qk_channels=16, v_channels=16, num_warps=8, num_stages=2, backward_line=32,
                   backward_warps=4)
 
 
@@ -541,7 +548,9 @@ def plan_forward(
     # Pass 1 over columns (diagonal masked), pass 2 over rows merging into it.
     for column in (True, False):
         n_lines, length = (width, height) if column else (height, width)
-        block_line = _tile(length, blocks.line)
+        block_line, warps = _tile(length, blocks.line), blocks.num_warps
+        if length > block_line and blocks.long_line is not None:
+            block_line, warps = blocks.long_line, blocks.long_line_warps or blocks.num_warps
         launches.append(Launch(
             _line_forward_kernel, (batch * n_lines, triton.cdiv(length, block_line)),
             (query, key, value, out, lse,
@@ -551,8 +560,7 @@ def plan_forward(
             {"MASK_DIAG": column, "MERGE": not column, "ONE_KEY_BLOCK": length <= block_line,
              "BLOCK_M": block_line, "BLOCK_N": block_line, "BLOCK_K": _tile(qk_channels, blocks.qk_channels),
              "BLOCK_V": _tile(v_channels, blocks.v_channels), **kernel_dtypes},
-            _warps(block_line, blocks.num_warps), blocks.num_stages,
-            blocks.max_registers if length <= block_line else None,
+            _warps(block_line, warps), blocks.num_stages, blocks.max_registers if length <= block_line else None,
         ))
     return (out, lse), launches
 
