@@ -1,8 +1,10 @@
-"""Fused criss-cross attention in Triton: forward and deterministic backward, no materialised attention map.
+"""Fused criss-cross attention in Triton (second generation): forward and deterministic backward, no
+materialised attention map.
 
-Layers (each small): Triton kernels -> launchers (`cca_triton_forward`, `cca_triton_backward`: checks,
-allocation, grid) -> `torch.library` custom ops `ccrepro::cca_triton_forward` / `ccrepro::cca_triton_backward`
-(fake implementations, autograd, FLOP formula, fvcore handle) -> `criss_cross_attention_triton`, which
+Layers (each small): Triton kernels -> launchers (`plan_forward` / `plan_backward` allocate outputs and plan
+the launches without running anything, `cca_triton_forward` / `cca_triton_backward` check and run them) ->
+`torch.library` custom ops `ccrepro::cca_triton_forward` / `ccrepro::cca_triton_backward` (fake
+implementations, autograd, FLOP formula, fvcore handle) -> `criss_cross_attention_triton`, which
 `ops.criss_cross_attention(..., backend="triton")` calls.
 
 Decomposition. A pixel (i, j) attends the H - 1 other pixels of its column and the W pixels of its row (itself
@@ -10,32 +12,45 @@ once, in the row). Both are "lines": a column is a line of length H whose positi
 row a line of length W whose positions are adjacent. One stride-generic line kernel serves both, with the
 strides swapped; only the column pass masks the diagonal.
 
-* Forward, pass 1 (columns): a program owns a block of query positions on one line of one image and one
-  block of value channels; it runs an online softmax over key blocks of its line and writes the normalised
-  column output and the column log-sum-exp (LSE) into its own buffer. Pass 2 (rows) does the same over the
-  row and merges with pass 1 by log-sum-exp, so the softmax is joint over the H + W - 1 pixels. Only the
-  final (B, H, W) LSE (fp32; fp64 for fp64 inputs) is saved for backward: the (B, H, W, H + W) map never
-  exists in memory.
-* Backward: delta = sum_c dO * O per pixel; probabilities are recomputed as exp(q.k - lse). Per pass, a dq
-  kernel owns query pixels, a dk kernel owns key pixels and a dv kernel owns key pixels x a block of value
-  channels; the row pass adds onto what the column pass wrote. Every output element has exactly one owner in
-  each pass, so there are no atomics and the result is deterministic. As in flash attention, delta uses the
-  output as stored (rounded to the input dtype); in bf16 that rounding dominates the error of dq and dk.
-* Channels are looped over in blocks (BLOCK_K for query/key, BLOCK_V for value), so Cqk and Cv are not
-  limited by registers. The kernels take arbitrary element strides, so NCHW, channels_last and
-  non-contiguous inputs need no copy; channels_last makes every tile row a contiguous channel vector (NCHW
-  cannot coalesce the column pass).
+Design, and why:
+* Whole-line tiles. A program owns one line (up to the line tile, 128 positions on a GPU in bf16 / fp16) and
+  all value channels: the energies S = q k^T of the line are computed once and its softmax once, P stays in
+  registers while the value channels are swept in BLOCK_V blocks. (The first version split the value
+  channels over the grid and recomputed S per split: 8x at Cv = 512.) Longer lines loop over key blocks:
+  a statistics pass, then S recomputed per value block.
+* Two passes merged by log-sum-exp. Pass 1 (columns) writes its normalised output and LSE; pass 2 (rows)
+  computes the row LSE, merges the two into the joint LSE, and writes out = out_column * exp(lse_column -
+  lse) + P_row v with P_row normalised by the joint LSE. The program of a row reads its own pixels before
+  writing them, so out and the LSE buffer serve both passes. Only the (B, H, W) LSE (fp32; fp64 for fp64
+  inputs) is saved for backward.
+* One backward kernel per pass: per (query block, key block) of its line a program computes S, P = exp(S -
+  lse), dP = dO v^T (sweeping Cv, writing dv = P^T dO per value block on the way), dS = P (dP - delta), then
+  dq = dS k and dk = dS^T q. A program owns its line, so every gradient element has one owner: no atomics,
+  fixed order, deterministic. The column pass writes fp32 partial sums, the row pass adds to them and its
+  last contribution stores the gradient in the input dtype (no bf16 rounding between passes). delta = sum_c
+  dO * O is one small kernel before the passes.
+* bf16 / fp16 dots take half-precision operands with fp32 accumulation; the rounding points are the inputs,
+  P (forward and dv) and dS (dq, dk). fp32 dots use "tf32x3" (three tf32 products, about fp32 accuracy), not
+  FMA-only "ieee". In the interpreter bf16 operands are rounded to bf16 and multiplied in fp32 (`_operand`).
+* Layout. The kernels take arbitrary element strides (NCHW, channels_last, non-contiguous: no copy in the
+  launcher). Channels-last inputs (1x1 convs on a channels-last feature map produce them) make every tile row
+  a contiguous channel vector; NCHW works but the column pass then touches one element per 32-byte sector.
 
-Cost of one call, per (B, Cqk, Cv, H, W) with P = B * H * W pixels, A = H + W - 1 attended pixels each and
-itemsize s (see `ops.cost`, which the FLOP formula and fvcore handle below use):
-* forward: P * A * (Cqk + Cv) multiply-accumulates (FLOPs = 2x that); the energies are recomputed once per
-  value-channel block (ceil(Cv / BLOCK_V) times), which the analytic count does not include. Bytes at the
-  minimum: read q, k, v, write out = P * (2 Cqk + 2 Cv) * s, plus the fp32 LSE (4 P). In addition pass 1
-  writes the column output that pass 2 re-reads and overwrites (2 P Cv s) and the column LSE (8 P), and q, k
-  are re-read once per value-channel block (mostly from cache).
-* backward: 2 * P * A * (Cqk + Cv) multiply-accumulates plus one energy recomputation P * A * Cqk
-  (`ops.cost.criss_cross_attention_backward_cost(recompute=True)`).
-The roofline fraction of a measured time t is then max(flops / peak_flops, bytes / peak_bandwidth) / t.
+Cost of one call, per (B, Cqk, Cv, H, W) with P = B * H * W pixels, A = H + W - 1 attended pixels each,
+itemsize s, lines no longer than the line tile T_col >= H, T_row >= W (whole tiles are computed), channels in
+blocks (Cqk', Cv': rounded up to BLOCK_K, BLOCK_V):
+* forward bytes: P * (s (4 Cqk + 5 Cv) + 12): q, k, v read by both passes, out written by pass 1, read and
+  written by pass 2, the LSE likewise (the minimum is P * (s (2 Cqk + 2 Cv) + 4)).
+  MACs: (B W T_col^2 + B H T_row^2) (Cqk' + Cv') (the minimum P A (Cqk + Cv)).
+* backward bytes: P (2 s Cv + 4) for delta, 2 P (8 + s (4 Cqk + 2 Cv)) for the passes' reads, 8 P (2 Cqk + Cv)
+  for the fp32 partials written and read back, P s (2 Cqk + Cv) for the gradients (the minimum is
+  P (s (4 Cqk + 5 Cv) + 4)). MACs: (B W T_col^2 + B H T_row^2) (3 Cqk' + 2 Cv').
+  `tests/test_kernels.py` checks both formulas to the byte against the interpreter's counts.
+Counted at the issue's shapes and compiled for sm_80 / sm_90 by `python -m repro.kernels`:
+`results/kernel_model.csv` (bytes, 32-byte sectors and MACs per kernel against the minimum of `ops.cost`)
+and `results/kernel_resources.csv` (registers, spills, shared memory, asynchronous copies, blocks per SM).
+The FLOP formula and the fvcore handle report the analytic `ops.cost` counts; the roofline fraction of a
+measured time t is max(flops / peak_flops, bytes / peak_bandwidth) / t.
 """
 
 from __future__ import annotations
@@ -65,114 +80,145 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
-def _line_dot(
-    a_base, b_base, offs_a, offs_b, a_mask, b_mask, sa_pos, sa_c, sb_pos, sb_c, channels,
-    LEN_A: tl.constexpr, LEN_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-):
-    """(LEN_A, LEN_B) fp32 block of sum_c a[offs_a, c] * b[offs_b, c], looping over channel blocks."""
-    acc = tl.zeros([LEN_A, LEN_B], dtype=ACC)
-    for c_start in range(0, channels, BLOCK_C):
-        offs_c = c_start + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < channels
-        a = tl.load(a_base + offs_a[:, None] * sa_pos + offs_c[None, :] * sa_c,
-                    mask=a_mask[:, None] & c_mask[None, :], other=0.0)
-        b = tl.load(b_base + offs_c[:, None] * sb_c + offs_b[None, :] * sb_pos,
-                    mask=c_mask[:, None] & b_mask[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    return acc
+def _operand(x, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """`x` as a tl.dot operand. ROUND_BF16 (bf16 in the interpreter, whose bf16 dot multiplies bit patterns and
+    whose casts truncate): round to bf16, nearest even, as the GPU's cast does, and keep it in fp32."""
+    if ROUND_BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        result = bits.to(tl.float32, bitcast=True)
+    else:
+        result = x.to(DOT_DTYPE)
+    return result
 
 
 @triton.jit
-def _attended(offs_q, offs_k, q_mask, k_mask, MASK_DIAG: tl.constexpr):
-    """(queries, keys) mask of the pairs a line pass attends: in range, and off the diagonal in the column
-    pass (the pixel itself is counted once, in the row pass)."""
-    valid = q_mask[:, None] & k_mask[None, :]
+def _line_scores(
+    q_base, k_base, offs_m, offs_n, m_mask, n_mask, sq_pos, sq_c, sk_pos, sk_c, channels,
+    MASK_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_N) energies q[offs_m] . k[offs_n] over `channels` (looped in BLOCK_K blocks); -inf where
+    the pair is not attended: out of range, or the diagonal in the column pass (the pixel itself is counted
+    once, in the row pass)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for c_start in range(0, channels, BLOCK_K):
+        offs_c = c_start + tl.arange(0, BLOCK_K)
+        c_mask = offs_c < channels
+        a = tl.load(q_base + offs_m[:, None] * sq_pos + offs_c[None, :] * sq_c,
+                    mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+        b = tl.load(k_base + offs_c[:, None] * sk_c + offs_n[None, :] * sk_pos,
+                    mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(_operand(a, DOT_DTYPE, ROUND_BF16), _operand(b, DOT_DTYPE, ROUND_BF16), acc,
+                     input_precision=PRECISION)
+    valid = m_mask[:, None] & n_mask[None, :]
     if MASK_DIAG:
-        valid = valid & (offs_q[:, None] != offs_k[None, :])
-    return valid
+        valid = valid & (offs_m[:, None] != offs_n[None, :])
+    return tl.where(valid, acc, float("-inf"))
 
 
 @triton.jit
 def _line_forward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_in_ptr, lse_out_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     sq_b, sq_line, sq_pos, sq_c,
     sk_b, sk_line, sk_pos, sk_c,
     sv_b, sv_line, sv_pos, sv_c,
     so_b, so_line, so_pos, so_c,
     sl_b, sl_line, sl_pos,
     n_lines, length, qk_channels, v_channels,
-    MASK_DIAG: tl.constexpr, MERGE: tl.constexpr,
+    MASK_DIAG: tl.constexpr, MERGE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One line pass of the forward. Grid: (B * n_lines, query blocks, value-channel blocks).
+    """One line pass of the forward for a block of query positions and all value channels.
+    Grid: (B * n_lines, query blocks); one query block covers a whole line up to the line tile.
 
-    MERGE=False (column pass): write the normalised output of this branch to o and its LSE to lse_out.
-    MERGE=True (row pass): merge with the output already in o and the LSE in lse_in, write o and lse_out.
+    MERGE=False (column pass): write this branch's normalised output to o and its LSE to lse.
+    MERGE=True (row pass): read the column output and LSE, write the joint output and LSE over them (the
+    program reads its own pixels before writing them, so one buffer serves both passes).
+    ONE_KEY_BLOCK: the whole line is one key block, so the energies are computed once and kept; longer lines
+    take a statistics pass over the key blocks and recompute the energies per value-channel block.
     """
     pid_line = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
-    pid_v = tl.program_id(2)
     batch = pid_line // n_lines
     line = pid_line % n_lines
     q_base = q_ptr + batch * sq_b + line * sq_line
     k_base = k_ptr + batch * sk_b + line * sk_line
     v_base = v_ptr + batch * sv_b + line * sv_line
     o_base = o_ptr + batch * so_b + line * so_line
-    lse_offset = batch * sl_b + line * sl_line
+    lse_ptrs = lse_ptr + batch * sl_b + line * sl_line
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     m_mask = offs_m < length
-    v_mask = offs_v < v_channels
 
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    row_sum = tl.zeros([BLOCK_M], dtype=ACC)
-    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=ACC)
-    for n_start in range(0, length, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
+    # Softmax statistics of this branch. A query with nothing attended (the column of an H = 1 image, the
+    # padding rows) has max -inf: shifting by 0 instead keeps exp(-inf - -inf) = NaN out.
+    if ONE_KEY_BLOCK:
+        offs_n = tl.arange(0, BLOCK_N)
         n_mask = offs_n < length
-        scores = _line_dot(q_base, k_base, offs_m, offs_n, m_mask, n_mask, sq_pos, sq_c, sk_pos, sk_c,
-                           qk_channels, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION, ACC)
-        scores = tl.where(_attended(offs_m, offs_n, m_mask, n_mask, MASK_DIAG), scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        # A query with nothing attended so far (the column of an H = 1 image, or a fully masked block) has
-        # max -inf; subtracting 0 instead keeps exp(-inf - -inf) = NaN out.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        probs = tl.exp(scores - shift[:, None])
-        rescale = tl.exp(row_max - shift)
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        values = tl.load(v_base + offs_n[:, None] * sv_pos + offs_v[None, :] * sv_c,
-                         mask=n_mask[:, None] & v_mask[None, :], other=0.0)
-        acc = tl.dot(probs.to(DOT_DTYPE), values.to(DOT_DTYPE), acc * rescale[:, None],
-                     input_precision=PRECISION)
-        row_max = new_max
-
-    # An empty branch (sum 0) has LSE -inf and output 0; it then carries no weight in the merge.
+        scores = _line_scores(q_base, k_base, offs_m, offs_n, m_mask, n_mask, sq_pos, sq_c, sk_pos, sk_c,
+                              qk_channels, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, ROUND_BF16,
+                              PRECISION, ACC)
+        row_max = tl.max(scores, axis=1)
+        shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+        row_sum = tl.sum(tl.exp(scores - shift[:, None]), axis=1)
+    else:
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+        row_sum = tl.zeros([BLOCK_M], dtype=ACC)
+        for n_start in range(0, length, BLOCK_N):
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < length
+            block_scores = _line_scores(q_base, k_base, offs_m, offs_n, m_mask, n_mask, sq_pos, sq_c, sk_pos,
+                                        sk_c, qk_channels, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE,
+                                        ROUND_BF16, PRECISION, ACC)
+            new_max = tl.maximum(row_max, tl.max(block_scores, axis=1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(block_scores - shift[:, None]), axis=1)
+            row_max = new_max
+    # An empty branch (sum 0) has LSE -inf: it carries no weight in the merge and its output is 0.
     nonempty = row_sum > 0.0
-    safe_sum = tl.where(nonempty, row_sum, 1.0)
-    out = acc / safe_sum[:, None]
-    lse = tl.where(nonempty, row_max + tl.log(safe_sum), float("-inf"))
-
-    o_ptrs = o_base + offs_m[:, None] * so_pos + offs_v[None, :] * so_c
-    o_mask = m_mask[:, None] & v_mask[None, :]
+    lse = tl.where(nonempty, row_max + tl.log(tl.where(nonempty, row_sum, 1.0)), float("-inf"))
     if MERGE:
-        # The row branch always holds the pixel itself, so a real pixel has a finite merged LSE; only the
-        # padding rows past the line's end are empty in both branches and need the guards.
-        lse_other = tl.load(lse_in_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=float("-inf"))
-        out_other = tl.load(o_ptrs, mask=o_mask, other=0.0).to(ACC)
-        merged_max = tl.maximum(lse, lse_other)
-        merged_max = tl.where(merged_max == float("-inf"), 0.0, merged_max)
-        weight = tl.exp(lse - merged_max)
-        weight_other = tl.exp(lse_other - merged_max)
-        total = tl.where(m_mask, weight + weight_other, 1.0)
-        out = (out * weight[:, None] + out_other * weight_other[:, None]) / total[:, None]
-        lse = merged_max + tl.log(total)
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
-    # Every value-channel block computes the same LSE; one of them writes it.
-    if pid_v == 0:
-        tl.store(lse_out_ptr + lse_offset + offs_m * sl_pos, lse, mask=m_mask)
+        lse_column = tl.load(lse_ptrs + offs_m * sl_pos, mask=m_mask, other=float("-inf"))
+        top = tl.maximum(lse, lse_column)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        # The row branch holds the pixel itself, so a real pixel's total is > 0; padding rows get 1.
+        total = tl.where(m_mask, tl.exp(lse - top) + tl.exp(lse_column - top), 1.0)
+        lse = top + tl.log(total)
+        weight_column = tl.exp(lse_column - lse)
+    tl.store(lse_ptrs + offs_m * sl_pos, lse, mask=m_mask)
+    # Probabilities are normalised by the LSE written above (the joint one in the row pass).
+    shift = tl.where(lse == float("-inf"), 0.0, lse)
+    if ONE_KEY_BLOCK:
+        probs = _operand(tl.exp(scores - shift[:, None]), DOT_DTYPE, ROUND_BF16)
+
+    for v_start in range(0, v_channels, BLOCK_V):
+        offs_v = v_start + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < v_channels
+        if ONE_KEY_BLOCK:
+            values = tl.load(v_base + offs_n[:, None] * sv_pos + offs_v[None, :] * sv_c,
+                             mask=n_mask[:, None] & v_mask[None, :], other=0.0)
+            acc = tl.dot(probs, _operand(values, DOT_DTYPE, ROUND_BF16), input_precision=PRECISION,
+                         out_dtype=ACC)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=ACC)
+            for n_start in range(0, length, BLOCK_N):
+                offs_n = n_start + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < length
+                block_scores = _line_scores(q_base, k_base, offs_m, offs_n, m_mask, n_mask, sq_pos, sq_c,
+                                            sk_pos, sk_c, qk_channels, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K,
+                                            DOT_DTYPE, ROUND_BF16, PRECISION, ACC)
+                block_probs = _operand(tl.exp(block_scores - shift[:, None]), DOT_DTYPE, ROUND_BF16)
+                values = tl.load(v_base + offs_n[:, None] * sv_pos + offs_v[None, :] * sv_c,
+                                 mask=n_mask[:, None] & v_mask[None, :], other=0.0)
+                acc = tl.dot(block_probs, _operand(values, DOT_DTYPE, ROUND_BF16), acc,
+                             input_precision=PRECISION)
+        o_ptrs = o_base + offs_m[:, None] * so_pos + offs_v[None, :] * so_c
+        o_mask = m_mask[:, None] & v_mask[None, :]
+        if MERGE:
+            acc += tl.load(o_ptrs, mask=o_mask, other=0.0).to(ACC) * weight_column[:, None]
+        tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -184,7 +230,7 @@ def _delta_kernel(
     n_lines, length, v_channels,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
-    """delta[pixel] = sum_c out[pixel, c] * grad_out[pixel, c] (fp32), over rows. Grid: (B * H, W blocks)."""
+    """delta[pixel] = sum_c out[pixel, c] * grad_out[pixel, c], over rows. Grid: (B * H, W blocks)."""
     pid_line = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     batch = pid_line // n_lines
@@ -204,172 +250,120 @@ def _delta_kernel(
 
 
 @triton.jit
-def _line_grad_query_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+def _add_gradient(partial_ptrs, final_ptrs, tile, mask, has_prior, is_final):
+    """Add `tile` to the fp32 partial sum already at `partial_ptrs` (if `has_prior`), then store the sum to the
+    final gradient (on its last contribution, `is_final`) or back to the partial buffer. Masked-off accesses
+    move no data, so each element is read and written once per contribution. (The masks are combined through
+    integers: the interpreter's `&` of a block and a scalar flag yields int32, which loads reject.)"""
+    selected = mask.to(tl.int32)
+    total = tile + tl.load(partial_ptrs, mask=(selected * has_prior.to(tl.int32)) != 0, other=0.0).to(tile.dtype)
+    final = is_final.to(tl.int32)
+    tl.store(final_ptrs, total.to(final_ptrs.dtype.element_ty), mask=(selected * final) != 0)
+    tl.store(partial_ptrs, total.to(partial_ptrs.dtype.element_ty), mask=(selected * (1 - final)) != 0)
+
+
+@triton.jit
+def _line_backward_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
+    dq_part_ptr, dk_part_ptr, dv_part_ptr, dq_ptr, dk_ptr, dv_ptr,
     sq_b, sq_line, sq_pos, sq_c,
     sk_b, sk_line, sk_pos, sk_c,
     sv_b, sv_line, sv_pos, sv_c,
     sd_b, sd_line, sd_pos, sd_c,
     sl_b, sl_line, sl_pos,
-    sdq_b, sdq_line, sdq_pos, sdq_c,
+    sg_b, sg_line, sg_pos, sg_c,
+    sgv_b, sgv_line, sgv_pos, sgv_c,
     n_lines, length, qk_channels, v_channels,
-    MASK_DIAG: tl.constexpr, ACCUMULATE: tl.constexpr,
+    MASK_DIAG: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dq[query] (+)= sum_key dS[query, key] k[key] over one line.
-    Grid: (B * n_lines, query blocks, Cqk blocks).
+    """dq, dk and dv of one line pass from one S / P / dP / dS computation per (query block, key block).
+    Grid: (B * n_lines,): a program owns its line, so every gradient element of the line has one owner and
+    the sums run in a fixed order (no atomics, deterministic).
 
-    dS = P * (dP - delta), P = exp(q.k - lse), dP = dO.v. BLOCK_K is both the reduction block of q.k and
-    the width of the dq channel block this program owns.
+    P = exp(S - lse) with the joint LSE, dP = dO . v, dS = P * (dP - delta); dv += P^T dO, dq += dS k,
+    dk += dS^T q. Sums are fp32 partials (sg_* strides for dq / dk, sgv_* for dv, shared by the partial and
+    final buffers); FIRST: the column pass, which starts them; LAST: the row pass, whose last contribution to
+    an element stores the final gradient in the input dtype.
     """
     pid_line = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    pid_c = tl.program_id(2)
     batch = pid_line // n_lines
     line = pid_line % n_lines
     q_base = q_ptr + batch * sq_b + line * sq_line
     k_base = k_ptr + batch * sk_b + line * sk_line
     v_base = v_ptr + batch * sv_b + line * sv_line
     do_base = do_ptr + batch * sd_b + line * sd_line
-    lse_offset = batch * sl_b + line * sl_line
+    pixel_offset = batch * sl_b + line * sl_line
+    grad_offset = batch * sg_b + line * sg_line
+    grad_v_offset = batch * sgv_b + line * sgv_line
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_mask = offs_m < length
-    c_mask = offs_c < qk_channels
-    lse = tl.load(lse_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
-    delta = tl.load(delta_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
-    for n_start in range(0, length, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < length
-        scores = _line_dot(q_base, k_base, offs_m, offs_n, m_mask, n_mask, sq_pos, sq_c, sk_pos, sk_c,
-                           qk_channels, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION, ACC)
-        scores = tl.where(_attended(offs_m, offs_n, m_mask, n_mask, MASK_DIAG), scores, float("-inf"))
-        probs = tl.exp(scores - lse[:, None])
-        grad_probs = _line_dot(do_base, v_base, offs_m, offs_n, m_mask, n_mask, sd_pos, sd_c, sv_pos, sv_c,
-                               v_channels, BLOCK_M, BLOCK_N, BLOCK_V, DOT_DTYPE, PRECISION, ACC)
-        grad_scores = probs * (grad_probs - delta[:, None])
-        keys = tl.load(k_base + offs_n[:, None] * sk_pos + offs_c[None, :] * sk_c,
-                       mask=n_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(grad_scores.to(DOT_DTYPE), keys.to(DOT_DTYPE), acc, input_precision=PRECISION)
-
-    dq_ptrs = dq_ptr + batch * sdq_b + line * sdq_line + offs_m[:, None] * sdq_pos + offs_c[None, :] * sdq_c
-    dq_mask = m_mask[:, None] & c_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(ACC)
-    tl.store(dq_ptrs, acc.to(dq_ptr.dtype.element_ty), mask=dq_mask)
-
-
-@triton.jit
-def _line_grad_key_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr,
-    sq_b, sq_line, sq_pos, sq_c,
-    sk_b, sk_line, sk_pos, sk_c,
-    sv_b, sv_line, sv_pos, sv_c,
-    sd_b, sd_line, sd_pos, sd_c,
-    sl_b, sl_line, sl_pos,
-    sdk_b, sdk_line, sdk_pos, sdk_c,
-    n_lines, length, qk_channels, v_channels,
-    MASK_DIAG: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-):
-    """dk[key] (+)= sum_query dS[query, key] q[query] over one line.
-    Grid: (B * n_lines, key blocks, Cqk blocks).
-
-    Works on transposed tiles (keys x queries) so that the key block it owns is the row index.
-    """
-    pid_line = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    batch = pid_line // n_lines
-    line = pid_line % n_lines
-    q_base = q_ptr + batch * sq_b + line * sq_line
-    k_base = k_ptr + batch * sk_b + line * sk_line
-    v_base = v_ptr + batch * sv_b + line * sv_line
-    do_base = do_ptr + batch * sd_b + line * sd_line
-    lse_offset = batch * sl_b + line * sl_line
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_mask = offs_n < length
-    c_mask = offs_c < qk_channels
-
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
     for m_start in range(0, length, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < length
-        lse = tl.load(lse_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
-        delta = tl.load(delta_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
-        scores_t = _line_dot(k_base, q_base, offs_n, offs_m, n_mask, m_mask, sk_pos, sk_c, sq_pos, sq_c,
-                             qk_channels, BLOCK_N, BLOCK_M, BLOCK_K, DOT_DTYPE, PRECISION, ACC)
-        scores_t = tl.where(_attended(offs_n, offs_m, n_mask, m_mask, MASK_DIAG), scores_t, float("-inf"))
-        probs_t = tl.exp(scores_t - lse[None, :])
-        grad_probs_t = _line_dot(v_base, do_base, offs_n, offs_m, n_mask, m_mask, sv_pos, sv_c, sd_pos, sd_c,
-                                 v_channels, BLOCK_N, BLOCK_M, BLOCK_V, DOT_DTYPE, PRECISION, ACC)
-        grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
-        queries = tl.load(q_base + offs_m[:, None] * sq_pos + offs_c[None, :] * sq_c,
-                          mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(grad_scores_t.to(DOT_DTYPE), queries.to(DOT_DTYPE), acc, input_precision=PRECISION)
-
-    dk_ptrs = dk_ptr + batch * sdk_b + line * sdk_line + offs_n[:, None] * sdk_pos + offs_c[None, :] * sdk_c
-    dk_mask = n_mask[:, None] & c_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(dk_ptrs, mask=dk_mask, other=0.0).to(ACC)
-    tl.store(dk_ptrs, acc.to(dk_ptr.dtype.element_ty), mask=dk_mask)
-
-
-@triton.jit
-def _line_grad_value_kernel(
-    q_ptr, k_ptr, do_ptr, lse_ptr, dv_ptr,
-    sq_b, sq_line, sq_pos, sq_c,
-    sk_b, sk_line, sk_pos, sk_c,
-    sd_b, sd_line, sd_pos, sd_c,
-    sl_b, sl_line, sl_pos,
-    sdv_b, sdv_line, sdv_pos, sdv_c,
-    n_lines, length, qk_channels, v_channels,
-    MASK_DIAG: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-):
-    """dv[key] (+)= sum_query P[query, key] dO[query] over one line.
-    Grid: (B * n_lines, key blocks, value-channel blocks)."""
-    pid_line = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    pid_v = tl.program_id(2)
-    batch = pid_line // n_lines
-    line = pid_line % n_lines
-    q_base = q_ptr + batch * sq_b + line * sq_line
-    k_base = k_ptr + batch * sk_b + line * sk_line
-    do_base = do_ptr + batch * sd_b + line * sd_line
-    lse_offset = batch * sl_b + line * sl_line
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    n_mask = offs_n < length
-    v_mask = offs_v < v_channels
-
-    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
-    for m_start in range(0, length, BLOCK_M):
-        offs_m = m_start + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < length
-        lse = tl.load(lse_ptr + lse_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
-        scores_t = _line_dot(k_base, q_base, offs_n, offs_m, n_mask, m_mask, sk_pos, sk_c, sq_pos, sq_c,
-                             qk_channels, BLOCK_N, BLOCK_M, BLOCK_K, DOT_DTYPE, PRECISION, ACC)
-        scores_t = tl.where(_attended(offs_n, offs_m, n_mask, m_mask, MASK_DIAG), scores_t, float("-inf"))
-        probs_t = tl.exp(scores_t - lse[None, :])
-        grad_out = tl.load(do_base + offs_m[:, None] * sd_pos + offs_v[None, :] * sd_c,
-                           mask=m_mask[:, None] & v_mask[None, :], other=0.0)
-        acc = tl.dot(probs_t.to(DOT_DTYPE), grad_out.to(DOT_DTYPE), acc, input_precision=PRECISION)
-
-    dv_ptrs = dv_ptr + batch * sdv_b + line * sdv_line + offs_n[:, None] * sdv_pos + offs_v[None, :] * sdv_c
-    dv_mask = n_mask[:, None] & v_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(dv_ptrs, mask=dv_mask, other=0.0).to(ACC)
-    tl.store(dv_ptrs, acc.to(dv_ptr.dtype.element_ty), mask=dv_mask)
+        lse = tl.load(lse_ptr + pixel_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
+        delta = tl.load(delta_ptr + pixel_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
+        # dk / dv of a key block: first contribution at the first query block, last at the last one. (The
+        # flags compare with `length` so that they are tensors, also in the interpreter.)
+        if FIRST:
+            kv_prior = m_start + length > length
+        else:
+            kv_prior = m_start < length
+        if LAST:
+            kv_final = m_start + BLOCK_M >= length
+        else:
+            kv_final = m_start >= length
+        for n_start in range(0, length, BLOCK_N):
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < length
+            if FIRST:
+                q_prior = n_start + length > length
+            else:
+                q_prior = n_start < length
+            if LAST:
+                q_final = n_start + BLOCK_N >= length
+            else:
+                q_final = n_start >= length
+            scores = _line_scores(q_base, k_base, offs_m, offs_n, m_mask, n_mask, sq_pos, sq_c, sk_pos, sk_c,
+                                  qk_channels, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, ROUND_BF16,
+                                  PRECISION, ACC)
+            probs = tl.exp(scores - lse[:, None])
+            probs_t = _operand(tl.trans(probs), DOT_DTYPE, ROUND_BF16)
+            grad_probs = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            for v_start in range(0, v_channels, BLOCK_V):
+                offs_v = v_start + tl.arange(0, BLOCK_V)
+                v_mask = offs_v < v_channels
+                grad_out = _operand(tl.load(do_base + offs_m[:, None] * sd_pos + offs_v[None, :] * sd_c,
+                                            mask=m_mask[:, None] & v_mask[None, :], other=0.0),
+                                    DOT_DTYPE, ROUND_BF16)
+                values_t = tl.load(v_base + offs_v[:, None] * sv_c + offs_n[None, :] * sv_pos,
+                                   mask=v_mask[:, None] & n_mask[None, :], other=0.0)
+                grad_probs = tl.dot(grad_out, _operand(values_t, DOT_DTYPE, ROUND_BF16), grad_probs,
+                                    input_precision=PRECISION)
+                grad_v = tl.dot(probs_t, grad_out, input_precision=PRECISION, out_dtype=ACC)
+                dv_offsets = grad_v_offset + offs_n[:, None] * sgv_pos + offs_v[None, :] * sgv_c
+                _add_gradient(dv_part_ptr + dv_offsets, dv_ptr + dv_offsets, grad_v,
+                              n_mask[:, None] & v_mask[None, :], kv_prior, kv_final)
+            grad_scores = probs * (grad_probs - delta[:, None])
+            grad_scores_t = _operand(tl.trans(grad_scores), DOT_DTYPE, ROUND_BF16)
+            grad_scores = _operand(grad_scores, DOT_DTYPE, ROUND_BF16)
+            for c_start in range(0, qk_channels, BLOCK_K):
+                offs_c = c_start + tl.arange(0, BLOCK_K)
+                c_mask = offs_c < qk_channels
+                keys = tl.load(k_base + offs_n[:, None] * sk_pos + offs_c[None, :] * sk_c,
+                               mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+                queries = tl.load(q_base + offs_m[:, None] * sq_pos + offs_c[None, :] * sq_c,
+                                  mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+                grad_q = tl.dot(grad_scores, _operand(keys, DOT_DTYPE, ROUND_BF16), input_precision=PRECISION,
+                                out_dtype=ACC)
+                grad_k = tl.dot(grad_scores_t, _operand(queries, DOT_DTYPE, ROUND_BF16),
+                                input_precision=PRECISION, out_dtype=ACC)
+                dq_offsets = grad_offset + offs_m[:, None] * sg_pos + offs_c[None, :] * sg_c
+                _add_gradient(dq_part_ptr + dq_offsets, dq_ptr + dq_offsets, grad_q,
+                              m_mask[:, None] & c_mask[None, :], q_prior, q_final)
+                dk_offsets = grad_offset + offs_n[:, None] * sg_pos + offs_c[None, :] * sg_c
+                _add_gradient(dk_part_ptr + dk_offsets, dk_ptr + dk_offsets, grad_k,
+                              n_mask[:, None] & c_mask[None, :], kv_prior, kv_final)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -382,8 +376,13 @@ class Blocks:
     """Upper bounds of the tile sizes; the launcher shrinks each to the problem (never below 16, the minimum
     tl.dot accepts on a GPU).
 
-    line: query and key positions per tile (BLOCK_M, BLOCK_N). qk_channels: BLOCK_K, the query/key channel
-    block. v_channels: BLOCK_V, the value channel block. num_warps, num_stages: GPU launch settings.
+    line: query and key positions per tile (BLOCK_M, BLOCK_N); a line up to this long is one tile, so its
+    energies are computed once. qk_channels: BLOCK_K, the query/key channel block. v_channels: BLOCK_V, the
+    value channel block. num_warps, num_stages: GPU launch settings of the forward kernels. backward_line,
+    backward_warps: the line tile and warps of the backward line kernel (default line, num_warps).
+    long_line, long_line_warps: the forward's line tile and warps for lines longer than `line` (default line,
+    num_warps). max_registers: a per-thread register cap for ptxas in the forward kernels when a line is one tile (None:
+    its choice; longer lines, which keep more live values, are never capped).
     """
 
     line: int
@@ -391,28 +390,54 @@ class Blocks:
     v_channels: int
     num_warps: int = 4
     num_stages: int = 2
+    backward_line: int | None = None
+    backward_warps: int | None = None
+    long_line: int | None = None
+    long_line_warps: int | None = None
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("line", "qk_channels", "v_channels"):
+        for name in ("line", "qk_channels", "v_channels", "backward_line", "long_line"):
             value = getattr(self, name)
+            if name in ("backward_line", "long_line") and value is None:
+                continue
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 raise ValueError(f"Blocks.{name} must be a power of two >= 16, got {value!r}")
 
 
-def default_blocks(device: torch.device, dtype: torch.dtype) -> Blocks:
-    """Tile bounds for inputs of `dtype` on `device`.
+def default_blocks(device: torch.device, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> Blocks:
+    """Tile bounds for inputs of `dtype` on `device` (on CUDA for `capability`, default the device's).
 
     Interpreter cost grows with programs x loop iterations, not with tile size, so CPU (CI) uses large tiles.
-    On a GPU the tiles must keep the accumulators in registers. No GPU was available to time candidates, so
-    these are the largest settings that compiled for sm_90 (triton 3.9, ptxas -v) without register spills in
-    any kernel: 64-wide tiles with 8 warps for fp16 / bf16 (tensor-core dots); 32-wide tiles with 4 warps for
-    exact fp32 / fp64, whose FMA dots hold both operands in registers (64-wide ones spilled 250+ bytes).
+    On a GPU no candidate could be timed (no GPU was available); these are settings whose kernels compile for
+    sm_80 and sm_90 without register spills (results/kernel_resources.csv, `python -m repro.kernels`).
     """
     if device.type != "cuda":
         return Blocks(line=128, qk_channels=128, v_channels=128)
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
     if dtype in (torch.float16, torch.bfloat16):
-        return Blocks(line=64, qk_channels=64, v_channels=64, num_warps=8, num_stages=2)
-    return Blocks(line=32, qk_channels=32, v_channels=32, num_warps=4, num_stages=2)
+        # A 97-pixel line is one tile: energies computed once per pass. sm_90: the whole-line forward fits 128
+        # registers without spills, 2 blocks of 8 warps per SM (sm_80's ptxas needs ~185). The backward holds
+        # S, P, dP and dS of a 128 x 128 tile: about 254 registers at 8 warps, one block per SM; sm_80's ptxas
+        # spills there, so its backward lines take 64-wide tiles.
+        if capability >= (9, 0):
+            return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=8, num_stages=2, max_registers=128)
+        return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=8, num_stages=2, backward_line=64)
+    # fp32 products in tf32x3 split every operand in two: on sm_90 a whole 128-wide forward tile fits (about 250
+    # registers at 8 warps, one block per SM), longer lines loop over 64-wide tiles; sm_80 spills above 64. The
+    # backward spills above 32-wide tiles at 4 warps, so its lines take several tiles with the partial sums
+    # going through memory.
+    if capability >= (9, 0):
+        return Blocks(line=128, qk_channels=16, v_channels=16, num_warps=8, num_stages=2, backward_line=32,
+                      backward_warps=4, long_line=64, long_line_warps=4)
+    return Blocks(line=64, qk_channels=16, v_channels=16, num_warps=8, num_stages=2, backward_line=32,
+                  backward_warps=4)
+
+
+def _warps(block_line: int, warps: int) -> int:
+    """Warps for a line tile: at most 4 for tiles of 32 positions or fewer (a 16 x 16 tile has 256 elements)."""
+    return min(warps, 4) if block_line <= 32 else warps
 
 
 def _tile(extent: int, upper: int) -> int:
@@ -438,19 +463,23 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _kernel_dtypes(dtype: torch.dtype, *, allow_tf32: bool) -> dict[str, object]:
-    """tl.dot operand dtype, fp32 product precision and accumulator dtype for inputs of `dtype`.
+    """tl.dot operand dtype, bf16 emulation, fp32 product precision and accumulator dtype for `dtype`.
 
-    The interpreter multiplies bf16 bit patterns as integers, so bf16 operands are upcast to fp32 there; fp32
-    uses exact ("ieee") products unless tf32 is allowed.
+    fp32 products use "tf32x3" (three tf32 tensor-core products, about fp32 accuracy) unless plain tf32 is
+    allowed; the interpreter ignores the precision and multiplies in fp32. bf16 in the interpreter: operands
+    rounded to bf16 (the GPU's rounding points: inputs, P, dS) and multiplied in fp32 (see `_operand`).
     """
     if dtype == torch.float64:
-        return {"DOT_DTYPE": tl.float64, "PRECISION": "ieee", "ACC": tl.float64}
+        return {"DOT_DTYPE": tl.float64, "ROUND_BF16": False, "PRECISION": "ieee", "ACC": tl.float64}
     if dtype == torch.float32:
-        return {"DOT_DTYPE": tl.float32, "PRECISION": "tf32" if allow_tf32 else "ieee", "ACC": tl.float32}
+        return {"DOT_DTYPE": tl.float32, "ROUND_BF16": False, "PRECISION": "tf32" if allow_tf32 else "tf32x3",
+                "ACC": tl.float32}
     if dtype == torch.bfloat16 and INTERPRETED:
-        return {"DOT_DTYPE": tl.float32, "PRECISION": "ieee", "ACC": tl.float32}
+        # The precision is the GPU's (the interpreter ignores it), so planned launches name the same
+        # configuration in and out of the interpreter.
+        return {"DOT_DTYPE": tl.float32, "ROUND_BF16": True, "PRECISION": "tf32", "ACC": tl.float32}
     half = tl.float16 if dtype == torch.float16 else tl.bfloat16
-    return {"DOT_DTYPE": half, "PRECISION": "tf32", "ACC": tl.float32}
+    return {"DOT_DTYPE": half, "ROUND_BF16": False, "PRECISION": "tf32", "ACC": tl.float32}
 
 
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, op: str) -> None:
@@ -473,12 +502,107 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _channels_last_like(tensor: torch.Tensor) -> torch.Tensor:
+def _channels_last_like(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Empty (B, C, H, W) tensor in channels_last memory; the fake implementations use it too, so that the
     strides a compiled graph sees are those the kernels produce."""
-    return torch.empty(
-        tensor.shape, dtype=tensor.dtype, device=tensor.device, memory_format=torch.channels_last
-    )
+    return torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device=tensor.device,
+                       memory_format=torch.channels_last)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher plans it: what `repro.measure.kernels` compiles ahead of time with the
+    same arguments (so the same specialisation) and what `launch()` runs."""
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    max_registers: int | None = None
+
+    @property
+    def options(self) -> dict:
+        """Launch options as triton takes them."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.max_registers is not None:
+            options["maxnreg"] = self.max_registers
+        return options
+
+    def launch(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
+
+
+def plan_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, blocks: Blocks, allow_tf32: bool = False
+) -> tuple[tuple[torch.Tensor, torch.Tensor], list[Launch]]:
+    """Outputs (out, lse) and the launches of the forward, without running anything (any device, `meta`
+    included)."""
+    batch, qk_channels, height, width = query.shape
+    v_channels = value.shape[1]
+    out = _channels_last_like(value)
+    lse = torch.empty((batch, height, width), dtype=lse_dtype(query.dtype), device=query.device)
+    kernel_dtypes = _kernel_dtypes(query.dtype, allow_tf32=allow_tf32)
+    launches = []
+    # Pass 1 over columns (diagonal masked), pass 2 over rows merging into it.
+    for column in (True, False):
+        n_lines, length = (width, height) if column else (height, width)
+        block_line, warps = _tile(length, blocks.line), blocks.num_warps
+        if length > block_line and blocks.long_line is not None:
+            block_line, warps = blocks.long_line, blocks.long_line_warps or blocks.num_warps
+        launches.append(Launch(
+            _line_forward_kernel, (batch * n_lines, triton.cdiv(length, block_line)),
+            (query, key, value, out, lse,
+             *_line_strides(query, column=column), *_line_strides(key, column=column),
+             *_line_strides(value, column=column), *_line_strides(out, column=column),
+             *_pixel_strides(lse, column=column), n_lines, length, qk_channels, v_channels),
+            {"MASK_DIAG": column, "MERGE": not column, "ONE_KEY_BLOCK": length <= block_line,
+             "BLOCK_M": block_line, "BLOCK_N": block_line, "BLOCK_K": _tile(qk_channels, blocks.qk_channels),
+             "BLOCK_V": _tile(v_channels, blocks.v_channels), **kernel_dtypes},
+            _warps(block_line, warps), blocks.num_stages, blocks.max_registers if length <= block_line else None,
+        ))
+    return (out, lse), launches
+
+
+def plan_backward(
+    grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, *, blocks: Blocks, allow_tf32: bool = False,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[Launch]]:
+    """Gradients (dq, dk, dv) and the launches of the backward, without running anything."""
+    batch, qk_channels, height, width = query.shape
+    v_channels = value.shape[1]
+    kernel_dtypes = _kernel_dtypes(query.dtype, allow_tf32=allow_tf32)
+    accumulate = lse_dtype(query.dtype)
+    grads = tuple(_channels_last_like(t) for t in (query, key, value))
+    # fp32 partial sums between and within passes; for fp32 / fp64 inputs the gradients themselves.
+    partials = grads if query.dtype == accumulate else tuple(_channels_last_like(t, accumulate) for t in grads)
+    lse = lse.contiguous()  # the kernels index LSE and delta with one set of strides
+    delta = torch.empty_like(lse)
+    block_row = _tile(width, blocks.line)
+    block_k, block_v = _tile(qk_channels, blocks.qk_channels), _tile(v_channels, blocks.v_channels)
+    launches = [Launch(
+        _delta_kernel, (batch * height, triton.cdiv(width, block_row)),
+        (out, grad_out, delta, *_line_strides(out, column=False), *_line_strides(grad_out, column=False),
+         *_pixel_strides(delta, column=False), height, width, v_channels),
+        {"BLOCK_M": block_row, "BLOCK_V": block_v, "ACC": kernel_dtypes["ACC"]},
+        blocks.num_warps, blocks.num_stages,
+    )]
+    for column in (True, False):
+        n_lines, length = (width, height) if column else (height, width)
+        block_line = _tile(length, blocks.backward_line or blocks.line)
+        launches.append(Launch(
+            _line_backward_kernel, (batch * n_lines,),
+            (query, key, value, grad_out, lse, delta, *partials, *grads,
+             *_line_strides(query, column=column), *_line_strides(key, column=column),
+             *_line_strides(value, column=column), *_line_strides(grad_out, column=column),
+             *_pixel_strides(lse, column=column), *_line_strides(grads[0], column=column),
+             *_line_strides(grads[2], column=column), n_lines, length, qk_channels, v_channels),
+            {"MASK_DIAG": column, "FIRST": column, "LAST": not column, "BLOCK_M": block_line,
+             "BLOCK_N": block_line, "BLOCK_K": block_k, "BLOCK_V": block_v, **kernel_dtypes},
+            _warps(block_line, blocks.backward_warps or blocks.num_warps), blocks.num_stages,
+        ))
+    return grads, launches
 
 
 def cca_triton_forward(
@@ -494,7 +618,7 @@ def cca_triton_forward(
     Args:
         query, key: (B, Cqk, H, W), any strides. value: (B, Cv, H, W).
         blocks: tile bounds (default `default_blocks(device, dtype)`).
-        allow_tf32: fp32 inputs on a GPU use tf32 products (faster, ~1e-3 relative) instead of exact ones.
+        allow_tf32: fp32 inputs on a GPU use tf32 products (faster, ~1e-3 relative) instead of tf32x3.
 
     Returns:
         out: (B, Cv, H, W) in the input dtype, channels_last memory.
@@ -502,32 +626,11 @@ def cca_triton_forward(
     """
     _check_inputs(query, key, value, "cca_triton_forward")
     blocks = blocks or default_blocks(query.device, query.dtype)
-    batch, qk_channels, height, width = query.shape
-    v_channels = value.shape[1]
-    out = _channels_last_like(value)
-    lse_column = torch.empty((batch, height, width), dtype=lse_dtype(query.dtype), device=query.device)
-    lse = torch.empty_like(lse_column)
-    kernel_dtypes = _kernel_dtypes(query.dtype, allow_tf32=allow_tf32)
-    block_k = _tile(qk_channels, blocks.qk_channels)
-    block_v = _tile(v_channels, blocks.v_channels)
+    outputs, launches = plan_forward(query, key, value, blocks=blocks, allow_tf32=allow_tf32)
     with _device_guard(query.device):
-        # Pass 1 over columns (diagonal masked), pass 2 over rows merging into it.
-        for column, lse_in, lse_out in ((True, lse_column, lse_column), (False, lse_column, lse)):
-            n_lines, length = (width, height) if column else (height, width)
-            block_line = _tile(length, blocks.line)
-            grid = (batch * n_lines, triton.cdiv(length, block_line), triton.cdiv(v_channels, block_v))
-            _line_forward_kernel[grid](
-                query, key, value, out, lse_in, lse_out,
-                *_line_strides(query, column=column), *_line_strides(key, column=column),
-                *_line_strides(value, column=column), *_line_strides(out, column=column),
-                *_pixel_strides(lse_out, column=column),
-                n_lines, length, qk_channels, v_channels,
-                MASK_DIAG=column, MERGE=not column,
-                BLOCK_M=block_line, BLOCK_N=block_line, BLOCK_K=block_k, BLOCK_V=block_v,
-                **kernel_dtypes,
-                num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-            )
-    return out, lse
+        for launch in launches:
+            launch.launch()
+    return outputs
 
 
 def cca_triton_backward(
@@ -551,8 +654,7 @@ def cca_triton_backward(
         grad_query, grad_key, grad_value in the input dtype, channels_last memory.
     """
     _check_inputs(query, key, value, "cca_triton_backward")
-    batch, qk_channels, height, width = query.shape
-    v_channels = value.shape[1]
+    batch, _, height, width = query.shape
     for name, tensor in (("grad_out", grad_out), ("out", out)):
         if tensor.shape != value.shape or tensor.device != value.device:
             raise ValueError(f"cca_triton_backward: {name} must be {tuple(value.shape)} on {value.device}, "
@@ -561,53 +663,11 @@ def cca_triton_backward(
         raise ValueError(f"cca_triton_backward: lse must be {lse_dtype(query.dtype)} {(batch, height, width)}, "
                          f"got {lse.dtype} {tuple(lse.shape)}")
     blocks = blocks or default_blocks(query.device, query.dtype)
-    kernel_dtypes = _kernel_dtypes(query.dtype, allow_tf32=allow_tf32)
-    block_k = _tile(qk_channels, blocks.qk_channels)
-    block_v = _tile(v_channels, blocks.v_channels)
-    launch = {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
-
-    grad_query, grad_key, grad_value = (_channels_last_like(t) for t in (query, key, value))
-    # The kernels index LSE and delta with one set of strides.
-    lse = lse.contiguous()
-    delta = torch.empty_like(lse)
+    grads, launches = plan_backward(grad_out, query, key, value, out, lse, blocks=blocks, allow_tf32=allow_tf32)
     with _device_guard(query.device):
-        block_row = _tile(width, blocks.line)
-        _delta_kernel[(batch * height, triton.cdiv(width, block_row))](
-            out, grad_out, delta,
-            *_line_strides(out, column=False), *_line_strides(grad_out, column=False),
-            *_pixel_strides(delta, column=False),
-            height, width, v_channels,
-            BLOCK_M=block_row, BLOCK_V=block_v, ACC=kernel_dtypes["ACC"], **launch,
-        )
-        # Column pass writes, row pass adds: sequential kernels on one stream, so no atomics are needed.
-        for column in (True, False):
-            n_lines, length = (width, height) if column else (height, width)
-            block_line = _tile(length, blocks.line)
-            lines = batch * n_lines
-            line_blocks = triton.cdiv(length, block_line)
-            q_strides, k_strides = _line_strides(query, column=column), _line_strides(key, column=column)
-            v_strides = _line_strides(value, column=column)
-            do_strides = _line_strides(grad_out, column=column)
-            pixel_strides = _pixel_strides(lse, column=column)
-            tiles = {"BLOCK_M": block_line, "BLOCK_N": block_line, "BLOCK_K": block_k, "BLOCK_V": block_v,
-                     "MASK_DIAG": column, "ACCUMULATE": not column, **kernel_dtypes}
-            sizes = (n_lines, length, qk_channels, v_channels)
-            _line_grad_query_kernel[(lines, line_blocks, triton.cdiv(qk_channels, block_k))](
-                query, key, value, grad_out, lse, delta, grad_query,
-                *q_strides, *k_strides, *v_strides, *do_strides, *pixel_strides,
-                *_line_strides(grad_query, column=column), *sizes, **tiles, **launch,
-            )
-            _line_grad_key_kernel[(lines, line_blocks, triton.cdiv(qk_channels, block_k))](
-                query, key, value, grad_out, lse, delta, grad_key,
-                *q_strides, *k_strides, *v_strides, *do_strides, *pixel_strides,
-                *_line_strides(grad_key, column=column), *sizes, **tiles, **launch,
-            )
-            _line_grad_value_kernel[(lines, line_blocks, triton.cdiv(v_channels, block_v))](
-                query, key, grad_out, lse, grad_value,
-                *q_strides, *k_strides, *do_strides, *pixel_strides,
-                *_line_strides(grad_value, column=column), *sizes, **tiles, **launch,
-            )
-    return grad_query, grad_key, grad_value
+        for launch in launches:
+            launch.launch()
+    return grads
 
 
 # ----------------------------------------------------------------------------------------------------------

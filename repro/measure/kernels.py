@@ -1,0 +1,417 @@
+"""The Triton criss-cross kernels (`ops.cca_triton`) measured without a GPU: traffic and work counted in the
+Triton interpreter, registers / spills / shared memory from ahead-of-time compilation for real GPU targets.
+
+* Traffic: every global load and store of an interpreted kernel goes through
+  `InterpreterBuilder.create_masked_load` / `create_masked_store`; wrapped, they give per access the bytes of
+  the unmasked lanes ("useful" bytes) and the distinct 32-byte sectors those lanes touch (what the memory
+  system moves for that access; L2 and HBM together, so an upper bound on HBM traffic). Compared with the
+  minimum of `ops.cost` (read q, k, v once, write out once, plus the fp32 LSE; backward: read q, k, v, out,
+  dO, write dq, dk, dv, plus the LSE).
+* Work: `create_dot` gives the multiply-accumulates each tl.dot executes (whole tiles, padding included),
+  per attended pair, against the minimum of `ops.cost` (forward Cqk + Cv, backward 2 (Cqk + Cv) + Cqk with
+  the energies recomputed).
+* Resources: each launch the launchers plan (`ops.cca_triton.plan_forward` / `plan_backward`, the same
+  arguments as a real launch, hence the same specialisation: pointer alignment, strides equal to 1 or
+  divisible by 16, constexprs) is compiled with `triton.compile` for sm_80 and sm_90; ptxas's report gives
+  registers, spills and stack, the kernel metadata the shared memory, the PTX whether asynchronous copies
+  (`cp.async`) are used. Blocks per SM follow from registers, warps and shared memory.
+
+Traffic and work need the interpreter (TRITON_INTERPRET=1 before triton is imported); compilation needs it
+off. `python -m repro.kernels` runs each part in a process of its own and writes `results/kernel_model.csv`
+and `results/kernel_resources.csv`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+SECTOR_BYTES = 32
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Per target: (compute capability, shared memory per SM, shared memory one block may use) in bytes, from the
+# CUDA C programming guide's table of compute capabilities (8.0: A100, 9.0: H100 / H200).
+TARGETS = {"sm_80": (80, 164 * 1024, 163 * 1024), "sm_90": (90, 228 * 1024, 227 * 1024)}
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+# The shapes of the issue's goals: B = 1 and 2, Cqk 64, Cv 512, 97 x 97.
+GOAL_SHAPES = tuple((batch, 64, 512, 97, 97) for batch in (1, 2))
+# The GPU whose tiles the counted model uses (H100 / H200).
+MODEL_TARGET = "sm_90"
+# Columns that identify a row of kernel_model.csv.
+MODEL_KEY = ("pass", "kernel", "dtype", "layout", "batch", "qk_channels", "v_channels", "height", "width")
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Traffic and work, counted in the interpreter
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KernelCounts:
+    """What one kernel (all its launches) moved and computed."""
+
+    launches: int = 0
+    load_bytes: int = 0
+    store_bytes: int = 0
+    load_sector_bytes: int = 0
+    store_sector_bytes: int = 0
+    macs: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.load_bytes + self.store_bytes
+
+    @property
+    def sector_bytes(self) -> int:
+        return self.load_sector_bytes + self.store_sector_bytes
+
+
+@dataclass
+class Counter:
+    """Counts per kernel name, filled while `count()` is active."""
+
+    kernels: dict[str, KernelCounts] = field(default_factory=lambda: defaultdict(KernelCounts))
+    current: str = "outside a kernel"
+
+    def total(self) -> KernelCounts:
+        total = KernelCounts()
+        for counts in self.kernels.values():
+            for name in ("launches", "load_bytes", "store_bytes", "load_sector_bytes", "store_sector_bytes",
+                         "macs"):
+                setattr(total, name, getattr(total, name) + getattr(counts, name))
+        return total
+
+
+def _access(ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> tuple[int, int]:
+    """(bytes, distinct 32-byte sectors x 32) of the unmasked lanes of one access."""
+    addresses = ptrs[np.broadcast_to(mask, ptrs.shape).astype(bool)].astype(np.uint64)
+    if addresses.size == 0:
+        return 0, 0
+    first = addresses // SECTOR_BYTES
+    last = (addresses + np.uint64(itemsize - 1)) // SECTOR_BYTES
+    sectors = np.unique(np.concatenate([first, last]))
+    return int(addresses.size) * itemsize, int(sectors.size) * SECTOR_BYTES
+
+
+@contextlib.contextmanager
+def count() -> Iterator[Counter]:
+    """Count the global memory traffic and tl.dot multiply-accumulates of every interpreted kernel launched
+    inside the block, per kernel. The interpreter's methods are wrapped for the duration only."""
+    if not _interpreted():
+        raise RuntimeError("repro.measure.kernels.count needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is first imported")
+    from triton.runtime import interpreter
+
+    counter = Counter()
+    builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
+    original = {name: getattr(builder, name) for name in ("create_masked_load", "create_masked_store",
+                                                          "create_dot")}
+    original_call = executor.__call__
+
+    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        result = original["create_masked_load"](self, ptrs, mask, other, cache_policy, is_volatile)
+        moved, sectors = _access(ptrs.data, mask.data, result.data.itemsize)
+        counts = counter.kernels[counter.current]
+        counts.load_bytes += moved
+        counts.load_sector_bytes += sectors
+        return result
+
+    def masked_store(self, ptrs, value, mask, cache_policy):
+        moved, sectors = _access(ptrs.data, mask.data, value.data.itemsize)
+        counts = counter.kernels[counter.current]
+        counts.store_bytes += moved
+        counts.store_sector_bytes += sectors
+        return original["create_masked_store"](self, ptrs, value, mask, cache_policy)
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        rows, inner = a.data.shape[-2:]
+        counter.kernels[counter.current].macs += int(np.prod(a.data.shape[:-2], dtype=np.int64)) * rows * inner * (
+            b.data.shape[-1])
+        return original["create_dot"](self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def call(self, *args, **kwargs):
+        outer, counter.current = counter.current, self.fn.__name__
+        counter.kernels[counter.current].launches += 1
+        try:
+            return original_call(self, *args, **kwargs)
+        finally:
+            counter.current = outer
+
+    builder.create_masked_load, builder.create_masked_store, builder.create_dot = masked_load, masked_store, dot
+    executor.__call__ = call
+    try:
+        yield counter
+    finally:
+        for name, method in original.items():
+            setattr(builder, name, method)
+        executor.__call__ = original_call
+
+
+def _inputs(batch: int, qk_channels: int, v_channels: int, height: int, width: int, dtype: torch.dtype,
+            layout: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """query, key, value, grad_out in `layout` ("channels_last": what the kernels read contiguously; "nchw")."""
+    generator = torch.Generator().manual_seed(seed)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return tuple(
+        torch.randn(batch, channels, height, width, generator=generator).to(dtype).contiguous(
+            memory_format=memory_format)
+        for channels in (qk_channels, qk_channels, v_channels, v_channels)
+    )
+
+
+def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width: int, dtype_name: str,
+               layout: str = "channels_last") -> list[dict]:
+    """Counted forward and backward of `ops.cca_triton` at one shape with the tiles the launchers pick on an
+    sm_90 GPU (MODEL_TARGET):
+    one row per kernel and one "all" row per pass, with the minimum bytes and MACs of `ops.cost` beside the
+    counts."""
+    from ops import cost
+    from ops.cca_triton import cca_triton_backward, cca_triton_forward, default_blocks
+
+    dtype = DTYPES[dtype_name]
+    blocks = default_blocks(torch.device("cuda"), dtype, _capability(MODEL_TARGET))
+    query, key, value, grad_out = _inputs(batch, qk_channels, v_channels, height, width, dtype, layout)
+    itemsize = query.element_size()
+    pairs = batch * height * width * (height + width - 1)
+    with count() as forward:
+        out, lse = cca_triton_forward(query, key, value, blocks=blocks)
+    with count() as backward:
+        cca_triton_backward(grad_out, query, key, value, out, lse, blocks=blocks)
+    minimum = {
+        "forward": cost.criss_cross_attention_cost(batch, qk_channels, v_channels, height, width,
+                                                   itemsize=itemsize),
+        "backward": cost.criss_cross_attention_backward_cost(batch, qk_channels, v_channels, height, width,
+                                                             itemsize=itemsize),
+    }
+    rows = []
+    for pass_name, counter in (("forward", forward), ("backward", backward)):
+        for kernel, counts in [*sorted(counter.kernels.items()), ("all", counter.total())]:
+            rows.append({
+                "pass": pass_name, "kernel": kernel, "dtype": dtype_name, "layout": layout, "batch": batch,
+                "qk_channels": qk_channels, "v_channels": v_channels, "height": height, "width": width,
+                "launches": counts.launches, "load_bytes": counts.load_bytes, "store_bytes": counts.store_bytes,
+                "useful_bytes": counts.bytes, "sector_bytes": counts.sector_bytes, "macs": counts.macs,
+                "minimum_bytes": minimum[pass_name].bytes, "minimum_macs": minimum[pass_name].macs,
+                "useful_ratio": counts.bytes / minimum[pass_name].bytes,
+                "sector_ratio": counts.sector_bytes / minimum[pass_name].bytes,
+                "macs_per_pair": counts.macs / pairs, "minimum_macs_per_pair": minimum[pass_name].macs / pairs,
+                "macs_ratio": counts.macs / minimum[pass_name].macs,
+            })
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resources, compiled ahead of time for real targets
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _meta_inputs(batch, qk_channels, v_channels, height, width, dtype):
+    """query, key, value, grad_out as the 1x1 convs of a channels-last model produce them, on the meta device
+    (no memory; strides and dtypes are all the compiler sees besides the alignment)."""
+    return tuple(
+        torch.empty(batch, channels, height, width, dtype=dtype, device="meta",
+                    memory_format=torch.channels_last)
+        for channels in (qk_channels, qk_channels, v_channels, v_channels)
+    )
+
+
+def planned_launches(shape: tuple[int, int, int, int, int], dtype: torch.dtype, blocks=None, target="sm_90"):
+    """(pass, Launch) of the forward and backward the launchers plan on a CUDA device of `target` for `shape`
+    (tiles: `blocks`, default those the launchers pick there)."""
+    from ops import cca_triton
+
+    blocks = blocks or cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(target))
+    query, key, value, grad_out = _meta_inputs(*shape, dtype)
+    (out, lse), forward = cca_triton.plan_forward(query, key, value, blocks=blocks)
+    _, backward = cca_triton.plan_backward(grad_out, query, key, value, out, lse, blocks=blocks)
+    return [("forward", launch) for launch in forward] + [("backward", launch) for launch in backward]
+
+
+def _capability(target: str) -> tuple[int, int]:
+    return divmod(TARGETS[target][0], 10)
+
+
+def tile_shapes(dtype: torch.dtype, target: str = "sm_90") -> list[tuple[int, int, int, int, int]]:
+    """Shapes that make the GPU launchers pick every tile configuration they can on `target`: each line tile
+    from 16 to the largest (and lines longer than it), each channel tile from 16 to the largest."""
+    from ops import cca_triton
+
+    blocks = cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(target))
+
+    def powers(upper):
+        return [1 << n for n in range(4, upper.bit_length())]
+
+    lines = {blocks.line, blocks.backward_line or blocks.line}
+    lengths = sorted({*powers(max(lines)), *(line + 1 for line in lines)})
+    return [(1, qk, v, length, length) for length, qk, v in itertools.product(
+        lengths, powers(blocks.qk_channels), powers(blocks.v_channels))]
+
+
+def launch_configs(target: str, dtypes=tuple(DTYPES), shapes=None):
+    """Distinct compilations for `target` over the shapes (default: the issue's shape B = 8, then
+    `tile_shapes`): one per (kernel, constexprs, warps, stages), the first shape that needs it giving the
+    specialisation."""
+    configs = {}
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for shape in shapes or [(8, 64, 512, 97, 97), *tile_shapes(dtype, target)]:
+            for pass_name, launch in planned_launches(shape, dtype, target=target):
+                constexprs = {name: (str(value) if not isinstance(value, (bool, int)) else value)
+                              for name, value in launch.constexprs.items()}
+                key = (launch.kernel.__name__, dtype_name, tuple(sorted(constexprs.items())),
+                       tuple(sorted(launch.options.items())))
+                configs.setdefault(key, (pass_name, dtype_name, shape, launch))
+    return list(configs.values())
+
+
+def config_string(launch) -> str:
+    """The tile constexprs of a launch, as the resources CSV names a configuration."""
+    return " ".join(f"{name}={value}" for name, value in launch.constexprs.items()
+                    if name not in ("DOT_DTYPE", "ACC", "ROUND_BF16"))
+
+
+_PTXAS = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_store_bytes": re.compile(r"(\d+) bytes spill stores"),
+    "spill_load_bytes": re.compile(r"(\d+) bytes spill loads"),
+    "stack_bytes": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def compile_launch(launch, target: str) -> dict:
+    """Compile one planned launch for `target` ("sm_80" / "sm_90") as triton's launcher would specialise it;
+    return registers, spills, stack, shared memory, asynchronous copies and blocks per SM."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    if _interpreted():
+        raise RuntimeError("compile_launch needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
+    capability, shared_per_sm, shared_per_block = TARGETS[target]
+    gpu = GPUTarget("cuda", capability, 32)
+    backend = make_backend(gpu)
+    kernel = launch.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**launch.constexprs, **launch.options}
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    log = io.StringIO()
+    # ptxas reports only when it runs: bypass triton's cache for this compilation.
+    previous = triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile
+    triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile = True, True
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=gpu,
+                                      options=options.__dict__)
+    finally:
+        triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile = previous
+    report = {name: int(match.group(1)) if (match := pattern.search(log.getvalue())) else 0
+              for name, pattern in _PTXAS.items()}
+    if not report["registers"]:
+        raise RuntimeError(f"no ptxas report for {kernel.__name__} on {target}:\n{log.getvalue()}")
+    shared = int(compiled.metadata.shared)
+    warps = launch.num_warps
+    registers_per_warp = -(-report["registers"] * 32 // 256) * 256  # allocated per warp in units of 256
+    by_registers = REGISTERS_PER_SM // (registers_per_warp * warps)
+    by_shared = shared_per_sm // (shared + 1024) if shared else MAX_BLOCKS_PER_SM  # 1 KiB reserved per block
+    return {
+        **report,
+        "shared_bytes": shared,
+        "shared_limit_bytes": shared_per_block,
+        "async_copy": "cp.async" in compiled.asm["ptx"],
+        "blocks_per_sm": min(by_registers, by_shared, MAX_WARPS_PER_SM // warps, MAX_BLOCKS_PER_SM),
+    }
+
+
+def resource_rows(targets=tuple(TARGETS), dtypes=tuple(DTYPES), shapes=None) -> list[dict]:
+    """One row per compiled kernel configuration and target."""
+    import triton
+
+    rows = []
+    for target in targets:
+        for pass_name, dtype_name, shape, launch in launch_configs(target, dtypes, shapes):
+            constexprs = config_string(launch)
+            rows.append({
+                "kernel": launch.kernel.__name__, "pass": pass_name, "dtype": dtype_name, "target": target,
+                "config": constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
+                "max_registers": launch.max_registers or "",
+                "shape": "x".join(map(str, shape)), **compile_launch(launch, target),
+                "triton": triton.__version__,
+            })
+    return rows
+
+
+def resource_frame(**kwargs) -> pd.DataFrame:
+    return pd.DataFrame(resource_rows(**kwargs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m repro.kernels [model|resources] [--quick] [--out-dir results]`.
+
+    Without a part, runs both, each in a process of its own (the interpreter must be on for the model and off
+    for the compiler, and triton reads that once, when it is first imported).
+    """
+    import argparse
+    import subprocess
+    import sys
+
+    from repro.io import upsert_csv, write_csv_atomic
+
+    parser = argparse.ArgumentParser(prog="python -m repro.kernels", description=main.__doc__)
+    parser.add_argument("part", nargs="?", choices=("model", "resources"), help="default: both")
+    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--quick", action="store_true",
+                        help="small versions: model at 1x16x64x17x17 fp32 / bf16; resources of the issue's shape "
+                             "only, bf16")
+    args = parser.parse_args(argv)
+    if args.part is None:
+        for part in ("model", "resources"):
+            command = [sys.executable, "-m", "repro.kernels", part, "--out-dir", args.out_dir]
+            result = subprocess.run(command + (["--quick"] if args.quick else []), check=False)
+            if result.returncode:
+                return result.returncode
+        return 0
+    wanted_interpreter = args.part == "model"
+    if "triton" in sys.modules and _interpreted() != wanted_interpreter:
+        parser.error(f"triton was imported with TRITON_INTERPRET={'1' if _interpreted() else '0'}; the {args.part} "
+                     "part needs it " + ("on" if wanted_interpreter else "off"))
+    os.environ["TRITON_INTERPRET"] = "1" if wanted_interpreter else "0"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, set to silence its warning
+    if args.part == "model":
+        # Minutes per shape in the interpreter: each (shape, dtype) is written as soon as it is counted, so an
+        # interrupted run keeps what it finished (rows with the same key are replaced).
+        path = os.path.join(args.out_dir, "kernel_model.csv")
+        for shape, dtype_name in itertools.product([(1, 16, 64, 17, 17)] if args.quick else GOAL_SHAPES,
+                                                   ("bf16", "fp32")):
+            rows = pd.DataFrame(model_rows(*shape, dtype_name))
+            upsert_csv(path, rows, key=MODEL_KEY)
+            print(f"counted {dtype_name} {'x'.join(map(str, shape))} into {path}", flush=True)
+        return 0
+    else:
+        frame = (resource_frame(dtypes=("bf16",), shapes=[(8, 64, 512, 97, 97)])
+                 if args.quick else resource_frame())
+        path = os.path.join(args.out_dir, "kernel_resources.csv")
+    write_csv_atomic(frame, path)
+    print(f"wrote {len(frame)} rows to {path}")
+    return 0
