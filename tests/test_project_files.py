@@ -3,6 +3,7 @@ the Python version, a backbone download for every config, the generated findings
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def test_readme_names_where_every_backbone_comes_from():
             row = next((line for line in backbones.splitlines() if f"`{weights}`" in line), None)
             assert row is not None, f"{path.name}: README does not say where {weights} comes from"
             assert "https://" in row or "http://" in row
+            # The row's "configs" cell names this config (its name or a glob matching it).
+            names = re.findall(r"`([^`]+)`", row.split("|")[2])
+            assert any(fnmatch.fnmatch(path.stem, name) for name in names), f"{path.name} not in the row of {weights}"
 
 
 def test_readme_findings_are_what_the_report_writes():
