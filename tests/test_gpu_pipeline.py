@@ -47,7 +47,7 @@ def test_tiny_acceptance_run_writes_every_step_and_nothing_else(tmp_path):
         ratios["variant"])
     assert (tmp_path / "ops_bench.csv").is_file() and (tmp_path / AUTO_EVIDENCE.name).is_file()
     report = (tmp_path / "REPORT.md").read_text()
-    assert "## GPU acceptance" in report and "0 failed" in report
+    assert "### GPU acceptance" in report and "0 failed" in report
     # A tiny run never touches the committed evidence or results.
     assert all(path.read_bytes() == data for path, data in committed.items())
 

@@ -642,15 +642,18 @@ def section_ops_bench(results: Path, pages: dict[str, str]) -> str:
     return text + f"\nEvery row (shapes, GB/s, versions): {link}.\n"
 
 
-def section_gpu(results: Path) -> str:
+def section_gpu(results: Path, pages: dict[str, str]) -> str:
+    """Which rows came from a GPU, and the GPU acceptance run (`python -m repro.gpu`) when there is one."""
     gpus = gpu_devices(results)
     text = "## GPU status\n\n"
     if not gpus:
-        return text + ("Nothing in these results was measured on a GPU: every device in the CSVs is a CPU, a "
-                       "FakeTensor trace or an analytic count. The fused Triton kernels were checked for "
-                       "correctness in Triton's CPU interpreter only; their speed, the CUDA memory of each config "
-                       "and every mIoU need a GPU.\n")
-    return text + f"Rows measured on: {', '.join(gpus)}.\n"
+        text += ("Nothing in these results was measured on a GPU: every device in the CSVs is a CPU, a "
+                 "FakeTensor trace or an analytic count. The fused Triton kernels were checked for "
+                 "correctness in Triton's CPU interpreter only; their speed, the CUDA memory of each config "
+                 "and every mIoU need a GPU.\n")
+    else:
+        text += f"Rows measured on: {', '.join(gpus)}.\n"
+    return text + "\n" + gpu_acceptance(results, pages)
 
 
 def section_pipeline(results: Path, pages: dict[str, str]) -> str:
@@ -683,19 +686,21 @@ def section_environment(results: Path) -> str:
     return text + f"\nDevices named in the result CSVs: {', '.join(sorted(devices(results))) or 'none'}.\n"
 
 
-def section_gpu_acceptance(results: Path) -> str:
-    """The GPU acceptance run (`repro.pipeline.gpu`): failed checks first, then every row."""
-    text = "## GPU acceptance\n\n"
+def gpu_acceptance(results: Path, pages: dict[str, str]) -> str:
+    """### GPU acceptance (`repro.pipeline.gpu`): a count, the failed checks, every row on a details page."""
+    text = "### GPU acceptance\n\n"
     frame = read_csv(results, "gpu")
     if frame is None:
-        return text + "Nothing has been measured on a GPU yet. " + missing("gpu")
+        return text + "Not run yet. " + missing("gpu")
     _require(frame, ["step", "check", "metric", "value", "unit", "status", "device"], "gpu_acceptance.csv")
     failed = frame[frame["status"].astype(str).str.startswith("FAILED")]
     devices = ", ".join(sorted(str(device) for device in frame["device"].dropna().unique()))
     text += f"{len(frame)} rows on {devices}; {len(failed)} failed.\n\n"
     if not failed.empty:
         text += "Failed:\n\n" + markdown_table(failed) + "\n"
-    return text + "<details><summary>Every row</summary>\n\n" + markdown_table(frame) + "\n</details>\n"
+    link = detail_page(pages, "gpu_acceptance.md", "Every GPU acceptance row", "`gpu_acceptance.csv`",
+                       markdown_table(frame))
+    return text + f"Every row: {link}.\n"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -719,8 +724,7 @@ def build_report(results: Path, experiments: Path, pages: dict[str, str] | None 
         section_miou(results, experiments, pages),
         section_recipes(experiments, table=markdown_table),
         section_ops_bench(results, pages),
-        section_gpu(results),
-        section_gpu_acceptance(results),
+        section_gpu(results, pages),
         section_pipeline(results, pages),
         section_environment(results),
     ]
