@@ -56,7 +56,11 @@ measured time t is max(flops / peak_flops, bytes / peak_bandwidth) / t.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import json
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -383,6 +387,9 @@ class Blocks:
     long_line, long_line_warps: the forward's line tile and warps for lines longer than `line` (default line,
     num_warps). max_registers: a per-thread register cap for ptxas in the forward kernels when a line is one tile (None:
     its choice; longer lines, which keep more live values, are never capped).
+    images_per_launch: images per chunk of the batch; the launchers run both passes of a chunk back to back
+    before the next chunk, so the second pass finds the first pass's data in L2 (None: the whole batch in one
+    launch per kernel; "auto": as many images as `l2_images_per_launch` fits in the device's L2).
     """
 
     line: int
@@ -395,8 +402,12 @@ class Blocks:
     long_line: int | None = None
     long_line_warps: int | None = None
     max_registers: int | None = None
+    images_per_launch: int | str | None = None
 
     def __post_init__(self) -> None:
+        chunk = self.images_per_launch
+        if not (chunk is None or chunk == "auto" or (type(chunk) is int and chunk >= 1)):
+            raise ValueError(f"Blocks.images_per_launch must be a positive int, 'auto' or None, got {chunk!r}")
         for name in ("line", "qk_channels", "v_channels", "backward_line", "long_line"):
             value = getattr(self, name)
             if name in ("backward_line", "long_line") and value is None:
@@ -509,6 +520,81 @@ def _channels_last_like(tensor: torch.Tensor, dtype: torch.dtype | None = None) 
                        memory_format=torch.channels_last)
 
 
+# Share of the L2 the chunks of `images_per_launch="auto"` may fill. Half: the L2 of an A100 / H100 is two
+# partitions, and "each L2 partition localizes and caches data for memory accesses from SMs in the GPCs directly
+# connected to the partition" (NVIDIA A100 whitepaper,
+# https://images.nvidia.com/aem-dam/en-zz/Solutions/data-center/nvidia-ampere-architecture-whitepaper.pdf), so
+# data read from SMs on both sides may be held twice; the rest is headroom for the outputs streaming through and
+# for set conflicts. Not measured (no GPU here): the tuner compares chunked and unchunked launches.
+L2_BUDGET_FRACTION = 0.5
+
+
+def forward_working_set_bytes(qk_channels: int, v_channels: int, height: int, width: int,
+                              dtype: torch.dtype) -> int:
+    """Bytes of one image that the forward's row pass reads again after its column pass wrote or read them:
+    P (s (2 Cqk + 2 Cv) + a) with P = H W pixels, s the input itemsize, a the LSE itemsize: q, k and v (read by
+    both passes), out (written by the column pass, read and rewritten by the row pass) and the LSE (likewise).
+    At 97 x 97, Cqk 64, Cv 512, bf16: 21.7 MB."""
+    pixels = height * width
+    itemsize, lse_size = dtype.itemsize, lse_dtype(dtype).itemsize
+    return pixels * (itemsize * (2 * qk_channels + 2 * v_channels) + lse_size)
+
+
+def backward_working_set_bytes(qk_channels: int, v_channels: int, height: int, width: int,
+                               dtype: torch.dtype) -> int:
+    """Bytes of one image that the backward's row pass reads again after the delta kernel and the column pass:
+    P (s (2 Cqk + 2 Cv) + 2 a + a (2 Cqk + Cv)): q, k, v and dO (dO also read by the delta kernel), the LSE and
+    delta, and the column pass's partial sums of dq, dk, dv (accumulator dtype, itemsize a; for fp32 / fp64
+    inputs the gradients themselves). `out` is read only by the delta kernel, first, so it is not counted.
+    At 97 x 97, Cqk 64, Cv 512, bf16: 45.8 MB, more than half an H100's 50 MB L2."""
+    pixels = height * width
+    itemsize, accumulator = dtype.itemsize, lse_dtype(dtype).itemsize
+    return pixels * (itemsize * (2 * qk_channels + 2 * v_channels) + 2 * accumulator
+                     + accumulator * (2 * qk_channels + v_channels))
+
+
+def l2_images_per_launch(per_image_bytes: int, batch: int, l2_cache_bytes: int) -> int:
+    """Images per chunk that keep a chunk's working set within L2_BUDGET_FRACTION of the L2: the most that fit,
+    at most the batch. If one image does not fit, the whole batch: a chunk could not stay in L2, and chunking
+    would only cost parallelism."""
+    if per_image_bytes <= 0 or l2_cache_bytes <= 0:
+        raise ValueError(f"per_image_bytes and l2_cache_bytes must be positive, got {per_image_bytes!r} and "
+                         f"{l2_cache_bytes!r}")
+    fitting = int(L2_BUDGET_FRACTION * l2_cache_bytes) // per_image_bytes
+    return batch if fitting < 1 else min(fitting, batch)
+
+
+def resolve_images_per_launch(blocks: Blocks, batch: int, per_image_bytes: int, device: torch.device,
+                              l2_cache_bytes: int | None = None) -> int:
+    """Images per chunk for `blocks.images_per_launch` (None: the whole batch). "auto" fills `l2_cache_bytes`,
+    by default the CUDA device's L2 (torch.cuda.get_device_properties(device).L2_cache_size); on other devices
+    (the interpreter, meta) there is no cache to fit, so the whole batch."""
+    chunk = blocks.images_per_launch
+    if chunk is None:
+        return max(batch, 1)
+    if chunk == "auto":
+        if l2_cache_bytes is None:
+            if device.type != "cuda":
+                return max(batch, 1)
+            l2_cache_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+        return max(l2_images_per_launch(per_image_bytes, batch, l2_cache_bytes), 1)
+    return max(min(chunk, batch), 1)
+
+
+def image_chunks(batch: int, images_per_launch: int) -> list[tuple[int, int]]:
+    """(first, stop) of consecutive chunks of `images_per_launch` images covering the batch, in order."""
+    if type(images_per_launch) is not int or images_per_launch < 1:
+        raise ValueError(f"images_per_launch must be a positive int, got {images_per_launch!r}")
+    return [(first, min(first + images_per_launch, batch)) for first in range(0, max(batch, 1), images_per_launch)]
+
+
+def _batch_slice(tensor: torch.Tensor, images: tuple[int, int]) -> torch.Tensor:
+    """The images [first, stop) of a batch-first tensor: a view with unchanged strides (the tensor itself when
+    the chunk is the whole batch, so an unchunked plan passes exactly the launcher's tensors)."""
+    first, stop = images
+    return tensor if (first, stop) == (0, tensor.shape[0]) else tensor[first:stop]
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as a launcher plans it: what `repro.measure.kernels` compiles ahead of time with the
@@ -521,6 +607,8 @@ class Launch:
     num_warps: int
     num_stages: int
     max_registers: int | None = None
+    # (first, stop) of the batch slice the launch covers (its tensor arguments are views of those images).
+    images: tuple[int, int] | None = None
 
     @property
     def options(self) -> dict:
@@ -535,41 +623,49 @@ class Launch:
 
 
 def plan_forward(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, blocks: Blocks, allow_tf32: bool = False
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, blocks: Blocks, allow_tf32: bool = False,
+    l2_cache_bytes: int | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[Launch]]:
     """Outputs (out, lse) and the launches of the forward, without running anything (any device, `meta`
-    included)."""
+    included). With `blocks.images_per_launch`, per chunk of images: its column pass, then its row pass
+    (l2_cache_bytes: the L2 that "auto" fills; default the CUDA device's, none elsewhere)."""
     batch, qk_channels, height, width = query.shape
     v_channels = value.shape[1]
     out = _channels_last_like(value)
     lse = torch.empty((batch, height, width), dtype=lse_dtype(query.dtype), device=query.device)
     kernel_dtypes = _kernel_dtypes(query.dtype, allow_tf32=allow_tf32)
+    per_image = forward_working_set_bytes(qk_channels, v_channels, height, width, query.dtype)
+    chunk = resolve_images_per_launch(blocks, batch, per_image, query.device, l2_cache_bytes)
     launches = []
-    # Pass 1 over columns (diagonal masked), pass 2 over rows merging into it.
-    for column in (True, False):
-        n_lines, length = (width, height) if column else (height, width)
-        block_line, warps = _tile(length, blocks.line), blocks.num_warps
-        if length > block_line and blocks.long_line is not None:
-            block_line, warps = blocks.long_line, blocks.long_line_warps or blocks.num_warps
-        launches.append(Launch(
-            _line_forward_kernel, (batch * n_lines, triton.cdiv(length, block_line)),
-            (query, key, value, out, lse,
-             *_line_strides(query, column=column), *_line_strides(key, column=column),
-             *_line_strides(value, column=column), *_line_strides(out, column=column),
-             *_pixel_strides(lse, column=column), n_lines, length, qk_channels, v_channels),
-            {"MASK_DIAG": column, "MERGE": not column, "ONE_KEY_BLOCK": length <= block_line,
-             "BLOCK_M": block_line, "BLOCK_N": block_line, "BLOCK_K": _tile(qk_channels, blocks.qk_channels),
-             "BLOCK_V": _tile(v_channels, blocks.v_channels), **kernel_dtypes},
-            _warps(block_line, warps), blocks.num_stages, blocks.max_registers if length <= block_line else None,
-        ))
+    for images in image_chunks(batch, chunk):
+        query_c, key_c, value_c, out_c, lse_c = (_batch_slice(t, images) for t in (query, key, value, out, lse))
+        # Pass 1 over columns (diagonal masked), pass 2 over rows merging into it.
+        for column in (True, False):
+            n_lines, length = (width, height) if column else (height, width)
+            block_line, warps = _tile(length, blocks.line), blocks.num_warps
+            if length > block_line and blocks.long_line is not None:
+                block_line, warps = blocks.long_line, blocks.long_line_warps or blocks.num_warps
+            launches.append(Launch(
+                _line_forward_kernel, ((images[1] - images[0]) * n_lines, triton.cdiv(length, block_line)),
+                (query_c, key_c, value_c, out_c, lse_c,
+                 *_line_strides(query, column=column), *_line_strides(key, column=column),
+                 *_line_strides(value, column=column), *_line_strides(out, column=column),
+                 *_pixel_strides(lse, column=column), n_lines, length, qk_channels, v_channels),
+                {"MASK_DIAG": column, "MERGE": not column, "ONE_KEY_BLOCK": length <= block_line,
+                 "BLOCK_M": block_line, "BLOCK_N": block_line, "BLOCK_K": _tile(qk_channels, blocks.qk_channels),
+                 "BLOCK_V": _tile(v_channels, blocks.v_channels), **kernel_dtypes},
+                _warps(block_line, warps), blocks.num_stages,
+                blocks.max_registers if length <= block_line else None, images,
+            ))
     return (out, lse), launches
 
 
 def plan_backward(
     grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, *, blocks: Blocks, allow_tf32: bool = False,
+    lse: torch.Tensor, *, blocks: Blocks, allow_tf32: bool = False, l2_cache_bytes: int | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[Launch]]:
-    """Gradients (dq, dk, dv) and the launches of the backward, without running anything."""
+    """Gradients (dq, dk, dv) and the launches of the backward, without running anything. With
+    `blocks.images_per_launch`, per chunk of images: its delta kernel, column pass and row pass."""
     batch, qk_channels, height, width = query.shape
     v_channels = value.shape[1]
     kernel_dtypes = _kernel_dtypes(query.dtype, allow_tf32=allow_tf32)
@@ -581,27 +677,36 @@ def plan_backward(
     delta = torch.empty_like(lse)
     block_row = _tile(width, blocks.line)
     block_k, block_v = _tile(qk_channels, blocks.qk_channels), _tile(v_channels, blocks.v_channels)
-    launches = [Launch(
-        _delta_kernel, (batch * height, triton.cdiv(width, block_row)),
-        (out, grad_out, delta, *_line_strides(out, column=False), *_line_strides(grad_out, column=False),
-         *_pixel_strides(delta, column=False), height, width, v_channels),
-        {"BLOCK_M": block_row, "BLOCK_V": block_v, "ACC": kernel_dtypes["ACC"]},
-        blocks.num_warps, blocks.num_stages,
-    )]
-    for column in (True, False):
-        n_lines, length = (width, height) if column else (height, width)
-        block_line = _tile(length, blocks.backward_line or blocks.line)
+    per_image = backward_working_set_bytes(qk_channels, v_channels, height, width, query.dtype)
+    chunk = resolve_images_per_launch(blocks, batch, per_image, query.device, l2_cache_bytes)
+    launches = []
+    for images in image_chunks(batch, chunk):
+        grad_out_c, query_c, key_c, value_c, out_c, lse_c, delta_c = (
+            _batch_slice(t, images) for t in (grad_out, query, key, value, out, lse, delta))
+        partials_c, grads_c = (tuple(_batch_slice(t, images) for t in group) for group in (partials, grads))
+        images_in_chunk = images[1] - images[0]
         launches.append(Launch(
-            _line_backward_kernel, (batch * n_lines,),
-            (query, key, value, grad_out, lse, delta, *partials, *grads,
-             *_line_strides(query, column=column), *_line_strides(key, column=column),
-             *_line_strides(value, column=column), *_line_strides(grad_out, column=column),
-             *_pixel_strides(lse, column=column), *_line_strides(grads[0], column=column),
-             *_line_strides(grads[2], column=column), n_lines, length, qk_channels, v_channels),
-            {"MASK_DIAG": column, "FIRST": column, "LAST": not column, "BLOCK_M": block_line,
-             "BLOCK_N": block_line, "BLOCK_K": block_k, "BLOCK_V": block_v, **kernel_dtypes},
-            _warps(block_line, blocks.backward_warps or blocks.num_warps), blocks.num_stages,
+            _delta_kernel, (images_in_chunk * height, triton.cdiv(width, block_row)),
+            (out_c, grad_out_c, delta_c, *_line_strides(out, column=False),
+             *_line_strides(grad_out, column=False), *_pixel_strides(delta, column=False), height, width,
+             v_channels),
+            {"BLOCK_M": block_row, "BLOCK_V": block_v, "ACC": kernel_dtypes["ACC"]},
+            blocks.num_warps, blocks.num_stages, images=images,
         ))
+        for column in (True, False):
+            n_lines, length = (width, height) if column else (height, width)
+            block_line = _tile(length, blocks.backward_line or blocks.line)
+            launches.append(Launch(
+                _line_backward_kernel, (images_in_chunk * n_lines,),
+                (query_c, key_c, value_c, grad_out_c, lse_c, delta_c, *partials_c, *grads_c,
+                 *_line_strides(query, column=column), *_line_strides(key, column=column),
+                 *_line_strides(value, column=column), *_line_strides(grad_out, column=column),
+                 *_pixel_strides(lse, column=column), *_line_strides(grads[0], column=column),
+                 *_line_strides(grads[2], column=column), n_lines, length, qk_channels, v_channels),
+                {"MASK_DIAG": column, "FIRST": column, "LAST": not column, "BLOCK_M": block_line,
+                 "BLOCK_N": block_line, "BLOCK_K": block_k, "BLOCK_V": block_v, **kernel_dtypes},
+                _warps(block_line, blocks.backward_warps or blocks.num_warps), blocks.num_stages, images=images,
+            ))
     return grads, launches
 
 
@@ -610,22 +715,28 @@ def cca_triton_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    blocks: Blocks | None = None,
+    blocks: Blocks | str | None = None,
     allow_tf32: bool = False,
+    tuner: Tuner | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused criss-cross attention forward.
 
     Args:
         query, key: (B, Cqk, H, W), any strides. value: (B, Cv, H, W).
-        blocks: tile bounds (default `default_blocks(device, dtype)`).
+        blocks: tile bounds; None: `default_blocks(device, dtype)`, or the tuner's choice on CUDA when
+            CCREPRO_TRITON_TUNE=1; "tune": the fastest of `tuning_candidates`, timed at the first call per
+            `TuneKey` (a GPU, or a `tuner` with its own timer).
         allow_tf32: fp32 inputs on a GPU use tf32 products (faster, ~1e-3 relative) instead of tf32x3.
+        tuner: the Tuner for "tune" (default `default_tuner()`, one per process).
 
     Returns:
         out: (B, Cv, H, W) in the input dtype, channels_last memory.
         lse: (B, H, W) fp32 (fp64 for fp64 inputs), the log-sum-exp of each pixel's H + W - 1 energies.
     """
     _check_inputs(query, key, value, "cca_triton_forward")
-    blocks = blocks or default_blocks(query.device, query.dtype)
+    blocks = _choose_blocks(
+        blocks, tuner, "forward", query, value, (query, key, value), allow_tf32,
+        lambda candidate: plan_forward(query, key, value, blocks=candidate, allow_tf32=allow_tf32)[1])
     outputs, launches = plan_forward(query, key, value, blocks=blocks, allow_tf32=allow_tf32)
     with _device_guard(query.device):
         for launch in launches:
@@ -641,14 +752,16 @@ def cca_triton_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     *,
-    blocks: Blocks | None = None,
+    blocks: Blocks | str | None = None,
     allow_tf32: bool = False,
+    tuner: Tuner | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused criss-cross attention backward (deterministic: every gradient element has one owner per pass).
 
     Args:
         grad_out, out: (B, Cv, H, W); query, key: (B, Cqk, H, W); value: (B, Cv, H, W); lse: (B, H, W) fp32
             (fp64 for fp64 inputs) from `cca_triton_forward`. Any strides.
+        blocks, allow_tf32, tuner: as in `cca_triton_forward` (the backward is tuned on its own key).
 
     Returns:
         grad_query, grad_key, grad_value in the input dtype, channels_last memory.
@@ -662,12 +775,274 @@ def cca_triton_backward(
     if lse.shape != (batch, height, width) or lse.dtype != lse_dtype(query.dtype):
         raise ValueError(f"cca_triton_backward: lse must be {lse_dtype(query.dtype)} {(batch, height, width)}, "
                          f"got {lse.dtype} {tuple(lse.shape)}")
-    blocks = blocks or default_blocks(query.device, query.dtype)
+    blocks = _choose_blocks(
+        blocks, tuner, "backward", query, value, (query, key, value, grad_out), allow_tf32,
+        lambda candidate: plan_backward(grad_out, query, key, value, out, lse, blocks=candidate,
+                                        allow_tf32=allow_tf32)[1])
     grads, launches = plan_backward(grad_out, query, key, value, out, lse, blocks=blocks, allow_tf32=allow_tf32)
     with _device_guard(query.device):
         for launch in launches:
             launch.launch()
     return grads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tuning: the fastest Blocks per problem, timed on the GPU at its first call
+# ----------------------------------------------------------------------------------------------------------
+
+# "1": calls without `blocks` on a CUDA device tune (the custom op, hence models, included); "0" (default): they
+# use `default_blocks`, so runs are deterministic. CPU / interpreter calls never tune by default.
+TUNE_ENV = "CCREPRO_TRITON_TUNE"
+# Path of a JSON file that keeps the tuned choices across processes (read at the first tuning, rewritten
+# atomically after each new one); unset: the choices live in the process only.
+TUNE_CACHE_ENV = "CCREPRO_TRITON_TUNE_CACHE"
+PASSES = ("forward", "backward")
+_TUNE_FILE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TuneKey:
+    """What one tuned choice is valid for. Besides the issue's (H, W, Cqk, Cv, dtype, capability, pass): the batch
+    (chunking trades programs per launch for L2 hits, so its best setting depends on the batch), the inputs'
+    layout (strides decide which loads coalesce), allow_tf32 (another fp32 product) and the device name (GPUs of
+    one capability differ in L2 size, SM count and bandwidth)."""
+
+    pass_name: str
+    batch: int
+    height: int
+    width: int
+    qk_channels: int
+    v_channels: int
+    dtype: str
+    layout: str
+    allow_tf32: bool
+    device: str
+    capability: tuple[int, int] | None
+
+
+def _layout(tensors: tuple[torch.Tensor, ...]) -> str:
+    if all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
+        return "channels_last"
+    return "contiguous" if all(t.is_contiguous() for t in tensors) else "strided"
+
+
+def tune_key(pass_name: str, query: torch.Tensor, value: torch.Tensor, tensors: tuple[torch.Tensor, ...], *,
+             allow_tf32: bool = False) -> TuneKey:
+    """The key of a call with these inputs (`tensors`: the (B, C, H, W) inputs whose layout matters)."""
+    if pass_name not in PASSES:
+        raise ValueError(f"pass_name must be one of {PASSES}, got {pass_name!r}")
+    batch, qk_channels, height, width = query.shape
+    if query.device.type == "cuda":
+        device, capability = torch.cuda.get_device_name(query.device), torch.cuda.get_device_capability(query.device)
+    else:
+        device, capability = query.device.type, None
+    return TuneKey(pass_name, batch, height, width, qk_channels, value.shape[1],
+                   str(query.dtype).removeprefix("torch."), _layout(tensors), bool(allow_tf32), device,
+                   tuple(capability) if capability is not None else None)
+
+
+def tuning_candidates(pass_name: str, dtype: torch.dtype, capability: tuple[int, int] | None) -> tuple[Blocks, ...]:
+    """The Blocks the tuner times for a pass, all derived from `default_blocks` for (dtype, capability) (None:
+    the CPU's): the default; chunked by L2 ("auto") and one image per launch; the value-channel block doubled,
+    unchunked and "auto"; the other warp count (4 <-> 8) of the pass's line kernel; one more pipeline stage.
+    At most 7, the default first (it wins ties)."""
+    if pass_name not in PASSES:
+        raise ValueError(f"pass_name must be one of {PASSES}, got {pass_name!r}")
+    base = default_blocks(torch.device("cpu" if capability is None else "cuda"), dtype, capability)
+    if pass_name == "forward":
+        warps = {"num_warps": 4 if base.num_warps > 4 else 8}
+    else:
+        warps = {"backward_warps": 4 if (base.backward_warps or base.num_warps) > 4 else 8}
+    wide = dataclasses.replace(base, v_channels=2 * base.v_channels)
+    variants = (
+        base,
+        dataclasses.replace(base, images_per_launch="auto"),
+        dataclasses.replace(base, images_per_launch=1),
+        wide,
+        dataclasses.replace(wide, images_per_launch="auto"),
+        dataclasses.replace(base, **warps),
+        dataclasses.replace(base, num_stages=base.num_stages + 1),
+    )
+    return tuple(dict.fromkeys(variants))
+
+
+def _plan_signature(launches: list[Launch]) -> tuple:
+    """What makes two plans run the same programs: kernels, grids, batch slices, constexprs, launch options."""
+    return tuple((launch.kernel.__name__, launch.grid, launch.images,
+                  tuple(sorted((name, str(value)) for name, value in launch.constexprs.items())),
+                  tuple(sorted(launch.options.items()))) for launch in launches)
+
+
+def _do_bench(run) -> float:
+    """Median milliseconds of `run` with triton's GPU timer (it flushes L2 between repetitions, so each call
+    starts cold, as a real call after other layers does)."""
+    import triton.testing
+
+    return triton.testing.do_bench(run, return_mode="median")
+
+
+@dataclass
+class Tuning:
+    """The outcome of one key: the chosen Blocks, the milliseconds of each candidate timed, and the error of
+    each that failed to plan, launch or time (candidates planning the same launches as an earlier one are not
+    timed again)."""
+
+    blocks: Blocks
+    times_ms: dict[Blocks, float]
+    errors: dict[Blocks, str]
+
+
+class Tuner:
+    """Picks the fastest of `tuning_candidates` per TuneKey, timing each once (the first call for the key) and
+    caching the choice; `cca_triton_forward(..., blocks="tune")` / `cca_triton_backward` use it.
+
+    timer: callable(run) -> milliseconds of the zero-argument `run` (all launches of one call); default
+    triton.testing.do_bench's median, which needs a GPU. cache_path: JSON file of choices shared between
+    processes (entries from another Triton version are ignored); None: this process only.
+    """
+
+    def __init__(self, *, timer=None, cache_path: str | os.PathLike | None = None) -> None:
+        self.timer = timer
+        self.cache_path = None if cache_path is None else os.fspath(cache_path)
+        self.results: dict[TuneKey, Tuning] = {}
+        self._loaded = False
+
+    def best(self, key: TuneKey, candidates, plan) -> Blocks:
+        """The chosen Blocks for `key`: cached, or the fastest candidate for which `plan(candidate)` returns
+        launches that run (ties: the earlier candidate). Raises RuntimeError, with every candidate's error, if
+        none runs."""
+        self._load()
+        if key in self.results:
+            return self.results[key].blocks
+        times, errors, planned = {}, {}, set()
+        for candidate in candidates:
+            try:
+                launches = plan(candidate)
+                signature = _plan_signature(launches)
+                if signature in planned:
+                    continue
+                planned.add(signature)
+                milliseconds = float((self.timer or _do_bench)(lambda launches=launches: _run(launches)))
+                if not milliseconds >= 0.0 or milliseconds == float("inf"):
+                    raise ValueError(f"the timer returned {milliseconds!r} ms")
+                times[candidate] = milliseconds
+            except Exception as error:  # a candidate that cannot run is skipped; its error is kept
+                errors[candidate] = f"{type(error).__name__}: {error}"
+        if not times:
+            failures = "; ".join(f"{candidate}: {error}" for candidate, error in errors.items()) or "no candidates"
+            raise RuntimeError(f"cca_triton tuning: no candidate ran for {key}: {failures}")
+        chosen = min(times, key=times.__getitem__)
+        self.results[key] = Tuning(chosen, times, errors)
+        self._save(key)
+        return chosen
+
+    def _load(self) -> None:
+        if self._loaded or self.cache_path is None:
+            return
+        self._loaded = True
+        for key, tuning in _read_tune_file(self.cache_path).items():
+            self.results.setdefault(key, tuning)
+
+    def _save(self, key: TuneKey) -> None:
+        if self.cache_path is None:
+            return
+        entries = _read_tune_file(self.cache_path)
+        entries[key] = self.results[key]
+        document = {"format": _TUNE_FILE_FORMAT, "triton": triton.__version__, "entries": [
+            {"key": dataclasses.asdict(entry_key), "blocks": dataclasses.asdict(tuning.blocks),
+             "candidates": [{"blocks": dataclasses.asdict(candidate), "ms": tuning.times_ms.get(candidate),
+                             "error": tuning.errors.get(candidate)}
+                            for candidate in (*tuning.times_ms, *tuning.errors)]}
+            for entry_key, tuning in entries.items()]}
+        _write_json_atomic(self.cache_path, document)
+
+
+def _run(launches: list[Launch]) -> None:
+    for launch in launches:
+        launch.launch()
+
+
+def _read_tune_file(path: str) -> dict[TuneKey, Tuning]:
+    """Entries of a tuning file written by this Triton version ({} if the file does not exist); a file that is
+    not one is an error naming it."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+        if document.get("format") != _TUNE_FILE_FORMAT:
+            raise ValueError(f"format {document.get('format')!r}, expected {_TUNE_FILE_FORMAT}")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{TUNE_CACHE_ENV} file {path!r} is not a cca_triton tuning file: {error}") from error
+    if document.get("triton") != triton.__version__:
+        return {}
+    entries = {}
+    for entry in document.get("entries", []):
+        try:
+            fields = dict(entry["key"])
+            if fields["capability"] is not None:
+                fields["capability"] = tuple(fields["capability"])
+            key = TuneKey(**fields)
+            blocks = Blocks(**entry["blocks"])
+            times = {Blocks(**c["blocks"]): c["ms"] for c in entry["candidates"] if c.get("ms") is not None}
+            errors = {Blocks(**c["blocks"]): c["error"] for c in entry["candidates"] if c.get("error") is not None}
+        except (KeyError, TypeError, ValueError):
+            continue  # written by another version of these fields: tuned again
+        entries[key] = Tuning(blocks, times, errors)
+    return entries
+
+
+def _write_json_atomic(path: str, document: dict) -> None:
+    """Temp file in the same directory, fsync, rename: a reader sees the old file or the new one, never part.
+    (ops/ cannot use repro.io, the project's writer, which sits above it.)"""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tune-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(document, stream, indent=1)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+@functools.cache
+def default_tuner() -> Tuner:
+    """The process's tuner: one cache per process (as triton.autotune keeps one per kernel), persisted to the
+    file named by CCREPRO_TRITON_TUNE_CACHE when that is set at its first use."""
+    return Tuner(cache_path=os.environ.get(TUNE_CACHE_ENV) or None)
+
+
+def _tuning_switched_on(device: torch.device) -> bool:
+    value = os.environ.get(TUNE_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{TUNE_ENV} must be '0' or '1', got {value!r}")
+    return value == "1" and device.type == "cuda"
+
+
+def _choose_blocks(blocks, tuner: Tuner | None, pass_name: str, query: torch.Tensor, value: torch.Tensor,
+                   tensors: tuple[torch.Tensor, ...], allow_tf32: bool, plan) -> Blocks:
+    """The Blocks of a call: given; "tune" (or None with CCREPRO_TRITON_TUNE=1 on CUDA): the tuner's choice;
+    None: `default_blocks`."""
+    if blocks is None:
+        if not _tuning_switched_on(query.device):
+            return default_blocks(query.device, query.dtype)
+        blocks = "tune"
+    if isinstance(blocks, Blocks):
+        return blocks
+    if not (isinstance(blocks, str) and blocks == "tune"):
+        raise ValueError(f"blocks must be a Blocks, 'tune' or None, got {blocks!r}")
+    tuner = tuner or default_tuner()
+    if tuner.timer is None and query.device.type != "cuda":
+        raise RuntimeError(f"blocks='tune' times candidates with triton.testing.do_bench, which needs a CUDA "
+                           f"device; got a tensor on {query.device} (pass Blocks or None, or a Tuner with a timer)")
+    key = tune_key(pass_name, query, value, tensors, allow_tf32=allow_tf32)
+    with _device_guard(query.device):
+        return tuner.best(key, tuning_candidates(pass_name, query.dtype, key.capability), plan)
 
 
 # ----------------------------------------------------------------------------------------------------------
