@@ -32,6 +32,27 @@ Design, and why:
 * bf16 / fp16 dots take half-precision operands with fp32 accumulation; the rounding points are the inputs,
   P (forward and dv) and dS (dq, dk). fp32 dots use "tf32x3" (three tf32 products, about fp32 accuracy), not
   FMA-only "ieee". In the interpreter bf16 operands are rounded to bf16 and multiplied in fp32 (`_operand`).
+* Image chunks for L2 reuse (`Blocks.images_per_launch`). The row pass re-reads what the column pass read and
+  wrote; over a whole batch that is gone from L2 by then (97 x 97, Cqk 64, Cv 512, bf16: 21.7 MB per image in
+  the forward, 45.8 MB in the backward, against 50 MB of L2 on an H100 / H200). With chunks the launchers run
+  both passes of a chunk (the backward: delta kernel, column pass, row pass) before the next chunk, passing
+  batch-sliced views (strides unchanged, so the same compilations and, per image, the same programs: results
+  are bitwise those of one launch). Per image, P = H W, itemsize s, LSE / accumulator itemsize a, the second
+  pass re-reads forward P (s (2 Cqk + 2 Cv) + a) and backward P (s (2 Cqk + 2 Cv) + 2 a + a (2 Cqk + Cv))
+  (`forward_working_set_bytes`, `backward_working_set_bytes`); "auto" fits chunks into half the device's L2
+  (`L2_BUDGET_FRACTION`). Fewer images per launch means fewer programs to fill the GPU, so chunking is a
+  choice (off by default) that the tuner makes by timing, never forced.
+* Tuning (`blocks="tune"`, or CCREPRO_TRITON_TUNE=1 for calls without `blocks` on CUDA, the custom op included).
+  triton.autotune cannot see the plan / launch split nor run in the interpreter, so `Tuner` times the planned
+  launches of each of `tuning_candidates` (the default tiles; chunks "auto" and 1; the value-channel block
+  doubled; the other warp count; one more stage) with triton.testing.do_bench at the first call per
+  `TuneKey` (pass, batch, H, W, Cqk, Cv, dtype, layout, allow_tf32, device, capability) and caches the
+  fastest; a candidate that fails to compile or launch is skipped, its error kept. CCREPRO_TRITON_TUNE_CACHE
+  names a JSON file that keeps the choices across processes. Off by default: tiles then come from
+  `default_blocks` and results are deterministic; tuned tiles may change the rounding (another value-channel
+  block changes the order of the backward's sums), so tuned runs are reproducible only with the cache file.
+  Tune (one eager call per shape) before capturing a CUDA graph: timing synchronises. No candidate has been
+  timed here (no GPU); `results/kernel_resources.csv` lists every candidate's compiled resources.
 * Layout. The kernels take arbitrary element strides (NCHW, channels_last, non-contiguous: no copy in the
   launcher). Channels-last inputs (1x1 convs on a channels-last feature map produce them) make every tile row
   a contiguous channel vector; NCHW works but the column pass then touches one element per 32-byte sector.

@@ -48,6 +48,9 @@ MAX_BLOCKS_PER_SM = 32
 GOAL_SHAPES = tuple((batch, 64, 512, 97, 97) for batch in (1, 2))
 # The GPU whose tiles the counted model uses (H100 / H200).
 MODEL_TARGET = "sm_90"
+# The L2 that `images_per_launch="auto"` fills in planned launches: an H100 / H200's 50 MB
+# (torch.cuda.get_device_properties(d).L2_cache_size on a GPU). Chunks change grids, not compilations.
+L2_BYTES = 50 * 1024 * 1024
 # Columns that identify a row of kernel_model.csv.
 MODEL_KEY = ("pass", "kernel", "dtype", "layout", "batch", "qk_channels", "v_channels", "height", "width")
 
@@ -232,26 +235,42 @@ def _meta_inputs(batch, qk_channels, v_channels, height, width, dtype):
 
 def planned_launches(shape: tuple[int, int, int, int, int], dtype: torch.dtype, blocks=None, target="sm_90"):
     """(pass, Launch) of the forward and backward the launchers plan on a CUDA device of `target` for `shape`
-    (tiles: `blocks`, default those the launchers pick there)."""
+    (tiles: `blocks`, default those the launchers pick there; "auto" chunks as on an 80 GB H100 / H200)."""
     from ops import cca_triton
 
     blocks = blocks or cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(target))
     query, key, value, grad_out = _meta_inputs(*shape, dtype)
-    (out, lse), forward = cca_triton.plan_forward(query, key, value, blocks=blocks)
-    _, backward = cca_triton.plan_backward(grad_out, query, key, value, out, lse, blocks=blocks)
+    (out, lse), forward = cca_triton.plan_forward(query, key, value, blocks=blocks, l2_cache_bytes=L2_BYTES)
+    _, backward = cca_triton.plan_backward(grad_out, query, key, value, out, lse, blocks=blocks,
+                                           l2_cache_bytes=L2_BYTES)
     return [("forward", launch) for launch in forward] + [("backward", launch) for launch in backward]
+
+
+def candidate_blocks(dtype: torch.dtype, target: str) -> list[tuple[str, str, object]]:
+    """(pass, source, Blocks) of every tile setting a GPU launcher of `target` can use for `dtype`: the
+    default ("default", both passes) and each candidate of the tuner ("tuner", its pass only)."""
+    from ops import cca_triton
+
+    capability = _capability(target)
+    default = cca_triton.default_blocks(torch.device("cuda"), dtype, capability)
+    settings = [(pass_name, "default", default) for pass_name in cca_triton.PASSES]
+    for pass_name in cca_triton.PASSES:
+        settings += [(pass_name, "tuner", blocks)
+                     for blocks in cca_triton.tuning_candidates(pass_name, dtype, capability) if blocks != default]
+    return settings
 
 
 def _capability(target: str) -> tuple[int, int]:
     return divmod(TARGETS[target][0], 10)
 
 
-def tile_shapes(dtype: torch.dtype, target: str = "sm_90") -> list[tuple[int, int, int, int, int]]:
-    """Shapes that make the GPU launchers pick every tile configuration they can on `target`: each line tile
-    from 16 to the largest (and lines longer than it), each channel tile from 16 to the largest."""
+def tile_shapes(dtype: torch.dtype, target: str = "sm_90", blocks=None) -> list[tuple[int, int, int, int, int]]:
+    """Shapes that make the GPU launchers pick every tile configuration they can on `target` with `blocks`
+    (default: the launchers' default): each line tile from 16 to the largest (and lines longer than it), each
+    channel tile from 16 to the largest."""
     from ops import cca_triton
 
-    blocks = cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(target))
+    blocks = blocks or cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(target))
 
     def powers(upper):
         return [1 << n for n in range(4, upper.bit_length())]
@@ -264,18 +283,22 @@ def tile_shapes(dtype: torch.dtype, target: str = "sm_90") -> list[tuple[int, in
 
 def launch_configs(target: str, dtypes=tuple(DTYPES), shapes=None):
     """Distinct compilations for `target` over the shapes (default: the issue's shape B = 8, then
-    `tile_shapes`): one per (kernel, constexprs, warps, stages), the first shape that needs it giving the
-    specialisation."""
+    `tile_shapes` of each setting), for the default tiles and every tuner candidate (`candidate_blocks`): one
+    per (kernel, constexprs, warps, stages, register cap), the first setting and shape that need it giving the
+    specialisation and the source ("default" before "tuner")."""
     configs = {}
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        for shape in shapes or [(8, 64, 512, 97, 97), *tile_shapes(dtype, target)]:
-            for pass_name, launch in planned_launches(shape, dtype, target=target):
-                constexprs = {name: (str(value) if not isinstance(value, (bool, int)) else value)
-                              for name, value in launch.constexprs.items()}
-                key = (launch.kernel.__name__, dtype_name, tuple(sorted(constexprs.items())),
-                       tuple(sorted(launch.options.items())))
-                configs.setdefault(key, (pass_name, dtype_name, shape, launch))
+        for wanted_pass, source, blocks in candidate_blocks(dtype, target):
+            for shape in shapes or [(8, 64, 512, 97, 97), *tile_shapes(dtype, target, blocks)]:
+                for pass_name, launch in planned_launches(shape, dtype, blocks=blocks, target=target):
+                    if pass_name != wanted_pass:
+                        continue
+                    constexprs = {name: (str(value) if not isinstance(value, (bool, int)) else value)
+                                  for name, value in launch.constexprs.items()}
+                    key = (launch.kernel.__name__, dtype_name, tuple(sorted(constexprs.items())),
+                           tuple(sorted(launch.options.items())))
+                    configs.setdefault(key, (pass_name, dtype_name, shape, launch, source))
     return list(configs.values())
 
 
@@ -345,10 +368,11 @@ def resource_rows(targets=tuple(TARGETS), dtypes=tuple(DTYPES), shapes=None) -> 
 
     rows = []
     for target in targets:
-        for pass_name, dtype_name, shape, launch in launch_configs(target, dtypes, shapes):
+        for pass_name, dtype_name, shape, launch, source in launch_configs(target, dtypes, shapes):
             constexprs = config_string(launch)
             rows.append({
                 "kernel": launch.kernel.__name__, "pass": pass_name, "dtype": dtype_name, "target": target,
+                "source": source,
                 "config": constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
                 "max_registers": launch.max_registers or "",
                 "shape": "x".join(map(str, shape)), **compile_launch(launch, target),
