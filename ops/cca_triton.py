@@ -45,14 +45,15 @@ Design, and why:
 * Tuning (`blocks="tune"`, or CCREPRO_TRITON_TUNE=1 for calls without `blocks` on CUDA, the custom op included).
   triton.autotune cannot see the plan / launch split nor run in the interpreter, so `Tuner` times the planned
   launches of each of `tuning_candidates` (the default tiles; chunks "auto" and 1; the value-channel block
-  doubled; the other warp count; one more stage) with triton.testing.do_bench at the first call per
-  `TuneKey` (pass, batch, H, W, Cqk, Cv, dtype, layout, allow_tf32, device, capability) and caches the
-  fastest; a candidate that fails to compile or launch is skipped, its error kept. CCREPRO_TRITON_TUNE_CACHE
-  names a JSON file that keeps the choices across processes. Off by default: tiles then come from
-  `default_blocks` and results are deterministic; tuned tiles may change the rounding (another value-channel
-  block changes the order of the backward's sums), so tuned runs are reproducible only with the cache file.
-  Tune (one eager call per shape) before capturing a CUDA graph: timing synchronises. No candidate has been
-  timed here (no GPU); `results/kernel_resources.csv` lists every candidate's compiled resources.
+  doubled; one more stage; forward: the other warp count; backward: half the line tile) with
+  triton.testing.do_bench at the first call per `TuneKey` (pass, batch, H, W, Cqk, Cv, dtype, layout,
+  allow_tf32, device, capability) and caches the fastest; a candidate that fails to compile or launch is
+  skipped, its error kept. CCREPRO_TRITON_TUNE_CACHE names a JSON file that keeps the choices across processes.
+  Off by default: tiles then come from `default_blocks` and results are deterministic; tuned tiles may change
+  the rounding (another value-channel block changes the order of the backward's sums), so tuned runs are
+  reproducible only with the cache file. Tune (one eager call per shape) before capturing a CUDA graph: timing
+  synchronises. No candidate has been timed here (no GPU); `results/kernel_resources.csv` lists every
+  candidate's compiled resources (column `source`: default / tuner).
 * Layout. The kernels take arbitrary element strides (NCHW, channels_last, non-contiguous: no copy in the
   launcher). Channels-last inputs (1x1 convs on a channels-last feature map produce them) make every tile row
   a contiguous channel vector; NCHW works but the column pass then touches one element per 32-byte sector.
@@ -864,16 +865,24 @@ def tune_key(pass_name: str, query: torch.Tensor, value: torch.Tensor, tensors: 
 
 def tuning_candidates(pass_name: str, dtype: torch.dtype, capability: tuple[int, int] | None) -> tuple[Blocks, ...]:
     """The Blocks the tuner times for a pass, all derived from `default_blocks` for (dtype, capability) (None:
-    the CPU's): the default; chunked by L2 ("auto") and one image per launch; the value-channel block doubled,
-    unchunked and "auto"; the other warp count (4 <-> 8) of the pass's line kernel; one more pipeline stage.
-    At most 7, the default first (it wins ties)."""
+    the CPU's), default first (it wins ties), at most 7: the default; chunked by L2 ("auto") and one image per
+    launch; the value-channel block doubled, unchunked and "auto"; one more pipeline stage; and
+    * forward: the other warp count (8 <-> 4), without the register cap (which is there to fit two blocks of 8
+      warps per SM: at 4 warps two blocks fit uncapped);
+    * backward: half the line tile (at least 16) at 4 warps. (At the issue's shape on sm_90 in bf16, the default
+      128-wide backward at 4 warps spills 1.3 KB per thread; 64-wide at 4 warps compiles to 238 registers, no
+      spill, two blocks per SM: `python -m repro.kernels resources` lists every candidate.)
+    """
     if pass_name not in PASSES:
         raise ValueError(f"pass_name must be one of {PASSES}, got {pass_name!r}")
     base = default_blocks(torch.device("cpu" if capability is None else "cuda"), dtype, capability)
     if pass_name == "forward":
-        warps = {"num_warps": 4 if base.num_warps > 4 else 8}
+        warps = 4 if base.num_warps > 4 else 8
+        reshaped = dataclasses.replace(base, num_warps=warps,
+                                       max_registers=base.max_registers if warps > base.num_warps else None)
     else:
-        warps = {"backward_warps": 4 if (base.backward_warps or base.num_warps) > 4 else 8}
+        reshaped = dataclasses.replace(base, backward_line=max(16, (base.backward_line or base.line) // 2),
+                                       backward_warps=4)
     wide = dataclasses.replace(base, v_channels=2 * base.v_channels)
     variants = (
         base,
@@ -881,7 +890,7 @@ def tuning_candidates(pass_name: str, dtype: torch.dtype, capability: tuple[int,
         dataclasses.replace(base, images_per_launch=1),
         wide,
         dataclasses.replace(wide, images_per_launch="auto"),
-        dataclasses.replace(base, **warps),
+        reshaped,
         dataclasses.replace(base, num_stages=base.num_stages + 1),
     )
     return tuple(dict.fromkeys(variants))

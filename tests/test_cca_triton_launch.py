@@ -344,13 +344,24 @@ def test_tuning_candidates_derive_from_the_defaults(pass_name, dtype, capability
     candidates = cca_triton.tuning_candidates(pass_name, dtype, capability)
     assert candidates[0] == base and len(set(candidates)) == len(candidates) <= 8
     assert {blocks.images_per_launch for blocks in candidates} == {None, "auto", 1}
-    varied = {"v_channels", "num_warps", "backward_warps", "num_stages", "images_per_launch"}
+    # The fields a pass's kernels read, and which of them the candidates vary.
+    used = {"forward": {"line", "qk_channels", "v_channels", "num_warps", "num_stages", "long_line",
+                        "long_line_warps", "max_registers", "images_per_launch"},
+            "backward": {"line", "qk_channels", "v_channels", "num_warps", "num_stages", "backward_line",
+                         "backward_warps", "images_per_launch"}}[pass_name]
+    varied = {"v_channels", "num_stages", "images_per_launch"} | (
+        {"num_warps", "max_registers"} if pass_name == "forward" else {"backward_line", "backward_warps"})
     for blocks in candidates:
         changed = {field.name for field in dataclasses.fields(blocks)
                    if getattr(blocks, field.name) != getattr(base, field.name)}
-        assert changed <= varied, changed
+        assert changed <= varied & used, changed
     assert {blocks.v_channels for blocks in candidates} == {base.v_channels, 2 * base.v_channels}
-    assert len({blocks.num_stages for blocks in candidates}) == 2
+    assert {blocks.num_stages for blocks in candidates} == {base.num_stages, base.num_stages + 1}
+    if pass_name == "forward":
+        assert {blocks.num_warps for blocks in candidates} == {4, 8}
+    else:
+        line = base.backward_line or base.line
+        assert {blocks.backward_line or blocks.line for blocks in candidates} == {line, max(16, line // 2)}
     with pytest.raises(ValueError, match="pass_name must be one of"):
         cca_triton.tuning_candidates("sideways", dtype, capability)
 
