@@ -43,10 +43,10 @@ def _run(launches):
         (3, 3, 5, 17, 4),  # columns of two 16-tiles: the backward's partial sums go through memory
     ],
 )
-@pytest.mark.parametrize("images_per_launch", [1, 2, 5])
+@pytest.mark.parametrize("images_per_launch", [1, 2])
 def test_chunked_launches_equal_unchunked_bitwise(shape, images_per_launch, op_device):
     """A program covers one line of one image, so chunking changes which launch runs it, not what it computes:
-    out, LSE and all three gradients are bitwise those of the whole-batch launch (5 > batch: one chunk)."""
+    out, LSE and all three gradients are bitwise those of the whole-batch launch."""
     query, key, value, grad = _inputs(*shape, device=op_device)
     chunked = dataclasses.replace(SMALL_BLOCKS, images_per_launch=images_per_launch)
     out, lse = cca_triton.cca_triton_forward(query, key, value, blocks=SMALL_BLOCKS)

@@ -14,7 +14,9 @@ Triton interpreter, registers / spills / shared memory from ahead-of-time compil
   arguments as a real launch, hence the same specialisation: pointer alignment, strides equal to 1 or
   divisible by 16, constexprs) is compiled with `triton.compile` for sm_80 and sm_90; ptxas's report gives
   registers, spills and stack, the kernel metadata the shared memory, the PTX whether asynchronous copies
-  (`cp.async`) are used. Blocks per SM follow from registers, warps and shared memory.
+  (`cp.async`) are used. Blocks per SM follow from registers, warps and shared memory. The tiles are the
+  launchers' defaults and every candidate of their GPU tuner (`ops.cca_triton.tuning_candidates`; column
+  `source`: a candidate may spill, the tuner times it and a slow one loses).
 
 Traffic and work need the interpreter (TRITON_INTERPRET=1 before triton is imported); compilation needs it
 off. `python -m repro.kernels` runs each part in a process of its own and writes `results/kernel_model.csv`
@@ -235,7 +237,7 @@ def _meta_inputs(batch, qk_channels, v_channels, height, width, dtype):
 
 def planned_launches(shape: tuple[int, int, int, int, int], dtype: torch.dtype, blocks=None, target="sm_90"):
     """(pass, Launch) of the forward and backward the launchers plan on a CUDA device of `target` for `shape`
-    (tiles: `blocks`, default those the launchers pick there; "auto" chunks as on an 80 GB H100 / H200)."""
+    (tiles: `blocks`, default those the launchers pick there; "auto" chunks as on an H100 / H200, L2_BYTES)."""
     from ops import cca_triton
 
     blocks = blocks or cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(target))
