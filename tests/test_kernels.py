@@ -184,6 +184,7 @@ def test_committed_resources_cover_every_launch_config():
     """Every compilation the GPU launchers can ask for (each dtype, each tile they can pick, each tuner candidate)
     has a row per target: a change of tiles, candidates or kernels without regenerating the CSV fails here."""
     frame = _resources(tuner=True)
+    assert "source" in frame.columns, "kernel_resources.csv predates the tuner: python -m repro.kernels resources"
     committed = set(zip(frame["kernel"], frame["dtype"], frame["config"], frame["num_warps"], frame["num_stages"],
                         frame["max_registers"].astype(str), frame["target"], strict=True))
     for target in kernels.TARGETS:
