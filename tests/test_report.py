@@ -294,9 +294,25 @@ def test_report_embeds_existing_plots(results):
     assert "![synthetic ablation](plots/synthetic_ablation.png)" in build_report(out, experiments)
 
 
+def test_kernel_section_lists_each_goal_from_the_counts(tmp_path):
+    base = {"kernel": "all", "layout": "channels_last", "batch": 1, "qk_channels": 64, "v_channels": 512,
+            "height": 97, "width": 97, "sector_ratio": 1.0, "macs_ratio": 1.0}
+    _write(tmp_path / "kernel_model.csv", [
+        {**base, "pass": "forward", "dtype": "bf16", "useful_ratio": 2.25},
+        {**base, "pass": "backward", "dtype": "bf16", "useful_ratio": 1.75},
+    ])
+    pages = {}
+    text = build_report(tmp_path, tmp_path / "nothing", pages)
+    section = text[text.index("## Triton kernel"):text.index("## GPU status")]
+    assert "| forward useful bytes | bf16 | counted | <= 1.5x | 2.25 | 1 | False |" in section
+    assert "| backward useful bytes | bf16 | counted | <= 2.5x | 1.75 | 1 | True |" in section
+    assert "`kernel_resources.csv` not found" in section and "kernel_model.md" in pages
+
+
 def test_report_with_no_csvs_says_how_to_make_each(tmp_path):
     text = build_report(tmp_path, tmp_path / "nothing")
-    for name in ("claims.csv", "synthetic_ablation.csv", "model_efficiency.csv", "environment.csv"):
+    for name in ("claims.csv", "synthetic_ablation.csv", "model_efficiency.csv", "environment.csv",
+                 "kernel_model.csv"):
         assert f"`{name}` not found" in text
     assert "No experiment folder" in text
 

@@ -54,7 +54,60 @@ MODEL_TARGET = "sm_90"
 # (torch.cuda.get_device_properties(d).L2_cache_size on a GPU). Chunks change grids, not compilations.
 L2_BYTES = 50 * 1024 * 1024
 # Columns that identify a row of kernel_model.csv.
+# Input memory layouts the model counts: what the kernels read contiguously, and PyTorch's default.
+LAYOUTS = ("channels_last", "nchw")
 MODEL_KEY = ("pass", "kernel", "dtype", "layout", "batch", "qk_channels", "v_channels", "height", "width")
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A counted goal of the kernel design: the worst `column` over the counted goal-shape rows of `pass_name`
+    (kernel "all", channels-last inputs) must be at most `limit`."""
+
+    name: str
+    pass_name: str
+    column: str
+    limit: float
+
+
+# The counted goals of the v2 kernel design (ratios to the minimum of `ops.cost`), and the occupancy goal of its
+# main (bf16, goal-shape) line kernels. `ops/cca_triton.py` ("Floors") says which cannot hold and why.
+GOALS = {goal.name: goal for goal in (
+    Goal("forward useful bytes", "forward", "useful_ratio", 1.5),
+    Goal("forward 32-byte sectors", "forward", "sector_ratio", 2.0),
+    Goal("backward useful bytes", "backward", "useful_ratio", 2.5),
+    Goal("backward 32-byte sectors", "backward", "sector_ratio", 3.0),
+    Goal("forward MACs per attended pair", "forward", "macs_ratio", 1.3),
+    Goal("backward MACs per attended pair", "backward", "macs_ratio", 1.3),
+)}
+MIN_BLOCKS_PER_SM = 2
+# The shape the resources goal is read at (the issue's B = 8 shape, bf16).
+RESOURCE_GOAL_SHAPE = "8x64x512x97x97"
+
+
+def goal_rows(model: pd.DataFrame, resources: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (goal, dtype): the limit, the worst counted value over the goal shapes, and whether it holds;
+    with `resources`, one row per (main line kernel, target) for the blocks-per-SM goal."""
+    goal_shapes = {f"{b}x{qk}x{v}x{h}x{w}" for b, qk, v, h, w in GOAL_SHAPES}
+    counted = model[(model["kernel"] == "all") & (model["layout"] == "channels_last")].copy()
+    counted["shape"] = [f"{r.batch}x{r.qk_channels}x{r.v_channels}x{r.height}x{r.width}" for r in counted.itertuples()]
+    counted = counted[counted["shape"].isin(goal_shapes)]
+    rows = []
+    for goal in GOALS.values():
+        for dtype, group in counted[counted["pass"] == goal.pass_name].groupby("dtype", sort=True):
+            worst = float(group[goal.column].max())
+            rows.append({"goal": goal.name, "dtype": dtype, "target": "counted", "limit": f"<= {goal.limit:g}x",
+                         "value": worst, "batches": ", ".join(map(str, sorted(group["batch"].unique()))),
+                         "holds": worst <= goal.limit})
+    if resources is not None:
+        main = resources[resources["kernel"].str.startswith("_line") & (resources["dtype"] == "bf16")
+                         & (resources["shape"] == RESOURCE_GOAL_SHAPE)]
+        for (kernel, target), group in main.groupby(["kernel", "target"], sort=True):
+            fewest = int(group["blocks_per_sm"].min())
+            rows.append({"goal": f"{kernel} blocks per SM", "dtype": "bf16", "target": target,
+                         "limit": f">= {MIN_BLOCKS_PER_SM}", "value": fewest, "batches": "8",
+                         "holds": fewest >= MIN_BLOCKS_PER_SM})
+    return pd.DataFrame(rows, columns=["goal", "dtype", "target", "limit", "value", "batches", "holds"])
 
 
 def _interpreted() -> bool:
@@ -171,6 +224,8 @@ def _inputs(batch: int, qk_channels: int, v_channels: int, height: int, width: i
             layout: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """query, key, value, grad_out in `layout` ("channels_last": what the kernels read contiguously; "nchw")."""
     generator = torch.Generator().manual_seed(seed)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     return tuple(
         torch.randn(batch, channels, height, width, generator=generator).to(dtype).contiguous(
@@ -393,7 +448,8 @@ def resource_frame(**kwargs) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m repro.kernels [model|resources] [--quick] [--out-dir results]`.
+    """`python -m repro.kernels [model|resources] [--quick] [--out-dir results]`; the model part also takes
+    `--batch`, `--dtype`, `--layout` (each repeatable) to count a subset of the goal shapes.
 
     Without a part, runs both, each in a process of its own (the interpreter must be on for the model and off
     for the compiler, and triton reads that once, when it is first imported).
@@ -410,7 +466,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="small versions: model at 1x16x64x17x17 fp32 / bf16; resources of the issue's shape "
                              "only, bf16")
+    parser.add_argument("--batch", type=int, action="append", choices=[shape[0] for shape in GOAL_SHAPES],
+                        help="model: count only this batch size of the goal shapes (repeatable; default all)")
+    parser.add_argument("--dtype", action="append", choices=("bf16", "fp32"),
+                        help="model: count only this dtype (repeatable; default bf16 and fp32)")
+    parser.add_argument("--layout", action="append", choices=LAYOUTS,
+                        help="model: memory layout of the inputs (repeatable; default channels_last)")
     args = parser.parse_args(argv)
+    model_only = {"--batch": args.batch, "--dtype": args.dtype, "--layout": args.layout}
+    if args.part != "model" and any(model_only.values()):
+        parser.error(f"{', '.join(name for name, value in model_only.items() if value)} apply only to the model "
+                     "part (python -m repro.kernels model ...)")
     if args.part is None:
         for part in ("model", "resources"):
             command = [sys.executable, "-m", "repro.kernels", part, "--out-dir", args.out_dir]
@@ -428,11 +494,13 @@ def main(argv: list[str] | None = None) -> int:
         # Minutes per shape in the interpreter: each (shape, dtype) is written as soon as it is counted, so an
         # interrupted run keeps what it finished (rows with the same key are replaced).
         path = os.path.join(args.out_dir, "kernel_model.csv")
-        for shape, dtype_name in itertools.product([(1, 16, 64, 17, 17)] if args.quick else GOAL_SHAPES,
-                                                   ("bf16", "fp32")):
-            rows = pd.DataFrame(model_rows(*shape, dtype_name))
+        shapes = [(1, 16, 64, 17, 17)] if args.quick else [
+            shape for shape in GOAL_SHAPES if not args.batch or shape[0] in args.batch]
+        for shape, dtype_name, layout in itertools.product(shapes, args.dtype or ("bf16", "fp32"),
+                                                           args.layout or ("channels_last",)):
+            rows = pd.DataFrame(model_rows(*shape, dtype_name, layout))
             upsert_csv(path, rows, key=MODEL_KEY)
-            print(f"counted {dtype_name} {'x'.join(map(str, shape))} into {path}", flush=True)
+            print(f"counted {dtype_name} {layout} {'x'.join(map(str, shape))} into {path}", flush=True)
         return 0
     else:
         frame = (resource_frame(dtypes=("bf16",), shapes=[(8, 64, 512, 97, 97)])

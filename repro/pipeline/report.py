@@ -25,6 +25,7 @@ import pandas as pd
 
 from repro.engine.config import load_config
 from repro.io import atomic_write_text
+from repro.measure.kernels import goal_rows
 from repro.pipeline import drift
 from repro.pipeline.recipes import section_recipes
 
@@ -47,6 +48,8 @@ SOURCES = {
                         "python -m repro.synthetic.example --out results"),
     "efficiency": ("model_efficiency.csv", "python -m repro.profile experiments/*.yaml"),
     "gpu": ("gpu_acceptance.csv", "nox -s gpu (python -m repro.gpu) on a CUDA machine"),
+    "kernel_model": ("kernel_model.csv", "python -m repro.kernels model"),
+    "kernel_resources": ("kernel_resources.csv", "python -m repro.kernels resources"),
 }
 # The paper's module-level claims are read at its feature map (1 x 512 x 97 x 97, a 769 x 769 input at OS 8).
 PAPER_SIZE = 97
@@ -642,6 +645,35 @@ def section_ops_bench(results: Path, pages: dict[str, str]) -> str:
     return text + f"\nEvery row (shapes, GB/s, versions): {link}.\n"
 
 
+def section_kernels(results: Path, pages: dict[str, str]) -> str:
+    """The fused Triton kernel measured without a GPU: its counted goals (`repro.measure.kernels.GOALS`) against
+    the interpreter's counts and the compiled resources; every count and compilation on detail pages."""
+    text = "## Triton kernel, counted and compiled without a GPU\n\n"
+    model = read_csv(results, "kernel_model")
+    if model is None:
+        return text + missing("kernel_model")
+    _require(model, ["pass", "kernel", "dtype", "layout", "batch", "useful_ratio", "sector_ratio", "macs_ratio"],
+             "kernel_model.csv")
+    resources = read_csv(results, "kernel_resources")
+    text += ("Global-memory bytes (useful, and in 32-byte sectors) and tl.dot multiply-accumulates counted in "
+             "Triton's interpreter, as ratios to the minimum (q, k, v read once, out written once); blocks per "
+             "SM from compiling for each GPU target. Why the goals that do not hold cannot, or are not worth "
+             "forcing: `ops/cca_triton.py`, \"Floors\".\n\n")
+    text += markdown_table(goal_rows(model, resources))
+    totals = model[model["kernel"] == "all"]
+    columns = ["pass", "dtype", "layout", "batch", "useful_ratio", "sector_ratio", "macs_ratio", "useful_bytes",
+               "sector_bytes", "minimum_bytes", "macs"]
+    link = detail_page(pages, "kernel_model.md", "Every kernel count", "`kernel_model.csv`",
+                       markdown_table(totals[[c for c in columns if c in totals]]) + "\nPer kernel:\n\n"
+                       + markdown_table(model))
+    text += f"\nEvery count (per kernel, per layout): {link}.\n"
+    if resources is None:
+        return text + missing("kernel_resources")
+    link = detail_page(pages, "kernel_resources.md", "Every compiled kernel configuration",
+                       "`kernel_resources.csv`", markdown_table(resources))
+    return text + f"Every compiled configuration (registers, spills, shared memory, cp.async): {link}.\n"
+
+
 def section_gpu(results: Path, pages: dict[str, str]) -> str:
     """Which rows came from a GPU, and the GPU acceptance run (`python -m repro.gpu`) when there is one."""
     gpus = gpu_devices(results)
@@ -724,6 +756,7 @@ def build_report(results: Path, experiments: Path, pages: dict[str, str] | None 
         section_miou(results, experiments, pages),
         section_recipes(experiments, table=markdown_table),
         section_ops_bench(results, pages),
+        section_kernels(results, pages),
         section_gpu(results, pages),
         section_pipeline(results, pages),
         section_environment(results),
