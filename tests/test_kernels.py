@@ -115,7 +115,7 @@ def _model() -> pd.DataFrame:
 
 def test_goal_rows_take_the_worst_goal_shape_row_per_dtype():
     """goal_rows: worst value over the goal shapes (other shapes, layouts and per-kernel rows ignored), per dtype;
-    the blocks-per-SM goal from the fewest blocks of a main kernel on a target."""
+    the blocks-per-SM goal from the fewest blocks of a main kernel on a target, with the default tiles."""
     base = {"kernel": "all", "layout": "channels_last", "qk_channels": 64, "v_channels": 512, "height": 97,
             "width": 97, "useful_ratio": 1.0, "sector_ratio": 1.0, "macs_ratio": 1.0}
     model = pd.DataFrame([
@@ -128,9 +128,12 @@ def test_goal_rows_take_the_worst_goal_shape_row_per_dtype():
     ])
     resources = pd.DataFrame([
         {"kernel": "_line_forward_kernel", "dtype": "bf16", "shape": kernels.RESOURCE_GOAL_SHAPE, "target": "sm_90",
-         "blocks_per_sm": blocks} for blocks in (2, 1)
+         "blocks_per_sm": blocks, "source": "default"} for blocks in (2, 1)
     ] + [{"kernel": "_delta_kernel", "dtype": "bf16", "shape": kernels.RESOURCE_GOAL_SHAPE, "target": "sm_90",
-          "blocks_per_sm": 0}])
+          "blocks_per_sm": 0, "source": "default"}]
+      # A tuner candidate is not what the goal is about: the launchers' default tiles are.
+      + [{"kernel": "_line_forward_kernel", "dtype": "bf16", "shape": kernels.RESOURCE_GOAL_SHAPE, "target": "sm_90",
+          "blocks_per_sm": 0, "source": "tuner"}])
     rows = kernels.goal_rows(model, resources).set_index(["goal", "dtype", "target"])
     bf16 = rows.loc[("forward useful bytes", "bf16", "counted")]
     assert bf16["value"] == 1.6 and bf16["batches"] == "1, 2" and not bf16["holds"]

@@ -100,6 +100,8 @@ def goal_rows(model: pd.DataFrame, resources: pd.DataFrame | None = None) -> pd.
                          "value": worst, "batches": ", ".join(map(str, sorted(group["batch"].unique()))),
                          "holds": worst <= goal.limit})
     if resources is not None:
+        if "source" in resources:  # the goal is the launchers' default tiles, not the tuner's other candidates
+            resources = resources[resources["source"] == "default"]
         main = resources[resources["kernel"].str.startswith("_line") & (resources["dtype"] == "bf16")
                          & (resources["shape"] == RESOURCE_GOAL_SHAPE)]
         for (kernel, target), group in main.groupby(["kernel", "target"], sort=True):
