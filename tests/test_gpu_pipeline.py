@@ -45,6 +45,12 @@ def test_tiny_acceptance_run_writes_every_step_and_nothing_else(tmp_path):
     ratios = frame[(frame["step"] == "claims") & (frame["metric"] == "memory_ratio")]
     assert {"non_local_naive_over_cca_naive_r2 R=2", "non_local_naive_over_cca_triton_r2 R=2"} <= set(
         ratios["variant"])
+    goals = frame[frame["step"] == "goals"].set_index("metric")
+    assert {"speedup", "roofline_fraction", "peak_memory_ratio", "bandwidth"} <= set(goals.index)
+    assert (goals.loc["speedup", "value"].astype(float) > 0).all()
+    assert goals.loc["speedup", "status"].str.startswith("not a goal check").all()  # CPU times prove nothing
+    memory = goals.loc["peak_memory_ratio", "value"].astype(float)
+    assert len(memory) == 2 and (memory >= 1.0).all()  # fp32: no buffer beyond the outputs but delta
     assert (tmp_path / "ops_bench.csv").is_file() and (tmp_path / AUTO_EVIDENCE.name).is_file()
     report = (tmp_path / "REPORT.md").read_text()
     assert "### GPU acceptance" in report and "0 failed" in report
@@ -78,3 +84,21 @@ def test_a_kernel_error_is_a_failed_row_and_the_other_checks_run(tmp_path, monke
     # 3 layouts + determinism + opcheck/compile, each recorded with the error; pytest still ran.
     assert len(raised) == 5 and raised["status"].str.contains("illegal memory access").all()
     assert (frame["check"] == "pytest").any()
+
+
+@pytest.mark.parametrize(("name", "bandwidth"), [
+    ("NVIDIA H200", 4.8e12), ("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA H100 PCIe", 2.0e12),
+    ("NVIDIA H100 NVL", 3.9e12), ("NVIDIA A100-SXM4-80GB", 2.039e12), ("NVIDIA A100 80GB PCIe", 1.935e12),
+    ("NVIDIA A100-PCIE-40GB", 1.555e12), ("Tesla V100-SXM2-16GB", None),
+])
+def test_datasheet_bandwidth_by_device_name(name, bandwidth):
+    assert gpu.datasheet_bandwidth(name) == bandwidth
+
+
+def test_goal_verdicts_say_met_or_not_and_never_fail_the_run():
+    assert gpu.goal_verdict(6.0, 5.0, at_least=True, measured_on_gpu=True) == "goal met (>= 5)"
+    assert gpu.goal_verdict(4.0, 5.0, at_least=True, measured_on_gpu=True) == "goal not met (>= 5)"
+    assert gpu.goal_verdict(1.56, 1.1, at_least=False, measured_on_gpu=True) == "goal not met (<= 1.1)"
+    assert gpu.goal_verdict(1.0, 1.1, at_least=False, measured_on_gpu=False).startswith("not a goal check")
+    assert not any(gpu.goal_verdict(v, 1.0, at_least=True, measured_on_gpu=True).startswith("FAILED")
+                   for v in (0.0, 2.0))

@@ -102,10 +102,9 @@ def test_nchw_inputs_cost_sectors_not_bytes():
 # ----------------------------------------------------------------------------------------------------------
 
 
-# The goal shapes whose rows are committed. B = 2 (also in kernels.GOAL_SHAPES) takes the interpreter about
-# twice as long as B = 1 and was not generated yet; the counts are linear in the batch (see
-# test_counts_follow_the_design_formulas), so its ratios are those of B = 1.
-COMMITTED_SHAPES = kernels.GOAL_SHAPES[:1]
+# The goal shapes whose rows are committed: all of them, channels-last; B = 1 also with NCHW inputs.
+COMMITTED_SHAPES = kernels.GOAL_SHAPES
+NCHW_SHAPES = kernels.GOAL_SHAPES[:1]
 
 
 def _model() -> pd.DataFrame:
@@ -143,15 +142,48 @@ def test_goal_rows_take_the_worst_goal_shape_row_per_dtype():
     assert not any("_delta_kernel" in goal for goal, _, _ in rows.index)
 
 
+def _committed_row(frame, shape, dtype, pass_name, layout) -> pd.Series:
+    batch, qk, v, height, width = shape
+    rows = frame[(frame["batch"] == batch) & (frame["qk_channels"] == qk) & (frame["v_channels"] == v)
+                 & (frame["height"] == height) & (frame["width"] == width) & (frame["dtype"] == dtype)
+                 & (frame["pass"] == pass_name) & (frame["layout"] == layout)]
+    assert len(rows) == 1, (shape, dtype, pass_name, layout)
+    return rows.iloc[0]
+
+
 def test_committed_model_rows_cover_the_goal_shapes():
     frame = _model()
-    for batch, qk, v, height, width in COMMITTED_SHAPES:
+    for layout, shapes in (("channels_last", COMMITTED_SHAPES), ("nchw", NCHW_SHAPES)):
+        for shape in shapes:
+            for dtype in ("fp32", "bf16"):
+                for pass_name in ("forward", "backward"):
+                    _committed_row(frame, shape, dtype, pass_name, layout)
+
+
+def test_committed_counts_are_linear_in_the_batch():
+    """B = 2 moves and computes twice what B = 1 does (each image is its own set of programs), so the ratios to
+    the minimum do not depend on the batch."""
+    frame = _model()
+    one, two = (shape for shape in COMMITTED_SHAPES if shape[0] in (1, 2))
+    for dtype in ("fp32", "bf16"):
+        for pass_name in ("forward", "backward"):
+            small, large = (_committed_row(frame, shape, dtype, pass_name, "channels_last") for shape in (one, two))
+            for column in ("useful_bytes", "macs", "minimum_bytes"):
+                assert large[column] == 2 * small[column], (dtype, pass_name, column)
+            # Sectors: the second image's per-pixel buffers (LSE, delta: 97 x 97 x 4 bytes) start mid-sector.
+            assert abs(large["sector_bytes"] - 2 * small["sector_bytes"]) <= 0.001 * large["sector_bytes"]
+
+
+def test_committed_nchw_rows_move_the_same_bytes_in_more_sectors():
+    """The kernels read NCHW inputs in place (no launcher copy): the same useful bytes, more 32-byte sectors."""
+    frame = _model()
+    for shape in NCHW_SHAPES:
         for dtype in ("fp32", "bf16"):
             for pass_name in ("forward", "backward"):
-                rows = frame[(frame["batch"] == batch) & (frame["qk_channels"] == qk) & (frame["v_channels"] == v)
-                             & (frame["height"] == height) & (frame["width"] == width) & (frame["dtype"] == dtype)
-                             & (frame["pass"] == pass_name) & (frame["layout"] == "channels_last")]
-                assert len(rows) == 1, (batch, dtype, pass_name)
+                last, nchw = (_committed_row(frame, shape, dtype, pass_name, layout)
+                              for layout in ("channels_last", "nchw"))
+                assert nchw["useful_bytes"] == last["useful_bytes"]
+                assert nchw["sector_bytes"] > last["sector_bytes"]
 
 
 def _goal(name: str, dtypes=("fp32", "bf16")) -> None:

@@ -339,3 +339,22 @@ def test_bad_inputs_name_the_file(results, tmp_path):
     pd.DataFrame({"claim": ["x"]}).to_csv(out / "claims.csv", index=False)
     with pytest.raises(ValueError, match="claims.csv lacks columns"):
         build_report(out, experiments)
+
+
+def test_gpu_acceptance_lists_failed_checks_and_the_kernel_goals(tmp_path):
+    base = {"variant": "cca_triton", "dtype": "bf16", "shape": "8x64x512x97x97", "unit": "x", "method": "m",
+            "device": "cuda: NVIDIA H200", "date": "2026-12-01"}
+    _write(tmp_path / "gpu_acceptance.csv", [
+        {**base, "step": "goals", "check": "fwd+bwd speedup over cca_naive", "metric": "speedup", "value": 7.5,
+         "status": "goal met (>= 5)"},
+        {**base, "step": "goals", "check": "backward peak memory", "metric": "peak_memory_ratio", "value": 1.56,
+         "status": "goal not met (<= 1.1)"},
+        {**base, "step": "kernels", "check": "determinism", "metric": "bitwise_equal_runs", "value": 0,
+         "status": "FAILED: two forward + backward runs differ"},
+    ])
+    pages = {}
+    text = build_report(tmp_path, tmp_path / "nothing", pages)
+    section = text[text.index("### GPU acceptance"):]
+    assert "3 rows on cuda: NVIDIA H200; 1 failed." in section
+    assert "| fwd+bwd speedup over cca_naive | bf16 | 8x64x512x97x97 | 7.5 | x | goal met (>= 5) |" in section
+    assert "goal not met (<= 1.1)" in section and "gpu_acceptance.md" in pages

@@ -14,15 +14,20 @@ exit status is non-zero when any step failed):
 2. `bench`: `repro.measure.bench` at B=2 and B=8 (512 value / 64 query-key channels, 97x97), fp32 and bf16,
    for cca naive / triton / einsum and non-local naive / SDPA, into DIR/ops_bench.csv; then the
    backend="auto" evidence file (`ops/auto_backend.csv`) is regenerated from it.
-3. `claims`: the claims' training-step and forward memory at 97x97 on the device's allocator (CUDA:
+3. `goals`: the fused kernel's goals at B=8, Cqk 64, Cv 512, 97x97, bf16, channels-last inputs: forward +
+   backward time against the naive backend (goal 5x) and the non-local block with SDPA (2x), the forward's
+   fraction of the HBM roofline (minimum bytes / time / datasheet bandwidth; goal 0.5) beside a measured copy
+   bandwidth, and each pass's peak memory over its inputs + outputs (goal 1.1x). A goal not met is a row that
+   says so, not a failed check.
+4. `claims`: the claims' training-step and forward memory at 97x97 on the device's allocator (CUDA:
    `max_memory_allocated`) for R=2 criss-cross, naive and Triton, against non-local naive and SDPA, beside the
    fake-mode estimate, with the ratios.
-4. `calibration`: the fake-mode training-memory estimate of `repro.measure.profile` beside the real
+5. `calibration`: the fake-mode training-memory estimate of `repro.measure.profile` beside the real
    `max_memory_allocated` of the same step, for two configs with a published memory figure.
-5. `train`: 20 training iterations (after 2 warm-up ones, the second measuring the peak memory) of
+6. `train`: 20 training iterations (after 2 warm-up ones, the second measuring the peak memory) of
    R-101-D8 at 769x769, batch 2, with the
    criss-cross head (naive, then Triton) and the non-local head: iterations/s and peak memory.
-6. `report`: `results/REPORT.md` regenerated (`repro.pipeline.report`), with a section built from
+7. `report`: `results/REPORT.md` regenerated (`repro.pipeline.report`), with a section built from
    DIR/gpu_acceptance.csv.
 
 Every row goes to DIR/gpu_acceptance.csv (step, check, variant, dtype, shape, metric, value, unit, status,
@@ -66,7 +71,7 @@ CSV_NAME = "gpu_acceptance.csv"
 COLUMNS = ("step", "check", "variant", "dtype", "shape", "metric", "value", "unit", "status", "method", "device",
            "date")
 KEY = ["step", "check", "variant", "dtype", "shape", "metric", "method", "device"]
-STEPS = ("kernels", "bench", "claims", "calibration", "train", "report")
+STEPS = ("kernels", "bench", "goals", "claims", "calibration", "train", "report")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Error of the Triton backend relative to the largest |value| of an fp64 naive reference.
 TOLERANCES = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
@@ -96,6 +101,8 @@ class Plan:
     claims_size: int
     train_iterations: int
     test_files: tuple[str, ...]
+    goal_shape: tuple[int, int, int, int, int] = (8, 64, 512, 97, 97)  # (B, Cqk, Cv, H, W) of the kernel goals
+    goal_dtype: str = "bf16"
 
     @classmethod
     def for_mode(cls, tiny: bool) -> Plan:
@@ -104,7 +111,7 @@ class Plan:
                        kernel_shapes=((1, 3, 5, 4, 7),), kernel_dtypes=("fp32",),
                        bench_shapes=(bench.Shape(1, 16, 4, 9, 11), bench.Shape(2, 16, 4, 9, 11)),
                        bench_dtypes=("fp32",), bench_rounds=1, claims_size=9, train_iterations=1,
-                       test_files=("tests/test_device.py",))
+                       test_files=("tests/test_device.py",), goal_shape=(2, 4, 6, 5, 7), goal_dtype="fp32")
         return cls(tiny=False, device=torch.device("cuda"),
                    kernel_shapes=((2, 64, 512, 97, 97), (1, 16, 72, 13, 17), (2, 8, 200, 33, 65),
                                   (3, 5, 7, 1, 31)),
@@ -290,7 +297,125 @@ def bench_rows(plan: Plan, rec: Recorder, results: Path, evidence: Path) -> None
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. claims
+# 3. goals: the fused kernel's goals on a GPU
+# ---------------------------------------------------------------------------------------------------------
+
+# The design's goals for the fused kernel at Plan.goal_shape (B = 8, Cqk 64, Cv 512, 97 x 97, bf16): forward +
+# backward at least 5x faster than the naive backend and 2x faster than the non-local block with SDPA; the
+# forward at >= 50% of the HBM roofline; peak memory at most 1.1x its inputs + outputs (+ LSE). A goal not met
+# is recorded as such, not as a failed check: the acceptance run fails only when something is broken.
+GOAL_SPEEDUPS = {"cca_naive": 5.0, "non_local_sdpa": 2.0}
+GOAL_ROOFLINE_FRACTION = 0.5
+GOAL_PEAK_MEMORY_RATIO = 1.1
+# Peak HBM bandwidth by GPU model (bytes/s), from NVIDIA's datasheets: H200 (nvidia.com/en-us/data-center/h200),
+# H100 SXM / PCIe / NVL (nvidia.com/en-us/data-center/h100), A100 80GB SXM / PCIe and 40GB
+# (nvidia.com/en-us/data-center/a100). First matching fragment of torch.cuda.get_device_name wins.
+DATASHEET_BANDWIDTH = (("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
+                       ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12))
+# Bytes copied (read and written once each) to measure the device's achievable bandwidth (tiny: 8 MiB).
+COPY_BYTES = 1 << 30
+
+
+def datasheet_bandwidth(device_name: str) -> float | None:
+    """The datasheet HBM bandwidth of a GPU model named like torch.cuda.get_device_name, or None if unknown."""
+    return next((bandwidth for fragment, bandwidth in DATASHEET_BANDWIDTH if fragment in device_name), None)
+
+
+def _milliseconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Median time of `fn()`: triton.testing.do_bench on CUDA, three wall-clock calls on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, return_mode="median"))
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e3)
+    return sorted(times)[1]
+
+
+def _copy_bandwidth(nbytes: int, device: torch.device) -> float:
+    """Bytes/s of a device-to-device copy of `nbytes` (each byte read once and written once)."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return 2 * nbytes / (_milliseconds(lambda: target.copy_(source), device) / 1e3)
+
+
+def goal_verdict(value: float, goal: float, *, at_least: bool, measured_on_gpu: bool) -> str:
+    """Status of one goal row: met / not met on a GPU; on the CPU (the tiny run) not a goal check."""
+    if not measured_on_gpu:
+        return "not a goal check: measured on the CPU (the goals are GPU goals)"
+    met = value >= goal if at_least else value <= goal
+    return f"goal {'met' if met else 'not met'} ({'>=' if at_least else '<='} {goal:g})"
+
+
+def goal_rows(plan: Plan, rec: Recorder) -> None:
+    """The kernel's GPU goals at plan.goal_shape, channels-last inputs (what the 1x1 convs of a channels-last
+    model produce; NCHW works but its column pass reads one element per 32-byte sector)."""
+    from ops import cost
+
+    batch, qk_channels, v_channels, height, width = plan.goal_shape
+    dtype = DTYPES[plan.goal_dtype]
+    on_gpu = plan.device.type == "cuda"
+    tensors, grad = _qkv(plan.goal_shape, dtype, plan.device, "channels_last")
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    common = dict(dtype=plan.goal_dtype, shape=_shape_text(plan.goal_shape))
+    timer = "triton.testing.do_bench median" if on_gpu else "median of 3 wall-clock calls"
+
+    times = {}
+    for name in ("cca_triton", *GOAL_SPEEDUPS):
+        fn = bench.VARIANTS[name].fn
+        times[name, "fwd"] = _milliseconds(lambda fn=fn: fn(*tensors), plan.device)
+        times[name, "fwd+bwd"] = _milliseconds(
+            lambda fn=fn: torch.autograd.grad(fn(*tensors), tensors, grad), plan.device)
+        for pass_ in ("fwd", "fwd+bwd"):
+            rec.add("goals", f"{pass_} time, channels-last inputs", "milliseconds", times[name, pass_], "ms",
+                    variant=name, method=timer, **common)
+    for name, goal in GOAL_SPEEDUPS.items():
+        speedup = times[name, "fwd+bwd"] / times["cca_triton", "fwd+bwd"]
+        rec.add("goals", f"fwd+bwd speedup of cca_triton over {name}", "speedup", speedup, "x",
+                status=goal_verdict(speedup, goal, at_least=True, measured_on_gpu=on_gpu), variant="cca_triton",
+                method=f"{name} time / cca_triton time, {timer}, side by side in one run", **common)
+
+    # Roofline: the minimum forward bytes (q, k, v read once, out written once, LSE) over the forward time,
+    # against the datasheet bandwidth (or, for a GPU not in the table, a measured device-to-device copy).
+    copy_bandwidth = _copy_bandwidth(COPY_BYTES if on_gpu else 1 << 23, plan.device)
+    rec.add("goals", "device-to-device copy bandwidth", "bandwidth", copy_bandwidth / 1e9, "GB/s",
+            variant="torch copy_", method=f"2 x {COPY_BYTES if on_gpu else 1 << 23} bytes / time, {timer}", **common)
+    peak = datasheet_bandwidth(torch.cuda.get_device_name(plan.device)) if on_gpu else None
+    reference, reference_name = (peak, "datasheet HBM bandwidth") if peak else (copy_bandwidth, "measured copy")
+    minimum = cost.criss_cross_attention_cost(batch, qk_channels, v_channels, height, width,
+                                              itemsize=dtype.itemsize).bytes
+    fraction = minimum / (times["cca_triton", "fwd"] / 1e3) / reference
+    rec.add("goals", "forward fraction of the HBM roofline", "roofline_fraction", fraction, "ratio",
+            status=goal_verdict(fraction, GOAL_ROOFLINE_FRACTION, at_least=True, measured_on_gpu=on_gpu),
+            variant="cca_triton", method=f"minimum bytes ({minimum}) / forward time / {reference_name} "
+                                         f"({reference / 1e9:.0f} GB/s)", **common)
+
+    # Peak memory of each pass against the tensors it must hold: forward q, k, v, out, LSE; backward q, k, v,
+    # out, dO, LSE, dq, dk, dv. Above-baseline peaks are measured with the inputs already allocated.
+    from ops.cca_triton import cca_triton_backward, cca_triton_forward
+
+    detached = [t.detach() for t in tensors]
+    forward_extra, memory_method = peak_bytes(lambda: cca_triton_forward(*detached), plan.device)
+    out, lse = cca_triton_forward(*detached)
+    backward_extra, _ = peak_bytes(lambda: cca_triton_backward(grad, *detached, out, lse), plan.device)
+    inputs = sum(t.numel() * t.element_size() for t in detached)
+    essential = {"forward": (inputs, out.numel() * out.element_size() + lse.numel() * lse.element_size()),
+                 "backward": (inputs + 2 * out.numel() * out.element_size() + lse.numel() * lse.element_size(),
+                              inputs)}
+    for pass_, extra in (("forward", forward_extra), ("backward", backward_extra)):
+        held, produced = essential[pass_]
+        ratio = (held + extra) / (held + produced)
+        rec.add("goals", f"{pass_} peak memory over inputs + outputs", "peak_memory_ratio", ratio, "ratio",
+                status=goal_verdict(ratio, GOAL_PEAK_MEMORY_RATIO, at_least=False, measured_on_gpu=on_gpu),
+                variant="cca_triton", method=f"(inputs {held} + {memory_method} above them {extra}) / (inputs + "
+                                             f"outputs {produced})", **common)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. claims
 # ---------------------------------------------------------------------------------------------------------
 
 CLAIMS_VARIANTS = (ContextVariant("cca_naive", 2), ContextVariant("cca_triton", 2),
@@ -309,7 +434,7 @@ def claims_rows(plan: Plan, rec: Recorder) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. calibration, 5. train
+# 5. calibration, 6. train
 # ---------------------------------------------------------------------------------------------------------
 
 def _config(name: str, plan: Plan, overrides: dict | None = None) -> ExperimentConfig:
@@ -398,6 +523,7 @@ def run(plan: Plan, results: Path, *, evidence: Path, experiments: Path = EXPERI
     actions = {
         "kernels": lambda: kernel_rows(plan, rec),
         "bench": lambda: bench_rows(plan, rec, results, evidence),
+        "goals": lambda: goal_rows(plan, rec),
         "claims": lambda: claims_rows(plan, rec),
         "calibration": lambda: calibration_rows(plan, rec),
         "train": lambda: train_rows(plan, rec),

@@ -730,6 +730,10 @@ def gpu_acceptance(results: Path, pages: dict[str, str]) -> str:
     text += f"{len(frame)} rows on {devices}; {len(failed)} failed.\n\n"
     if not failed.empty:
         text += "Failed:\n\n" + markdown_table(failed) + "\n"
+    goals = frame[frame["status"].astype(str).str.startswith("goal ")]
+    if not goals.empty:
+        text += ("The fused kernel's goals on the GPU:\n\n"
+                 + markdown_table(goals[["check", "dtype", "shape", "value", "unit", "status", "device"]]) + "\n")
     link = detail_page(pages, "gpu_acceptance.md", "Every GPU acceptance row", "`gpu_acceptance.csv`",
                        markdown_table(frame))
     return text + f"Every row: {link}.\n"
