@@ -25,6 +25,11 @@ class CCNet(nn.Module):
         auxiliary head.
     Logits are upsampled to the input size with bilinear interpolation (`align_corners`, default False as
     mmsegmentation; the official code used True).
+
+    channels_last: keep the weights and the images in channels-last (NHWC) memory, so every feature map is
+    channels-last: what GPU tensor-core convolutions prefer, and the query / key / value maps reach the fused
+    Triton criss-cross kernel as contiguous channel vectors (NCHW works, but its column pass then reads one
+    element per 32-byte sector). The numbers are those of the NCHW model up to the convolutions' rounding.
     """
 
     def __init__(
@@ -34,12 +39,16 @@ class CCNet(nn.Module):
         auxiliary_head: nn.Module | None = None,
         *,
         align_corners: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.decode_head = decode_head
         self.auxiliary_head = auxiliary_head
         self.align_corners = align_corners
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def _resize(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if tuple(logits.shape[-2:]) == size:
@@ -50,6 +59,8 @@ class CCNet(nn.Module):
         if images.dim() != 4:
             raise ValueError(f"CCNet expects images (B, 3, H, W), got {tuple(images.shape)}")
         size = (images.shape[-2], images.shape[-1])
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.backbone(images)
         logits = self._resize(self.decode_head(features[-1]), size)
         if not self.training:
@@ -82,6 +93,7 @@ def build(
     pool_ceil_mode: bool = False,
     align_corners: bool = False,
     pretrained_source: str | None = None,
+    channels_last: bool = False,
 ) -> CCNet:
     """Build a CCNet.
 
@@ -100,6 +112,7 @@ def build(
             `models.load_checkpoint(..., source=pretrained_source)` (source detected when None).
         qk_channels, head_channels, dropout, head_act: the head (see `models.heads.RCCAHead`).
         align_corners: of the final upsampling.
+        channels_last: run the network in channels-last memory (see `CCNet`).
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
@@ -139,12 +152,12 @@ def build(
             norm_layer=head_norm,
             act=head_act,
         )
-    model = CCNet(backbone, decode_head, auxiliary_head, align_corners=align_corners)
     if pretrained_backbone is not None:
         from models.checkpoints import load_checkpoint
 
-        load_checkpoint(model.backbone, pretrained_backbone, source=pretrained_source, strict=True)
-    return model
+        load_checkpoint(backbone, pretrained_backbone, source=pretrained_source, strict=True)
+    # Channels-last after loading: the checkpoint's weights are copied into the NCHW parameters first.
+    return CCNet(backbone, decode_head, auxiliary_head, align_corners=align_corners, channels_last=channels_last)
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:

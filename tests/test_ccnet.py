@@ -109,3 +109,25 @@ def test_parameter_count_r101_d8():
     assert models.count_parameters(model) == backbone + head + aux == 68_922_727
     frozen = models.build(depth=50, stem="v1c", norm="frozenbn", num_classes=19)
     assert models.count_parameters(frozen, trainable_only=True) == models.count_parameters(frozen)
+
+
+def test_channels_last_model_computes_the_same_and_feeds_the_attention_channels_last():
+    """channels_last=True: the same weights give the NCHW model's logits (up to the convolutions' rounding), and
+    the criss-cross attention receives channels-last query / key / value maps (what the Triton kernel reads as
+    contiguous channel vectors)."""
+    torch.manual_seed(0)
+    reference = models.build(**SMALL).eval()
+    torch.manual_seed(0)
+    model = models.build(**SMALL, channels_last=True).eval()
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    model.load_state_dict(reference.state_dict())
+    layouts = []
+    attention = model.decode_head.attention
+    for conv in (attention.query_conv, attention.key_conv, attention.value_conv):
+        conv.register_forward_hook(
+            lambda module, args, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
+    images = torch.randn(2, 3, 33, 41)
+    with torch.no_grad():
+        expected, got = reference(images), model(images)
+    assert layouts and all(layouts)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

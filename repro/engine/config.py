@@ -78,6 +78,9 @@ class ModelConfig:
     head_act: Literal["relu", "leaky_relu"] = "relu"
     # Stem max-pool ceil_mode: True in the official ResNet.
     pool_ceil_mode: bool = False
+    # Run the network in channels-last (NHWC) memory: faster convolutions on GPUs, and the Triton criss-cross
+    # kernel reads contiguous channel vectors (a runtime layout: the same numbers up to rounding).
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         _expect(self.depth in (50, 101), "depth", "50 or 101", self.depth)
@@ -309,6 +312,7 @@ def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
         align_corners=m.align_corners,
         head_act=m.head_act,
         pool_ceil_mode=m.pool_ceil_mode,
+        channels_last=m.channels_last,
     )
 
 

@@ -26,7 +26,8 @@ exit status is non-zero when any step failed):
    `max_memory_allocated` of the same step, for two configs with a published memory figure.
 6. `train`: 20 training iterations (after 2 warm-up ones, the second measuring the peak memory) of
    R-101-D8 at 769x769, batch 2, with the
-   criss-cross head (naive, then Triton) and the non-local head: iterations/s and peak memory.
+   criss-cross head (naive, then Triton on NCHW and on channels-last maps) and the non-local head:
+   iterations/s and peak memory.
 7. `report`: `results/REPORT.md` regenerated (`repro.pipeline.report`), with a section built from
    DIR/gpu_acceptance.csv.
 
@@ -81,6 +82,8 @@ CALIBRATION_CONFIGS = ("mmseg_cityscapes_r101_d8_769x769_40k", "mmseg_ade20k_r10
 TRAIN_CONFIG = "mmseg_cityscapes_r101_d8_769x769_40k"
 TRAIN_HEADS = {"rcca_naive": {"model.head": "rcca", "model.backend": "naive"},
                "rcca_triton": {"model.head": "rcca", "model.backend": "triton"},
+               "rcca_triton_channels_last": {"model.head": "rcca", "model.backend": "triton",
+                                             "model.channels_last": True},
                "nonlocal_naive": {"model.head": "nonlocal", "model.nonlocal_impl": "naive"}}
 # Whatever the config says about the machine it was run on: one process, fresh weights, no data files.
 SHRINK = {"model.depth": 50, "model.head_channels": 16, "model.aux_channels": 16, "data.crop_size": (17, 17),
