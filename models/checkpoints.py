@@ -482,7 +482,8 @@ def _load_state(
         raise CheckpointError(
             f"checkpoint (source={source}) does not match the model: {len(missing)} missing "
             f"{missing[:10]}, {len(unexpected)} unexpected {unexpected[:10]}; "
-            "pass strict=False to load anyway"
+            "models.load_checkpoint(..., strict=False) loads the matching part anyway (the command line always "
+            "loads strictly: a partial model would be evaluated with random weights)"
         )
     model.load_state_dict(mapped, strict=False)
     return LoadReport(

@@ -2,6 +2,7 @@
 device is pinned, so the Triton rows say why they were not measured on any machine)."""
 
 import pandas as pd
+import torch
 
 from repro.io import upsert_csv
 from repro.measure import bench
@@ -39,3 +40,12 @@ def test_upsert_replaces_by_key_and_keeps_the_rest(tmp_path):
     rows = sorted(map(tuple, merged.astype(str).values.tolist()))
     assert rows == [("1", "x", "10"), ("2", "y", "21"), ("3", "z", "30")]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_run_restores_the_thread_count():
+    from rich.console import Console
+
+    threads = torch.get_num_threads()
+    bench.run([bench.Shape(1, 4, 2, 3, 5)], ["cca_naive"], ["fp32"], torch.device("cpu"), rounds=1,
+              threads=threads + 1, console=Console(quiet=True))
+    assert torch.get_num_threads() == threads

@@ -150,8 +150,18 @@ def run(
     threads: int,
     console: Console,
 ) -> pd.DataFrame:
-    """Measure every (shape, dtype, variant, pass); variants interleaved round by round."""
+    """Measure every (shape, dtype, variant, pass); variants interleaved round by round. The CPU thread count is
+    `threads` for the run and restored afterwards."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _measure(shapes, variant_names, dtypes, device, rounds=rounds, threads=threads, console=console)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure(shapes: list[Shape], variant_names: list[str], dtypes: list[str], device: torch.device, *,
+             rounds: int, threads: int, console: Console) -> pd.DataFrame:
     rows = []
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     label = device_label(device)
