@@ -481,12 +481,16 @@ def default_blocks(device: torch.device, dtype: torch.dtype, capability: tuple[i
         capability = torch.cuda.get_device_capability(device)
     if dtype in (torch.float16, torch.bfloat16):
         # A 97-pixel line is one tile: energies computed once per pass. sm_90: the whole-line forward fits 128
-        # registers without spills, 2 blocks of 8 warps per SM (sm_80's ptxas needs ~185). The backward holds
-        # S, P, dP and dS of a 128 x 128 tile: about 254 registers at 8 warps, one block per SM; sm_80's ptxas
-        # spills there, so its backward lines take 64-wide tiles.
+        # registers without spills, 2 blocks of 8 warps per SM. The backward holds S, P, dP and dS of a
+        # 128 x 128 tile: about 254 registers at 8 warps, one block per SM.
         if capability >= (9, 0):
             return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=8, num_stages=2, max_registers=128)
-        return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=8, num_stages=2, backward_line=64)
+        # sm_80's ptxas needs about 185 registers for the whole-line forward at 8 warps (one block per SM) and
+        # spills the 128-wide backward, so: the forward at 4 warps (about 250 registers, 2 blocks per SM: the same
+        # 8 warps per SM in two independent blocks), lines longer than a tile at 8 warps (4 spill), and 64-wide
+        # backward tiles at 4 warps (about 235 registers, 2 blocks per SM).
+        return Blocks(line=128, qk_channels=32, v_channels=16, num_warps=4, num_stages=2, backward_line=64,
+                      backward_warps=4, long_line=128, long_line_warps=8)
     # fp32 products in tf32x3 split every operand in two: on sm_90 a whole 128-wide forward tile fits (about 250
     # registers at 8 warps, one block per SM), longer lines loop over 64-wide tiles; sm_80 spills above 64. The
     # backward spills above 32-wide tiles at 4 warps, so its lines take several tiles with the partial sums
