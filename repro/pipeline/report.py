@@ -656,11 +656,17 @@ def section_kernels(results: Path, pages: dict[str, str]) -> str:
              "kernel_model.csv")
     resources = read_csv(results, "kernel_resources")
     text += ("Global-memory bytes (useful, and in 32-byte sectors) and tl.dot multiply-accumulates counted in "
-             "Triton's interpreter, as ratios to the minimum (q, k, v read once, out written once); blocks per "
-             "SM from compiling for each GPU target. Why the goals that do not hold cannot, or are not worth "
-             "forcing: `ops/cca_triton.py`, \"Floors\".\n\n")
+             "Triton's interpreter with the tiles the launchers pick on sm_90 (H100 / H200), as ratios to the "
+             "minimum (q, k, v read once, out written once); blocks per SM from compiling for each GPU target. "
+             "Why the goals that do not hold cannot, or are not worth forcing: `ops/cca_triton.py`, "
+             "\"Floors\".\n\n")
     text += markdown_table(goal_rows(model, resources))
     totals = model[model["kernel"] == "all"]
+    layouts = totals[totals["batch"] == totals["batch"].min()]
+    if layouts["layout"].nunique() > 1:
+        text += ("\nThe same kernels on channels-last and NCHW inputs (read in place, no copy): the same useful "
+                 "bytes, more 32-byte sectors.\n\n"
+                 + markdown_table(layouts[["pass", "dtype", "layout", "batch", "useful_ratio", "sector_ratio"]]))
     columns = ["pass", "dtype", "layout", "batch", "useful_ratio", "sector_ratio", "macs_ratio", "useful_bytes",
                "sector_bytes", "minimum_bytes", "macs"]
     link = detail_page(pages, "kernel_model.md", "Every kernel count", "`kernel_model.csv`",
