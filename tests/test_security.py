@@ -623,9 +623,12 @@ def test_sigkill_during_a_checkpoint_write_then_resume_gives_the_same_weights(tm
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_and_sigint_stop_cleanly_with_the_last_checkpoint_intact(tmp_path, data_root, signum):
     out = tmp_path / "run"
+    # A test run started in the background may inherit an ignored SIGINT (POSIX shells without job control
+    # ignore it for background commands); a terminal's Ctrl-C finds it at its default.
     proc = subprocess.Popen(
         [sys.executable, "-m", "repro.run", *cli_args(data_root, out, iterations=50, checkpoint_every=1)],
         env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         _wait_for_step(proc, out, 2)  # step 1's checkpoint is written before step 2 starts
