@@ -56,7 +56,9 @@ Design, and why:
   candidate's compiled resources (column `source`: default / tuner).
 * Layout. The kernels take arbitrary element strides (NCHW, channels_last, non-contiguous: no copy in the
   launcher). Channels-last inputs (1x1 convs on a channels-last feature map produce them) make every tile row
-  a contiguous channel vector; NCHW works but the column pass then touches one element per 32-byte sector.
+  a contiguous channel vector; NCHW works but the column pass then touches one element per 32-byte sector
+  (about 4x the sectors of channels-last in bf16: the nchw rows of results/kernel_model.csv). A model built
+  with `channels_last=True` (`model.channels_last` in a config) hands the kernel channels-last maps for free.
 
 Cost of one call, per (B, Cqk, Cv, H, W) with P = B * H * W pixels, A = H + W - 1 attended pixels each,
 itemsize s, lines no longer than the line tile T_col >= H, T_row >= W (whole tiles are computed), channels in
@@ -70,19 +72,18 @@ blocks (Cqk', Cv': rounded up to BLOCK_K, BLOCK_V):
   `tests/test_kernels.py` checks both formulas to the byte against the interpreter's counts.
 Floors: where each counted goal of the design meets a limit of the op or of the hardware.
 * Forward bytes. out(i, j) needs v of row i and of column j. A program that writes final outputs without an
-  intermediate reads v of every row and every column its pixels lie on: for n pixels over r rows and c
-  columns that is at least max(r W, c H) >= sqrt(n H W) pixels of v (as n <= r c). With m programs per image
-  (equal shares) v, and the keys likewise, are read at least sqrt(m) times: 2x at m = 4 (reached by two
-  half-image programs), where the bytes are s (Cqk + 2 Cqk + 2 Cv + Cv) per pixel, 1.5x the minimum
-  s (2 Cqk + 2 Cv). Filling a GPU of S SMs at batch B takes m >= S / B programs per image (132 / 8 = 17 on an
-  H100 / H200, so reads >= 4.1x and bytes >= 2.5x). The other way
-  out, an intermediate, costs its write and read: a Cv vector per pixel handed from one program to another
-  (the partial output of the other line, which no smaller summary can replace), 2 s Cv per pixel on top of
-  v read by both sides. Hence with line-sized programs the floor is q, k, v read twice and out written, read
-  and written: s (4 Cqk + 5 Cv) + the LSE, which is what these kernels move (2.4x at Cqk 64, Cv 512); with q
-  and k read once it would be s (2 Cqk + 5 Cv) (2.3x), and we know of no design that fills the GPU below it.
-  On a GPU the intermediates of an image can stay in L2 between the passes, so HBM sees less than the
-  counted bytes; the counts are L2 and HBM together.
+  intermediate reads v of every row and every column its pixels lie on: for n pixels over r rows and c columns
+  that is at least max(r W, c H) >= sqrt(n H W) pixels of v (as n <= r c). With m programs per image (equal
+  shares) v, and the keys likewise, are read at least sqrt(m) times: 2x at m = 4 (reached by two half-image
+  programs), where the bytes are s (Cqk + 2 Cqk + 2 Cv + Cv) per pixel, 1.5x the minimum s (2 Cqk + 2 Cv).
+  Filling a GPU of S SMs at batch B takes m >= S / B programs per image (132 / 8 = 17 on an H100 / H200, so
+  reads >= 4.1x and bytes >= 2.5x). The other way out, an intermediate, costs its write and read: a Cv vector
+  per pixel handed from one program to another (the partial output of the other line, which no smaller summary
+  can replace), 2 s Cv per pixel on top of v read by both sides. Hence with line-sized programs the floor is q,
+  k, v read twice and out written, read and written: s (4 Cqk + 5 Cv) + the LSE, which is what these kernels
+  move (2.4x at Cqk 64, Cv 512); with q and k read once it would be s (2 Cqk + 5 Cv) (2.3x), and we know of no
+  design that fills the GPU below it. On a GPU the intermediates of an image can stay in L2 between the passes,
+  so HBM sees less than the counted bytes; the counts are L2 and HBM together.
 * Multiply-accumulates. tl.dot tiles are powers of two >= 16, so a whole-line tile pads a line of L positions
   to T = next_power_of_2(L) in both the query and key dimensions: (T / L)^2 = 1.74x at L = 97. Splitting the
   line into tiles of 64 + 32 + 16 queries with the keys' remainder done elementwise would reach 1.16x at
@@ -96,9 +97,9 @@ Floors: where each counted goal of the design meets a limit of the op or of the 
 * fp32 backward. "tf32x3" splits each fp32 operand into two tf32 halves; a whole-line (128 x 128) backward
   spilled on sm_90 in every arrangement tried while designing (8 or 16 warps, one or two sweeps over the
   value channels, dq and dk from dS^T alone; 0.4 to 1.4 KB per thread, variants not kept), so fp32 lines
-  take 32-wide tiles and pay for it in re-reads (about 7x the
-  minimum). With plain "tf32" a whole-line backward that sweeps the value channels twice (dv, then dP; dO read
-  twice, about 2.3x) compiled without spills (254 registers); it was not adopted, as fp32 stays near-exact.
+  take 32-wide tiles and pay for it in re-reads (about 7x the minimum). With plain "tf32" a whole-line
+  backward that sweeps the value channels twice (dv, then dP; dO read twice, about 2.3x) compiled without
+  spills (254 registers); it was not adopted, as fp32 stays near-exact.
 Counted at the issue's shapes and compiled for sm_80 / sm_90 by `python -m repro.kernels`:
 `results/kernel_model.csv` (bytes, 32-byte sectors and MACs per kernel against the minimum of `ops.cost`)
 and `results/kernel_resources.csv` (registers, spills, shared memory, asynchronous copies, blocks per SM).
