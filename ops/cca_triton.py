@@ -321,6 +321,23 @@ def _add_gradient(partial_ptrs, final_ptrs, tile, mask, has_prior, is_final):
 
 
 @triton.jit
+def _contribution_flags(start, BLOCK: tl.constexpr, length, FIRST: tl.constexpr, LAST: tl.constexpr):
+    """(prior, final) of the block at `start` of a line's loop over blocks of BLOCK: whether a partial sum is
+    already in memory (a later block, or any block of the row pass) and whether this contribution is the last
+    (the last block of the row pass). (The flags compare with `length` so that they are tensors, also in the
+    interpreter.)"""
+    if FIRST:
+        prior = start + length > length
+    else:
+        prior = start < length
+    if LAST:
+        final = start + BLOCK >= length
+    else:
+        final = start >= length
+    return prior, final
+
+
+@triton.jit
 def _line_backward_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
     dq_part_ptr, dk_part_ptr, dv_part_ptr, dq_ptr, dk_ptr, dv_ptr,
@@ -361,27 +378,13 @@ def _line_backward_kernel(
         m_mask = offs_m < length
         lse = tl.load(lse_ptr + pixel_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
         delta = tl.load(delta_ptr + pixel_offset + offs_m * sl_pos, mask=m_mask, other=0.0)
-        # dk / dv of a key block: first contribution at the first query block, last at the last one. (The
-        # flags compare with `length` so that they are tensors, also in the interpreter.)
-        if FIRST:
-            kv_prior = m_start + length > length
-        else:
-            kv_prior = m_start < length
-        if LAST:
-            kv_final = m_start + BLOCK_M >= length
-        else:
-            kv_final = m_start >= length
+        # dk / dv of a key block: first contribution at the first query block, last at the last one.
+        kv_prior, kv_final = _contribution_flags(m_start, BLOCK_M, length, FIRST, LAST)
         for n_start in range(0, length, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
             n_mask = offs_n < length
-            if FIRST:
-                q_prior = n_start + length > length
-            else:
-                q_prior = n_start < length
-            if LAST:
-                q_final = n_start + BLOCK_N >= length
-            else:
-                q_final = n_start >= length
+            # dq of a query block: first contribution at the first key block, last at the last one.
+            q_prior, q_final = _contribution_flags(n_start, BLOCK_N, length, FIRST, LAST)
             scores = _line_scores(q_base, k_base, offs_m, offs_n, m_mask, n_mask, sq_pos, sq_c, sk_pos, sk_c,
                                   qk_channels, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, ROUND_BF16,
                                   PRECISION, ACC)
