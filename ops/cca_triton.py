@@ -574,6 +574,16 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _to_channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself when each pixel's channels are contiguous (channel stride 1; 0 for an expanded tensor, one
+    element per pixel; or a single channel), else a channels_last copy: one read and one write of the tensor,
+    which `repro.measure.kernels.count` adds to the counted traffic. Converting NCHW inputs costs
+    2 s C per pixel; reading them in place would make the column pass touch one element per 32-byte sector."""
+    if tensor.shape[1] == 1 or tensor.stride(1) in (0, 1):
+        return tensor
+    return tensor.contiguous(memory_format=torch.channels_last)
+
+
 def _channels_last_like(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Empty (B, C, H, W) tensor in channels_last memory; the fake implementations use it too, so that the
     strides a compiled graph sees are those the kernels produce."""
@@ -779,6 +789,7 @@ def cca_triton_forward(
     blocks: Blocks | str | None = None,
     allow_tf32: bool = False,
     tuner: Tuner | None = None,
+    copy_to_channels_last: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused criss-cross attention forward.
 
@@ -789,12 +800,16 @@ def cca_triton_forward(
             `TuneKey` (a GPU, or a `tuner` with its own timer).
         allow_tf32: fp32 inputs on a GPU use tf32 products (faster, ~1e-3 relative) instead of tf32x3.
         tuner: the Tuner for "tune" (default `default_tuner()`, one per process).
+        copy_to_channels_last: inputs whose channels are not contiguous per pixel (NCHW) are copied into
+            channels_last memory first (`_to_channels_last`); False: the kernels read them in place (strided).
 
     Returns:
         out: (B, Cv, H, W) in the input dtype, channels_last memory.
         lse: (B, H, W) fp32 (fp64 for fp64 inputs), the log-sum-exp of each pixel's H + W - 1 energies.
     """
     _check_inputs(query, key, value, "cca_triton_forward")
+    if copy_to_channels_last:
+        query, key, value = (_to_channels_last(t) for t in (query, key, value))
     blocks = _choose_blocks(
         blocks, tuner, "forward", query, value, (query, key, value), allow_tf32,
         lambda candidate: plan_forward(query, key, value, blocks=candidate, allow_tf32=allow_tf32)[1])
@@ -816,13 +831,15 @@ def cca_triton_backward(
     blocks: Blocks | str | None = None,
     allow_tf32: bool = False,
     tuner: Tuner | None = None,
+    copy_to_channels_last: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused criss-cross attention backward (deterministic: every gradient element has one owner per pass).
 
     Args:
         grad_out, out: (B, Cv, H, W); query, key: (B, Cqk, H, W); value: (B, Cv, H, W); lse: (B, H, W) fp32
             (fp64 for fp64 inputs) from `cca_triton_forward`. Any strides.
-        blocks, allow_tf32, tuner: as in `cca_triton_forward` (the backward is tuned on its own key).
+        blocks, allow_tf32, tuner, copy_to_channels_last: as in `cca_triton_forward` (the backward is tuned on
+            its own key; through the custom op q, k, v and out are channels-last already, grad_out may not be).
 
     Returns:
         grad_query, grad_key, grad_value in the input dtype, channels_last memory.
@@ -836,6 +853,8 @@ def cca_triton_backward(
     if lse.shape != (batch, height, width) or lse.dtype != lse_dtype(query.dtype):
         raise ValueError(f"cca_triton_backward: lse must be {lse_dtype(query.dtype)} {(batch, height, width)}, "
                          f"got {lse.dtype} {tuple(lse.shape)}")
+    if copy_to_channels_last:
+        grad_out, query, key, value, out = (_to_channels_last(t) for t in (grad_out, query, key, value, out))
     blocks = _choose_blocks(
         blocks, tuner, "backward", query, value, (query, key, value, grad_out), allow_tf32,
         lambda candidate: plan_backward(grad_out, query, key, value, out, lse, blocks=candidate,
@@ -1214,6 +1233,8 @@ def fvcore_handle():
 
 def criss_cross_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Criss-cross attention through the fused Triton op: (B, Cqk, H, W) x2, (B, Cv, H, W) -> (B, Cv, H, W)
-    (channels_last memory), differentiable in all three inputs."""
+    (channels_last memory), differentiable in all three inputs. NCHW inputs are copied into channels_last here,
+    before the op, so that the copies are what autograd saves for the backward (converted once, not per pass)."""
+    query, key, value = (_to_channels_last(t) for t in (query, key, value))
     out, _ = torch.ops.ccrepro.cca_triton_forward(query, key, value)
     return out

@@ -53,9 +53,14 @@ MODEL_TARGET = "sm_90"
 # The L2 that `images_per_launch="auto"` fills in planned launches: an H100 / H200's 50 MB
 # (torch.cuda.get_device_properties(d).L2_cache_size on a GPU). Chunks change grids, not compilations.
 L2_BYTES = 50 * 1024 * 1024
+# Input memory layouts the model counts: "channels_last" (what the kernels read contiguously; the 1x1 convs of a
+# channels-last model produce it), "nchw" (PyTorch's default, copied into channels_last by the launchers as the
+# custom op does: q, k, v once in the forward, dO in the backward; the copies counted as kernel "layout_copy"),
+# "nchw_in_place" (NCHW read in place with copy_to_channels_last=False: what the launchers avoid).
+LAYOUTS = ("channels_last", "nchw", "nchw_in_place")
+# The name under which `count()` books the launchers' PyTorch layout copies.
+COPY_KERNEL = "layout_copy"
 # Columns that identify a row of kernel_model.csv.
-# Input memory layouts the model counts: what the kernels read contiguously, and PyTorch's default.
-LAYOUTS = ("channels_last", "nchw")
 MODEL_KEY = ("pass", "kernel", "dtype", "layout", "batch", "qk_channels", "v_channels", "height", "width")
 
 
@@ -157,6 +162,16 @@ class Counter:
         return total
 
 
+def _addresses(tensor: torch.Tensor) -> np.ndarray:
+    """Byte address of every element of `tensor` (any strides)."""
+    addresses = np.full((1,) * tensor.dim(), tensor.data_ptr(), dtype=np.int64)
+    for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
+        shape = [1] * tensor.dim()
+        shape[dim] = size
+        addresses = addresses + (np.arange(size, dtype=np.int64) * stride * tensor.element_size()).reshape(shape)
+    return addresses
+
+
 def _access(ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> tuple[int, int]:
     """(bytes, distinct 32-byte sectors x 32) of the unmasked lanes of one access."""
     addresses = ptrs[np.broadcast_to(mask, ptrs.shape).astype(bool)].astype(np.uint64)
@@ -171,11 +186,14 @@ def _access(ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> tuple[int, int
 @contextlib.contextmanager
 def count() -> Iterator[Counter]:
     """Count the global memory traffic and tl.dot multiply-accumulates of every interpreted kernel launched
-    inside the block, per kernel. The interpreter's methods are wrapped for the duration only."""
+    inside the block, per kernel, and the layout copies the launchers make in PyTorch (`COPY_KERNEL`: the source
+    read and the copy written). The interpreter's methods are wrapped for the duration only."""
     if not _interpreted():
         raise RuntimeError("repro.measure.kernels.count needs the Triton interpreter: set TRITON_INTERPRET=1 "
                            "before triton is first imported")
     from triton.runtime import interpreter
+
+    from ops import cca_triton
 
     counter = Counter()
     builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
@@ -212,19 +230,35 @@ def count() -> Iterator[Counter]:
         finally:
             counter.current = outer
 
+    original_copy = cca_triton._to_channels_last
+
+    def layout_copy(tensor):
+        result = original_copy(tensor)
+        if result is not tensor:
+            counts = counter.kernels[COPY_KERNEL]
+            counts.launches += 1
+            everything = np.ones((), dtype=bool)
+            for direction, moved in (("load", tensor), ("store", result)):
+                useful, sectors = _access(_addresses(moved), everything, moved.element_size())
+                setattr(counts, f"{direction}_bytes", getattr(counts, f"{direction}_bytes") + useful)
+                setattr(counts, f"{direction}_sector_bytes", getattr(counts, f"{direction}_sector_bytes") + sectors)
+        return result
+
     builder.create_masked_load, builder.create_masked_store, builder.create_dot = masked_load, masked_store, dot
     executor.__call__ = call
+    cca_triton._to_channels_last = layout_copy
     try:
         yield counter
     finally:
         for name, method in original.items():
             setattr(builder, name, method)
         executor.__call__ = original_call
+        cca_triton._to_channels_last = original_copy
 
 
 def _inputs(batch: int, qk_channels: int, v_channels: int, height: int, width: int, dtype: torch.dtype,
             layout: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """query, key, value, grad_out in `layout` ("channels_last": what the kernels read contiguously; "nchw")."""
+    """query, key, value, grad_out in `layout` (one of LAYOUTS: channels_last, or NCHW)."""
     generator = torch.Generator().manual_seed(seed)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -239,21 +273,26 @@ def _inputs(batch: int, qk_channels: int, v_channels: int, height: int, width: i
 def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width: int, dtype_name: str,
                layout: str = "channels_last") -> list[dict]:
     """Counted forward and backward of `ops.cca_triton` at one shape with the tiles the launchers pick on an
-    sm_90 GPU (MODEL_TARGET):
+    sm_90 GPU (MODEL_TARGET), the inputs in `layout` (LAYOUTS) and handled as the custom op handles them: the
+    launchers' layout copies counted, q, k, v copied once (in the forward) and handed to the backward as the op
+    saves them:
     one row per kernel and one "all" row per pass, with the minimum bytes and MACs of `ops.cost` beside the
     counts."""
-    from ops import cost
-    from ops.cca_triton import cca_triton_backward, cca_triton_forward, default_blocks
+    from ops import cca_triton, cost
 
     dtype = DTYPES[dtype_name]
-    blocks = default_blocks(torch.device("cuda"), dtype, _capability(MODEL_TARGET))
+    blocks = cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(MODEL_TARGET))
     query, key, value, grad_out = _inputs(batch, qk_channels, v_channels, height, width, dtype, layout)
+    copy = layout != "nchw_in_place"
     itemsize = query.element_size()
     pairs = batch * height * width * (height + width - 1)
     with count() as forward:
-        out, lse = cca_triton_forward(query, key, value, blocks=blocks)
+        if copy:  # what criss_cross_attention_triton does before the op, so that autograd saves the copies
+            query, key, value = (cca_triton._to_channels_last(t) for t in (query, key, value))
+        out, lse = cca_triton.cca_triton_forward(query, key, value, blocks=blocks, copy_to_channels_last=copy)
     with count() as backward:
-        cca_triton_backward(grad_out, query, key, value, out, lse, blocks=blocks)
+        cca_triton.cca_triton_backward(grad_out, query, key, value, out, lse, blocks=blocks,
+                                       copy_to_channels_last=copy)
     minimum = {
         "forward": cost.criss_cross_attention_cost(batch, qk_channels, v_channels, height, width,
                                                    itemsize=itemsize),
