@@ -54,11 +54,15 @@ Design, and why:
   reproducible only with the cache file. Tune (one eager call per shape) before capturing a CUDA graph: timing
   synchronises. No candidate has been timed here (no GPU); `results/kernel_resources.csv` lists every
   candidate's compiled resources (column `source`: default / tuner).
-* Layout. The kernels take arbitrary element strides (NCHW, channels_last, non-contiguous: no copy in the
-  launcher). Channels-last inputs (1x1 convs on a channels-last feature map produce them) make every tile row
-  a contiguous channel vector; NCHW works but the column pass then touches one element per 32-byte sector
-  (about 4x the sectors of channels-last in bf16: the nchw rows of results/kernel_model.csv). A model built
-  with `channels_last=True` (`model.channels_last` in a config) hands the kernel channels-last maps for free.
+* Layout: channels-last internally. Channels-last inputs (1x1 convs on a channels-last feature map produce
+  them) make every tile row a contiguous channel vector. Inputs whose channels are not contiguous per pixel
+  (NCHW) are copied into channels_last once (`_to_channels_last`): by `criss_cross_attention_triton` before the
+  custom op, so that autograd saves the copies and the backward reuses them, and by the launchers for direct
+  callers and for dO. The kernels take arbitrary element strides, and `copy_to_channels_last=False` reads NCHW
+  in place instead, but then the column pass touches one element per 32-byte sector: in
+  results/kernel_model.csv the nchw_in_place rows move more sectors than the copies and the kernels together
+  (the nchw rows). A model built with `channels_last=True` (`model.channels_last` in a config) hands the
+  kernel channels-last maps with no copy at all.
 
 Cost of one call, per (B, Cqk, Cv, H, W) with P = B * H * W pixels, A = H + W - 1 attended pixels each,
 itemsize s, lines no longer than the line tile T_col >= H, T_row >= W (whole tiles are computed), channels in
@@ -70,6 +74,8 @@ blocks (Cqk', Cv': rounded up to BLOCK_K, BLOCK_V):
   for the fp32 partials written and read back, P s (2 Cqk + Cv) for the gradients (the minimum is
   P (s (4 Cqk + 5 Cv) + 4)). MACs: (B W T_col^2 + B H T_row^2) (3 Cqk' + 2 Cv').
   `tests/test_kernels.py` checks both formulas to the byte against the interpreter's counts.
+* NCHW inputs add their copies (read and written once): P s 2 (2 Cqk + Cv) in the forward (q, k, v) and
+  P s 2 Cv in the backward (dO, when it is not channels-last).
 Floors: where each counted goal of the design meets a limit of the op or of the hardware.
 * Forward bytes. out(i, j) needs v of row i and of column j. A program that writes final outputs without an
   intermediate reads v of every row and every column its pixels lie on: for n pixels over r rows and c columns

@@ -143,7 +143,24 @@ def test_gradcheck_fp64(shape, op_device):
     )
 
 
-def test_non_contiguous_and_channels_last_inputs(op_device):
+class _InPlace(torch.autograd.Function):
+    """The launchers reading every input in place (copy_to_channels_last=False): the kernels' own strides."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out, lse = cca_triton.cca_triton_forward(query, key, value, copy_to_channels_last=False)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return cca_triton.cca_triton_backward(grad_out, *ctx.saved_tensors, copy_to_channels_last=False)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["copied", "in_place"])
+def test_non_contiguous_and_channels_last_inputs(in_place, op_device):
+    """Through the op (NCHW and strided inputs copied into channels_last) and with the kernels reading every
+    layout in place."""
     query, key, value, grad = _inputs(2, 6, 10, 7, 9, device=op_device)
     wide = torch.randn(2, 12, 7, 9, device=op_device)
     strided_query = wide[:, ::2]  # channel stride 2
@@ -151,7 +168,41 @@ def test_non_contiguous_and_channels_last_inputs(op_device):
     channels_last_value = value.contiguous(memory_format=torch.channels_last)
     strided_query.copy_(query)
     assert not strided_query.is_contiguous() and not transposed_key.is_contiguous()
-    _check_against_naive(strided_query, transposed_key, channels_last_value, grad)
+    _check_against_naive(strided_query, transposed_key, channels_last_value, grad,
+                         fn=_InPlace.apply if in_place else None)
+
+
+def test_only_inputs_without_contiguous_channels_are_copied():
+    nchw = torch.randn(2, 4, 3, 5)
+    channels_last = nchw.contiguous(memory_format=torch.channels_last)
+    copy = cca_triton._to_channels_last(nchw)
+    assert copy is not nchw and copy.is_contiguous(memory_format=torch.channels_last) and torch.equal(copy, nchw)
+    assert cca_triton._to_channels_last(channels_last) is channels_last
+    expanded = torch.ones(1, 1, 1, 1).expand(2, 4, 3, 5)  # `out.sum().backward()`'s gradient: read in place
+    assert cca_triton._to_channels_last(expanded) is expanded
+    one_channel = torch.randn(2, 1, 3, 5)
+    assert cca_triton._to_channels_last(one_channel) is one_channel
+
+
+@interpreter_only
+def test_nchw_inputs_are_copied_once_through_autograd():
+    """Through the op, NCHW q, k, v are copied once, before the forward, and autograd saves the copies: the
+    backward copies only an NCHW dO (and nothing for a channels-last one)."""
+    from repro.measure import kernels
+
+    query, key, value, grad = _inputs(1, 3, 5, 6, 7)
+    inputs = tuple(t.requires_grad_() for t in (query, key, value))
+    with kernels.count() as forward:
+        out = ops.criss_cross_attention(*inputs, backend="triton")
+    with kernels.count() as backward:
+        grads = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    with kernels.count() as backward_channels_last:
+        grads_channels_last = torch.autograd.grad(out, inputs, grad.contiguous(memory_format=torch.channels_last))
+    assert forward.kernels[kernels.COPY_KERNEL].launches == 3
+    assert backward.kernels[kernels.COPY_KERNEL].launches == 1
+    assert kernels.COPY_KERNEL not in backward_channels_last.kernels
+    for copied, direct in zip(grads, grads_channels_last, strict=True):
+        assert torch.equal(copied, direct)
 
 
 def test_stride_zero_gradient(op_device):

@@ -85,16 +85,42 @@ def test_counts_follow_the_design_formulas():
     assert (total["sector_bytes"] <= 1.1 * total["useful_bytes"]).all()
 
 
+def _copy_bytes(pixels: int, itemsize: int, qk: int, v: int, pass_name: str) -> int:
+    """What the launchers' layout copies of NCHW inputs read and write: q, k, v in the forward, dO in the backward
+    (q, k, v reach the backward as the copies autograd saved)."""
+    channels = 2 * qk + v if pass_name == "forward" else v
+    return 2 * pixels * itemsize * channels
+
+
 @interpreter_only
-def test_nchw_inputs_cost_sectors_not_bytes():
-    """The kernels take any strides: NCHW inputs move the same useful bytes but many more sectors (the column
-    pass reads one element per 32-byte sector)."""
-    shape = (1, 16, 32, 17, 13)
-    last = pd.DataFrame(kernels.model_rows(*shape, "fp32", "channels_last")).set_index(["pass", "kernel"])
-    nchw = pd.DataFrame(kernels.model_rows(*shape, "fp32", "nchw")).set_index(["pass", "kernel"])
-    forward = ("forward", "all")
-    assert nchw.loc[forward, "useful_bytes"] == last.loc[forward, "useful_bytes"]
-    assert nchw.loc[forward, "sector_bytes"] > 2 * last.loc[forward, "sector_bytes"]
+def test_nchw_inputs_are_copied_once_and_the_copies_counted():
+    """NCHW inputs: the launchers copy them into channels_last (counted as kernel layout_copy: q, k, v in the
+    forward, dO in the backward), after which the kernels move exactly what they move on channels-last inputs.
+    Read in place instead (nchw_in_place), the useful bytes are the same but the column pass touches one element
+    per 32-byte sector: more sectors than the copies and the kernels together."""
+    batch, qk, v, height, width = 1, 16, 32, 17, 13
+    rows = {layout: pd.DataFrame(kernels.model_rows(batch, qk, v, height, width, "fp32", layout)).set_index(
+        ["pass", "kernel"]) for layout in kernels.LAYOUTS}
+    last, nchw, in_place = rows["channels_last"], rows["nchw"], rows["nchw_in_place"]
+    for pass_name in ("forward", "backward"):
+        copies = nchw.loc[(pass_name, kernels.COPY_KERNEL)]
+        assert copies["launches"] == (3 if pass_name == "forward" else 1)
+        expected = _copy_bytes(batch * height * width, 4, qk, v, pass_name)
+        assert copies["useful_bytes"] == expected and copies["load_bytes"] == copies["store_bytes"]
+        assert expected <= copies["sector_bytes"] <= expected + 32 * copies["launches"] * 2  # dense copies
+        for kernel in last.loc[pass_name].index.drop("all"):
+            for column in ("launches", "useful_bytes", "sector_bytes", "macs"):
+                assert nchw.loc[(pass_name, kernel), column] == last.loc[(pass_name, kernel), column], (kernel, column)
+        assert (pass_name, kernels.COPY_KERNEL) not in in_place.index
+        total = (pass_name, "all")
+        assert in_place.loc[total, "useful_bytes"] == last.loc[total, "useful_bytes"]
+        assert in_place.loc[total, "sector_bytes"] > nchw.loc[total, "sector_bytes"] > last.loc[total, "sector_bytes"]
+    assert in_place.loc[("forward", "all"), "sector_bytes"] > 2 * last.loc[("forward", "all"), "sector_bytes"]
+
+
+def test_unknown_layout_is_refused_by_name():
+    with pytest.raises(ValueError, match="layout must be one of .*'nchw_in_place'.*got 'nhwc'"):
+        kernels.model_rows(1, 2, 2, 3, 3, "fp32", "nhwc")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,9 +128,11 @@ def test_nchw_inputs_cost_sectors_not_bytes():
 # ----------------------------------------------------------------------------------------------------------
 
 
-# The goal shapes whose rows are committed: all of them, channels-last; B = 1 also with NCHW inputs.
+# The goal shapes whose rows are committed: all of them, channels-last; B = 1 also with NCHW inputs (copied by
+# the launchers, and read in place).
 COMMITTED_SHAPES = kernels.GOAL_SHAPES
 NCHW_SHAPES = kernels.GOAL_SHAPES[:1]
+NCHW_LAYOUTS = ("nchw", "nchw_in_place")
 
 
 def _model() -> pd.DataFrame:
@@ -134,9 +162,16 @@ def test_goal_rows_take_the_worst_goal_shape_row_per_dtype():
       + [{"kernel": "_line_forward_kernel", "dtype": "bf16", "shape": kernels.RESOURCE_GOAL_SHAPE, "target": "sm_90",
           "blocks_per_sm": 0, "source": "tuner"}])
     rows = kernels.goal_rows(model, resources).set_index(["goal", "dtype", "target"])
-    bf16 = rows.loc[("forward useful bytes", "bf16", "counted")]
+    bf16 = rows.loc[("forward useful bytes", "bf16", "counted sm_90")]  # no target column: MODEL_TARGET's tiles
     assert bf16["value"] == 1.6 and bf16["batches"] == "1, 2" and not bf16["holds"]
-    assert rows.loc[("forward useful bytes", "fp32", "counted"), "holds"]
+    assert rows.loc[("forward useful bytes", "fp32", "counted sm_90"), "holds"]
+    # Rows counted with another target's tiles are goal rows of their own.
+    model["target"] = "sm_90"
+    model.loc[len(model)] = {**base, "pass": "forward", "dtype": "bf16", "batch": 1, "useful_ratio": 1.1,
+                             "target": "sm_80"}
+    by_target = kernels.goal_rows(model).set_index(["goal", "dtype", "target"])
+    assert by_target.loc[("forward useful bytes", "bf16", "counted sm_80"), "holds"]
+    assert by_target.loc[("forward useful bytes", "bf16", "counted sm_90"), "value"] == 1.6
     blocks = rows.loc[("_line_forward_kernel blocks per SM", "bf16", "sm_90")]
     assert blocks["value"] == 1 and not blocks["holds"]
     assert not any("_delta_kernel" in goal for goal, _, _ in rows.index)
@@ -153,7 +188,7 @@ def _committed_row(frame, shape, dtype, pass_name, layout) -> pd.Series:
 
 def test_committed_model_rows_cover_the_goal_shapes():
     frame = _model()
-    for layout, shapes in (("channels_last", COMMITTED_SHAPES), ("nchw", NCHW_SHAPES)):
+    for layout, shapes in (("channels_last", COMMITTED_SHAPES), *((layout, NCHW_SHAPES) for layout in NCHW_LAYOUTS)):
         for shape in shapes:
             for dtype in ("fp32", "bf16"):
                 for pass_name in ("forward", "backward"):
@@ -174,23 +209,32 @@ def test_committed_counts_are_linear_in_the_batch():
             assert abs(large["sector_bytes"] - 2 * small["sector_bytes"]) <= 0.001 * large["sector_bytes"]
 
 
-def test_committed_nchw_rows_move_the_same_bytes_in_more_sectors():
-    """The kernels read NCHW inputs in place (no launcher copy): the same useful bytes, more 32-byte sectors."""
-    frame = _model()
+def test_committed_nchw_rows_are_the_channels_last_kernels_plus_the_copies():
+    """NCHW inputs copied by the launchers: the kernels' counts are the channels-last ones, the copies add what
+    they read and write (forward: q, k, v; backward: dO), and all of it moves fewer sectors than reading NCHW in
+    place, which moves the channels-last useful bytes in more sectors."""
+    frame = pd.read_csv(RESULTS / "kernel_model.csv")
     for shape in NCHW_SHAPES:
+        batch, qk, v, height, width = shape
         for dtype in ("fp32", "bf16"):
             for pass_name in ("forward", "backward"):
-                last, nchw = (_committed_row(frame, shape, dtype, pass_name, layout)
-                              for layout in ("channels_last", "nchw"))
-                assert nchw["useful_bytes"] == last["useful_bytes"]
-                assert nchw["sector_bytes"] > last["sector_bytes"]
+                last, nchw, in_place = (_committed_row(frame[frame["kernel"] == "all"], shape, dtype, pass_name, layout)
+                                        for layout in ("channels_last", *NCHW_LAYOUTS))
+                copies = _committed_row(frame[frame["kernel"] == kernels.COPY_KERNEL], shape, dtype, pass_name,
+                                        "nchw")
+                itemsize = 4 if dtype == "fp32" else 2
+                assert copies["useful_bytes"] == _copy_bytes(batch * height * width, itemsize, qk, v, pass_name)
+                assert nchw["useful_bytes"] == last["useful_bytes"] + copies["useful_bytes"]
+                assert nchw["sector_bytes"] == last["sector_bytes"] + copies["sector_bytes"]
+                assert in_place["useful_bytes"] == last["useful_bytes"]
+                assert in_place["sector_bytes"] > nchw["sector_bytes"], (dtype, pass_name)
 
 
 def _goal(name: str, dtypes=("fp32", "bf16")) -> None:
     """The counted goal `name` of kernels.GOALS holds for each of `dtypes` over the committed goal shapes."""
-    rows = kernels.goal_rows(pd.read_csv(RESULTS / "kernel_model.csv")).set_index(["goal", "dtype"])
+    rows = kernels.goal_rows(pd.read_csv(RESULTS / "kernel_model.csv")).set_index(["goal", "dtype", "target"])
     for dtype in dtypes:
-        row = rows.loc[(name, dtype)]
+        row = rows.loc[(name, dtype, f"counted {kernels.MODEL_TARGET}")]
         assert row["batches"] == ", ".join(str(shape[0]) for shape in COMMITTED_SHAPES)
         assert row["holds"], f"{name} {dtype}: {row['value']:.2f}, goal {row['limit']}"
 

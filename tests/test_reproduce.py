@@ -108,6 +108,8 @@ def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
     assert status.loc["profile-01-of-01", "status"] == "done"
     assert status.loc["run-c_fails", "status"] == "failed"
     assert status.loc["report", "status"] == "done"  # the report still ran after the failure
+    # Training continues from its last checkpoint when an earlier pipeline was interrupted during it.
+    assert status.loc["run-alpha", "command"].split()[-1] == "--resume"
     report = (results / "REPORT.md").read_text()
     assert "dataset not present" in report and "b_absent" in report
     # Rerun: stamped steps are skipped, the failed one is tried again.
@@ -116,6 +118,10 @@ def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
     status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
     assert status.loc["claims", "status"] == "done (earlier run)"
     assert status.loc["run-c_fails", "status"] == "done"
+    # --force trains from scratch.
+    assert main([*argv, "--force"]) == 0
+    status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
+    assert "--resume" not in status.loc["run-alpha", "command"].split()
 
 
 def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):

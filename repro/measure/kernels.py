@@ -48,7 +48,8 @@ MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 # The shapes of the issue's goals: B = 1 and 2, Cqk 64, Cv 512, 97 x 97.
 GOAL_SHAPES = tuple((batch, 64, 512, 97, 97) for batch in (1, 2))
-# The GPU whose tiles the counted model uses (H100 / H200).
+# The GPU whose tiles the counted model uses by default (H100 / H200); `model_rows(target="sm_80")` counts the
+# A100's tiles (column `target`).
 MODEL_TARGET = "sm_90"
 # The L2 that `images_per_launch="auto"` fills in planned launches: an H100 / H200's 50 MB
 # (torch.cuda.get_device_properties(d).L2_cache_size on a GPU). Chunks change grids, not compilations.
@@ -61,7 +62,8 @@ LAYOUTS = ("channels_last", "nchw", "nchw_in_place")
 # The name under which `count()` books the launchers' PyTorch layout copies.
 COPY_KERNEL = "layout_copy"
 # Columns that identify a row of kernel_model.csv.
-MODEL_KEY = ("pass", "kernel", "dtype", "layout", "batch", "qk_channels", "v_channels", "height", "width")
+MODEL_KEY = ("pass", "kernel", "dtype", "layout", "target", "batch", "qk_channels", "v_channels", "height",
+             "width")
 
 
 @dataclass(frozen=True)
@@ -91,19 +93,23 @@ RESOURCE_GOAL_SHAPE = "8x64x512x97x97"
 
 
 def goal_rows(model: pd.DataFrame, resources: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (goal, dtype): the limit, the worst counted value over the goal shapes, and whether it holds;
-    with `resources`, one row per (main line kernel, target) for the blocks-per-SM goal."""
+    """One row per (goal, dtype, tiles counted): the limit, the worst counted value over the goal shapes, and
+    whether it holds (target "counted sm_90": with the tiles the launchers pick on sm_90; model rows without a
+    `target` column were counted with MODEL_TARGET's); with `resources`, one row per (main line kernel, target)
+    for the blocks-per-SM goal."""
     goal_shapes = {f"{b}x{qk}x{v}x{h}x{w}" for b, qk, v, h, w in GOAL_SHAPES}
     counted = model[(model["kernel"] == "all") & (model["layout"] == "channels_last")].copy()
+    counted["target"] = counted["target"] if "target" in counted else MODEL_TARGET
     counted["shape"] = [f"{r.batch}x{r.qk_channels}x{r.v_channels}x{r.height}x{r.width}" for r in counted.itertuples()]
     counted = counted[counted["shape"].isin(goal_shapes)]
     rows = []
     for goal in GOALS.values():
-        for dtype, group in counted[counted["pass"] == goal.pass_name].groupby("dtype", sort=True):
+        by_tiles = counted[counted["pass"] == goal.pass_name].groupby(["dtype", "target"], sort=True)
+        for (dtype, target), group in sorted(by_tiles, key=lambda item: (item[0][1] != MODEL_TARGET, item[0])):
             worst = float(group[goal.column].max())
-            rows.append({"goal": goal.name, "dtype": dtype, "target": "counted", "limit": f"<= {goal.limit:g}x",
-                         "value": worst, "batches": ", ".join(map(str, sorted(group["batch"].unique()))),
-                         "holds": worst <= goal.limit})
+            rows.append({"goal": goal.name, "dtype": dtype, "target": f"counted {target}",
+                         "limit": f"<= {goal.limit:g}x", "value": worst,
+                         "batches": ", ".join(map(str, sorted(group["batch"].unique()))), "holds": worst <= goal.limit})
     if resources is not None:
         if "source" in resources:  # the goal is the launchers' default tiles, not the tuner's other candidates
             resources = resources[resources["source"] == "default"]
@@ -271,9 +277,9 @@ def _inputs(batch: int, qk_channels: int, v_channels: int, height: int, width: i
 
 
 def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width: int, dtype_name: str,
-               layout: str = "channels_last") -> list[dict]:
-    """Counted forward and backward of `ops.cca_triton` at one shape with the tiles the launchers pick on an
-    sm_90 GPU (MODEL_TARGET), the inputs in `layout` (LAYOUTS) and handled as the custom op handles them: the
+               layout: str = "channels_last", target: str = MODEL_TARGET) -> list[dict]:
+    """Counted forward and backward of `ops.cca_triton` at one shape with the tiles the launchers pick on a
+    `target` GPU (TARGETS), the inputs in `layout` (LAYOUTS) and handled as the custom op handles them: the
     launchers' layout copies counted, q, k, v copied once (in the forward) and handed to the backward as the op
     saves them:
     one row per kernel and one "all" row per pass, with the minimum bytes and MACs of `ops.cost` beside the
@@ -281,7 +287,9 @@ def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width
     from ops import cca_triton, cost
 
     dtype = DTYPES[dtype_name]
-    blocks = cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(MODEL_TARGET))
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {tuple(TARGETS)}, got {target!r}")
+    blocks = cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(target))
     query, key, value, grad_out = _inputs(batch, qk_channels, v_channels, height, width, dtype, layout)
     copy = layout != "nchw_in_place"
     itemsize = query.element_size()
@@ -303,7 +311,8 @@ def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width
     for pass_name, counter in (("forward", forward), ("backward", backward)):
         for kernel, counts in [*sorted(counter.kernels.items()), ("all", counter.total())]:
             rows.append({
-                "pass": pass_name, "kernel": kernel, "dtype": dtype_name, "layout": layout, "batch": batch,
+                "pass": pass_name, "kernel": kernel, "dtype": dtype_name, "layout": layout, "target": target,
+                "batch": batch,
                 "qk_channels": qk_channels, "v_channels": v_channels, "height": height, "width": width,
                 "launches": counts.launches, "load_bytes": counts.load_bytes, "store_bytes": counts.store_bytes,
                 "useful_bytes": counts.bytes, "sector_bytes": counts.sector_bytes, "macs": counts.macs,
@@ -490,7 +499,7 @@ def resource_frame(**kwargs) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m repro.kernels [model|resources] [--quick] [--out-dir results]`; the model part also takes
-    `--batch`, `--dtype`, `--layout` (each repeatable) to count a subset of the goal shapes.
+    `--batch`, `--dtype`, `--layout`, `--target` (each repeatable) to count a subset of the goal shapes.
 
     Without a part, runs both, each in a process of its own (the interpreter must be on for the model and off
     for the compiler, and triton reads that once, when it is first imported).
@@ -513,8 +522,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="model: count only this dtype (repeatable; default bf16 and fp32)")
     parser.add_argument("--layout", action="append", choices=LAYOUTS,
                         help="model: memory layout of the inputs (repeatable; default channels_last)")
+    parser.add_argument("--target", action="append", choices=tuple(TARGETS),
+                        help=f"model: count with the tiles the launchers pick on this GPU target (repeatable; "
+                             f"default {MODEL_TARGET})")
     args = parser.parse_args(argv)
-    model_only = {"--batch": args.batch, "--dtype": args.dtype, "--layout": args.layout}
+    model_only = {"--batch": args.batch, "--dtype": args.dtype, "--layout": args.layout, "--target": args.target}
     if args.part != "model" and any(model_only.values()):
         parser.error(f"{', '.join(name for name, value in model_only.items() if value)} apply only to the model "
                      "part (python -m repro.kernels model ...)")
@@ -537,11 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         path = os.path.join(args.out_dir, "kernel_model.csv")
         shapes = [(1, 16, 64, 17, 17)] if args.quick else [
             shape for shape in GOAL_SHAPES if not args.batch or shape[0] in args.batch]
-        for shape, dtype_name, layout in itertools.product(shapes, args.dtype or ("bf16", "fp32"),
-                                                           args.layout or ("channels_last",)):
-            rows = pd.DataFrame(model_rows(*shape, dtype_name, layout))
+        dtypes, layouts, targets = args.dtype or ("bf16", "fp32"), args.layout or ("channels_last",), args.target
+        for shape, dtype_name, layout, target in itertools.product(shapes, dtypes, layouts, targets or (MODEL_TARGET,)):
+            rows = pd.DataFrame(model_rows(*shape, dtype_name, layout, target))
             upsert_csv(path, rows, key=MODEL_KEY)
-            print(f"counted {dtype_name} {layout} {'x'.join(map(str, shape))} into {path}", flush=True)
+            print(f"counted {dtype_name} {layout} {target} tiles {'x'.join(map(str, shape))} into {path}", flush=True)
         return 0
     else:
         frame = (resource_frame(dtypes=("bf16",), shapes=[(8, 64, 512, 97, 97)])

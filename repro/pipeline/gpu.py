@@ -355,7 +355,7 @@ def goal_verdict(value: float, goal: float, *, at_least: bool, measured_on_gpu: 
 
 def goal_rows(plan: Plan, rec: Recorder) -> None:
     """The kernel's GPU goals at plan.goal_shape, channels-last inputs (what the 1x1 convs of a channels-last
-    model produce; NCHW works but its column pass reads one element per 32-byte sector)."""
+    model produce; NCHW inputs would add the op's copies into channels-last)."""
     from ops import cost
 
     batch, qk_channels, v_channels, height, width = plan.goal_shape

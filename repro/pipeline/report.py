@@ -664,8 +664,9 @@ def section_kernels(results: Path, pages: dict[str, str]) -> str:
     totals = model[model["kernel"] == "all"]
     layouts = totals[totals["batch"] == totals["batch"].min()]
     if layouts["layout"].nunique() > 1:
-        text += ("\nThe same kernels on channels-last and NCHW inputs (read in place, no copy): the same useful "
-                 "bytes, more 32-byte sectors.\n\n"
+        text += ("\nBy input layout: channels-last; NCHW copied into channels-last by the op (the copies, "
+                 "kernel `layout_copy`, counted in); NCHW read in place by the kernels (the same useful bytes as "
+                 "channels-last, more 32-byte sectors).\n\n"
                  + markdown_table(layouts[["pass", "dtype", "layout", "batch", "useful_ratio", "sector_ratio"]]))
     columns = ["pass", "dtype", "layout", "batch", "useful_ratio", "sector_ratio", "macs_ratio", "useful_bytes",
                "sector_bytes", "minimum_bytes", "macs"]

@@ -11,8 +11,9 @@ Steps, each a subprocess called by module name (so a broken or missing step cann
 4. profile: `python -m repro.profile CONFIG... --out RESULTS` for every `experiments/*.yaml`, in chunks of a
    few configs per process (each chunk stamped, so an interruption loses at most one chunk);
 5. experiments: `python -m repro.run CONFIG --check-data` for every config (exit 0: the dataset is there,
-   then `python -m repro.run CONFIG --results RESULTS/miou.csv` trains and evaluates it; exit 3: "dataset
-   not present"), recorded in `results/experiments_status.csv`;
+   then `python -m repro.run CONFIG --results RESULTS/miou.csv --resume` trains and evaluates it, from its
+   last checkpoint if an earlier pipeline was interrupted during it (without --resume under `--force`); exit
+   3: "dataset not present"), recorded in `results/experiments_status.csv`;
 6. report: `python -m repro.report --results RESULTS --experiments EXPERIMENTS` (always rerun: cheap).
 
 The committed `results/` are the reference, never the answer: the first time a step group runs in a checkout
@@ -354,6 +355,9 @@ def run_experiments(pipeline: Pipeline, *, python: str, experiments: Path, progr
                          "detail": outcome.detail, "date": _now()})
         else:
             argv = (python, "-m", "repro.run", str(config), "--results", str(pipeline.results / "miou.csv"))
+            # A training run interrupted with the pipeline continues from its last checkpoint (a run with none
+            # starts afresh); --force trains from scratch.
+            argv += () if pipeline.force else ("--resume",)
             run = Step(f"run-{config.stem}", "experiments", argv)
             result = pipeline.execute(run)
             failed |= result.failed
