@@ -395,6 +395,8 @@ def test_tune_runs_every_candidate_and_uses_the_fastest_in_the_interpreter():
     torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
     for actual, expected in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-5)
+    # The launchers copied the NCHW inputs into channels_last before tuning: the keys name what the kernels read.
+    query, key, value, grad = (cca_triton._to_channels_last(t) for t in (query, key, value, grad))
     forward_runs = len(tuner.results[cca_triton.tune_key("forward", query, value, (query, key, value))].times_ms)
     assert len(planned) == forward_runs + len(tuner.results[cca_triton.tune_key(
         "backward", query, value, (query, key, value, grad))].times_ms)

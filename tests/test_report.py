@@ -304,9 +304,19 @@ def test_kernel_section_lists_each_goal_from_the_counts(tmp_path):
     pages = {}
     text = build_report(tmp_path, tmp_path / "nothing", pages)
     section = text[text.index("## Triton kernel"):text.index("## GPU status")]
-    assert "| forward useful bytes | bf16 | counted | <= 1.5x | 2.25 | 1 | False |" in section
-    assert "| backward useful bytes | bf16 | counted | <= 2.5x | 1.75 | 1 | True |" in section
+    assert "| forward useful bytes | bf16 | counted sm_90 | <= 1.5x | 2.25 | 1 | False |" in section
+    assert "| backward useful bytes | bf16 | counted sm_90 | <= 2.5x | 1.75 | 1 | True |" in section
     assert "`kernel_resources.csv` not found" in section and "kernel_model.md" in pages
+    assert "on sm_90 (H100 / H200) (goal rows" in section
+    # Rows counted with the A100's tiles: goal rows of their own, named in the text.
+    _write(tmp_path / "kernel_model.csv", [
+        {**base, "pass": "forward", "dtype": "bf16", "useful_ratio": 2.25, "target": "sm_90"},
+        {**base, "pass": "forward", "dtype": "bf16", "useful_ratio": 3.5, "target": "sm_80"},
+    ])
+    text = build_report(tmp_path, tmp_path / "nothing", {})
+    section = text[text.index("## Triton kernel"):text.index("## GPU status")]
+    assert "on sm_90 (H100 / H200) and on sm_80 (A100)" in section
+    assert "| forward useful bytes | bf16 | counted sm_80 | <= 1.5x | 3.5 | 1 | False |" in section
 
 
 def test_report_with_no_csvs_says_how_to_make_each(tmp_path):

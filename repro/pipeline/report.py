@@ -25,7 +25,7 @@ import pandas as pd
 
 from repro.engine.config import load_config
 from repro.io import atomic_write_text
-from repro.measure.kernels import goal_rows
+from repro.measure.kernels import MODEL_TARGET, goal_rows
 from repro.pipeline import drift
 from repro.pipeline.recipes import section_recipes
 
@@ -655,21 +655,26 @@ def section_kernels(results: Path, pages: dict[str, str]) -> str:
     _require(model, ["pass", "kernel", "dtype", "layout", "batch", "useful_ratio", "sector_ratio", "macs_ratio"],
              "kernel_model.csv")
     resources = read_csv(results, "kernel_resources")
+    if "target" not in model:  # counted before the column existed: with the default target's tiles
+        model = model.assign(target=MODEL_TARGET)
+    gpus = {"sm_90": "sm_90 (H100 / H200)", "sm_80": "sm_80 (A100)"}
+    counted = sorted(model["target"].unique(), key=lambda target: (target != MODEL_TARGET, target))
+    on = " and on ".join(gpus.get(target, target) for target in counted)
     text += ("Global-memory bytes (useful, and in 32-byte sectors) and tl.dot multiply-accumulates counted in "
-             "Triton's interpreter with the tiles the launchers pick on sm_90 (H100 / H200), as ratios to the "
-             "minimum (q, k, v read once, out written once); blocks per SM from compiling for each GPU target. "
-             "Why the goals that do not hold cannot, or are not worth forcing: `ops/cca_triton.py`, "
-             "\"Floors\".\n\n")
+             f"Triton's interpreter with the tiles the launchers pick on {on} "
+             "(goal rows \"counted TARGET\"), as ratios to the minimum (q, k, v read once, out written once); blocks "
+             "per SM from compiling for each GPU target. Why the goals that do not hold cannot, or are not worth "
+             "forcing: `ops/cca_triton.py`, \"Floors\".\n\n")
     text += markdown_table(goal_rows(model, resources))
     totals = model[model["kernel"] == "all"]
-    layouts = totals[totals["batch"] == totals["batch"].min()]
+    layouts = totals[(totals["batch"] == totals["batch"].min()) & (totals["target"] == MODEL_TARGET)]
     if layouts["layout"].nunique() > 1:
         text += ("\nBy input layout: channels-last; NCHW copied into channels-last by the op (the copies, "
                  "kernel `layout_copy`, counted in); NCHW read in place by the kernels (the same useful bytes as "
                  "channels-last, more 32-byte sectors).\n\n"
                  + markdown_table(layouts[["pass", "dtype", "layout", "batch", "useful_ratio", "sector_ratio"]]))
-    columns = ["pass", "dtype", "layout", "batch", "useful_ratio", "sector_ratio", "macs_ratio", "useful_bytes",
-               "sector_bytes", "minimum_bytes", "macs"]
+    columns = ["pass", "dtype", "layout", "target", "batch", "useful_ratio", "sector_ratio", "macs_ratio",
+               "useful_bytes", "sector_bytes", "minimum_bytes", "macs"]
     link = detail_page(pages, "kernel_model.md", "Every kernel count", "`kernel_model.csv`",
                        markdown_table(totals[[c for c in columns if c in totals]]) + "\nPer kernel:\n\n"
                        + markdown_table(model))
