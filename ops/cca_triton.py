@@ -99,7 +99,9 @@ Floors: where each counted goal of the design meets a limit of the op or of the 
   half of an SM's 256 KiB register file, before any operand or address; two blocks per SM cannot fit. 64 x 64
   tiles at 4 warps do (sm_80's default, where a 128-wide backward spills anyway; a tuner candidate on sm_90),
   but a 97-pixel line then takes 2 x 2 tile pairs that re-read dO and v and pass fp32 partial sums through
-  memory within each pass. The counted bytes are those of the sm_90 tiles.
+  memory within each pass: counted with sm_80's tiles (`python -m repro.kernels model --target sm_80`, bf16),
+  the backward moves about 5.1x the minimum against 2.4x with sm_90's 128-wide tiles, so the two goals
+  (2 blocks per SM, 2.5x bytes) exclude each other; the forward's tiles, and bytes, are the same on both.
 * fp32 backward. "tf32x3" splits each fp32 operand into two tf32 halves; a whole-line (128 x 128) backward
   spilled on sm_90 in every arrangement tried while designing (8 or 16 warps, one or two sweeps over the
   value channels, dq and dk from dS^T alone; 0.4 to 1.4 KB per thread, variants not kept), so fp32 lines
