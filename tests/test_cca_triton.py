@@ -109,23 +109,27 @@ def test_matches_naive_with_several_blocks(shape, op_device):
     """Small tiles force every loop (key blocks, query blocks, channel blocks) through more than one trip."""
 
     def fused(query, key, value):
-        return _SmallBlocks.apply(query, key, value)
+        return _launchers(blocks=SMALL_BLOCKS)(query, key, value)
 
     _check_against_naive(*_inputs(*shape, device=op_device), fn=fused)
 
 
-class _SmallBlocks(torch.autograd.Function):
-    """The launchers with SMALL_BLOCKS, outside the custom op (whose tiles are fixed per device)."""
+def _launchers(**options):
+    """The launchers called with `options` (e.g. blocks, copy_to_channels_last) as a differentiable function,
+    outside the custom op (whose tiles and layout handling are fixed per device)."""
 
-    @staticmethod
-    def forward(ctx, query, key, value):
-        out, lse = cca_triton.cca_triton_forward(query, key, value, blocks=SMALL_BLOCKS)
-        ctx.save_for_backward(query, key, value, out, lse)
-        return out
+    class Launchers(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, value):
+            out, lse = cca_triton.cca_triton_forward(query, key, value, **options)
+            ctx.save_for_backward(query, key, value, out, lse)
+            return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        return cca_triton.cca_triton_backward(grad_out, *ctx.saved_tensors, blocks=SMALL_BLOCKS)
+        @staticmethod
+        def backward(ctx, grad_out):
+            return cca_triton.cca_triton_backward(grad_out, *ctx.saved_tensors, **options)
+
+    return Launchers.apply
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
@@ -143,24 +147,10 @@ def test_gradcheck_fp64(shape, op_device):
     )
 
 
-class _InPlace(torch.autograd.Function):
-    """The launchers reading every input in place (copy_to_channels_last=False): the kernels' own strides."""
-
-    @staticmethod
-    def forward(ctx, query, key, value):
-        out, lse = cca_triton.cca_triton_forward(query, key, value, copy_to_channels_last=False)
-        ctx.save_for_backward(query, key, value, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return cca_triton.cca_triton_backward(grad_out, *ctx.saved_tensors, copy_to_channels_last=False)
-
-
 @pytest.mark.parametrize("in_place", [False, True], ids=["copied", "in_place"])
 def test_non_contiguous_and_channels_last_inputs(in_place, op_device):
     """Through the op (NCHW and strided inputs copied into channels_last) and with the kernels reading every
-    layout in place."""
+    layout in place (the launchers with copy_to_channels_last=False: the kernels' own strides)."""
     query, key, value, grad = _inputs(2, 6, 10, 7, 9, device=op_device)
     wide = torch.randn(2, 12, 7, 9, device=op_device)
     strided_query = wide[:, ::2]  # channel stride 2
@@ -169,7 +159,7 @@ def test_non_contiguous_and_channels_last_inputs(in_place, op_device):
     strided_query.copy_(query)
     assert not strided_query.is_contiguous() and not transposed_key.is_contiguous()
     _check_against_naive(strided_query, transposed_key, channels_last_value, grad,
-                         fn=_InPlace.apply if in_place else None)
+                         fn=_launchers(copy_to_channels_last=False) if in_place else None)
 
 
 def test_only_inputs_without_contiguous_channels_are_copied():
