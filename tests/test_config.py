@@ -107,14 +107,19 @@ RECIPES = {
         photometric_distortion="hsv_red_blue_swapped", pad_position="centre", min_lr=1e-4,
         poly_horizon="iterations", loss_average="valid_pixels",
     ),
+    # PaddleSeg configs/_base_/cityscapes*.yml, configs/ccnet/*.yml and paddleseg 2.8.0's code.
+    "paddleseg": dict(
+        rescale="factor", base_size=None, scale_step=0.25, cat_max_ratio=1.0, crop_fallback="none",
+        photometric_distortion="none", pad_position="bottom_right", min_lr=1e-4, poly_horizon="iterations",
+        loss_average="valid_pixels", loss="ohem", ohem_thresh=0.7, ohem_min_kept=10000, weight_decay=4e-5,
+        mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), channel_order="rgb",
+    ),
 }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_row_states_its_sources_recipe(path):
     family = _family(path)
-    if family not in RECIPES:
-        pytest.skip(f"{path.stem}: PaddleSeg's recipe is not checked against its code")
     cfg = load_config(path)
     for key, value in RECIPES[family].items():
         section = cfg.data if hasattr(cfg.data, key) else cfg.train
@@ -130,6 +135,13 @@ def test_every_row_states_its_sources_recipe(path):
     if family == "ssseg":
         # ssseg/modules/models/backbones/resnet.py: conv3x3 stem with stem_channels 64 (3->32->32->64), v1c.
         assert cfg.model.stem == "v1c" and "v1c" in cfg.model.pretrained_backbone
+    if family == "paddleseg":
+        m = cfg.model
+        # paddleseg/models/ccnet.py: AuxLayer(1024, 512, ...), align_corners default False; resnet_vd.py: every block
+        # of a dilated layer at the full dilation; runtime.yml test: whole image, single scale.
+        assert (m.aux_channels, m.head_channels, m.align_corners, m.contract_dilation) == (512, 512, False, False)
+        assert (cfg.eval.mode, cfg.eval.scale) == ("whole", None)
+        assert (cfg.train.iterations, cfg.train.lr, cfg.train.aux_weight) == (60000, 0.01, 0.4)
 
 
 # sssegmentation iterations per epoch: DistributedSampler (padded to ceil(N / GPUs) samples per rank) and
