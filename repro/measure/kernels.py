@@ -92,14 +92,19 @@ MIN_BLOCKS_PER_SM = 2
 RESOURCE_GOAL_SHAPE = "8x64x512x97x97"
 
 
+def with_target(model: pd.DataFrame) -> pd.DataFrame:
+    """`model` with its `target` column; rows counted before the column existed were counted with MODEL_TARGET's
+    tiles."""
+    return model if "target" in model else model.assign(target=MODEL_TARGET)
+
+
 def goal_rows(model: pd.DataFrame, resources: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (goal, dtype, tiles counted): the limit, the worst counted value over the goal shapes, and
-    whether it holds (target "counted sm_90": with the tiles the launchers pick on sm_90; model rows without a
-    `target` column were counted with MODEL_TARGET's); with `resources`, one row per (main line kernel, target)
-    for the blocks-per-SM goal."""
+    whether it holds (target "counted sm_90": with the tiles the launchers pick on sm_90; see `with_target`);
+    with `resources`, one row per (main line kernel, target) for the blocks-per-SM goal."""
     goal_shapes = {f"{b}x{qk}x{v}x{h}x{w}" for b, qk, v, h, w in GOAL_SHAPES}
+    model = with_target(model)
     counted = model[(model["kernel"] == "all") & (model["layout"] == "channels_last")].copy()
-    counted["target"] = counted["target"] if "target" in counted else MODEL_TARGET
     counted["shape"] = [f"{r.batch}x{r.qk_channels}x{r.v_channels}x{r.height}x{r.width}" for r in counted.itertuples()]
     counted = counted[counted["shape"].isin(goal_shapes)]
     rows = []

@@ -25,7 +25,7 @@ import pandas as pd
 
 from repro.engine.config import load_config
 from repro.io import atomic_write_text
-from repro.measure.kernels import MODEL_TARGET, goal_rows
+from repro.measure.kernels import MODEL_TARGET, goal_rows, with_target
 from repro.pipeline import drift
 from repro.pipeline.recipes import section_recipes
 
@@ -655,8 +655,7 @@ def section_kernels(results: Path, pages: dict[str, str]) -> str:
     _require(model, ["pass", "kernel", "dtype", "layout", "batch", "useful_ratio", "sector_ratio", "macs_ratio"],
              "kernel_model.csv")
     resources = read_csv(results, "kernel_resources")
-    if "target" not in model:  # counted before the column existed: with the default target's tiles
-        model = model.assign(target=MODEL_TARGET)
+    model = with_target(model)
     gpus = {"sm_90": "sm_90 (H100 / H200)", "sm_80": "sm_80 (A100)"}
     counted = sorted(model["target"].unique(), key=lambda target: (target != MODEL_TARGET, target))
     on = " and on ".join(gpus.get(target, target) for target in counted)
