@@ -221,7 +221,6 @@ def test_model_kwargs_are_build_arguments():
                                        ms_resize="tensor_input_ratio"),
             "eval.upsample: expected 'input_then_label' with val_pad_size set",
         ),
-        (lambda r: r["eval"].update(ms_resize="cv2_scale_bounds"), "eval.ms_resize: 'cv2_scale_bounds' needs"),
         (
             lambda r: r["eval"].update(val_pad_size=[9, 9], val_pad_value=0, upsample="input_then_label"),
             "eval.ms_resize: expected a 'tensor_input_*' view with val_pad_size set",

@@ -101,8 +101,8 @@ class DataConfig:
     `scale_step` as the official code's 0.7 + randint(0, 14) / 10) following `rescale`, randomly cropped to
     at most `crop_size` (re-drawn up to 10 times while one class covers `cat_max_ratio` or more of the
     labelled pixels of the crop, then `crop_fallback`), flipped, colour-jittered as `photometric_distortion`
-    says, normalised, and
-    padded to `crop_size` (image as `pad_fill` says; label `ignore_index`) at `pad_position`. Resizing is OpenCV's (bilinear for images, nearest for labels), as in every source.
+    says, normalised, and padded to `crop_size` (image as `pad_fill` says; label `ignore_index`) at
+    `pad_position`. Resizing is OpenCV's (bilinear for images, nearest for labels), as in every source.
 
     The recipe fields below have no default: the sources differ on each of them (see
     `repro.pipeline.recipes` for the table), so every row states its source's choice.
@@ -270,7 +270,8 @@ class EvalConfig:
     ms_mode: Literal["whole", "slide"]
     # How each scale's view is made:
     # "cv2_scale_bounds": the original image keep-ratio rescaled with OpenCV into (int(long * r), int(short * r))
-    #   of `scale` (mmseg 0.x MultiScaleFlipAug img_ratios);
+    #   of `scale`, or of the image's own (width, height) when `scale` is null (mmseg 0.x MultiScaleFlipAug
+    #   img_ratios, its modes 2 and 1);
     # "cv2_original_ratio": the original image rescaled with OpenCV by r, sizes int(x * r + 0.5) (mmseg 1.x
     #   tta_pipeline Resize scale_factor=r);
     # "zoom_original_ratio": the normalised original image resized by r with bilinear interpolation aligning
@@ -287,6 +288,20 @@ class EvalConfig:
     ms_average_at: Literal["original", "input"]
     crop_size: tuple[int, int] | None = None
     stride: tuple[int, int] | None = None
+
+    @classmethod
+    def native_whole(cls, **changes: Any) -> EvalConfig:
+        """A protocol of no source, for synthetic data and tests: the whole image at its native size, logits
+        to the input then the label, align_corners False, zero-union classes dropped; multi-scale views are
+        the input resized by the ratio, probabilities averaged at the original size. `changes` replace fields."""
+        values: dict[str, Any] = dict(
+            mode="whole", scale=None, slide_pad="none", val_pad_size=None, val_pad_value=None,
+            upsample="input_then_label", resize_align_corners=False, zero_union="drop", ms_flip=False,
+            ms_scales=(0.75, 1.0, 1.25), ms_mode="whole", ms_resize="tensor_input_ratio", ms_average="probs",
+            ms_average_at="original",
+        )
+        values.update(changes)
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if "slide" in (self.mode, self.ms_mode):
@@ -311,8 +326,6 @@ class EvalConfig:
         if self.upsample == "label_once":
             # One interpolation to the label's size cannot also crop a padded input.
             _expect(self.val_pad_size is None, "upsample", "'input_then_label' with val_pad_size set", self.upsample)
-        if self.ms_resize == "cv2_scale_bounds":
-            _require(self.scale is not None, "ms_resize", "'cv2_scale_bounds' needs eval.scale (the test scale)")
         if self.ms_resize.startswith("cv2_") or self.ms_resize == "zoom_original_ratio":
             # Views of the original image: the val padding of the single-scale input does not apply to them.
             _expect(self.val_pad_size is None, "ms_resize", "a 'tensor_input_*' view with val_pad_size set",

@@ -26,7 +26,20 @@ from repro.engine.metrics import confusion_matrix, iou_per_class, mean_iou, pixe
 # ms_resize values whose views the data pipeline builds from the original image, and the tensor resize rule
 # of the others (models.inference.TENSOR_RESIZES).
 _CV2_VIEWS = {"cv2_scale_bounds": "scale_bounds", "cv2_original_ratio": "original_ratio"}
-_TENSOR_VIEWS = {"zoom_original_ratio": "zoom", "tensor_input_ratio": "ratio", "tensor_input_scale_factor": "scale_factor"}
+_TENSOR_VIEWS = {
+    "zoom_original_ratio": "zoom", "tensor_input_ratio": "ratio", "tensor_input_scale_factor": "scale_factor",
+}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One metric's outcome: mIoU in percent, per-class IoU in percent (NaN = class absent), counts."""
+
+    metric: str
+    miou: float
+    iou_per_class: tuple[float, ...]
+    pixel_accuracy: float
+    confusion: np.ndarray
 
 
 def protocol_summary(eval_cfg: EvalConfig, metric: str) -> dict[str, str]:

@@ -153,8 +153,9 @@ class TrainTransform:
     The crop window is drawn on the rescaled image (offsets in [0, max(size - crop, 0)], re-drawn up to 10
     times while one class covers `cat_max_ratio` or more of the labelled pixels, then `crop_fallback`: mmseg /
     sssegmentation RandomCrop), then the normalised image is padded to `crop_size` as `pad_fill` says (0 after
-    normalisation, the mean colour, or a raw black pixel) and the label with `ignore_index`, at `pad_position`. For the official code, which pads bottom-right before
-    cropping, this is the same distribution: a dimension smaller than the crop is always taken whole at offset 0.
+    normalisation, the mean colour, or a raw black pixel) and the label with `ignore_index`, at `pad_position`.
+    For the official code, which pads bottom-right before cropping, this is the same distribution: a dimension
+    smaller than the crop is always taken whole at offset 0.
     """
 
     def __init__(
@@ -324,14 +325,15 @@ class EvalTransform:
     def view(self, image: np.ndarray, ratio: float, base: str) -> torch.Tensor:
         """(3, h, w) normalised view of the original (H, W, 3) uint8 image for one multi-scale ratio, resized
         with OpenCV bilinear: base "scale_bounds" keep-ratio into (int(long * ratio), int(short * ratio)) of
-        `scale` (mmseg 0.x MultiScaleFlipAug), "original_ratio" by the ratio, sizes int(x * ratio + 0.5)
+        `scale`, or of (width, height) without one (mmseg 0.x MultiScaleFlipAug), "original_ratio" by the
+        ratio, sizes int(x * ratio + 0.5)
         (mmseg 1.x Resize(scale_factor=ratio, keep_ratio=True) through mmcv rescale_size)."""
         height, width = image.shape[:2]
         if base == "scale_bounds":
-            if self.scale is None:
-                raise ValueError("view base 'scale_bounds' needs a test scale")
-            bounds = (int(max(self.scale) * ratio), int(min(self.scale) * ratio))
-            size = keep_ratio_size(height, width, scale=bounds)
+            # mmseg 0.x test_time_aug.py: (int(scale[0] * r), int(scale[1] * r)); without a scale, the image's
+            # own (int(w * r), int(h * r)) (its "mode 1").
+            long_side, short_side = (max(self.scale), min(self.scale)) if self.scale else (width, height)
+            size = keep_ratio_size(height, width, scale=(int(long_side * ratio), int(short_side * ratio)))
         elif base == "original_ratio":
             size = (int(height * ratio + 0.5), int(width * ratio + 0.5))
         else:
