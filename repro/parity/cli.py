@@ -16,11 +16,23 @@ from pathlib import Path
 from types import ModuleType
 
 from repro.io import CsvFormatError, locked, read_csv_rows, write_csv_atomic
-from repro.parity.common import COLUMNS, ParityRow, PeerUnavailable, not_run_row
+from repro.parity import mmseg
+from repro.parity.common import COLUMNS, DEFAULT_ROOT, PEERS, ParityRow, PeerUnavailable, ensure_venv, not_run_row
 
 # source name -> module with NAME, VERSION, default_configs(), QUICK_CONFIG, run(configs, *, quick, workdir)
-SOURCES: dict[str, ModuleType] = {}
+SOURCES: dict[str, ModuleType] = {
+    mmseg.NAME: mmseg,
+}
 CSV_NAME = "parity.csv"
+
+
+def peer_python(name: str, root: Path = DEFAULT_ROOT) -> Path:
+    """The python of the registered peer `name` (e.g. "mmseg"), its venv built on first use (under `root`,
+    default .nox/). Other commands (the inference benchmark) use it to run a source's own model in a
+    subprocess; PeerUnavailable (reason in the message) when it cannot install."""
+    if name not in PEERS:
+        raise KeyError(f"unknown peer {name!r}; known: {sorted(PEERS)}")
+    return ensure_venv(PEERS[name], root)
 
 
 def select_configs(module: ModuleType, names: list[str] | None, *, quick: bool) -> list[Path]:

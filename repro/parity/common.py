@@ -136,7 +136,7 @@ def _marker_text(peer: Peer) -> str:
 
 
 def venv_dir(peer: Peer, root: Path = DEFAULT_ROOT) -> Path:
-    return Path(root) / peer.key
+    return Path(root).absolute() / peer.key
 
 
 def venv_python(folder: Path) -> Path:
@@ -205,11 +205,3 @@ PEERS: dict[str, Peer] = {}
 def register_peer(peer: Peer) -> Peer:
     PEERS[peer.name] = peer
     return peer
-
-
-def peer_python(name: str, root: Path = DEFAULT_ROOT) -> Path:
-    """The python of the registered peer `name` (e.g. "mmseg"), its venv built on first use. Other commands
-    (the inference benchmark) use it to run a source's own model; PeerUnavailable when it cannot install."""
-    if name not in PEERS:
-        raise KeyError(f"unknown peer {name!r}; known: {sorted(PEERS)}")
-    return ensure_venv(PEERS[name], root)
