@@ -320,7 +320,7 @@ def check_data(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
         peer_pairs.append([str(image_path), str(label)])
     options = {"train_pipeline.2.scale": list(base), "train_pipeline.3.crop_size": list(crop),
                "model.data_preprocessor.size": list(crop)}
-    if len(row_pipeline := _peer_pipeline_types(python, row)) > 7 and row_pipeline[6] == "Pad":
+    if "Pad" in _peer_pipeline_types(python, row):
         options["train_pipeline.6.size"] = list(crop)  # pascal_voc12_aug.py: Pad(size=crop_size)
     job = {"config_py": peer_config_path(python, row.mmseg_config), "seed": SEED, "out": str(work),
            "pairs": peer_pairs, "reduce_zero_label": dataset == "ade20k", "cfg_options": _pipeline_options(
@@ -328,8 +328,12 @@ def check_data(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
     (work / "data.json").write_text(json.dumps(job))
     run_peer(python, SCRIPT, "data", work / "data.json", cwd=work, timeout=600)
     peer = load_tensors(work / "data.pt")
-    small = with_overrides(cfg, {"data.root": str(root), "data.train_split": "train", "data.base_size": list(base),
-                                 "data.crop_size": list(crop)})
+    changes = {"data.root": str(root), "data.train_split": "train", "data.base_size": list(base),
+               "data.crop_size": list(crop)}
+    pads_raw = "Pad" in _peer_pipeline_types(python, row)
+    if pads_raw:  # the row follows 0.30.0 (pad after normalising); 1.2.2's pascal_voc12_aug.py pads raw 0 first
+        changes["data.pad_fill"] = "raw_zero"
+    small = with_overrides(cfg, changes)
     ours_data = build_dataset(small.data, split="train")
     worst_decode = worst_label_load = worst_image = label_diff = 0.0
     used = []
@@ -346,7 +350,9 @@ def check_data(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
         used.append(rng.used)
         worst_image = max(worst_image, max_abs(image_t, peer["images"][index]))
         label_diff = max(label_diff, float((label_t != peer["labels"][index]).float().mean()))
-    detail = f"{len(pairs)} files, draws per sample {used}, crop {crop}, scale bounds {base}"
+    detail = f"{len(pairs)} files, draws per sample {used}, crop {crop}, scale bounds {base}" + (
+        "; with data.pad_fill=raw_zero (1.x's Pad before normalising; the row keeps 0.30.0's normalised_zero)"
+        if pads_raw else "")
     return [
         _row(name, "d_decode", "image max abs diff (uint8)", worst_decode, 0, "JPEG/PNG decode"),
         _row(name, "d_decode", "label max abs diff", worst_label_load, 0, "train ids after loading"),
@@ -354,6 +360,102 @@ def check_data(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
              detail + "; float32 (x - mean) / std on both sides, so equal up to 1 ulp"),
         _row(name, "d_pipeline", "label pixels differing", label_diff, 0, detail),
     ]
+
+
+EVAL_FACTOR = 16  # fixture sizes: the row's test scale, windows and strides divided by this
+
+
+def small_eval_overrides(cfg: ExperimentConfig) -> dict:
+    """Our eval section at fixture size: the row's test scale and slide windows divided by EVAL_FACTOR."""
+    ev = cfg.eval
+    out = {}
+    if ev.scale is not None:
+        out["eval.scale"] = [max(1, v // EVAL_FACTOR) for v in ev.scale]
+    if ev.mode == "slide" or getattr(ev, "ms_mode", None) == "slide":
+        out["eval.crop_size"] = [max(1, v // EVAL_FACTOR) for v in ev.crop_size]
+        out["eval.stride"] = [max(1, v // EVAL_FACTOR) for v in ev.stride]
+    return out
+
+
+def mmseg_1x_eval(cfg: ExperimentConfig) -> dict:
+    """The one mapping from a row's evaluation to mmseg 1.2.2's test setup: the rows follow 0.30.0 (see their
+    notes); 1.x's tta_pipeline resizes the original image by the ratio alone (Resize(scale_factor=r))."""
+    return {"eval.ms_resize": "cv2_original_ratio"} if cfg.eval.ms_flip else {}
+
+
+def check_eval(row: Row, python: Path, work: Path, *, quick: bool) -> list[ParityRow]:
+    """Check e: mmseg's Runner.test (and --tta) and `python -m repro.run --eval-only` on the same checkpoint and
+    a small dataset in the row's real layout (validation split only)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from repro.engine.distributed import init_distributed
+    from repro.engine.evaluate import evaluate
+
+    cfg, name = row.cfg, row.path.stem
+    state_file = work.parent / "model" / "state.pt"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file}: check e needs the weights of check a (run the model check first)")
+    checkpoint = work / "mmseg_checkpoint.pth"
+    torch.save({"state_dict": load_tensors(state_file), "meta": {}}, checkpoint)
+    root = work / "data"
+    count = 3 if quick else 5
+    write_structured_dataset(cfg.data.dataset, root, split=cfg.data.val_split, count=count,
+                             num_classes=cfg.model.num_classes, seed=SEED + 7)
+    small = small_eval_overrides(cfg)
+    overrides = {"data.root": str(root), **small, **mmseg_1x_eval(cfg)}
+    job = {"config_py": peer_config_path(python, row.mmseg_config), "out": str(work), "checkpoint": str(checkpoint),
+           "data_root": str(root), "scale": small.get("eval.scale"), "crop_size": small.get("eval.crop_size"),
+           "stride": small.get("eval.stride"), "tta": bool(cfg.eval.ms_flip and not quick)}
+    (work / "test.json").write_text(json.dumps(job))
+    run_peer(python, SCRIPT, "test", work / "test.json", cwd=work, timeout=900)
+    theirs = json.loads((work / "metrics.json").read_text())
+    # Ours through the command line, as a user runs it (validation split only in the folder).
+    command = [sys.executable, "-m", "repro.run", str(row.path), "--eval-only", "--checkpoint", str(checkpoint),
+               "--checkpoint-source", "mmseg", "--out-dir", str(work / "ours"), "--results",
+               str(work / "ours" / "miou.csv"), "--no-progress", "--device", "cpu"]
+    if not job["tta"]:
+        overrides["eval.ms_flip"] = False
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    done = subprocess.run(command, cwd=EXPERIMENTS.parent, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"repro.run --eval-only exited {done.returncode}: {done.stderr.strip()[-400:]}")
+    ours = json.loads((work / "ours" / "eval.json").read_text())
+    rows = [_row(name, "e_eval", "mIoU abs diff (single scale, points)",
+                 abs(theirs["single"]["mIoU"] - ours["mIoU"]["mIoU"]), 0.01,
+                 f"mmseg Runner.test {theirs['single']['mIoU']:.2f} (rounded to 0.01 by IoUMetric), ours "
+                 f"{ours['mIoU']['mIoU']:.4f}; "
+                 f"{count} images, {cfg.eval.mode}, overrides {small}")]
+    if job["tta"]:
+        rows.append(_row(name, "e_eval", "mIoU abs diff (ms+flip, points)",
+                         abs(theirs["tta"]["mIoU"] - ours["mIoU_ms_flip"]["mIoU"]), 0.01,
+                         f"mmseg --tta {theirs['tta']['mIoU']:.2f}, ours {ours['mIoU_ms_flip']['mIoU']:.4f} "
+                         f"with {mmseg_1x_eval(cfg)} (1.x's TestTimeAug)"))
+    # Per-pixel agreement of the single-scale predictions: the engine's evaluate (what the command calls).
+    run_cfg = load_config(row.path, [f"{k}={json.dumps(v)}" for k, v in {**overrides, "eval.ms_flip": False}.items()])
+    model = _our_model(run_cfg)
+    _import(model, load_tensors(state_file))
+    dataset = build_dataset(run_cfg.data, split="val", eval_cfg=run_cfg.eval)
+    agree, total = 0, 0
+
+    def compare(index: int, train_ids: np.ndarray) -> None:
+        nonlocal agree, total
+        stem = Path(dataset.pairs[index][0]).stem
+        predicted = np.array(Image.open(work / "pred_single" / f"{stem}.png")).astype(np.int64)
+        if cfg.data.dataset == "ade20k":  # IoUMetric writes pred + 1 for reduce_zero_label datasets
+            predicted = predicted - 1
+        agree += int((predicted == train_ids).sum())
+        total += train_ids.size
+
+    evaluate(model, dataset, eval_cfg=run_cfg.eval, num_classes=cfg.model.num_classes,
+             ignore_index=cfg.data.ignore_index, ctx=init_distributed(device="cpu"), on_prediction=compare,
+             progress=False)
+    rows.append(_row(name, "e_pixels", "per-pixel agreement (single scale)", agree / max(total, 1), 0.999,
+                     f"{total} pixels", higher_is_better=True))
+    return rows
 
 
 def _pipeline_options(python: Path, row: Row, options: dict) -> dict:
@@ -376,7 +478,7 @@ def _rows_of(path: Path) -> Row:
     return Row(path, load_config(path), mmseg_config_name(path))
 
 
-CHECKS = (("model", check_model), ("data", check_data))
+CHECKS = (("model", check_model), ("data", check_data), ("eval", check_eval))
 
 
 def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:

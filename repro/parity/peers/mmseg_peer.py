@@ -25,7 +25,7 @@ import mmcv_ops_standin  # noqa: E402
 mmcv_ops_standin.install()
 warnings.filterwarnings("ignore")
 
-from mmengine.config import Config  # noqa: E402
+from mmengine.config import Config, ConfigDict  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
 from mmengine.registry import PARAM_SCHEDULERS  # noqa: E402
 from mmengine.structures import PixelData  # noqa: E402
@@ -47,7 +47,7 @@ def _no_sync_bn(node):
 
 def load_config(job: dict) -> Config:
     cfg = Config.fromfile(job["config_py"])
-    cfg.model = Config(_no_sync_bn(cfg.model.to_dict()))
+    cfg.model = ConfigDict(_no_sync_bn(cfg.model.to_dict()))
     cfg.model.pretrained = None
     cfg.model.backbone.init_cfg = None
     for key, value in job.get("cfg_options", {}).items():
@@ -237,7 +237,45 @@ def command_data(job: dict) -> None:
     torch.save(out, Path(job["out"]) / "data.pt")
 
 
-COMMANDS = {"model": command_model, "data": command_data}
+def _set_resize(pipeline, scale) -> None:
+    for transform in pipeline:
+        if transform["type"] == "Resize":
+            transform["scale"] = tuple(scale)
+
+
+def command_test(job: dict) -> None:
+    """mmseg's own test entry: Runner.from_cfg(cfg).test() on the config's test_dataloader pointed at the
+    fixture folder (whole / slide as test_cfg says), then the TTA model as tools/test.py --tta builds it.
+    IoUMetric writes each prediction as a PNG (output_dir)."""
+    from mmengine.runner import Runner
+
+    out = Path(job["out"])
+    results = {}
+    for variant in ("single", "tta") if job["tta"] else ("single",):
+        cfg = load_config(job)
+        cfg.work_dir = str(out / f"work_{variant}")
+        cfg.load_from = job["checkpoint"]
+        cfg.launcher = "none"
+        cfg.default_hooks.pop("visualization", None)
+        cfg.test_dataloader.num_workers = 0
+        cfg.test_dataloader.persistent_workers = False
+        cfg.test_dataloader.dataset.data_root = job["data_root"]
+        _set_resize(cfg.test_dataloader.dataset.pipeline, job["scale"])
+        if cfg.model.test_cfg.get("mode") == "slide":
+            cfg.model.test_cfg.crop_size = tuple(job["crop_size"])
+            cfg.model.test_cfg.stride = tuple(job["stride"])
+        cfg.test_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"], output_dir=str(out / f"pred_{variant}"))
+        if variant == "tta":  # tools/test.py --tta, mmseg 1.2.2 lines 104-108
+            cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+            cfg.tta_model.module = cfg.model
+            cfg.model = cfg.tta_model
+        runner = Runner.from_cfg(cfg)
+        metrics = runner.test()
+        results[variant] = {k: float(v) for k, v in metrics.items()}
+    (out / "metrics.json").write_text(json.dumps(results))
+
+
+COMMANDS = {"model": command_model, "data": command_data, "test": command_test}
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in COMMANDS:
