@@ -252,8 +252,7 @@ def run_model(job: dict) -> dict:
         groups.append(
             {
                 "names": [names[id(p)] for p in group["params"]],
-                **{k: float(group[k]) if isinstance(group[k], int | float) else str(group[k])
-                   for k in ("momentum", "weight_decay", "dampening", "nesterov")},
+                **{k: float(group[k]) for k in ("momentum", "weight_decay", "dampening", "nesterov")},
             }
         )
     out["schedule"] = {"max_iters": int(total), "iters_per_epoch": iters_per_epoch(job["dataset"], job["gpus"]),
@@ -263,6 +262,7 @@ def run_model(job: dict) -> dict:
     if job.get("steps", 0):
         segmentor = build(cfg, "TRAIN")
         segmentor.load_state_dict(weights, strict=True)
+        segmentor.double()  # float64: see the project side (TOL_WEIGHTS)
         segmentor.train()
         no_dropout(segmentor)
         optimizer, scheduler = scheduler_for(segmentor)
@@ -270,11 +270,11 @@ def run_model(job: dict) -> dict:
         for step in range(job["steps"]):
             step_lrs.append(float(scheduler.updatelr()))
             optimizer.zero_grad()
-            data = input_structure(mode="TRAIN", images=images[step], seg_targets=to_ssseg_labels(labels[step]))
+            data = input_structure(mode="TRAIN", images=images[step].double(), seg_targets=to_ssseg_labels(labels[step]))
             loss = segmentor(data).loss
             loss.backward()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             trajectory.append(state(segmentor))
         torch.save({"states": trajectory, "lr": step_lrs, "loss": losses}, job["trajectory_out"])
     return out
@@ -401,8 +401,8 @@ def main(argv: list[str]) -> int:
     else:
         print(f"unknown task {task!r}", file=sys.stderr)
         return 2
-    out["peer_version"] = ssseg.__version__
-    out["torch"] = torch.__version__
+    out["peer_version"] = str(ssseg.__version__)
+    out["torch"] = str(torch.__version__)
     out["seconds"] = time.perf_counter() - start
     torch.save(out, job["out"])
     return 0
