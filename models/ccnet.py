@@ -55,6 +55,15 @@ class CCNet(nn.Module):
             return logits
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=self.align_corners)
 
+    def logits_at(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Eval-mode decoder logits resized once, straight to `size` (sssegmentation's test resizes the
+        stride-8 logits to the original image size in one interpolation)."""
+        if images.dim() != 4:
+            raise ValueError(f"CCNet expects images (B, 3, H, W), got {tuple(images.shape)}")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self._resize(self.decode_head(self.backbone(images)[-1]), tuple(size))
+
     def forward(self, images: torch.Tensor):
         if images.dim() != 4:
             raise ValueError(f"CCNet expects images (B, 3, H, W), got {tuple(images.shape)}")
