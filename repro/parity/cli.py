@@ -20,6 +20,10 @@ from repro.parity.common import COLUMNS, ParityRow, PeerUnavailable, not_run_row
 
 # source name -> module with NAME, VERSION, default_configs(), QUICK_CONFIG, run(configs, *, quick, workdir)
 SOURCES: dict[str, ModuleType] = {}
+
+from repro.parity import paddleseg, ssseg  # noqa: E402 - they need SOURCES' neighbours only
+
+SOURCES.update({ssseg.NAME: ssseg, paddleseg.NAME: paddleseg})
 CSV_NAME = "parity.csv"
 
 
