@@ -77,7 +77,11 @@ TOL_LR = 1e-12  # relative: the same formula in float64
 # a bug from rounding. In float64 the first three steps were bit-identical and the difference then grew about
 # tenfold per step from 1e-16 (1.4e-9 after step 4, 1.8e-8 after step 5, R-50 VOC row): the floor is 1e-6.
 TOL_WEIGHTS = 1e-6
-TOL_DATA = 0.0
+# Normalised image tensors: sssegmentation subtracts the float64 mean and multiplies by the float64 reciprocal of
+# std through cv2 on float32 pixels, ours (x - mean) / std in float32: 1-2 float32 ulp at |x| <= 2.3 (2.4e-7).
+TOL_DATA = 1e-6
+TOL_AGREEMENT = 1.0  # per-pixel agreement of the evaluation: every pixel
+TOL_MIOU = 1e-4  # mIoU points: results/miou.csv keeps 4 decimals of ours
 
 
 def default_configs() -> list[Path]:
@@ -364,12 +368,290 @@ def run_model_checks(config_path: Path, python: Path, workdir: Path, *, quick: b
     return rows
 
 
+# ------------------------------------------------------------------------------------ fixtures (d and e)
+
+# Label values written per dataset: (values of "stuff" regions, the ignore value in the file).
+# Cityscapes files hold label ids (7 road, 8 sidewalk, 11 building, 21 vegetation, 23 sky, 24 person, 26 car;
+# 0 unlabeled and 4 static are ignored); ADE20K 1..150 (0 ignored); VOC 0..20 (255 ignored).
+FIXTURE_LABELS = {
+    "cityscapes": ((7, 8, 11, 21, 23, 24, 26, 4), 0),
+    "ade20k": ((1, 3, 5, 13, 22, 37, 91, 150), 0),
+    "voc": ((0, 1, 7, 12, 15, 20, 3, 9), 255),
+}
+FIXTURE_SIZES = ((97, 193), (101, 131), (83, 157))  # odd sizes, (H, W)
+
+
+def _fixture_pair(dataset: str, size_hw: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A structured image (smooth gradient background, shapes whose colour follows their class, mild noise)
+    and its label map: one class covers most of the image (so some crops fail the 0.75 category ratio), the
+    others are rectangles and ellipses, and one band is ignored."""
+    rng = np.random.default_rng(seed)
+    values, ignore = FIXTURE_LABELS[dataset]
+    height, width = size_hw
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([60 + 120 * yy / height, 90 + 80 * xx / width, 140 - 60 * yy / height], axis=-1)
+    label = np.full((height, width), values[0], dtype=np.uint8)
+    image = base.copy()
+    palette = {v: rng.integers(20, 236, size=3) for v in values}
+    for index, value in enumerate(values[1:]):
+        top, left = int(rng.integers(0, height - 12)), int(rng.integers(0, width - 12))
+        h, w = int(rng.integers(8, height // 3)), int(rng.integers(8, width // 3))
+        if index % 2:
+            mask = ((yy - top - h / 2) / (h / 2)) ** 2 + ((xx - left - w / 2) / (w / 2)) ** 2 <= 1
+        else:
+            mask = (yy >= top) & (yy < top + h) & (xx >= left) & (xx < left + w)
+        label[mask] = value
+        image[mask] = palette[value] + 0.3 * (base[mask] - 128)
+    label[height // 2 : height // 2 + 3, :] = ignore
+    image += rng.normal(0, 4, size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def write_fixture(dataset: str, root: Path, *, splits: tuple[str, ...], seed: int = 0) -> Path:
+    """A small dataset in the real layout of `dataset` (sssegmentation's list files added): returns the root
+    for both sides. Cityscapes: PNG images; ADE20K and VOC: JPEG (quality 90) images; labels PNG."""
+    from PIL import Image
+
+    root = Path(root)
+    names = []
+    for split_index, split in enumerate(splits):
+        ids = []
+        for index, size in enumerate(FIXTURE_SIZES):
+            image, label = _fixture_pair(dataset, size, seed + 100 * split_index + index)
+            if dataset == "cityscapes":
+                city = "parcity"
+                stem = f"{city}_{split_index:06d}_{index:06d}"
+                image_path = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
+                label_paths = [root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"]
+                ids.append(f"{city}/{stem}_leftImg8bit")
+            elif dataset == "ade20k":
+                folder = {"train": "training", "val": "validation"}[split]
+                stem = f"ADE_{folder[:5]}_{index + 1:08d}"
+                base = root / "ADEChallengeData2016"
+                image_path = base / "images" / folder / f"{stem}.jpg"
+                label_paths = [base / "annotations" / folder / f"{stem}.png"]
+                ids.append(stem)
+            else:
+                stem = f"2007_{split_index:03d}{index:03d}"
+                base = root / "VOCdevkit" / "VOC2012"
+                image_path = base / "JPEGImages" / f"{stem}.jpg"
+                # ours reads trainaug labels from SegmentationClassAug, sssegmentation from SegmentationClass
+                label_paths = [base / "SegmentationClass" / f"{stem}.png", base / "SegmentationClassAug" / f"{stem}.png"]
+                ids.append(stem)
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            if image_path.suffix == ".jpg":
+                Image.fromarray(image).save(image_path, quality=90)
+            else:
+                Image.fromarray(image).save(image_path)
+            for label_path in label_paths:
+                label_path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(label, mode="L").save(label_path)
+            names.append((split, image_path, label_paths[0]))
+        list_name = {"voc": {"train": "trainaug", "val": "val"}}.get(dataset, {}).get(split, split)
+        if dataset == "cityscapes":
+            list_file = root / f"{split}.txt"
+        elif dataset == "ade20k":
+            list_file = root / "ADEChallengeData2016" / f"{split}.txt"
+        else:
+            list_file = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / f"{list_name}.txt"
+        list_file.parent.mkdir(parents=True, exist_ok=True)
+        list_file.write_text("\n".join(ids) + "\n")
+    return root
+
+
+class ScriptedRng:
+    """The subset of np.random.Generator our transforms call, answering from a script of uniforms u in [0, 1):
+    random() -> u, uniform(a, b) -> a + (b - a) * u, integers(low, high) -> low + floor(u * (high - low)).
+    `peers/ssseg_side.py` answers sssegmentation's np.random calls from the same script the same way."""
+
+    def __init__(self, values) -> None:
+        self.values = [float(v) for v in values]
+        self.used = 0
+
+    def _next(self) -> float:
+        if self.used >= len(self.values):
+            raise RuntimeError(f"draw script exhausted after {self.used} draws")
+        self.used += 1
+        return self.values[self.used - 1]
+
+    def random(self) -> float:
+        return self._next()
+
+    def uniform(self, low: float = 0.0, high: float = 1.0) -> float:
+        return low + (high - low) * self._next()
+
+    def integers(self, low: int, high: int | None = None) -> int:
+        if high is None:
+            low, high = 0, low
+        return int(low + int(np.floor(self._next() * (high - low))))
+
+
+def draw_scripts(count: int, *, seed: int = 0, length: int = 64) -> list[list[float]]:
+    """One script per sample; values near 0.5 are nudged away so a flip draw never sits on the threshold
+    (ours flips when u < 0.5, sssegmentation when u <= 0.5)."""
+    rng = np.random.default_rng(seed)
+    scripts = []
+    for _ in range(count):
+        values = rng.random(length)
+        values[np.abs(values - 0.5) < 1e-9] = 0.25
+        scripts.append(values.tolist())
+    return scripts
+
+
+def data_rows(config: str, cfg: ExperimentConfig, root: Path, peer: dict, scripts: list[list[float]]) -> list[ParityRow]:
+    """Check d rows: ours on the same files with the same scripts vs the peer's tensors."""
+    from dataclasses import replace
+
+    data = replace(cfg.data, root=str(root))
+    dataset = build_dataset(data, split="train")
+    rows = []
+    image_diff, label_diff, shape_ok, draws_ok, decode_diff, pixels = 0.0, 0, True, True, 0.0, 0
+    for index, (sample, script) in enumerate(zip(peer["samples"], scripts, strict=True)):
+        image, label = dataset.load(index)
+        decode_diff = max(decode_diff, float(np.abs(image.astype(np.int16) - sample["decoded"].numpy().astype(np.int16)).max()))
+        rng = ScriptedRng(script)
+        ours_image, ours_label = dataset.train_transform(image, label, rng=rng)
+        draws_ok &= rng.used == sample["draws_used"]
+        if ours_image.shape != sample["image"].shape or ours_label.shape != sample["label"].shape:
+            shape_ok = False
+            continue
+        image_diff = max(image_diff, float((ours_image - sample["image"]).abs().max()))
+        label_diff += int((ours_label != sample["label"]).sum())
+        pixels += ours_label.numel()
+    jpeg = cfg.data.dataset != "cityscapes"
+    tolerance = TOL_DATA
+    draws = [sample["draws_used"] for sample in peer["samples"]]
+    rows.append(_row(config, "d_data", "decode_max_abs_diff_grey_levels", decode_diff, 0.0,
+                     f"{len(scripts)} {'JPEG' if jpeg else 'PNG'} files, ours PIL vs sssegmentation cv2.imread"))
+    rows.append(_row(config, "d_data", "image_tensor_max_abs_diff", image_diff if shape_ok else math.inf, tolerance,
+                     f"normalised crops {tuple(peer['samples'][0]['image'].shape)}...; draws injected (scale, crop "
+                     f"offsets incl. cat_max_ratio retries, flip, photometric); draws used per sample {draws} (equal on "
+                     f"both sides: {draws_ok}); float32 rounding of the normalisation (TOL_DATA)"))
+    rows.append(_row(config, "d_data", "label_pixels_different", label_diff if shape_ok else math.inf, 0,
+                     f"of {pixels}; ignore 255 ours / -100 sssegmentation, padding included"))
+    return rows
+
+
+def run_data_check(config_path: Path, python: Path, workdir: Path, cache: dict) -> list[ParityRow]:
+    cfg = load_config(config_path)
+    dataset = DATASET_OF[cfg.data.dataset]
+    root = workdir / "fixtures" / dataset
+    if not root.exists():
+        write_fixture(dataset, root, splits=("train", "val"))
+    scripts = draw_scripts(len(FIXTURE_SIZES), seed=7)
+    if dataset not in cache:
+        from dataclasses import replace
+
+        pairs = build_dataset(replace(cfg.data, root=str(root)), split="train").pairs
+        job = {"task": "data", "dataset": dataset, "rootdir": str(_peer_root(dataset, root)),
+               "samples": [{"image": str(i), "label": str(lab), "draws": d} for (i, lab), d in zip(pairs, scripts, strict=True)],
+               "out": str(workdir / f"data_{dataset}.pt")}
+        (workdir / f"data_{dataset}.json").write_text(json.dumps(job))
+        run_peer(python, SCRIPT, workdir / f"data_{dataset}.json", cwd=workdir, timeout=600)
+        cache[dataset] = load_tensors(workdir / f"data_{dataset}.pt")
+    return data_rows(config_path.stem, cfg, root, cache[dataset], scripts)
+
+
+def _peer_root(dataset: str, root: Path) -> Path:
+    """sssegmentation's rootdir: the Cityscapes / ADE20K folder itself, VOCdevkit/VOC2012 for VOC."""
+    return root / "VOCdevkit" / "VOC2012" if dataset == "voc" else root
+
+
+# --------------------------------------------------------------------------------------------------- e
+
+
+def eval_scale(cfg: ExperimentConfig, quick: bool) -> tuple[int, int]:
+    """The row's test scale divided by 4 (8 with --quick), the same on both sides: the real scale would run
+    the network on 2048x1024 inputs, minutes per image on this CPU."""
+    factor = 8 if quick else 4
+    return tuple(int(v) // factor for v in cfg.eval.scale)
+
+
+def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: bool) -> list[ParityRow]:
+    from dataclasses import replace
+
+    cfg = load_config(config_path)
+    config = config_path.stem
+    dataset_name = DATASET_OF[cfg.data.dataset]
+    root = workdir / "fixtures_val_only" / dataset_name
+    if not root.exists():
+        write_fixture(dataset_name, root, splits=("val",), seed=11)
+    folder = workdir / config
+    folder.mkdir(parents=True, exist_ok=True)
+    model = seeded_model(cfg, seed=3)
+    checkpoint = folder / "ssseg_checkpoint.pth"
+    torch.save({"model": export_state_dict(model, source="sssegmentation")}, checkpoint)
+    scale = eval_scale(cfg, quick)
+    job = {"task": "eval", "dataset": dataset_name, "depth": cfg.model.depth, "output_stride": cfg.model.output_stride,
+           "rootdir": str(_peer_root(dataset_name, root)), "weights": str(checkpoint), "test_output_size": list(scale),
+           "out": str(folder / "eval_out.pt")}
+    (folder / "eval_job.json").write_text(json.dumps(job))
+    run_peer(python, SCRIPT, folder / "eval_job.json", cwd=folder, timeout=900)
+    peer = load_tensors(folder / "eval_out.pt")
+
+    # Ours end to end: the command line, validation split only, the same checkpoint file.
+    results = folder / "ours_miou.csv"
+    results.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "repro.run", str(config_path), "--eval-only", "--checkpoint", str(checkpoint),
+               "--set", f"data.root={root}", "--set", f"eval.scale=[{scale[0]},{scale[1]}]", "--set", "data.num_workers=0",
+               "--results", str(results), "--out-dir", str(folder / "run"), "--device", "cpu", "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                          cwd=Path(__file__).resolve().parents[2])
+    rows = []
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        rows.append(ParityRow(NAME, VERSION, config, "e_eval", "repro.run --eval-only exit code",
+                              str(done.returncode), "0", "fail", tail[:300]))
+        return rows
+    import pandas as pd
+
+    table = pd.read_csv(results)
+    ours_miou = float(table.loc[table["metric"] == "mIoU", "measured"].iloc[0])
+    peer_miou = 100.0 * peer["miou"]
+    rows.append(_row(config, "e_eval", "miou_abs_diff_points", abs(ours_miou - peer_miou), TOL_MIOU,
+                     f"python -m repro.run --eval-only {ours_miou:.4f} vs the tester's loop {peer_miou:.4f}; "
+                     f"{len(peer['ids'])} val images only (no train split), odd sizes, test scale {list(scale)} "
+                     f"(the row's {list(cfg.eval.scale)} / {8 if quick else 4}) both sides"))
+
+    # Per-pixel agreement: the same evaluate() the command runs, in process, collecting its predictions.
+    from repro.engine.distributed import DistContext
+    from repro.engine.evaluate import evaluate
+    from repro.engine.runner import load_weights
+
+    eval_cfg = replace(cfg.eval, scale=scale)
+    data = replace(cfg.data, root=str(root))
+    ours_model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None})
+    load_weights(ours_model, checkpoint, source=None)
+    dataset = build_dataset(data, split="val", eval_cfg=eval_cfg)
+    predictions: dict[int, np.ndarray] = {}
+    evaluate(ours_model, dataset, eval_cfg=eval_cfg, num_classes=cfg.model.num_classes,
+             ignore_index=cfg.data.ignore_index, ctx=DistContext(0, 1, 0, torch.device("cpu"), None),
+             on_prediction=lambda index, pred: predictions.__setitem__(index, np.asarray(pred)), progress=False)
+    by_stem = {Path(image).stem: index for index, (image, _) in enumerate(dataset.pairs)}
+    agree, total = 0, 0
+    for image_id, pred in zip(peer["ids"], peer["preds"], strict=True):
+        ours_pred = predictions[by_stem[Path(image_id).name]]
+        if ours_pred.shape != tuple(pred.shape):
+            total += pred.numel()
+            continue
+        agree += int((torch.from_numpy(ours_pred.astype(np.int64)) == pred).sum())
+        total += pred.numel()
+    rows.append(_row(config, "e_eval", "pixel_agreement", agree / total, TOL_AGREEMENT,
+                     f"{total} pixels at the labels' size; ours through repro.engine.evaluate (what --eval-only runs)",
+                     higher_is_better=True))
+    checkpoint.unlink(missing_ok=True)
+    return rows
+
+
 def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
     python = ensure_venv(PEER).absolute()  # absolute, not resolved: the venv python is a symlink
     workdir = Path(workdir).resolve()
     rows: list[ParityRow] = []
+    data_cache: dict = {}
     for path in configs:
         start = time.perf_counter()
+        rows += run_data_check(path, python, workdir, data_cache)
         rows += run_model_checks(path, python, workdir, quick=quick)
-        print(f"  {path.stem}: model checks {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        rows += run_eval_check(path, python, workdir, quick=quick)
+        print(f"  {path.stem}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return rows

@@ -311,15 +311,12 @@ class ScriptedDraws:
 
 
 def run_data(job: dict) -> dict:
-    """Check d: sssegmentation's training transforms (its dataset's read + Compose) on the given files."""
+    """Check d: sssegmentation's training transforms, through its dataset's own read (cv2.imread, clsid2label)
+    and synctransforms (the Compose of the config's train pipelines), on the given files."""
     from ssseg.modules import BuildDataset
 
-    cfg = segmentor_cfg(job["dataset"], 50, 8, rootdir=job.get("rootdir", ""))
-    dataset_cfg = copy.deepcopy(cfg["dataset"])
-    dataset_cfg["train"]["type"] = dataset_cfg["type"]
-    dataset_cfg["train"]["rootdir"] = dataset_cfg["rootdir"]
-    merged = {**{k: v for k, v in dataset_cfg.items() if k not in ("train", "test")}, **dataset_cfg["train"]}
-    dataset = BuildDataset(mode="TRAIN", logger_handle=None, dataset_cfg=merged)
+    cfg = segmentor_cfg(job["dataset"], 50, 8, rootdir=job["rootdir"])
+    dataset = BuildDataset(mode="TRAIN", logger_handle=None, dataset_cfg=copy.deepcopy(cfg["dataset"]))
     samples = []
     original = {name: getattr(np.random, name) for name in ("random_sample", "rand", "uniform", "randint")}
     try:
@@ -333,7 +330,9 @@ def run_data(job: dict) -> dict:
                 setattr(np.random, name, function)
             labels = meta["seg_target"].clone()
             labels[labels == IGNORE] = 255
-            samples.append({"image": meta["image"].contiguous(), "label": labels.long(), "draws_used": draws.used})
+            samples.append({"image": meta["image"].contiguous(), "label": labels.long(), "draws_used": draws.used,
+                            "decoded": torch.from_numpy(np.ascontiguousarray(
+                                dataset.read(sample["image"], sample["label"])["image"][:, :, ::-1]))})
     finally:
         for name, function in original.items():
             setattr(np.random, name, function)
@@ -346,10 +345,10 @@ def run_eval(job: dict) -> dict:
     from ssseg.modules import BuildDataset
 
     cfg = segmentor_cfg(job["dataset"], job["depth"], job["output_stride"], rootdir=job["rootdir"])
-    dataset_cfg = copy.deepcopy(cfg["dataset"])
-    test_cfg = {**{k: v for k, v in dataset_cfg.items() if k not in ("train", "test")}, **dataset_cfg["test"]}
-    test_cfg["eval_env"] = "local"
-    dataset = BuildDataset(mode="TEST", logger_handle=None, dataset_cfg=test_cfg)
+    if job.get("test_output_size"):  # a smaller test scale, the same on both sides (stated in the rows)
+        cfg["dataset"]["test"]["data_pipelines"][0][1]["output_size"] = tuple(job["test_output_size"])
+    cfg["dataset"]["test"]["eval_env"] = "local"
+    dataset = BuildDataset(mode="TEST", logger_handle=None, dataset_cfg=copy.deepcopy(cfg["dataset"]))
     segmentor = build(cfg, "TEST")
     segmentor.load_state_dict(torch.load(job["weights"], map_location="cpu", weights_only=True)["model"])
     segmentor.eval()
