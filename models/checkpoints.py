@@ -26,10 +26,21 @@ Sources and where their layouts come from:
 * "official_imagenet": the official repository's MIT deep-stem ImageNet weights (`conv1..bn3`, `layerN`; `fc`
   ignored); stem "deep".
 * "mmseg_imagenet": open-mmlab's ResNetV1c ImageNet weights (`stem.N`, `layerN`; `fc` ignored); stem "v1c".
+* "paddleseg": PaddleSeg 2.x CCNet (`paddleseg/models/ccnet.py`, ResNet_vd backbone
+  `paddleseg/models/backbones/resnet_vd.py`), a `.pdparams` file: stem `backbone.conv1_{1,2,3}`, blocks
+  `backbone.bb_{stage}_{i}.conv{0,1,2}` and `.short` (each `_conv` + `_batch_norm` with `_mean` / `_variance`),
+  `head.conva` / `head.convb` (ConvBNLeakyReLU), `head.cca.{q,k,v}_conv`, `head.cca.gamma` (1,),
+  `head.out.conv_bn_relu` (+ conv bias) / `head.out.conv`, `aux_head.conv_bn_relu` (+ conv bias) /
+  `aux_head.conv`. The conv biases before a norm are folded into its running mean as for "official". What
+  maps is not the same network: ResNet_vd's layer2 shortcut average-pools 2x2 before a stride-1 1x1 conv (ours:
+  a stride-2 1x1 conv, same weight shape), and the head's conva / convb use leaky ReLU (build with
+  `head_act="leaky_relu"`, which also changes the bottleneck's activation, ReLU in PaddleSeg).
 * "ccrepro": our own state dict (identity).
 
 Files are opened by `safe_load` only: `torch.load(weights_only=True)`, never full unpickling, because a
 checkpoint downloaded from the internet could otherwise run code when opened (a pickle may call any function).
+A Paddle `.pdparams` file is a plain pickle of NumPy arrays; `read_pdparams` opens it with an unpickler that
+resolves only the globals NumPy needs to rebuild an array and refuses every other one before it is called.
 Whatever goes wrong with a file (not a checkpoint, damaged, unsafe, wrong layout or class count) is one
 `CheckpointError` naming the file and the problem.
 
@@ -42,6 +53,7 @@ CCHead layout too; nothing in the key names tells the two apart.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,6 +69,7 @@ SOURCES = (
     "mmseg",
     "sssegmentation",
     "official",
+    "paddleseg",
     "torchvision",
     "official_imagenet",
     "mmseg_imagenet",
@@ -88,6 +101,50 @@ _BACKBONE_DEEP_STEM = (
     ("conv3.{p}", "stem.6.{p}"),
     ("bn3.{p}", "stem.7.{p}"),
     ("layer{rest}", "layer{rest}"),
+)
+
+
+
+def _paddle_conv_bn(paddle: str, conv: str, norm: str) -> tuple[tuple[str, str], ...]:
+    """A PaddleSeg ConvBN* layer (`_conv`, `_batch_norm` with `_mean` / `_variance`) onto a conv and a norm."""
+    return (
+        (f"{paddle}._conv.weight", f"{conv}.weight"),
+        (f"{paddle}._batch_norm.weight", f"{norm}.weight"),
+        (f"{paddle}._batch_norm.bias", f"{norm}.bias"),
+        (f"{paddle}._batch_norm._mean", f"{norm}.running_mean"),
+        (f"{paddle}._batch_norm._variance", f"{norm}.running_var"),
+    )
+
+
+_PADDLESEG_RULES = (
+    *_paddle_conv_bn("backbone.conv1_1", "backbone.stem.0", "backbone.stem.1"),
+    *_paddle_conv_bn("backbone.conv1_2", "backbone.stem.3", "backbone.stem.4"),
+    *_paddle_conv_bn("backbone.conv1_3", "backbone.stem.6", "backbone.stem.7"),
+    *(
+        rule
+        for stage in range(4)
+        for paddle, conv, norm in (
+            ("conv0", "conv1", "bn1"),
+            ("conv1", "conv2", "bn2"),
+            ("conv2", "conv3", "bn3"),
+            ("short", "downsample.0", "downsample.1"),
+        )
+        for rule in _paddle_conv_bn(
+            f"backbone.bb_{stage}_{{i}}.{paddle}",
+            f"backbone.layer{stage + 1}.{{i}}.{conv}",
+            f"backbone.layer{stage + 1}.{{i}}.{norm}",
+        )
+    ),
+    *_paddle_conv_bn("head.conva", "decode_head.conv_in.0", "decode_head.conv_in.1"),
+    ("head.cca.q_conv.{p}", "decode_head.attention.query_conv.{p}"),
+    ("head.cca.k_conv.{p}", "decode_head.attention.key_conv.{p}"),
+    ("head.cca.v_conv.{p}", "decode_head.attention.value_conv.{p}"),
+    ("head.cca.gamma", "decode_head.attention.gamma"),
+    *_paddle_conv_bn("head.convb", "decode_head.conv_out.0", "decode_head.conv_out.1"),
+    *_paddle_conv_bn("head.out.conv_bn_relu", "decode_head.bottleneck.0", "decode_head.bottleneck.1"),
+    ("head.out.conv.{p}", "decode_head.classifier.{p}"),
+    *_paddle_conv_bn("aux_head.conv_bn_relu", "auxiliary_head.convs.0.0", "auxiliary_head.convs.0.1"),
+    ("aux_head.conv.{p}", "auxiliary_head.classifier.{p}"),
 )
 
 # (foreign template, our template[, transform]). On import, every rule whose foreign side matches gives a
@@ -150,6 +207,7 @@ KEY_RULES: dict[str, tuple[tuple[str, ...], ...]] = {
         ("dsn.1.{p}", "auxiliary_head.convs.0.1.{p}"),
         ("dsn.3.{p}", "auxiliary_head.classifier.{p}"),
     ),
+    "paddleseg": _PADDLESEG_RULES,
     "torchvision": (
         ("conv1.{p}", "stem.0.{p}"),
         ("bn1.{p}", "stem.1.{p}"),
@@ -167,6 +225,11 @@ KEY_RULES: dict[str, tuple[tuple[str, ...], ...]] = {
 # Import subtracts the bias from the running mean; export writes a zero bias.
 FOLDED_BIASES: dict[str, tuple[tuple[str, str], ...]] = {
     "official": (("dsn.0.bias", "auxiliary_head.convs.0.1.running_mean"),),
+    # PaddleSeg AuxLayer's ConvBNReLU convs have biases (layer_libs.py ConvBNReLU: nn.Conv2D default bias).
+    "paddleseg": (
+        ("head.out.conv_bn_relu._conv.bias", "decode_head.bottleneck.1.running_mean"),
+        ("aux_head.conv_bn_relu._conv.bias", "auxiliary_head.convs.0.1.running_mean"),
+    ),
 }
 
 # Foreign keys that carry no weights of ours: ImageNet classifiers, loss modules.
@@ -253,12 +316,96 @@ def _describe_non_checkpoint(path: Path, head: bytes, size: int) -> str | None:
     return None  # some other binary: torch.load decides (and its error is reported)
 
 
+# The only globals a .pdparams pickle may name: what NumPy's array pickling needs (numpy 1.x and 2.x module
+# paths) and `_codecs.encode` (protocol-2 pickles store bytes as latin-1 text), limited to latin-1 below.
+PDPARAMS_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+PDPARAMS_NAME_TABLE = "StructuredToParameterName@@"  # paddle.save's str -> str table, not weights
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not array data")
+    return text.encode("latin-1")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Resolves only `PDPARAMS_GLOBALS`; any other global (os.system, builtins.eval, a class...) raises before
+    it can be called, and persistent ids (torch's storage references) are refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in PDPARAMS_GLOBALS:
+            raise pickle.UnpicklingError(f"unsafe global {module}.{name}")
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        import importlib
+        import importlib.util
+
+        # numpy 2 moved numpy.core to numpy._core (the old path warns); numpy 1 has only numpy.core.
+        if module.startswith("numpy"):
+            modern = importlib.util.find_spec("numpy._core") is not None
+            module = module.replace("numpy.core", "numpy._core") if modern else module.replace("numpy._core", "numpy.core")
+        return getattr(importlib.import_module(module), name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not array data")
+
+
+def read_pdparams(path: str | os.PathLike, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The weights of a Paddle `.pdparams` file (`paddle.save(layer.state_dict())`: a pickle of a dict of
+    NumPy arrays) as float / integer torch tensors, read without ever calling anything but NumPy's array
+    reconstruction (`PDPARAMS_GLOBALS`). Paddle's name table (`StructuredToParameterName@@`) is dropped.
+    CheckpointError naming the file and the refused global when the pickle asks for anything else, and when
+    an entry is not a numeric array."""
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            state = _NumpyOnlyUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        message = str(err)
+        if message.startswith("unsafe global "):
+            raise CheckpointError(
+                f"refused to open {what} {path}: unpickling it would call {message.removeprefix('unsafe global ')}, "
+                "which a .pdparams file of weights never needs and which could run code; only NumPy arrays are "
+                "loaded"
+            ) from None
+        raise CheckpointError(f"{what} {path} is not a readable .pdparams pickle: {message[:200]}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, OSError, MemoryError) as err:
+        raise CheckpointError(f"{what} {path} is damaged or not a .pdparams pickle: {type(err).__name__}: "
+                              f"{str(err)[:200]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(state).__name__}, expected a dict of arrays")
+    out = {}
+    for key, value in state.items():
+        if key == PDPARAMS_NAME_TABLE:
+            continue
+        if not isinstance(key, str):
+            raise CheckpointError(f"{what} {path}: entry name {key!r} is a {type(key).__name__}, expected a string")
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiub":
+            kind = f"array of {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
+            raise CheckpointError(f"{what} {path}: entry {key!r} is a {kind}, expected a numeric array")
+        out[key] = torch.from_numpy(np.array(value, copy=True))
+    return out
+
+
 def safe_load(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
     """The object `torch.save` wrote to `path`, read with `torch.load(weights_only=True)` onto the CPU.
 
     This is the only way the project opens a checkpoint: the weights-only unpickler builds tensors, numbers,
     strings, lists, tuples and dicts and refuses everything else, so opening a file can never run code from
-    it. There is no fallback to full unpickling. Raises FileNotFoundError when `path` is not a file and
+    it. There is no fallback to full unpickling. A Paddle `.pdparams` file (a plain pickle of NumPy arrays) is
+    read by `read_pdparams`, whose unpickler resolves NumPy's array reconstruction only. Raises FileNotFoundError when `path` is not a file and
     `CheckpointError` (one line naming the file) when it is empty, text, HTML, damaged, truncated, or needs
     anything beyond weights to be unpickled. `what` names the kind of file in messages.
     """
@@ -274,6 +421,8 @@ def safe_load(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
     problem = _describe_non_checkpoint(path, head, size)
     if problem is not None:
         raise CheckpointError(problem)
+    if path.suffix.lower() == ".pdparams":
+        return read_pdparams(path, what=what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to decode means the file is unusable
@@ -345,6 +494,8 @@ def detect_source(keys) -> str:
 
     if has_prefix("backbone_net.", "conv_before_cca.", "auxiliary_decoder."):
         return "sssegmentation"
+    if has_prefix("backbone.conv1_1.", "backbone.bb_", "aux_head.conv_bn_relu.", "head.out.conv_bn_relu."):
+        return "paddleseg"
     if has_prefix("head.conva.", "head.cca.", "dsn."):
         return "official"
     if has_prefix("decode_head.conv_in.", "decode_head.classifier.", "auxiliary_head.classifier."):
@@ -501,8 +652,8 @@ def export_state_dict(model: nn.Module, *, source: str) -> dict[str, torch.Tenso
     rules = _rules(source)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        # InPlaceABN (official) keeps no step counter.
-        if source in ("official", "official_imagenet") and key.endswith("num_batches_tracked"):
+        # InPlaceABN (official) and Paddle's BatchNorm keep no step counter.
+        if source in ("official", "official_imagenet", "paddleseg") and key.endswith("num_batches_tracked"):
             continue
         rule, match = next(((r, m) for r in rules if (m := r.ours_re.fullmatch(key))), (None, None))
         if rule is None:

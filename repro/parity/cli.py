@@ -16,12 +16,14 @@ from pathlib import Path
 from types import ModuleType
 
 from repro.io import CsvFormatError, locked, read_csv_rows, write_csv_atomic
-from repro.parity import mmseg
+from repro.parity import mmseg, paddleseg, ssseg
 from repro.parity.common import COLUMNS, DEFAULT_ROOT, PEERS, ParityRow, PeerUnavailable, ensure_venv, not_run_row
 
 # source name -> module with NAME, VERSION, default_configs(), QUICK_CONFIG, run(configs, *, quick, workdir)
 SOURCES: dict[str, ModuleType] = {
     mmseg.NAME: mmseg,
+    ssseg.NAME: ssseg,
+    paddleseg.NAME: paddleseg,
 }
 CSV_NAME = "parity.csv"
 

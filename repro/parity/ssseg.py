@@ -1,0 +1,657 @@
+"""Parity with sssegmentation 1.7.0 (rows `experiments/ssseg_*.yaml`), checks a-f for every row.
+
+The peer runs `peers/ssseg_side.py` in `.nox/peer-sssegmentation-1.7.0/` (sssegmentation installed without its
+declared dependencies, whose torchvision cannot load beside the CPU torch; `peers/ssseg_standins/` provides
+the torchvision names it imports and mmcv's CrissCrossAttention). Both sides start from the same weights: our
+model, built from the row's YAML with seeded random weights (BN statistics, gamma and all), exported to
+sssegmentation's layout with `models.export_state_dict(source="sssegmentation")`; the peer loads that with
+`load_state_dict(strict=True)`, so every tensor has its place on both sides.
+
+a  model: decode and aux logits at the heads' resolution, eval mode and train mode (BN batch statistics,
+   dropout p = 0), relative to the largest logit.
+b  loss (decode + 0.4 aux, ignored pixels) and every parameter gradient; BN running statistics after the
+   step's forward. (sssegmentation's CCNet rows use plain cross-entropy: there is no OHEM count to compare.)
+c  T (sssegmentation: max_epochs x len(dataloader)), the LR at steps 0, 1, T/2, T-1, T, the parameter groups
+   and momentum / weight decay / dampening / nesterov of each parameter kind.
+d  the training pipeline on the same JPEG/PNG files with every random draw injected.
+e  evaluation end to end: the tester's loop vs `python -m repro.run CONFIG --eval-only --checkpoint FILE`.
+f  5 SGD steps (dropout off, aux and BN on): all weights and buffers after each step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+import models
+from models.checkpoints import export_state_dict
+from repro.engine.config import ExperimentConfig, load_config, model_kwargs
+from repro.engine.data import build_dataset
+from repro.engine.train import build_loss, build_optimizer, poly_lr
+from repro.parity.common import (
+    PEERS_DIR,
+    ParityRow,
+    Peer,
+    ensure_venv,
+    load_tensors,
+    measured_row,
+    register_peer,
+    run_peer,
+)
+
+NAME = "sssegmentation"
+VERSION = "1.7.0"
+QUICK_CONFIG = "ssseg_voc_r50_d8"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+SCRIPT = PEERS_DIR / "ssseg_side.py"
+# sssegmentation's declared requirements include black, usort, pycocotools, chainercv-era tools and (through
+# its code) torchvision; it is installed without them and these are what its CCNet path imports.
+PEER = register_peer(
+    Peer(
+        name="sssegmentation",
+        version=VERSION,
+        requirements=("numpy", "opencv-python-headless", "pillow", "scipy", "pandas", "dill", "tqdm"),
+        nodeps=(f"sssegmentation=={VERSION}",),
+    )
+)
+DATASET_OF = {"cityscapes": "cityscapes", "ade20k": "ade20k", "voc12aug": "voc", "voc": "voc"}
+STEPS = 5
+# Tolerances (fp32; same torch build and kernels on both sides; see each row's detail).
+TOL_LOGITS = 1e-5  # relative to the largest |logit|: the attention's einsum vs our bmm summation order
+TOL_LOSS = 1e-6  # relative
+TOL_GRAD = 1e-4  # worst tensor, ||g_ours - g_peer|| / ||g_peer||: backward accumulates more rounding
+TOL_LR = 1e-12  # relative: the same formula in float64
+# relative, per tensor max |w_ours - w_peer| / max |w_peer|, in float64. In fp32 the two trajectories of a
+# randomly initialised network part after the second step (measured: 1.5e-7 after step 1, 4e-4 after step 2:
+# a 1e-7 difference flips max-pool / ReLU ties, which reroutes whole gradient entries), so fp32 cannot separate
+# a bug from rounding. In float64 the first three steps were bit-identical and the difference then grew about
+# tenfold per step from 1e-16 (1.4e-9 after step 4, 1.8e-8 after step 5, R-50 VOC row): the floor is 1e-6.
+TOL_WEIGHTS = 1e-6
+# Normalised image tensors: sssegmentation subtracts the float64 mean and multiplies by the float64 reciprocal of
+# std through cv2 on float32 pixels, ours (x - mean) / std in float32: 1-2 float32 ulp at |x| <= 2.3 (2.4e-7).
+TOL_DATA = 1e-6
+TOL_AGREEMENT = 1.0  # per-pixel agreement of the evaluation: every pixel
+TOL_MIOU = 1e-4  # mIoU points: results/miou.csv keeps 4 decimals of ours
+
+
+def default_configs() -> list[Path]:
+    return sorted(EXPERIMENTS.glob("ssseg_*.yaml"))
+
+
+def _row(config: str, check: str, metric: str, value: float, tolerance: float, detail: str = "", **kw) -> ParityRow:
+    return measured_row(source=NAME, version=VERSION, config=config, check=check, metric=metric, value=value,
+                        tolerance=tolerance, detail=detail, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def seeded_model(cfg: ExperimentConfig, seed: int = 0) -> nn.Module:
+    """The row's model with seeded random weights that exercise every tensor: conv weights scaled so the
+    activations stay O(1), BN affine and running statistics random, criss-cross gamma non-zero."""
+    kwargs = model_kwargs(cfg)
+    kwargs["pretrained_backbone"] = None
+    torch.manual_seed(seed)
+    model = models.build(**kwargs)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(0.5 + 0.5 * torch.rand(n, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(n, generator=generator))
+                module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.fill_(0.7)
+    return model
+
+
+def name_map(model: nn.Module) -> dict[str, str]:
+    """Our state-dict key -> sssegmentation's (export_state_dict keeps the order of our state dict)."""
+    ours = list(model.state_dict())
+    theirs = list(export_state_dict(model, source="sssegmentation"))
+    if len(ours) != len(theirs):
+        raise RuntimeError(f"export gave {len(theirs)} keys for {len(ours)} of ours")
+    return dict(zip(ours, theirs, strict=True))
+
+
+def _no_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout | nn.Dropout2d):
+            module.p = 0.0
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Both as float64, `a` reshaped to `b` when only the shape differs by ones (gamma: (1,) ours, 0-d
+    mmcv Scale); None when the element counts differ."""
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        if a.numel() != b.numel():
+            return None
+        a = a.reshape(b.shape)
+    return a, b
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    pair = _same_shape(a, b)
+    if pair is None:
+        return math.inf
+    a, b = pair
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _rel_norm(a: torch.Tensor, b: torch.Tensor) -> float:
+    pair = _same_shape(a, b)
+    if pair is None:
+        return math.inf
+    a, b = pair
+    scale = b.norm().item()
+    return (a - b).norm().item() / scale if scale > 0 else (a - b).norm().item()
+
+
+def make_batches(cfg: ExperimentConfig, *, steps: int, size_hw: tuple[int, int], seed: int = 0) -> dict:
+    """`steps` batches of 2 images (normalised scale) and labels with ignored (255) pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = size_hw
+    images = torch.randn(steps, 2, 3, height, width, generator=generator)
+    labels = torch.randint(0, cfg.model.num_classes, (steps, 2, height, width), generator=generator)
+    ignored = torch.rand(steps, 2, height, width, generator=generator) < 0.2
+    labels[ignored] = 255
+    labels[:, :, : height // 5, : width // 4] = 255  # an ignored block as well
+    return {"images": images, "labels": labels}
+
+
+# ------------------------------------------------------------------------------------ checks a, b, c, f
+
+
+def our_model_outputs(model: nn.Module, cfg: ExperimentConfig, batches: dict) -> dict:
+    """What ssseg_side.run_model computes, on our model."""
+    images, labels = batches["images"], batches["labels"]
+    out = {}
+    model.eval()
+    with torch.no_grad():
+        feats = model.backbone(images[0])
+        out["eval"] = {"decode": model.decode_head(feats[-1]), "aux": model.auxiliary_head(feats[-2])}
+    trained = copy.deepcopy(model)
+    trained.train()
+    _no_dropout(trained)
+    captured = {}
+    hooks = [
+        trained.decode_head.register_forward_hook(lambda m, i, o: captured.__setitem__("decode", o)),
+        trained.auxiliary_head.register_forward_hook(lambda m, i, o: captured.__setitem__("aux", o)),
+    ]
+    criterion = build_loss(cfg.train, ignore_index=cfg.data.ignore_index)
+    loss = criterion(trained(images[0]), labels[0])
+    for hook in hooks:
+        hook.remove()
+    loss.backward()
+    out["train"] = {
+        "decode": captured["decode"].detach(),
+        "aux": captured["aux"].detach(),
+        "loss": loss.detach(),
+        "grads": {n: p.grad.detach().clone() for n, p in trained.named_parameters() if p.grad is not None},
+        "running": {k: v.clone() for k, v in trained.state_dict().items() if "running_" in k},
+    }
+    return out
+
+
+def our_trajectory(model: nn.Module, cfg: ExperimentConfig, batches: dict, steps: int) -> tuple[list, list, list]:
+    """The training loop of repro.engine.train (poly LR set before the step, SGD) for `steps` steps."""
+    model = copy.deepcopy(model).double()
+    model.train()
+    _no_dropout(model)
+    criterion = build_loss(cfg.train, ignore_index=cfg.data.ignore_index)
+    optimizer = build_optimizer(model, cfg.train)
+    states, lrs, losses = [], [], []
+    for step in range(steps):
+        lr = poly_lr(step, cfg.train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(batches["images"][step].double()), batches["labels"][step])
+        loss.backward()
+        optimizer.step()
+        lrs.append(lr)
+        losses.append(float(loss.detach()))
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return states, lrs, losses
+
+
+def _param_kind(name: str, model: nn.Module) -> str:
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    leaf = name.rsplit(".", 1)[1]
+    if isinstance(module, nn.BatchNorm2d | nn.SyncBatchNorm):
+        return f"norm.{leaf}"
+    if isinstance(module, nn.Conv2d):
+        return f"conv.{leaf}"
+    return leaf
+
+
+def model_rows(config: str, cfg: ExperimentConfig, model: nn.Module, names: dict[str, str], peer: dict,
+               ours: dict, trajectory: dict | None, our_traj: tuple | None, labels: torch.Tensor) -> list[ParityRow]:
+    rows = []
+    ignored, total_pixels = int((labels == 255).sum()), labels.numel()
+    for mode in ("eval", "train"):
+        for head in ("decode", "aux"):
+            value = _rel(ours[mode][head], peer[mode][head])
+            rows.append(_row(config, "a_model", f"{head}_logits_{mode}_max_rel_diff", value, TOL_LOGITS,
+                             f"{tuple(peer[mode][head].shape)} at the head's stride; relative to max |logit|; "
+                             + ("BN batch statistics, dropout p=0" if mode == "train" else "BN running statistics")))
+    loss_ours, loss_peer = float(ours["train"]["loss"]), float(peer["train"]["loss"])
+    rows.append(_row(config, "b_loss", "loss_rel_diff", abs(loss_ours - loss_peer) / abs(loss_peer), TOL_LOSS,
+                     f"ours {loss_ours:.7g}, sssegmentation {loss_peer:.7g} (decode + 0.4 aux; {ignored} of "
+                     f"{total_pixels} label pixels ignored: 255 ours, -100 sssegmentation, out of the mean)"))
+    worst, worst_name, missing = 0.0, "", []
+    # A gradient that is 0 in exact arithmetic (the key conv's bias: it shifts every score of a query by the
+    # same q.b, which the softmax cancels) is rounding noise on both sides: it is compared against a floor of
+    # 1e-6 x the largest gradient norm instead of its own norm.
+    floor = 1e-6 * max(g.double().norm().item() for g in peer["train"]["grads"].values())
+    for ours_name, grad in ours["train"]["grads"].items():
+        theirs = peer["train"]["grads"].get(names[ours_name])
+        if theirs is None:
+            missing.append(ours_name)
+            continue
+        pair = _same_shape(grad, theirs)
+        value = math.inf if pair is None else (pair[0] - pair[1]).norm().item() / max(pair[1].norm().item(), floor)
+        if value > worst:
+            worst, worst_name = value, ours_name
+    extra = sorted(set(peer["train"]["grads"]) - {names[n] for n in ours["train"]["grads"]})
+    value = math.inf if missing or extra else worst
+    rows.append(_row(config, "b_loss", "grad_worst_rel_l2_diff", value, TOL_GRAD,
+                     f"{len(ours['train']['grads'])} gradients, each ||g_ours - g_peer|| / max(||g_peer||, 1e-6 x "
+                     f"largest norm); worst {worst_name}"
+                     + (f"; without a counterpart: {missing[:3]} {extra[:3]}" if missing or extra else "")))
+    worst = max(_rel(v, peer["train"]["running"][names[k]]) for k, v in ours["train"]["running"].items())
+    rows.append(_row(config, "b_loss", "bn_running_stats_max_rel_diff", worst, TOL_LOGITS,
+                     "BN running mean / var after the train-mode forward (momentum 0.1 both)"))
+
+    schedule = peer["schedule"]
+    total = cfg.train.iterations
+    rows.append(_row(config, "c_lr", "T_abs_diff", abs(total - schedule["max_iters"]), 0,
+                     f"ours {total}, sssegmentation max_epochs {schedule['max_epochs']} x len(dataloader) "
+                     f"{schedule['iters_per_epoch']} = {schedule['max_iters']} ({cfg.train.source_gpus} GPUs)"))
+    worst, detail = 0.0, []
+    for step_text, lr_peer in schedule["lr"].items():
+        step = int(step_text)
+        # the peer's steps are its own T's; ours at the same step numbers
+        lr_ours = poly_lr(step, cfg.train)
+        worst = max(worst, abs(lr_ours - lr_peer) / lr_peer)
+        detail.append(f"{step}: {lr_peer:.6g}")
+    rows.append(_row(config, "c_lr", "lr_max_rel_diff", worst, TOL_LR, "steps " + ", ".join(detail)))
+    optimizer = build_optimizer(model, cfg.train)
+    our_groups = len(optimizer.param_groups)
+    rows.append(_row(config, "c_lr", "param_groups_abs_diff", abs(our_groups - len(schedule["groups"])), 0,
+                     f"ours {our_groups}, sssegmentation {len(schedule['groups'])} (params_rules empty)"))
+    reverse = {v: k for k, v in names.items()}
+    peer_settings = {}
+    for group in schedule["groups"]:
+        for name in group["names"]:
+            peer_settings[reverse[name]] = tuple(group[k] for k in ("momentum", "weight_decay", "dampening", "nesterov"))
+    ours_settings = {}
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ours_settings[param_names[id(p)]] = tuple(
+                float(group[k]) for k in ("momentum", "weight_decay", "dampening", "nesterov"))
+    kinds, mismatched = {}, []
+    for name, setting in ours_settings.items():
+        kinds.setdefault(_param_kind(name, model), set()).add(setting)
+        if peer_settings.get(name) != setting:
+            mismatched.append(name)
+    rows.append(_row(config, "c_lr", "params_with_other_momentum_wd", len(mismatched), 0,
+                     "; ".join(f"{kind}: momentum {s[0]}, wd {s[1]}" for kind, settings in sorted(kinds.items())
+                               for s in sorted(settings))[:400]))
+
+    if trajectory is not None and our_traj is not None:
+        states, lrs, losses = our_traj
+        for step in range(len(states)):
+            worst, worst_name = 0.0, ""
+            for key, value in states[step].items():
+                theirs = trajectory["states"][step][names[key]]
+                diff = _rel(value.float(), theirs.float())
+                if diff > worst:
+                    worst, worst_name = diff, key
+            rows.append(_row(config, "f_train", f"weights_step{step + 1}_max_rel_diff", worst, TOL_WEIGHTS,
+                             f"float64 both sides, weights and BN buffers; worst {worst_name}; lr ours {lrs[step]:.8g} / peer {trajectory['lr'][step]:.8g}; "
+                             f"loss ours {losses[step]:.6g} / peer {trajectory['loss'][step]:.6g}"))
+    return rows
+
+
+def run_model_checks(config_path: Path, python: Path, workdir: Path, *, quick: bool) -> list[ParityRow]:
+    cfg = load_config(config_path)
+    config = config_path.stem
+    folder = workdir / config
+    folder.mkdir(parents=True, exist_ok=True)
+    model = seeded_model(cfg)
+    names = name_map(model)
+    weights = folder / "weights.pt"
+    torch.save(export_state_dict(model, source="sssegmentation"), weights)
+    size = (33, 41) if quick else (49, 65)
+    batches = make_batches(cfg, steps=STEPS, size_hw=size)
+    torch.save(batches, folder / "batches.pt")
+    job = {
+        "task": "model",
+        "dataset": DATASET_OF[cfg.data.dataset],
+        "depth": cfg.model.depth,
+        "output_stride": cfg.model.output_stride,
+        "gpus": cfg.train.source_gpus,
+        "weights": str(weights),
+        "batches": str(folder / "batches.pt"),
+        "steps": STEPS,
+        "trajectory_out": str(folder / "trajectory.pt"),
+        "out": str(folder / "model_out.pt"),
+    }
+    (folder / "model_job.json").write_text(json.dumps(job))
+    run_peer(python, SCRIPT, folder / "model_job.json", cwd=folder, timeout=900)
+    peer = load_tensors(folder / "model_out.pt")
+    print(f"  {config}: peer {peer['seconds']:.0f} s", file=sys.stderr)
+    ours = our_model_outputs(model, cfg, batches)
+    trajectory = load_tensors(folder / "trajectory.pt")
+    our_traj = our_trajectory(model, cfg, batches, STEPS)
+    rows = model_rows(config, cfg, model, names, peer, ours, trajectory, our_traj, batches["labels"][0])
+    for name in ("trajectory.pt", "weights.pt"):
+        (folder / name).unlink(missing_ok=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ fixtures (d and e)
+
+# Label values written per dataset: (values of "stuff" regions, the ignore value in the file).
+# Cityscapes files hold label ids (7 road, 8 sidewalk, 11 building, 21 vegetation, 23 sky, 24 person, 26 car;
+# 0 unlabeled and 4 static are ignored); ADE20K 1..150 (0 ignored); VOC 0..20 (255 ignored).
+FIXTURE_LABELS = {
+    "cityscapes": ((7, 8, 11, 21, 23, 24, 26, 4), 0),
+    "ade20k": ((1, 3, 5, 13, 22, 37, 91, 150), 0),
+    "voc": ((0, 1, 7, 12, 15, 20, 3, 9), 255),
+}
+FIXTURE_SIZES = ((97, 193), (101, 131), (83, 157))  # odd sizes, (H, W)
+
+
+def _fixture_pair(dataset: str, size_hw: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A structured image (smooth gradient background, shapes whose colour follows their class, mild noise)
+    and its label map: one class covers most of the image (so some crops fail the 0.75 category ratio), the
+    others are rectangles and ellipses, and one band is ignored."""
+    rng = np.random.default_rng(seed)
+    values, ignore = FIXTURE_LABELS[dataset]
+    height, width = size_hw
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([60 + 120 * yy / height, 90 + 80 * xx / width, 140 - 60 * yy / height], axis=-1)
+    label = np.full((height, width), values[0], dtype=np.uint8)
+    image = base.copy()
+    palette = {v: rng.integers(20, 236, size=3) for v in values}
+    for index, value in enumerate(values[1:]):
+        top, left = int(rng.integers(0, height - 12)), int(rng.integers(0, width - 12))
+        h, w = int(rng.integers(8, height // 3)), int(rng.integers(8, width // 3))
+        if index % 2:
+            mask = ((yy - top - h / 2) / (h / 2)) ** 2 + ((xx - left - w / 2) / (w / 2)) ** 2 <= 1
+        else:
+            mask = (yy >= top) & (yy < top + h) & (xx >= left) & (xx < left + w)
+        label[mask] = value
+        image[mask] = palette[value] + 0.3 * (base[mask] - 128)
+    label[height // 2 : height // 2 + 3, :] = ignore
+    image += rng.normal(0, 4, size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def write_fixture(dataset: str, root: Path, *, splits: tuple[str, ...], seed: int = 0) -> Path:
+    """A small dataset in the real layout of `dataset` (sssegmentation's list files added): returns the root
+    for both sides. Cityscapes: PNG images; ADE20K and VOC: JPEG (quality 90) images; labels PNG."""
+    from PIL import Image
+
+    root = Path(root)
+    names = []
+    for split_index, split in enumerate(splits):
+        ids = []
+        for index, size in enumerate(FIXTURE_SIZES):
+            image, label = _fixture_pair(dataset, size, seed + 100 * split_index + index)
+            if dataset == "cityscapes":
+                city = "parcity"
+                stem = f"{city}_{split_index:06d}_{index:06d}"
+                image_path = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
+                label_paths = [root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"]
+                ids.append(f"{city}/{stem}_leftImg8bit")
+            elif dataset == "ade20k":
+                folder = {"train": "training", "val": "validation"}[split]
+                stem = f"ADE_{folder[:5]}_{index + 1:08d}"
+                base = root / "ADEChallengeData2016"
+                image_path = base / "images" / folder / f"{stem}.jpg"
+                label_paths = [base / "annotations" / folder / f"{stem}.png"]
+                ids.append(stem)
+            else:
+                stem = f"2007_{split_index:03d}{index:03d}"
+                base = root / "VOCdevkit" / "VOC2012"
+                image_path = base / "JPEGImages" / f"{stem}.jpg"
+                # ours reads trainaug labels from SegmentationClassAug, sssegmentation from SegmentationClass
+                label_paths = [base / "SegmentationClass" / f"{stem}.png", base / "SegmentationClassAug" / f"{stem}.png"]
+                ids.append(stem)
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            if image_path.suffix == ".jpg":
+                Image.fromarray(image).save(image_path, quality=90)
+            else:
+                Image.fromarray(image).save(image_path)
+            for label_path in label_paths:
+                label_path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(label, mode="L").save(label_path)
+            names.append((split, image_path, label_paths[0]))
+        list_name = {"voc": {"train": "trainaug", "val": "val"}}.get(dataset, {}).get(split, split)
+        if dataset == "cityscapes":
+            list_file = root / f"{split}.txt"
+        elif dataset == "ade20k":
+            list_file = root / "ADEChallengeData2016" / f"{split}.txt"
+        else:
+            list_file = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / f"{list_name}.txt"
+        list_file.parent.mkdir(parents=True, exist_ok=True)
+        list_file.write_text("\n".join(ids) + "\n")
+    return root
+
+
+class ScriptedRng:
+    """The subset of np.random.Generator our transforms call, answering from a script of uniforms u in [0, 1):
+    random() -> u, uniform(a, b) -> a + (b - a) * u, integers(low, high) -> low + floor(u * (high - low)).
+    `peers/ssseg_side.py` answers sssegmentation's np.random calls from the same script the same way."""
+
+    def __init__(self, values) -> None:
+        self.values = [float(v) for v in values]
+        self.used = 0
+
+    def _next(self) -> float:
+        if self.used >= len(self.values):
+            raise RuntimeError(f"draw script exhausted after {self.used} draws")
+        self.used += 1
+        return self.values[self.used - 1]
+
+    def random(self) -> float:
+        return self._next()
+
+    def uniform(self, low: float = 0.0, high: float = 1.0) -> float:
+        return low + (high - low) * self._next()
+
+    def integers(self, low: int, high: int | None = None) -> int:
+        if high is None:
+            low, high = 0, low
+        return int(low + int(np.floor(self._next() * (high - low))))
+
+
+def draw_scripts(count: int, *, seed: int = 0, length: int = 64) -> list[list[float]]:
+    """One script per sample; values near 0.5 are nudged away so a flip draw never sits on the threshold
+    (ours flips when u < 0.5, sssegmentation when u <= 0.5)."""
+    rng = np.random.default_rng(seed)
+    scripts = []
+    for _ in range(count):
+        values = rng.random(length)
+        values[np.abs(values - 0.5) < 1e-9] = 0.25
+        scripts.append(values.tolist())
+    return scripts
+
+
+def data_rows(config: str, cfg: ExperimentConfig, root: Path, peer: dict, scripts: list[list[float]]) -> list[ParityRow]:
+    """Check d rows: ours on the same files with the same scripts vs the peer's tensors."""
+    from dataclasses import replace
+
+    data = replace(cfg.data, root=str(root))
+    dataset = build_dataset(data, split="train")
+    rows = []
+    image_diff, label_diff, shape_ok, draws_ok, decode_diff, pixels = 0.0, 0, True, True, 0.0, 0
+    for index, (sample, script) in enumerate(zip(peer["samples"], scripts, strict=True)):
+        image, label = dataset.load(index)
+        decode_diff = max(decode_diff, float(np.abs(image.astype(np.int16) - sample["decoded"].numpy().astype(np.int16)).max()))
+        rng = ScriptedRng(script)
+        ours_image, ours_label = dataset.train_transform(image, label, rng=rng)
+        draws_ok &= rng.used == sample["draws_used"]
+        if ours_image.shape != sample["image"].shape or ours_label.shape != sample["label"].shape:
+            shape_ok = False
+            continue
+        image_diff = max(image_diff, float((ours_image - sample["image"]).abs().max()))
+        label_diff += int((ours_label != sample["label"]).sum())
+        pixels += ours_label.numel()
+    jpeg = cfg.data.dataset != "cityscapes"
+    tolerance = TOL_DATA
+    draws = [sample["draws_used"] for sample in peer["samples"]]
+    rows.append(_row(config, "d_data", "decode_max_abs_diff_grey_levels", decode_diff, 0.0,
+                     f"{len(scripts)} {'JPEG' if jpeg else 'PNG'} files, ours PIL vs sssegmentation cv2.imread"))
+    rows.append(_row(config, "d_data", "image_tensor_max_abs_diff", image_diff if shape_ok else math.inf, tolerance,
+                     f"normalised crops {tuple(peer['samples'][0]['image'].shape)}...; draws injected (scale, crop "
+                     f"offsets incl. cat_max_ratio retries, flip, photometric); draws used per sample {draws} (equal on "
+                     f"both sides: {draws_ok}); float32 rounding of the normalisation (TOL_DATA)"))
+    rows.append(_row(config, "d_data", "label_pixels_different", label_diff if shape_ok else math.inf, 0,
+                     f"of {pixels}; ignore 255 ours / -100 sssegmentation, padding included"))
+    return rows
+
+
+def run_data_check(config_path: Path, python: Path, workdir: Path, cache: dict) -> list[ParityRow]:
+    cfg = load_config(config_path)
+    dataset = DATASET_OF[cfg.data.dataset]
+    root = workdir / "fixtures" / dataset
+    if not root.exists():
+        write_fixture(dataset, root, splits=("train", "val"))
+    scripts = draw_scripts(len(FIXTURE_SIZES), seed=7)
+    if dataset not in cache:
+        from dataclasses import replace
+
+        pairs = build_dataset(replace(cfg.data, root=str(root)), split="train").pairs
+        job = {"task": "data", "dataset": dataset, "rootdir": str(_peer_root(dataset, root)),
+               "samples": [{"image": str(i), "label": str(lab), "draws": d} for (i, lab), d in zip(pairs, scripts, strict=True)],
+               "out": str(workdir / f"data_{dataset}.pt")}
+        (workdir / f"data_{dataset}.json").write_text(json.dumps(job))
+        run_peer(python, SCRIPT, workdir / f"data_{dataset}.json", cwd=workdir, timeout=600)
+        cache[dataset] = load_tensors(workdir / f"data_{dataset}.pt")
+    return data_rows(config_path.stem, cfg, root, cache[dataset], scripts)
+
+
+def _peer_root(dataset: str, root: Path) -> Path:
+    """sssegmentation's rootdir: the Cityscapes / ADE20K folder itself, VOCdevkit/VOC2012 for VOC."""
+    return root / "VOCdevkit" / "VOC2012" if dataset == "voc" else root
+
+
+# --------------------------------------------------------------------------------------------------- e
+
+
+def eval_scale(cfg: ExperimentConfig, quick: bool) -> tuple[int, int]:
+    """The row's test scale divided by 4 (8 with --quick), the same on both sides: the real scale would run
+    the network on 2048x1024 inputs, minutes per image on this CPU."""
+    factor = 8 if quick else 4
+    return tuple(int(v) // factor for v in cfg.eval.scale)
+
+
+def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: bool) -> list[ParityRow]:
+    from dataclasses import replace
+
+    cfg = load_config(config_path)
+    config = config_path.stem
+    dataset_name = DATASET_OF[cfg.data.dataset]
+    root = workdir / "fixtures_val_only" / dataset_name
+    if not root.exists():
+        write_fixture(dataset_name, root, splits=("val",), seed=11)
+    folder = workdir / config
+    folder.mkdir(parents=True, exist_ok=True)
+    model = seeded_model(cfg, seed=3)
+    checkpoint = folder / "ssseg_checkpoint.pth"
+    torch.save({"model": export_state_dict(model, source="sssegmentation")}, checkpoint)
+    scale = eval_scale(cfg, quick)
+    job = {"task": "eval", "dataset": dataset_name, "depth": cfg.model.depth, "output_stride": cfg.model.output_stride,
+           "rootdir": str(_peer_root(dataset_name, root)), "weights": str(checkpoint), "test_output_size": list(scale),
+           "out": str(folder / "eval_out.pt")}
+    (folder / "eval_job.json").write_text(json.dumps(job))
+    run_peer(python, SCRIPT, folder / "eval_job.json", cwd=folder, timeout=900)
+    peer = load_tensors(folder / "eval_out.pt")
+
+    # Ours end to end: the command line, validation split only, the same checkpoint file.
+    results = folder / "ours_miou.csv"
+    results.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "repro.run", str(config_path), "--eval-only", "--checkpoint", str(checkpoint),
+               "--set", f"data.root={root}", "--set", f"eval.scale=[{scale[0]},{scale[1]}]", "--set", "data.num_workers=0",
+               "--results", str(results), "--out-dir", str(folder / "run"), "--device", "cpu", "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                          cwd=Path(__file__).resolve().parents[2])
+    rows = []
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        rows.append(ParityRow(NAME, VERSION, config, "e_eval", "repro.run --eval-only exit code",
+                              str(done.returncode), "0", "fail", tail[:300]))
+        return rows
+    import pandas as pd
+
+    table = pd.read_csv(results)
+    ours_miou = float(table.loc[table["metric"] == "mIoU", "measured"].iloc[0])
+    peer_miou = 100.0 * peer["miou"]
+    rows.append(_row(config, "e_eval", "miou_abs_diff_points", abs(ours_miou - peer_miou), TOL_MIOU,
+                     f"python -m repro.run --eval-only {ours_miou:.4f} vs the tester's loop {peer_miou:.4f}; "
+                     f"{len(peer['ids'])} val images only (no train split), odd sizes, test scale {list(scale)} "
+                     f"(the row's {list(cfg.eval.scale)} / {8 if quick else 4}) both sides"))
+
+    # Per-pixel agreement: the same evaluate() the command runs, in process, collecting its predictions.
+    from repro.engine.distributed import DistContext
+    from repro.engine.evaluate import evaluate
+    from repro.engine.runner import load_weights
+
+    eval_cfg = replace(cfg.eval, scale=scale)
+    data = replace(cfg.data, root=str(root))
+    ours_model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None})
+    load_weights(ours_model, checkpoint, source=None)
+    dataset = build_dataset(data, split="val", eval_cfg=eval_cfg)
+    predictions: dict[int, np.ndarray] = {}
+    evaluate(ours_model, dataset, eval_cfg=eval_cfg, num_classes=cfg.model.num_classes,
+             ignore_index=cfg.data.ignore_index, ctx=DistContext(0, 1, 0, torch.device("cpu"), None),
+             on_prediction=lambda index, pred: predictions.__setitem__(index, np.asarray(pred)), progress=False)
+    by_stem = {Path(image).stem: index for index, (image, _) in enumerate(dataset.pairs)}
+    agree, total = 0, 0
+    for image_id, pred in zip(peer["ids"], peer["preds"], strict=True):
+        ours_pred = predictions[by_stem[Path(image_id).name]]
+        if ours_pred.shape != tuple(pred.shape):
+            total += pred.numel()
+            continue
+        agree += int((torch.from_numpy(ours_pred.astype(np.int64)) == pred).sum())
+        total += pred.numel()
+    rows.append(_row(config, "e_eval", "pixel_agreement", agree / total, TOL_AGREEMENT,
+                     f"{total} pixels at the labels' size; ours through repro.engine.evaluate (what --eval-only runs)",
+                     higher_is_better=True))
+    checkpoint.unlink(missing_ok=True)
+    return rows
+
+
+def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
+    python = ensure_venv(PEER).absolute()  # absolute, not resolved: the venv python is a symlink
+    workdir = Path(workdir).resolve()
+    rows: list[ParityRow] = []
+    data_cache: dict = {}
+    for path in configs:
+        start = time.perf_counter()
+        rows += run_data_check(path, python, workdir, data_cache)
+        rows += run_model_checks(path, python, workdir, quick=quick)
+        rows += run_eval_check(path, python, workdir, quick=quick)
+        print(f"  {path.stem}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return rows
