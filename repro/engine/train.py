@@ -333,7 +333,7 @@ def train(
                  f"{dcfg.crop_size[0]}x{dcfg.crop_size[1]}, {val}; checkpoint every {tcfg.checkpoint_every} steps "
                  f"to {checkpoint}")
         note = effective_batch_note(cfg, ctx.world_size)
-        if note:
+        if note and not (meta or {}).get("smoke"):
             announce(f"{cfg.name}: {note}")
         append_jsonl(log_path, {"event": "resume" if start else "start", "step": start, "experiment": cfg.name,
                                 "iterations": tcfg.iterations, "time": time.time()})
