@@ -626,7 +626,7 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
     if ctx.is_main:
         checkpoint_sha = provenance.file_sha256(checkpoint)
         notes: tuple[str, ...] = ()
-        if not args.eval_only:
+        if not args.eval_only and not args.smoke:
             if effective_batch_note(cfg, ctx.world_size):
                 total = ctx.world_size * cfg.data.batch_size * cfg.train.grad_accum_steps
                 source_total = cfg.data.batch_size * cfg.train.source_gpus
