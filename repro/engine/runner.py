@@ -1,27 +1,61 @@
 """`python -m repro.run CONFIG.yaml`: train and evaluate one published table row, append reported vs
-measured mIoU to results/miou.csv.
+measured mIoU, with how it was made, to results/miou.csv.
 
-    python -m repro.run experiments/cityscapes_r2.yaml [--set train.lr=0.02 ...] [--resume]
+    python -m repro.run experiments/cityscapes_r2.yaml [--set train.lr=0.02 ...] [--resume | --force]
+    python -m repro.run CONFIG.yaml --seeds 0 1 2    # one run folder per seed: runs/NAME-seed0, ...
     python -m repro.run CONFIG.yaml --eval-only --checkpoint PATH [--checkpoint-source mmseg]
     python -m repro.run CONFIG.yaml --check-data     # exit 0 if the dataset is there, 3 (and why) if not
     python -m repro.run CONFIG.yaml --smoke          # a few iterations on a generated tiny dataset
     torchrun --nproc-per-node N -m repro.run CONFIG.yaml   # DDP (nccl on CUDA, gloo on CPU)
 
-`--smoke` checks a config end to end without its data: it writes 2 random samples per split (33x44) in
-the config's dataset layout into a temporary folder, runs 2 iterations (batch 2, one checkpoint) and the
-configured evaluation on one image, with the same model family shrunk only in width and input size: depth,
-stem, output stride, head kind and recurrence stay; `head_channels` and `aux_channels` become 16, crops
-33x33 (slide windows 33x33, stride 22), multi-scale uses scales (0.75, 1.0), no pretrained backbone. Its
-results go to the run folder, never to results/miou.csv. Measured on the shared 2-core machine (one
-thread, other jobs running): 3-6 s per config in-process (R-101 the slower), about 25 s as a fresh process
-(imports, model construction); all 37 configs ~2 minutes.
+Results rows (`repro.engine.provenance`): besides reported / measured, each row records the seed, the
+evaluation protocol (mode, scales, flip, averaging), engine and precision, images evaluated / in the split,
+iterations trained / configured, smoke and complete flags, the `--set` overrides, the SHA-256 of the
+effective config and of the checkpoint file, the git commit and the device. Only `complete` rows (a full
+evaluation of an unmodified config trained to its full schedule, or a released checkpoint; not smoke) count
+in the report's verdicts. An old-format results CSV is refused (nothing appended), naming both layouts.
 
-Bad input ends with one line on stderr naming the file and the problem, and an exit code: 2 config, 3 no
-dataset, 4 a checkpoint / dataset file / results CSV that cannot be used, 5 a file that cannot be written
-(full disk, folder not writable), 130 / 143 interrupted (Ctrl-C, SIGTERM; the last checkpoint stays intact
-and `--resume` continues from it). Checkpoints are opened weights-only (`models.safe_load`): a file that
-would run code when unpickled is refused, never opened. The output folder and the results CSV's header are
-checked before training starts.
+Run folders (default runs/NAME; runs/NAME-smoke with --smoke; runs/NAME-eval with --eval-only; -seedN
+appended per seed) are never overwritten or mixed silently:
+* without --resume, a folder that holds a run (checkpoint_last.pt or train_log.jsonl) is refused (exit 5),
+  naming --resume, --force and --out-dir; --force deletes that run's files (checkpoints, log, config.yaml,
+  evaluation files, tensorboard/; nothing else) and starts again;
+* --resume with no checkpoint says so and starts from step 0 (the choice for schedulers that always pass
+  --resume); --resume with a checkpoint checks that it was trained with the same recipe (exit 2 naming the
+  keys that differ) and continues it exactly; a finished run that was evaluated says so and does nothing
+  (no second row), a finished run not yet evaluated is evaluated;
+* the effective config (after --set and the smoke shrink) is saved as OUT_DIR/config.yaml and inside every
+  checkpoint, with the overrides and the smoke flag, so --eval-only on a smoke or overridden checkpoint builds
+  the model it was trained with (announced), or refuses a --set model.* that contradicts it.
+Training logs to OUT_DIR/train_log.jsonl (loss, lr per log step; with `train.val_every`, validation mIoU,
+pixel accuracy and per-class IoU by class name; TensorBoard scalars in OUT_DIR/tensorboard/ when the
+`tensorboard` package is installed). The reported number is always the final checkpoint's; `train.keep_best`
+also keeps the best validation weights in checkpoint_best.pt. Each evaluation writes eval.json, iou_per_class.csv
+(class names), confusion_METRIC.csv (pixel counts) and confusion_METRIC.png (rows normalised), and curves.png.
+Before training and before evaluating, one line says what will run (steps, images per step, crop, validation;
+images, mode, scales, flip) and, after the first step / image, an estimate of the rest. When processes x
+data.batch_size x train.grad_accum_steps differs from the source's data.batch_size x train.source_gpus, the
+run says so with the numbers and the --set train.grad_accum_steps=N that matches it. Every run ends by
+listing what it wrote and where.
+
+`--smoke` checks a config end to end without its data: it writes 2 random samples per split (33x44) in
+the config's dataset layout into a temporary folder, runs 2 iterations (batch 2, one checkpoint; a config
+that validates during training validates after step 1) and the configured evaluation on one image, with the
+same model family shrunk only in width and input size: depth, stem, output stride, head kind and recurrence
+stay; `head_channels` and `aux_channels` become 16, crops 33x33 (slide windows 33x33, stride 22), multi-scale
+uses scales (0.75, 1.0), no pretrained backbone. Its results go to the run folder, never to
+results/miou.csv, and say "smoke" (row, closing lines). The checkpoint still holds the full-width backbone
+(about 350 MB for R-101, 190 MB for R-50). Measured on the shared 2-core machine (one thread, other jobs
+running): 3-6 s per config in-process (R-101 the slower), about 25 s as a fresh process (imports, model
+construction, checkpoint hashing); all 37 configs ~2 minutes.
+
+Bad input ends with one line on stderr, `python -m repro.run: error: NAME: problem`, and an exit code: 2
+config (or an option, or a resume with another recipe), 3 no dataset, 4 a checkpoint / dataset file /
+results CSV that cannot be used, 5 a file that cannot be written (full disk, folder not writable) or a run
+folder that holds another run, 130 / 143 interrupted (Ctrl-C, SIGTERM; the last checkpoint stays intact and
+`--resume` continues from it). Checkpoints are opened weights-only (`models.safe_load`): a file that would run
+code when unpickled is refused, never opened. The output folder and the results CSV's header are checked
+before training starts.
 """
 
 from __future__ import annotations
@@ -113,6 +147,8 @@ def smoke_config(cfg: ExperimentConfig, *, data_root: Path) -> ExperimentConfig:
         "train.grad_accum_steps": 1,
         "train.checkpoint_every": 2,
         "train.log_every": 1,
+        # A config that validates during training does so after step 1 (the code path, on the 2 images).
+        "train.val_every": 1 if cfg.train.val_every else None,
         "train.ohem_min_kept": None if cfg.train.ohem_min_kept is None else min(cfg.train.ohem_min_kept, 256),
         "eval.scale": None,
         "eval.ms_scales": (0.75, 1.0),
