@@ -1,4 +1,5 @@
-"""The project's one vocabulary: how every CSV and the report name op variants and devices.
+"""The project's one vocabulary: how every CSV and the report name op variants and devices, and how every
+command names checkpoint layouts, exit codes and errors.
 
 Op variants (the `variant` column of ops_bench.csv and claims.csv, a row family per STYLE.md):
 `{op}_{implementation}` with op `cca` (criss-cross attention, `ops.criss_cross_attention`) or `non_local`
@@ -18,6 +19,8 @@ import platform
 from functools import cache
 
 import torch
+
+from models.checkpoints import SOURCES as MODEL_SOURCES
 
 CCA_IMPLEMENTATIONS = ("naive", "einsum", "triton")
 NON_LOCAL_IMPLEMENTATIONS = ("naive", "sdpa", "sdpa_heads")
@@ -80,3 +83,46 @@ def device_label(device: torch.device | str, *, processes: int = 1) -> str:
         raise ValueError(f"processes must be an int >= 1, got {processes!r}")
     label = f"{device.type}: {device_name(device)}"
     return f"{label} x{processes}" if processes > 1 else label
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command lines: exit codes, error lines, checkpoint sources (every `python -m repro.X` uses these).
+
+# Exit codes of every command (README "Reproducing a row of the published tables").
+EXIT_OK = 0
+EXIT_CONFIG = 2  # a config file, override or command-line option that cannot be used (argparse's own code too)
+EXIT_NO_DATA = 3  # the dataset (or the ImageNet backbone a training run needs) is not there
+EXIT_BAD_INPUT = 4  # a checkpoint, image, label or results CSV that cannot be used
+EXIT_CANNOT_WRITE = 5  # a file that cannot be written, or a run folder that would be overwritten
+EXIT_CODES = {
+    EXIT_OK: "done",
+    EXIT_CONFIG: "config or option error",
+    EXIT_NO_DATA: "dataset not found",
+    EXIT_BAD_INPUT: "unusable input file",
+    EXIT_CANNOT_WRITE: "cannot write",
+}
+
+# Layouts of a checkpoint file (`models.SOURCES`). "ccrepro" is this project's own (a `repro.run` training
+# checkpoint or a plain state dict of ours); "ours" is accepted for it everywhere.
+CHECKPOINT_SOURCE_ALIASES = {"ours": "ccrepro"}
+
+
+# Every name `--checkpoint-source` accepts: the layouts of `models.SOURCES` (ccrepro first), then the aliases.
+CHECKPOINT_SOURCES = ("ccrepro",) + tuple(s for s in MODEL_SOURCES if s != "ccrepro") + tuple(CHECKPOINT_SOURCE_ALIASES)
+
+
+def checkpoint_source(name: str | None) -> str | None:
+    """The `models.SOURCES` layout a `--checkpoint-source` value names (None: detect from the keys)."""
+    if name is None:
+        return None
+    name = CHECKPOINT_SOURCE_ALIASES.get(name, name)
+    if name not in CHECKPOINT_SOURCES:
+        raise ValueError(f"unknown checkpoint source {name!r}; expected one of {CHECKPOINT_SOURCES}")
+    return name
+
+
+def error_line(prog: str, message: str) -> str:
+    """The one line a command prints on stderr before a non-zero exit: `PROG: error: MESSAGE` (argparse's form,
+    so a bad option and a bad file read alike)."""
+    text = " ".join(str(message).split())
+    return f"{prog}: error: {text}"

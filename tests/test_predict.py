@@ -276,7 +276,9 @@ def test_command_writes_masks_overlays_legends_and_attention(tiny, tmp_path):
         assert (out / f"{stem}_legend.png").stat().st_size > 0 and (out / f"{stem}_attention.png").stat().st_size > 0
     assert not list(tmp_path.glob(".out.partial-*"))
     # The same weights in mmsegmentation's and sssegmentation's layouts give the same labels.
-    for source in ("mmseg", "sssegmentation"):
+    for source in ("mmseg", "sssegmentation", "ccrepro", "ours"):
+        if source in ("ccrepro", "ours"):  # one name for this project's layout in every command; "ours" an alias
+            (tiny["folder"] / f"{source}.pt").write_bytes((tiny["folder"] / "ours.pt").read_bytes())
         again = tmp_path / source
         assert _run(tiny, again, str(tiny["images"] / "street.png"), "--checkpoint-source", source,
                     checkpoint=f"{source}.pt") == 0
@@ -303,15 +305,15 @@ def test_unreadable_images_leave_nothing(tiny, tmp_path, capsys):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     out = tmp_path / "out"
-    assert _run(tiny, out, str(tiny["images"] / "street.png"), str(bad)) == 2
+    assert _run(tiny, out, str(tiny["images"] / "street.png"), str(bad)) == 4
     _assert_failed_cleanly(capsys, out, "cannot read image", "notes.png")
     # A file whose header reads but whose data is cut off fails after the first image was predicted.
     data = (tiny["images"] / "square.png").read_bytes()
     truncated = tmp_path / "cut.png"
     truncated.write_bytes(data[: len(data) // 2])
-    assert _run(tiny, out, str(tiny["images"] / "street.png"), str(truncated)) == 2
+    assert _run(tiny, out, str(tiny["images"] / "street.png"), str(truncated)) == 4
     _assert_failed_cleanly(capsys, out, "cannot read image", "cut.png")
-    assert _run(tiny, out, str(tmp_path / "missing.png")) == 2
+    assert _run(tiny, out, str(tmp_path / "missing.png")) == 4
     _assert_failed_cleanly(capsys, out, "missing.png", "does not exist")
 
 
@@ -319,21 +321,21 @@ def test_checkpoints_that_do_not_fit_are_named(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     image = str(tiny["images"] / "street.png")
     wider = _config(tmp_path, "wider", head_channels=32)
-    assert _run(tiny, out, image, config=wider) == 2
+    assert _run(tiny, out, image, config=wider) == 4
     _assert_failed_cleanly(capsys, out, "does not fit config 'wider'", "shape mismatch", "(16, 2048, 3, 3)",
                            "(32, 2048, 3, 3)")
     no_attention = _config(tmp_path, "fcn", head="fcn")
-    assert _run(tiny, out, image, config=no_attention) == 2
+    assert _run(tiny, out, image, config=no_attention) == 4
     _assert_failed_cleanly(capsys, out, "does not fit config 'fcn'", "missing", "unexpected")
     torch.manual_seed(0)
     voc_model = models.build(**{**TINY, "num_classes": 21, "aux_channels": 16, "stem": "deep"})
     torch.save(voc_model.state_dict(), tiny["folder"] / "voc.pt")
-    assert _run(tiny, out, image, checkpoint="voc.pt") == 2
+    assert _run(tiny, out, image, checkpoint="voc.pt") == 4
     _assert_failed_cleanly(capsys, out, "class count mismatch", "predicts 21 classes", "cityscapes with 19")
     (tiny["folder"] / "notes.pt").write_text("not a checkpoint")
-    assert _run(tiny, out, image, checkpoint="notes.pt") == 2
+    assert _run(tiny, out, image, checkpoint="notes.pt") == 4
     _assert_failed_cleanly(capsys, out, "cannot read checkpoint", "notes.pt")
-    assert _run(tiny, out, image, checkpoint="absent.pt") == 2
+    assert _run(tiny, out, image, checkpoint="absent.pt") == 4
     _assert_failed_cleanly(capsys, out, "absent.pt", "does not exist")
 
 

@@ -288,7 +288,7 @@ def test_command_line_prints_no_traceback(tmp_path):
         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 4, result.stderr
-    expected = f"cityscapes_r2: {garbage} is a text file (starts with 'garbage'), not a PyTorch checkpoint"
+    expected = f"python -m repro.run: error: cityscapes_r2: {garbage} is a text file (starts with 'garbage'), not a PyTorch checkpoint"
     assert result.stderr.strip() == expected
 
 
@@ -461,10 +461,10 @@ def test_full_disk_keeps_the_previous_checkpoint_and_csv(tmp_path, monkeypatch):
 
 def test_cli_full_disk_during_training_keeps_the_last_checkpoint(tmp_path, data_root, capsys, monkeypatch):
     out = tmp_path / "run"
-    _fill_disk_on(monkeypatch, call=2)  # the checkpoint of step 2
+    _fill_disk_on(monkeypatch, call=3)  # the run folder's config.yaml, the checkpoint of step 1, then of step 2
     assert main(cli_args(data_root, out, iterations=2, checkpoint_every=1)) == 5
     line = _one_error_line(capsys)
-    assert line == f"cityscapes_r2: cannot write {out / LAST_CHECKPOINT}: No space left on device"
+    assert line == f"python -m repro.run: error: cityscapes_r2: cannot write {out / LAST_CHECKPOINT}: No space left on device"
     assert safe_load(out / LAST_CHECKPOINT)["step"] == 1 and _temporaries(out) == []
 
 
@@ -644,6 +644,7 @@ def test_sigterm_and_sigint_stop_cleanly_with_the_last_checkpoint_intact(tmp_pat
     args = cli_args(data_root, out, iterations=50, checkpoint_every=1)
     again = args[: args.index("--out-dir")] + ["--resume", "--out-dir", str(out), "--results", str(out / "miou.csv")]
     assert lines[0] == (
-        f"cityscapes_r2: interrupted ({name}); {out / LAST_CHECKPOINT} (step {step} of 50) is intact; "
+        f"python -m repro.run: error: cityscapes_r2: interrupted ({name}); {out / LAST_CHECKPOINT} (step {step} "
+        "of 50) is intact; "
         f"continue with: python -m repro.run {shlex.join(again)}"
     )

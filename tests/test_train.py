@@ -150,8 +150,10 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(data_root, tmp_path):
     moved = [k for k in final if final[k].is_floating_point() and not torch.equal(final[k], halfway[k])]
     assert len(moved) > 10
     log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
-    steps = [json.loads(line)["step"] for line in log]
-    assert steps == [1, 2, 3, 4]
+    records = [json.loads(line) for line in log]
+    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3, 4]
+    # The log says where each part began: a fresh start at 0, the resume at the checkpoint's step.
+    assert [(r["event"], r["step"]) for r in records if r["event"] != "train"] == [("start", 0), ("resume", 2)]
     state = torch.load(resumed, map_location="cpu", weights_only=True)
     assert state["step"] == 4
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(poly_lr(3, cfg.train))
@@ -185,7 +187,8 @@ def test_accumulation_ohem_and_bf16_autocast_run(data_root, tmp_path):
         },
     )
     model, checkpoint = train(cfg, out_dir=tmp_path, ctx=init_distributed(device="cpu"), progress=False)
-    record = json.loads((tmp_path / "train_log.jsonl").read_text())
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r["event"] == "train"]
     assert record["step"] == 1 and torch.isfinite(torch.tensor(record["loss"]))
     # One step of 2 micro-batches of 1 image: the logged throughput counts 2 images per step.
     assert torch.load(checkpoint, weights_only=True)["step"] == 1

@@ -201,6 +201,12 @@ class TrainConfig:
     checkpoint_every: int = 2000
     log_every: int = 50
     seed: int = 0
+    # Validation during training every N steps (single scale; mIoU and per-class IoU to train_log.jsonl), as
+    # the source's own loop does: mmseg 1.x val_interval, sssegmentation eval_interval_epochs; null where the
+    # source evaluates only at the end. The reported number is always the final checkpoint's.
+    val_every: int | None = None
+    # Also keep the weights of the best validation mIoU in checkpoint_best.pt (mmseg's save_best).
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         _expect(self.iterations >= 1, "iterations", ">= 1", self.iterations)
@@ -227,6 +233,9 @@ class TrainConfig:
         _expect(self.grad_accum_steps >= 1, "grad_accum_steps", ">= 1", self.grad_accum_steps)
         _expect(self.checkpoint_every >= 1, "checkpoint_every", ">= 1", self.checkpoint_every)
         _expect(self.log_every >= 1, "log_every", ">= 1", self.log_every)
+        _expect(self.val_every is None or self.val_every >= 1, "val_every", ">= 1 or null", self.val_every)
+        _require(not self.keep_best or self.val_every is not None, "keep_best",
+                 "needs train.val_every (the best checkpoint is chosen by the validations during training)")
 
 
 @dataclass(frozen=True)

@@ -64,15 +64,29 @@ from repro.engine.predict_figures import (
 )
 from repro.engine.runner import load_weights
 from repro.io import atomic_savefig, atomic_write_bytes, write_csv_atomic
+from repro.vocabulary import (
+    CHECKPOINT_SOURCES,
+    EXIT_BAD_INPUT,
+    EXIT_CANNOT_WRITE,
+    EXIT_CONFIG,
+    EXIT_OK,
+    checkpoint_source,
+    error_line,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 MODES = ("whole", "slide", "ms_flip")
-CHECKPOINT_SOURCES = ("ours", "mmseg", "sssegmentation", "official")
-EXIT_OK, EXIT_ERROR = 0, 2
+PROG = "python -m repro.predict"
 
 
 class PredictError(ValueError):
-    """Bad input to a prediction run (image, point, checkpoint, mode); the message says which and why."""
+    """Bad input to a prediction run (image, point, checkpoint, mode); the message says which and why.
+    `exit_code`: 4 for an unusable input file (the default), 2 for a bad option, 5 for an output that cannot
+    be written (the README's codes, `repro.vocabulary`)."""
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,10 +163,10 @@ def parse_point(text: str) -> tuple[int, int]:
     except ValueError:
         raise PredictError(
             f"--attention expects X,Y pixel coordinates such as 512,300, got {text!r} "
-            "(list the images before --attention)"
+            "(list the images before --attention)", exit_code=EXIT_CONFIG,
         ) from None
     if x < 0 or y < 0:
-        raise PredictError(f"--attention point {text!r}: coordinates must be >= 0")
+        raise PredictError(f"--attention point {text!r}: coordinates must be >= 0", exit_code=EXIT_CONFIG)
     return x, y
 
 
@@ -188,7 +202,7 @@ def load_model(cfg: ExperimentConfig, checkpoint: Path, *, source: str | None = 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise PredictError(f"checkpoint {str(checkpoint)!r} does not exist")
-    source = "ccrepro" if source == "ours" else source
+    source = checkpoint_source(source)
     model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None})
     try:
         state = models.safe_load(checkpoint)
@@ -239,7 +253,7 @@ class Predictor:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise PredictError(f"unknown mode {self.mode!r}; expected one of {MODES}")
+            raise PredictError(f"unknown mode {self.mode!r}; expected one of {MODES}", exit_code=EXIT_CONFIG)
 
     @property
     def num_classes(self) -> int:
@@ -262,9 +276,10 @@ class Predictor:
         height, width = image.shape[:2]
         for x, y in points_xy:
             if not (0 <= x < width and 0 <= y < height):
-                raise PredictError(f"--attention point ({x},{y}) is outside the image ({width} x {height} pixels)")
+                raise PredictError(f"--attention point ({x},{y}) is outside the image ({width} x {height} pixels)",
+                                   exit_code=EXIT_CONFIG)
         transform = self.transform
-        tensor = transform.input(image).unsqueeze(0).to(self.device)
+        tensor = self.input_tensor(image)
         scaled_h, scaled_w = transform.resized_size(height, width)
         attention = None
         if points_xy:
@@ -273,7 +288,7 @@ class Predictor:
             try:
                 attention = attention_at_points(self.model, tensor, scaled)
             except ValueError as err:
-                raise PredictError(f"--attention: {err}") from None
+                raise PredictError(f"--attention: {err}", exit_code=EXIT_CONFIG) from None
             attention = dataclasses.replace(
                 attention, points_xy=tuple((float(x), float(y)) for x, y in points_xy),
                 maps=attention.maps.cpu(), off_cross=attention.off_cross.cpu(),
@@ -304,13 +319,13 @@ def eval_config_for(cfg: ExperimentConfig, mode: str | None) -> tuple[EvalConfig
     if mode is None or mode == "ms_flip":
         return cfg.eval, mode or cfg.eval.mode
     if mode not in MODES:
-        raise PredictError(f"unknown mode {mode!r}; expected one of {MODES}")
+        raise PredictError(f"unknown mode {mode!r}; expected one of {MODES}", exit_code=EXIT_CONFIG)
     try:
         return dataclasses.replace(cfg.eval, mode=mode), mode
     except ValueError as err:
         raise PredictError(
             f"--mode {mode}: {err} in config {cfg.name!r} (set it, e.g. --set eval.crop_size=[769,769] "
-            "--set eval.stride=[513,513])"
+            "--set eval.stride=[513,513])", exit_code=EXIT_CONFIG,
         ) from None
 
 
@@ -401,13 +416,14 @@ def write_prediction(
 def check_inputs(images: Sequence[Path], out: Path, points_xy: Sequence[tuple[int, int]] = ()) -> None:
     """Before any work: every image opens and holds every point, and `out` is (or can become) a folder."""
     if Path(out).exists() and not Path(out).is_dir():
-        raise PredictError(f"--out {str(out)!r} exists and is not a folder")
+        raise PredictError(f"--out {str(out)!r} exists and is not a folder", exit_code=EXIT_CANNOT_WRITE)
     for path in images:
         height, width = image_size(Path(path))
         for x, y in points_xy:
             if not (x < width and y < height):
                 raise PredictError(
-                    f"--attention point ({x},{y}) is outside image {str(path)!r} ({width} x {height} pixels)"
+                    f"--attention point ({x},{y}) is outside image {str(path)!r} ({width} x {height} pixels)",
+                    exit_code=EXIT_CONFIG,
                 )
 
 
@@ -458,14 +474,16 @@ def predict_to_folder(
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m repro.predict",
+        prog=PROG,
         description="Colour label maps and criss-cross attention figures for any images.",
+        epilog="Exit codes: 0 done, 2 config or option error, 4 unusable checkpoint or image, 5 cannot write.",
     )
     parser.add_argument("config", type=Path, help="experiment YAML naming the model and dataset")
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--checkpoint", type=Path, required=True, help="weights: ours or a released checkpoint")
     parser.add_argument("--checkpoint-source", choices=CHECKPOINT_SOURCES, default=None,
-                        help="layout of the checkpoint (detected from its keys when omitted)")
+                        help="layout of the checkpoint: ccrepro (this project's; alias ours), mmseg, "
+                             "sssegmentation, official, ...; detected from its keys when omitted")
     parser.add_argument("--out", type=Path, required=True, help="folder for the outputs")
     parser.add_argument("--mode", choices=MODES, default=None,
                         help="inference mode (default: the config's eval.mode; ms_flip: multi-scale + flip)")
@@ -473,7 +491,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pixel coordinates (column,row) of points whose attention to draw")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set eval.scale=[1024,512] (repeatable)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda when available, else cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -490,12 +509,18 @@ def main(argv: list[str] | None = None) -> int:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and not torch.cuda.is_available():
-            raise PredictError("--device cuda: no CUDA device is available")
+            raise PredictError("--device cuda: no CUDA device is available", exit_code=EXIT_CONFIG)
         predictor = predictor_from_config(cfg, args.checkpoint, source=args.checkpoint_source, mode=args.mode,
                                           device=device)
         written = predict_to_folder(predictor, images, args.out, points_xy=points, progress=not args.no_progress)
-    except (PredictError, ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    except PredictError as err:
+        print(error_line(PROG, err), file=sys.stderr)
+        return err.exit_code
+    except (ConfigError, FileNotFoundError) as err:
+        print(error_line(PROG, err), file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as err:
+        print(error_line(PROG, f"cannot write {err.filename or args.out}: {err.strerror or err}"), file=sys.stderr)
+        return EXIT_CANNOT_WRITE
     print(f"wrote {len(written)} files for {len(images)} image(s) to {args.out}")
     return EXIT_OK

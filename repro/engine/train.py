@@ -13,8 +13,10 @@ resume opens the file weights-only (`models.safe_load`), never by full unpicklin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,16 @@ from models.checkpoints import CheckpointError
 from models.losses import CrossEntropy, OHEMCrossEntropy, SegLoss
 from repro.engine.config import ExperimentConfig, TrainConfig, model_kwargs
 from repro.engine.data import build_dataset
+from repro.engine.data.palettes import palette_for
 from repro.engine.distributed import DistContext, StepBatchSampler, unwrap, wrap_model
+from repro.engine.evaluate import evaluate
 from repro.io import append_jsonl, atomic_torch_save
 
 LAST_CHECKPOINT = "checkpoint_last.pt"
+BEST_CHECKPOINT = "checkpoint_best.pt"
+BEST_FORMAT = "ccrepro-best-v1"
+TRAIN_LOG = "train_log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 # v2: RNG states as tensors and lists (v1 held NumPy arrays, which only full unpickling could read).
 TRAIN_FORMAT = "ccrepro-train-v2"
 
@@ -116,20 +124,58 @@ def _autocast(amp: str, device: torch.device):
 
 
 def save_training_state(
-    path: Path, *, model: nn.Module, optimizer, scaler, step: int, cfg: ExperimentConfig
+    path: Path, *, model: nn.Module, optimizer, scaler, step: int, cfg: ExperimentConfig,
+    meta: Mapping[str, Any] | None = None, best: float | None = None,
 ) -> Path:
-    """Atomically write everything a resume needs, only in types `torch.load(weights_only=True)` accepts."""
+    """Atomically write everything a resume needs, only in types `torch.load(weights_only=True)` accepts.
+
+    `config` is the effective config (after `--set` and the smoke shrink), so `--eval-only` rebuilds the same
+    model; `meta` holds the run's provenance (`overrides` list, `smoke` flag); `best_val_miou` the best
+    validation mIoU so far (keep-best across a resume)."""
     state = {
         "format": TRAIN_FORMAT,
         "experiment": cfg.name,
         "config": asdict(cfg),
+        "meta": dict(meta or {}),
         "step": step,
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": _rng_state(),
+        "best_val_miou": best,
     }
     return atomic_torch_save(state, path)
+
+
+def effective_batch_note(cfg: ExperimentConfig, world_size: int) -> str | None:
+    """A line saying how this run's total batch differs from the source's, and how to match it; None when
+    they are equal. Total batch = processes x data.batch_size x train.grad_accum_steps; the source's =
+    data.batch_size x train.source_gpus (one accumulation step)."""
+    batch, accum, gpus = cfg.data.batch_size, cfg.train.grad_accum_steps, cfg.train.source_gpus
+    ours, source = world_size * batch * accum, batch * gpus
+    if ours == source:
+        return None
+    text = (f"effective batch {ours} = {world_size} process(es) x {batch} per process x {accum} accumulation "
+            f"step(s); the source trained with {source} = {gpus} GPUs x {batch}. ")
+    per_step = world_size * batch
+    if source % per_step == 0:
+        text += (f"To match it: --set train.grad_accum_steps={source // per_step} (BatchNorm still sees "
+                 f"{batch} images per process), or run on {gpus // world_size if gpus % world_size == 0 else gpus} x "
+                 f"more processes (torchrun --nproc-per-node).")
+    else:
+        text += (f"{source} is not a multiple of {per_step} images per step: change data.batch_size or the "
+                 "number of processes.")
+    return text
+
+
+def tensorboard_writer(folder: Path):
+    """A `torch.utils.tensorboard.SummaryWriter` on `folder`, or None when the `tensorboard` package is not
+    installed (an optional extra: pip install -e ".[tensorboard]"). Tests replace this function."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(folder))
 
 
 def load_training_state(path: Path, *, model: nn.Module, optimizer, scaler, cfg: ExperimentConfig) -> int:
@@ -156,6 +202,7 @@ def load_training_state(path: Path, *, model: nn.Module, optimizer, scaler, cfg:
     step = state.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= cfg.train.iterations:
         raise CheckpointError(f"{path}: step {step!r} is not an integer in [0, {cfg.train.iterations}]")
+    _LAST_LOADED["best_val_miou"] = state.get("best_val_miou")
     try:
         models.load_checkpoint(unwrap(model), state.get("model", {}), source="ccrepro")
     except CheckpointError as err:
@@ -172,6 +219,49 @@ def load_training_state(path: Path, *, model: nn.Module, optimizer, scaler, cfg:
     return step
 
 
+# What the last `load_training_state` read besides the states it restored (the keep-best value).
+_LAST_LOADED: dict[str, Any] = {}
+
+
+def validate(model: nn.Module, dataset, cfg: ExperimentConfig, ctx: DistContext) -> dict[str, Any]:
+    """Single-scale validation during training (the sources validate without test-time augmentation): mIoU,
+    pixel accuracy and per-class IoU by class name, in percent (None for a class absent from labels and
+    predictions)."""
+    eval_cfg = cfg.eval
+    if getattr(eval_cfg, "ms_flip", False):
+        eval_cfg = dataclasses.replace(eval_cfg, ms_flip=False)
+    results = evaluate(model, dataset, eval_cfg=eval_cfg, num_classes=cfg.model.num_classes,
+                       ignore_index=cfg.data.ignore_index, ctx=ctx, progress=False)
+    result = results["mIoU"]
+    names = class_names(cfg.data.dataset, cfg.model.num_classes)
+    return {
+        "mIoU": _finite(result.miou),
+        "pixel_accuracy": _finite(result.pixel_accuracy),
+        "iou_per_class": {name: _finite(value) for name, value in zip(names, result.iou_per_class, strict=True)},
+    }
+
+
+def _finite(value: float) -> float | None:
+    return None if value != value else float(value)
+
+
+def class_names(dataset: str, num_classes: int) -> tuple[str, ...]:
+    """The dataset's class names (`repro.engine.data.palettes`), or class_0.. when the counts differ."""
+    try:
+        names = palette_for(dataset).names
+    except (ValueError, ImportError):
+        names = ()
+    return tuple(names) if len(names) == num_classes else tuple(f"class_{i}" for i in range(num_classes))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def train(
     cfg: ExperimentConfig,
     *,
@@ -180,13 +270,19 @@ def train(
     resume: bool = False,
     stop_at: int | None = None,
     progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
+    announce: Callable[[str], None] = print,
 ) -> tuple[nn.Module, Path]:
     """Train `cfg` and return (unwrapped model, path of the last checkpoint).
 
     Writes (rank 0 only) `out_dir/checkpoint_last.pt` every `train.checkpoint_every` steps and at the end,
     and `out_dir/train_log.jsonl` (one object per logged step). `resume` continues from
     `checkpoint_last.pt` if present. `stop_at` ends the run after that many steps (an interruption, for
-    tests); the schedule still follows `train.iterations`.
+    tests); the schedule still follows `train.iterations`. With `train.val_every` the model is validated
+    every that many steps (not at the last one: the caller evaluates the final checkpoint), the record
+    logged (event "val") and, with `train.keep_best`, the best weights kept in `checkpoint_best.pt`.
+    Scalars also go to `out_dir/tensorboard/` when the `tensorboard` package is installed. `meta` (run
+    provenance) is stored in every checkpoint; `announce` prints the run's plan and first-step estimate.
     """
     out_dir = Path(out_dir)
     tcfg, dcfg = cfg.train, cfg.data
@@ -203,9 +299,11 @@ def train(
         # is the previous, complete one.
         for stale in out_dir.glob(f".{LAST_CHECKPOINT}.*.tmp"):
             stale.unlink(missing_ok=True)
-    start = 0
+    start, best = 0, None
+    _LAST_LOADED.clear()
     if resume and checkpoint.is_file():
         start = load_training_state(checkpoint, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg)
+        best = _LAST_LOADED.get("best_val_miou")
     end = tcfg.iterations if stop_at is None else min(stop_at, tcfg.iterations)
 
     dataset = build_dataset(dcfg, split="train")
@@ -228,8 +326,23 @@ def train(
         generator=torch.Generator().manual_seed(tcfg.seed),
         persistent_workers=False,
     )
-    log_path = out_dir / "train_log.jsonl"
+    log_path = out_dir / TRAIN_LOG
     images_per_step = dcfg.batch_size * ctx.world_size * accum
+    val_dataset = build_dataset(dcfg, split="val", eval_cfg=cfg.eval) if tcfg.val_every else None
+    writer = tensorboard_writer(out_dir / TENSORBOARD_DIR) if ctx.is_main else None
+    if ctx.is_main:
+        val = (f"validation every {tcfg.val_every} steps on {len(val_dataset)} images" if val_dataset
+               else "no validation during training")
+        announce(f"{cfg.name}: train steps {start + 1}..{end} of {tcfg.iterations}, {images_per_step} images per step "
+                 f"({ctx.world_size} x {dcfg.batch_size} x {accum} accumulation), crop "
+                 f"{dcfg.crop_size[0]}x{dcfg.crop_size[1]}, {val}; checkpoint every {tcfg.checkpoint_every} steps "
+                 f"to {checkpoint}")
+        note = effective_batch_note(cfg, ctx.world_size)
+        if note and not (meta or {}).get("smoke"):
+            announce(f"{cfg.name}: {note}")
+        append_jsonl(log_path, {"event": "resume" if start else "start", "step": start, "experiment": cfg.name,
+                                "iterations": tcfg.iterations, "time": time.time()})
+    run_start = time.perf_counter()
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -274,15 +387,44 @@ def train(
             elapsed = time.perf_counter() - window_start
             ips = images_per_step * window_steps / max(elapsed, 1e-9)
             bar.update(task, completed=step, loss=step_loss, lr=lr, ips=ips)
+            if ctx.is_main and step == start + 1 and end > step:
+                first = time.perf_counter() - run_start
+                announce(f"{cfg.name}: first step {first:.1f} s (data loading included): about "
+                         f"{_duration(first * (end - step))} for the remaining {end - step} steps, "
+                         f"validations not counted")
             if ctx.is_main and (step % tcfg.log_every == 0 or step == end):
                 record = {"step": step, "loss": window_loss / window_steps, "lr": lr, "images_per_s": ips}
                 record.update(experiment=cfg.name, event="train", time=time.time())
                 append_jsonl(log_path, record)
+                if writer is not None:
+                    writer.add_scalar("train/loss", record["loss"], step)
+                    writer.add_scalar("train/lr", lr, step)
                 window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
-            if ctx.is_main and (step % tcfg.checkpoint_every == 0 or step == end):
+            improved = False
+            if val_dataset is not None and step % tcfg.val_every == 0 and step < tcfg.iterations:
+                summary = validate(unwrap(model), val_dataset, cfg, ctx)
+                model.train()
+                if ctx.is_main:
+                    append_jsonl(log_path, {"event": "val", "step": step, "experiment": cfg.name,
+                                            "time": time.time(), **summary})
+                    if writer is not None and summary["mIoU"] is not None:
+                        writer.add_scalar("val/mIoU", summary["mIoU"], step)
+                    bar.console.print(f"{cfg.name}: step {step} validation mIoU {summary['mIoU']}")
+                    miou = summary["mIoU"]
+                    if tcfg.keep_best and miou is not None and (best is None or miou > best):
+                        best, improved = miou, True
+                window_start = time.perf_counter()
+            if ctx.is_main and improved:
+                atomic_torch_save({"format": BEST_FORMAT, "experiment": cfg.name, "config": asdict(cfg),
+                                   "meta": dict(meta or {}), "step": step, "val_miou": best,
+                                   "model": unwrap(model).state_dict()}, out_dir / BEST_CHECKPOINT)
+            if ctx.is_main and (step % tcfg.checkpoint_every == 0 or step == end or improved):
                 save_training_state(
-                    checkpoint, model=model, optimizer=optimizer, scaler=scaler, step=step, cfg=cfg
+                    checkpoint, model=model, optimizer=optimizer, scaler=scaler, step=step, cfg=cfg,
+                    meta=meta, best=best,
                 )
+    if writer is not None:
+        writer.close()
     if ctx.distributed:
         check_ranks_agree(unwrap(model), ctx)
     return unwrap(model), checkpoint

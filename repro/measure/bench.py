@@ -286,10 +286,27 @@ def write_auto_backend_evidence(bench_csv: Path, path: Path) -> pd.DataFrame:
     return evidence
 
 
+COMMITTED_CSV = Path("results/ops_bench.csv")
+PARTIAL_CSV = Path("runs/bench/ops_bench.csv")
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    """--out, else the committed CSV only for the full default benchmark (every variant, default dtypes and
+    shapes, default rounds); a quick or partial run goes to runs/bench/ (git-ignored)."""
+    if args.out is not None:
+        return args.out
+    partial = args.quick or args.variants or args.dtypes or args.shape or args.rounds != 5
+    return PARTIAL_CSV if partial else COMMITTED_CSV
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m repro.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/ops_bench.csv"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"CSV to update (default: {COMMITTED_CSV} for the full default benchmark; "
+                             f"{PARTIAL_CSV} for --quick or any subset, so a check never changes the "
+                             "committed results)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to time on (default: cuda when available, else cpu)")
     parser.add_argument("--variants", nargs="+", default=None, choices=sorted(VARIANTS),
                         help="default: all (triton rows say why when they cannot run)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
@@ -303,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also regenerate the backend='auto' evidence file from the CUDA rows of --out "
                              "(the committed one is ops/auto_backend.csv)")
     args = parser.parse_args(argv)
+    args.out = default_out(args)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m repro.kernels", description=main.__doc__)
     parser.add_argument("part", nargs="?", choices=("model", "resources"), help="default: both")
-    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--out-dir", default="results", help="folder of the CSVs (default results/)")
     parser.add_argument("--quick", action="store_true",
                         help="small versions: model at 1x16x64x17x17 fp32 / bf16; resources of the issue's shape "
                              "only, bf16")

@@ -336,7 +336,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m repro.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", type=Path, help="experiment YAML files")
     parser.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda when available, else cpu")
     parser.add_argument("--fvcore", action="store_true", help="also count FLOPs with fvcore on the real model")
     parser.add_argument("--throughput", action="store_true",
                         help="measure throughput on CPU too (always measured on CUDA)")

@@ -157,3 +157,22 @@ def compare(results: Path, reference: Path | None = None) -> pd.DataFrame | None
     if not frames:
         return None
     return pd.concat(frames, ignore_index=True)
+
+
+DRIFT_HEADING = "## This run vs the committed results"
+
+
+def committed_section(results: Path, report_name: str = "REPORT.md") -> str | None:
+    """The drift section of the report already in `results` (from its heading to the next `## `), or None.
+
+    Used when there is nothing new to compare (no reference snapshot in this checkout): regenerating the
+    report must not discard the comparison the committed report holds."""
+    path = results / report_name
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    start = text.find(DRIFT_HEADING)
+    if start < 0:
+        return None
+    end = text.find("\n## ", start + len(DRIFT_HEADING))
+    return text[start:] if end < 0 else text[start:end + 1]

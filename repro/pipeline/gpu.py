@@ -35,15 +35,19 @@ Every row goes to DIR/gpu_acceptance.csv (step, check, variant, dtype, shape, me
 method, device, date; `device` names the GPU model, e.g. `cuda: NVIDIA H200`), replaced by key on a rerun.
 
 `--tiny` runs the same code on the CPU at tiny sizes (Triton in its interpreter, a shrunk R-50 model, one
-timed iteration) in about a minute of CPU time: the tests run it, so the command is known to work before a GPU sees it.
+timed iteration) in about 2 minutes on the shared 2-core machine (30 s of CPU time): the tests run it, so the
+command is known to work before a GPU sees it. The PyTorch profiler's own stderr lines are dropped
+(`--profiler-log` keeps them).
 Its rows say `cpu: ...` and it writes nothing outside DIR (default: a fresh temporary folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -517,9 +521,45 @@ def preflight(tiny: bool) -> None:
                          "interpreter, not natively. Unset it.")
 
 
+# Lines the PyTorch profiler (Kineto, used by the CPU memory measurements) writes straight to file descriptor 2
+# on every profiling session: not errors, and dozens per step.
+PROFILER_NOISE = (
+    re.compile(r"^USDT:.*ActivityProfilerHandler"),
+    re.compile(r"^\[W\d+ .*CPUAllocator\.cpp.*Memory block of unknown size was allocated before the profiling"),
+    re.compile(r"^(STAGE:|\[W\d+ .*(profiler|kineto|Kineto))"),
+)
+
+
+@contextlib.contextmanager
+def quiet_profiler(enabled: bool = True):
+    """Drop the profiler's own stderr lines (`PROFILER_NOISE`) written while the block runs; every other line
+    (warnings, tracebacks, subprocess output) is passed on, in order, when the block ends. Works at the file
+    descriptor level, because Kineto writes from C++, not through `sys.stderr`."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+                    if not any(pattern.search(line) for pattern in PROFILER_NOISE)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def run(plan: Plan, results: Path, *, evidence: Path, experiments: Path = EXPERIMENTS,
-        steps: Sequence[str] = STEPS) -> dict[str, str]:
-    """Run `steps` in order; returns {step: "ok" | "FAILED: ..."} (a failed step does not stop the others)."""
+        steps: Sequence[str] = STEPS, profiler_log: bool = False) -> dict[str, str]:
+    """Run `steps` in order; returns {step: "ok" | "FAILED: ..."} (a failed step does not stop the others).
+    The profiler's own stderr lines are dropped unless `profiler_log` (`quiet_profiler`)."""
     results.mkdir(parents=True, exist_ok=True)
     rec = Recorder(results / CSV_NAME, plan.device)
     outcome: dict[str, str] = {}
@@ -535,13 +575,14 @@ def run(plan: Plan, results: Path, *, evidence: Path, experiments: Path = EXPERI
     for step in steps:
         started = time.perf_counter()
         print(f"[repro.gpu] {step} ...", file=sys.stderr, flush=True)
-        try:
-            actions[step]()
-            failed = [row for row in rec.rows if str(row["status"]).startswith("FAILED")]
-            outcome[step] = f"FAILED: {len(failed)} check(s) failed" if failed else "ok"
-        except Exception as error:
-            traceback.print_exc()
-            outcome[step] = f"FAILED: {type(error).__name__}: {error}"
+        with quiet_profiler(enabled=not profiler_log):
+            try:
+                actions[step]()
+                failed = [row for row in rec.rows if str(row["status"]).startswith("FAILED")]
+                outcome[step] = f"FAILED: {len(failed)} check(s) failed" if failed else "ok"
+            except Exception as error:
+                traceback.print_exc()
+                outcome[step] = f"FAILED: {type(error).__name__}: {error}"
         seconds = time.perf_counter() - started
         if step != "report":
             rec.add(step, "step", "seconds", round(seconds, 2), "s", status=outcome[step][:500])
@@ -553,7 +594,10 @@ def run(plan: Plan, results: Path, *, evidence: Path, experiments: Path = EXPERI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m repro.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true",
-                        help="the same code on the CPU at tiny sizes (Triton interpreter), in under a minute")
+                        help="the same code on the CPU at tiny sizes (Triton interpreter): about 2 minutes on the "
+                             "shared 2-core machine (30 s of CPU time)")
+    parser.add_argument("--profiler-log", action="store_true",
+                        help="keep the PyTorch profiler's own stderr lines (dropped by default: dozens per step)")
     parser.add_argument("--results", type=Path, default=None,
                         help="output folder (default: results/; with --tiny a new temporary folder)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="default: all, in order")
@@ -570,7 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ops.criss_cross import AUTO_EVIDENCE  # the committed file; a --tiny run writes its own copy
 
     evidence = results / AUTO_EVIDENCE.name if args.tiny else AUTO_EVIDENCE
-    outcome = run(Plan.for_mode(args.tiny), results, evidence=evidence, steps=args.steps)
+    outcome = run(Plan.for_mode(args.tiny), results, evidence=evidence, steps=args.steps,
+                  profiler_log=args.profiler_log)
     for step, status in outcome.items():
         print(f"{step:12s} {status}")
     print(f"rows in {results / CSV_NAME}; report {results / 'REPORT.md'}")

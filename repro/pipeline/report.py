@@ -23,11 +23,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from repro.engine.config import load_config
-from repro.io import atomic_write_text
+from repro.engine import provenance, run_figures
+from repro.engine.config import ConfigError, load_config
+from repro.io import CsvFormatError, atomic_write_text
 from repro.measure.kernels import MODEL_TARGET, goal_rows, with_target
 from repro.pipeline import drift
 from repro.pipeline.recipes import section_recipes
+from repro.vocabulary import EXIT_BAD_INPUT, EXIT_CANNOT_WRITE, EXIT_OK, error_line
 
 REPORT_NAME = "REPORT.md"
 DETAILS = "details"
@@ -368,7 +370,9 @@ def verdict_miou(results: Path, experiments: Path) -> Verdict:
                        f"{NOT_MEASURABLE}: " + ", ".join(f"{reason} ({count})" for reason, count in reasons.items()))
     verdict = REPRODUCED if within == len(measured) else NOT_REPRODUCED
     return Verdict(claim, paper, f"{len(measured)} measured, {within} within {MIOU_TOLERANCE:g} mIoU",
-                   "python -m repro.run CONFIG", f"{verdict} ({within}/{len(measured)} measured)")
+                   "python -m repro.run CONFIG; complete rows only (full evaluation, unmodified config, full "
+                   "schedule, not smoke), mean over seeds",
+                   f"{verdict} ({within}/{len(measured)} measured)")
 
 
 def verdict_speed(results: Path) -> Verdict:
@@ -421,9 +425,16 @@ def findings_block(results: Path, experiments: Path) -> str:
 
 
 def section_drift(results: Path, pages: dict[str, str]) -> str:
-    text = "## This run vs the committed results\n\n"
+    text = drift.DRIFT_HEADING + "\n\n"
     comparison = drift.compare(results)
     if comparison is None:
+        # Nothing new to compare: keep the comparison the committed report holds (and its details page).
+        kept = drift.committed_section(results, REPORT_NAME)
+        page = results / DETAILS / "drift.md"
+        if kept is not None and "No reference snapshot" not in kept:
+            if page.is_file():
+                pages["drift.md"] = page.read_text(encoding="utf-8")
+            return kept.rstrip("\n") + "\n"
         return text + ("_No reference snapshot in this checkout: the figures above are the committed ones. "
                        "`python -m repro.reproduce` recomputes them and compares them here._\n")
     text += (f"Reference: the committed CSVs as `repro.reproduce` saved them before recomputing "
@@ -540,19 +551,52 @@ def load_reported(experiments: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["experiment", "config", "dataset", "metric", "reported", "source"])
 
 
+def read_miou(results: Path) -> pd.DataFrame | None:
+    """miou.csv with a `row_kind` per row (`repro.engine.provenance.read_results`: old-format files are read,
+    their rows marked); None when there is none."""
+    path = results / SOURCES["miou"][0]
+    if not path.exists():
+        return None
+    return provenance.read_results(path)
+
+
+def complete_summary(measured: pd.DataFrame) -> pd.DataFrame:
+    """Complete rows only: the latest row per (experiment, metric, seed), then per (experiment, metric) the mean,
+    the sample standard deviation over seeds (NaN for one seed) and the seeds."""
+    rows = measured[measured["row_kind"] == provenance.ROW_COMPLETE].copy()
+    columns = ["experiment", "metric", "measured", "std", "seeds"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    rows["value"] = pd.to_numeric(rows["measured"], errors="coerce")
+    rows = rows.dropna(subset=["value"]).drop_duplicates(subset=["experiment", "metric", "seed"], keep="last")
+    out = []
+    for (experiment, metric), group in rows.groupby(["experiment", "metric"], sort=False):
+        values = group["value"].astype(float)
+        out.append({"experiment": experiment, "metric": metric, "measured": float(values.mean()),
+                    "std": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+                    "seeds": " ".join(sorted(group["seed"].astype(str), key=lambda v: (len(v), v)))})
+    return pd.DataFrame(out, columns=columns)
+
+
 def miou_table(results: Path, experiments: Path) -> pd.DataFrame:
-    """Every reported mIoU with this run's measurement (latest per experiment and metric) and status."""
+    """Every reported mIoU beside the mean (and std over seeds) of its complete measurements, and a status.
+
+    Only complete rows (full evaluation, unmodified config, full schedule or a released checkpoint, not smoke)
+    count; an experiment with only other rows says so in `status` (they are listed by `miou_other_rows`)."""
     reported = load_reported(experiments)
     table = reported[reported["metric"].str.startswith("mIoU")].copy()
-    measured = read_csv(results, "miou")
+    measured = read_miou(results)
     status = read_csv(results, "experiments")
-    table["measured"] = float("nan")
+    table["measured"], table["std"], table["seeds"] = float("nan"), float("nan"), ""
+    others: set[str] = set()
     if measured is not None:
-        _require(measured, ["experiment", "metric", "measured"], "miou.csv")
-        # The latest measurement of each (experiment, metric): the CSV only ever grows.
-        latest = measured.drop_duplicates(subset=["experiment", "metric"], keep="last")
-        lookup = {(row.experiment, str(row.metric)): row.measured for row in latest.itertuples()}
-        table["measured"] = [lookup.get((row.experiment, row.metric), float("nan")) for row in table.itertuples()]
+        summary = complete_summary(measured)
+        lookup = {(row.experiment, row.metric): row for row in summary.itertuples()}
+        found = [lookup.get((row.experiment, row.metric)) for row in table.itertuples()]
+        table["measured"] = [row.measured if row is not None else float("nan") for row in found]
+        table["std"] = [row.std if row is not None else float("nan") for row in found]
+        table["seeds"] = [row.seeds if row is not None else "" for row in found]
+        others = set(measured.loc[measured["row_kind"] != provenance.ROW_COMPLETE, "experiment"])
     if status is not None:
         _require(status, ["experiment", "status"], "experiments_status.csv")
         by_name = dict(zip(status["experiment"], status["status"], strict=True))
@@ -561,12 +605,26 @@ def miou_table(results: Path, experiments: Path) -> pd.DataFrame:
         table["status"] = "not run (no experiments_status.csv)"
     table["status"] = [
         "measured" if not math.isnan(value)
+        else "only rows that do not count (smoke, partial, overridden or old format)" if name in others
         else "run, but this metric not measured (e.g. ms+flip not enabled)" if state == "measured" else state
-        for value, state in zip(table["measured"].astype(float), table["status"], strict=True)
+        for value, state, name in zip(table["measured"].astype(float), table["status"], table["experiment"],
+                                      strict=True)
     ]
     table["delta"] = pd.to_numeric(table["measured"], errors="coerce") - pd.to_numeric(
         table["reported"], errors="coerce")
-    return table[["experiment", "dataset", "metric", "reported", "measured", "delta", "status", "source"]]
+    return table[["experiment", "dataset", "metric", "reported", "measured", "std", "seeds", "delta", "status",
+                  "source"]]
+
+
+def miou_other_rows(results: Path) -> pd.DataFrame:
+    """The rows of miou.csv that do not count, labelled with why (smoke, partial, overridden, old format)."""
+    measured = read_miou(results)
+    columns = ["experiment", "metric", "measured", "row_kind", "seed", "images_evaluated", "images_in_split",
+               "iterations_trained", "iterations_config", "overrides", "checkpoint", "date"]
+    if measured is None:
+        return pd.DataFrame(columns=columns)
+    rows = measured[measured["row_kind"] != provenance.ROW_COMPLETE]
+    return rows[columns].rename(columns={"row_kind": "why it does not count"})
 
 
 STATUS_HINTS = {
@@ -583,12 +641,27 @@ def section_miou(results: Path, experiments: Path, pages: dict[str, str]) -> str
     table = miou_table(results, experiments)
     if table.empty:
         return text + f"_No `reported:` mIoU values in `{experiments}/*.yaml`._\n"
-    measured = table[table["status"] == "measured"]
+    text += ("Only complete rows of `miou.csv` count: a full evaluation (every image of the split) of an "
+             "unmodified config trained to its full schedule (or a released checkpoint), not a smoke run. "
+             "`measured` is their mean over seeds (the latest row per seed), `std` the sample standard "
+             "deviation over seeds.\n\n")
+    measured = table[table["status"] == "measured"].copy()
     if not measured.empty:
-        text += markdown_table(measured.drop(columns=["source", "status"])) + "\n"
+        measured["measured"] = [
+            f"{value:.2f}" + (f" ± {spread:.2f}" if not math.isnan(spread) else "")
+            for value, spread in zip(measured["measured"].astype(float), measured["std"].astype(float), strict=True)
+        ]
+        text += markdown_table(measured.drop(columns=["source", "status", "std"])) + "\n"
     others = table[table["status"] != "measured"]
     if not others.empty:
         text += collapse(others, "status", STATUS_HINTS)
+    apart = miou_other_rows(results)
+    if not apart.empty:
+        link = detail_page(pages, "miou_not_counted.md", "Result rows that do not count", "`miou.csv`",
+                           markdown_table(apart))
+        kinds = apart["why it does not count"].str.replace(r" \(.*", "", regex=True).value_counts()
+        text += (f"\n{len(apart)} row(s) of `miou.csv` do not count ("
+                 + ", ".join(f"{kind}: {count}" for kind, count in kinds.items()) + f"): {link}.\n")
     link = detail_page(pages, "miou.md", "Every reported mIoU", "the configs' `reported:` values, `miou.csv` "
                        "and `experiments_status.csv`", markdown_table(table))
     sources = table["source"].str.extract(r"\((https://[^)\s]+)\)")[0].dropna().unique()
@@ -793,6 +866,53 @@ def update_readme(readme: Path, block: str) -> bool:
     return True
 
 
+_GENERATED_ON = re.compile(r"^(Generated by `python -m repro.report`) on [0-9-]+ [0-9:]+ UTC", re.MULTILINE)
+
+
+def _without_date(text: str) -> str:
+    return _GENERATED_ON.sub(r"\1", text)
+
+
+def write_run_pages(run_dirs: list[Path]) -> list[Path]:
+    """For each run folder: curves.png (loss, lr, validation mIoU vs iteration, from train_log.jsonl) and
+    summary.md (the curves, the validations, the final per-class IoU with class names). Returns what was
+    written; a folder without a log raises FileNotFoundError naming it."""
+    written = []
+    for run_dir in run_dirs:
+        log = run_dir / run_figures.TRAIN_LOG
+        if not log.is_file():
+            raise FileNotFoundError(f"{run_dir}: no {run_figures.TRAIN_LOG} (not a repro.run run folder)")
+        events = run_figures.read_log(log)
+        curves = run_figures.draw_curves(run_dir)
+        lines = [f"# Run {run_dir.as_posix()}", "", "Generated by `python -m repro.report --runs` from "
+                 f"`{run_figures.TRAIN_LOG}`.", ""]
+        if curves is not None:
+            written.append(curves)
+            lines += [f"![training curves]({curves.name})", ""]
+        validations = [r for r in events["val"] if r.get("mIoU") is not None]
+        if validations:
+            frame = pd.DataFrame([{"step": r["step"], "mIoU": r["mIoU"], "pixel_accuracy": r.get("pixel_accuracy")}
+                                  for r in validations])
+            lines += ["## Validation during training", "", markdown_table(frame)]
+            last = validations[-1].get("iou_per_class") or {}
+            if last:
+                lines += [f"Per-class IoU at step {validations[-1]['step']}:", "",
+                          markdown_table(pd.DataFrame({"class": list(last), "IoU": list(last.values())}))]
+        final = [r for r in events.get("eval", []) if r.get("mIoU") is not None]
+        if final:
+            lines += ["## Final evaluation", "", markdown_table(pd.DataFrame(
+                [{"metric": r.get("metric"), "mIoU": r["mIoU"], "step": r.get("step"), "images": r.get("images")}
+                 for r in final]))]
+        table = run_dir / "iou_per_class.csv"
+        if table.is_file():
+            lines += ["Per-class IoU of the last evaluation (`iou_per_class.csv`):", "",
+                      run_figures.iou_markdown(table)]
+        for png in sorted(run_dir.glob("confusion_*.png")):
+            lines += [f"![{png.stem}]({png.name})", ""]
+        written.append(atomic_write_text(run_dir / "summary.md", "\n".join(lines)))
+    return written
+
+
 def write_report(results: Path, experiments: Path, *, readme: Path | None = None) -> Path:
     """REPORT.md and details/*.md in `results`; the findings block of `readme` (default: the README.md
     beside the results folder, when it has the markers)."""
@@ -806,23 +926,56 @@ def write_report(results: Path, experiments: Path, *, readme: Path | None = None
         if stale.name not in pages:
             stale.unlink()
     for name, page in pages.items():
-        atomic_write_text(details / name, page)
-    path = atomic_write_text(results / REPORT_NAME, text)
+        if not (details / name).is_file() or (details / name).read_text(encoding="utf-8") != page:
+            atomic_write_text(details / name, page)
+    path = results / REPORT_NAME
+    # A report whose only change would be its generation date is left as it is (git status stays clean).
+    if not path.is_file() or _without_date(path.read_text(encoding="utf-8")) != _without_date(text):
+        atomic_write_text(path, text)
     readme = results.resolve().parent / "README.md" if readme is None else readme
     update_readme(readme, findings_block(results, experiments))
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m repro.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--experiments", type=Path, default=Path("experiments"))
+    parser = argparse.ArgumentParser(
+        prog="python -m repro.report", description=__doc__.split("\n")[0],
+        epilog="Files whose content would not change are not rewritten (a report differing only in its date "
+               "is kept). Exit codes: 0 done, 2 bad option, 4 a CSV or log that cannot be read, 5 cannot write.")
+    parser.add_argument("--results", type=Path, default=Path("results"),
+                        help="folder of the result CSVs; REPORT.md and details/ are written there")
+    parser.add_argument("--experiments", type=Path, default=Path("experiments"),
+                        help="folder of the experiment YAMLs (their reported: values)")
     parser.add_argument("--readme", type=Path, default=None,
                         help="README whose findings block to rewrite (default: the one beside the results folder)")
+    parser.add_argument("--runs", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+                        help="instead of the report: draw curves.png (loss, lr, validation mIoU vs iteration) and "
+                             "summary.md (validations, per-class IoU with class names) in each repro.run folder")
     args = parser.parse_args(argv)
-    path = write_report(args.results, args.experiments, readme=args.readme)
-    print(f"wrote {path} and {args.results / DETAILS}/")
-    return 0
+    prog = parser.prog
+    try:
+        if args.runs:
+            written = write_run_pages(args.runs)
+            print("wrote " + ", ".join(str(path) for path in written))
+            return EXIT_OK
+        before = _snapshot(args.results, args.readme)
+        path = write_report(args.results, args.experiments, readme=args.readme)
+    except (FileNotFoundError, ValueError, ConfigError, CsvFormatError) as err:
+        print(error_line(prog, err), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        print(error_line(prog, f"cannot write {err.filename or ''}: {err.strerror or err}"), file=sys.stderr)
+        return EXIT_CANNOT_WRITE
+    changed = [name for name, data in _snapshot(args.results, args.readme).items() if before.get(name) != data]
+    print(f"{path}: " + (f"updated {', '.join(changed)}" if changed else "nothing changed (every file as it was)"))
+    return EXIT_OK
+
+
+def _snapshot(results: Path, readme: Path | None) -> dict[str, bytes]:
+    """Contents of the files `write_report` may change, to say which it did."""
+    files = [results / REPORT_NAME, readme or results.resolve().parent / "README.md"]
+    files += sorted((results / DETAILS).glob("*.md")) if (results / DETAILS).is_dir() else []
+    return {str(path): path.read_bytes() for path in files if path.is_file()}
 
 
 if __name__ == "__main__":

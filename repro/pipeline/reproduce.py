@@ -376,8 +376,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--quick", action="store_true", help="short version (tiny synthetic ablation)")
     size.add_argument("--full", action="store_true", help="long version (5 synthetic seeds)")
     parser.add_argument("--force", action="store_true", help="redo steps that finished before")
-    parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--experiments", type=Path, default=Path("experiments"))
+    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default results/)")
+    parser.add_argument("--experiments", type=Path, default=Path("experiments"),
+                        help="folder of the experiment YAMLs (default experiments/)")
     parser.add_argument("--skip", nargs="+", default=[], choices=STEP_GROUPS, help="step groups to leave out")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the steps")
     parser.add_argument("--jobs", type=int, default=2, choices=(1, 2),

@@ -26,7 +26,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--full", action="store_true", help="5 seeds instead of 2")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
     parser.add_argument("--steps", type=int, help="override the preset's training steps")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="variants to train (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; in the CSV)")
     parser.add_argument("--force", action="store_true", help="redo runs already in the CSV")
     parser.add_argument("--no-figures", action="store_true", help="skip the two plots")

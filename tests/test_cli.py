@@ -1,0 +1,145 @@
+"""Every `python -m repro.X` command: each option has help text and its choices are listed; the commands
+that only read (report on a clone, bench --quick, run --check-data, run --smoke into runs/) leave
+`git status` clean; the shared vocabulary (checkpoint sources, error lines)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from repro import vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
+# Every command line: (module with `python -m`, the function that builds and parses its options).
+COMMANDS = {
+    "repro.run": ("repro.engine.runner", "main"),
+    "repro.predict": ("repro.engine.predict", "main"),
+    "repro.report": ("repro.pipeline.report", "main"),
+    "repro.bench": ("repro.measure.bench", "main"),
+    "repro.claims": ("repro.measure.claims", "parse_args"),
+    "repro.profile": ("repro.measure.profile", "main"),
+    "repro.kernels": ("repro.measure.kernels", "main"),
+    "repro.reproduce": ("repro.pipeline.reproduce", "main"),
+    "repro.gpu": ("repro.pipeline.gpu", "parse_args"),
+    "repro.synthetic": ("repro.synthetic.cli", "main"),
+    "repro.synthetic.example": ("repro.synthetic.example", "main"),
+}
+
+
+class _Captured(Exception):
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__(parser.prog)
+        self.parser = parser
+
+
+def _parser(monkeypatch, module: str, function: str) -> argparse.ArgumentParser:
+    """The command's parser, taken at its parse_args call (nothing of the command runs)."""
+
+    def capture(self, *args, **kwargs):
+        raise _Captured(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Captured) as caught:
+        getattr(importlib.import_module(module), function)([])
+    return caught.value.parser
+
+
+def test_every_command_module_is_listed():
+    entry_points = {f"repro.{path.stem}" for path in (ROOT / "repro").glob("*.py")
+                    if path.stem not in ("__init__", "io", "vocabulary")}
+    entry_points |= {"repro.synthetic", "repro.synthetic.example"}
+    assert entry_points == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_option_has_help_and_lists_its_choices(monkeypatch, command):
+    parser = _parser(monkeypatch, *COMMANDS[command])
+    assert parser.prog == f"python -m {command}", parser.prog
+    text = parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help.strip(), f"{command}: {name} has no help text"
+        for choice in action.choices or ():
+            assert str(choice) in text, f"{command}: choice {choice!r} of {name} is not in --help"
+
+
+def test_checkpoint_source_names_are_one_vocabulary(monkeypatch):
+    run = _parser(monkeypatch, *COMMANDS["repro.run"])
+    predict = _parser(monkeypatch, *COMMANDS["repro.predict"])
+    choices = {parser.prog: next(a.choices for a in parser._actions if "--checkpoint-source" in a.option_strings)
+               for parser in (run, predict)}
+    assert set(choices.values()) == {vocabulary.CHECKPOINT_SOURCES}
+    assert "ccrepro" in vocabulary.CHECKPOINT_SOURCES and "ours" in vocabulary.CHECKPOINT_SOURCES
+    assert vocabulary.checkpoint_source("ours") == vocabulary.checkpoint_source("ccrepro") == "ccrepro"
+    assert vocabulary.checkpoint_source(None) is None
+    with pytest.raises(ValueError, match="unknown checkpoint source 'theirs'"):
+        vocabulary.checkpoint_source("theirs")
+    assert vocabulary.error_line("python -m repro.x", "a\n b") == "python -m repro.x: error: a b"
+
+
+def _git(folder: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def _command(folder: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(folder))
+    return subprocess.run([sys.executable, "-m", *args], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> Path:
+    """A git repository holding the project's tracked files as they are in this working tree."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and a git checkout")
+    folder = tmp_path_factory.mktemp("checkout")
+    files = _git(ROOT, "ls-files", "-z").split("\0")
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, folder / name)
+    _git(folder, "init", "-q")
+    _git(folder, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    _git(folder, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "snapshot")
+    return folder
+
+
+def test_report_on_a_clone_keeps_the_committed_drift_and_then_changes_nothing(checkout):
+    drift_page = (checkout / "results/details/drift.md").read_bytes()
+    done = _command(checkout, "repro.report")
+    assert done.returncode == 0, done.stderr
+    # No reference snapshot in a clone: the committed comparison stays, page and section.
+    assert (checkout / "results/details/drift.md").read_bytes() == drift_page
+    assert "results/details/drift.md" not in _git(checkout, "status", "--porcelain")
+    assert "## This run vs the committed results" in (checkout / "results/REPORT.md").read_text()
+    # Whatever the first run brought up to date (a report of an older version), a second run changes nothing,
+    # not even the generation date.
+    _git(checkout, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-a", "-m", "report", "--allow-empty")
+    done = _command(checkout, "repro.report")
+    assert done.returncode == 0, done.stderr
+    assert _git(checkout, "status", "--porcelain") == ""
+    assert "nothing changed" in done.stdout
+
+
+def test_read_only_commands_leave_git_status_clean(checkout):
+    quick = _command(checkout, "repro.bench", "--quick", "--device", "cpu", "--variants", "cca_naive")
+    assert quick.returncode == 0, quick.stderr
+    assert (checkout / "runs/bench/ops_bench.csv").is_file() and "runs/bench/ops_bench.csv" in quick.stdout
+    check = _command(checkout, "repro.run", "experiments/cityscapes_r2.yaml", "--check-data")
+    assert check.returncode == 3, check.stderr
+    smoke = _command(checkout, "repro.run", "experiments/mmseg_cityscapes_r50_d8_512x1024_40k.yaml", "--smoke",
+                     "--no-progress", "--device", "cpu")
+    assert smoke.returncode == 0, smoke.stderr
+    assert "SMOKE" in smoke.stdout and "runs/mmseg_cityscapes_r50_d8_512x1024_40k-smoke" in smoke.stdout
+    assert _git(checkout, "status", "--porcelain") == ""
