@@ -211,16 +211,3 @@ def evaluate(
         )
     return results
 
-
-def protocol_summary(eval_cfg: EvalConfig, metric: str) -> dict[str, str]:
-    """How `metric` ("mIoU" or "mIoU_ms_flip") is predicted, as the provenance columns of results/miou.csv:
-    `eval_mode` (whole / slide), `eval_scales` (space-separated ratios; "1.0" = the test size),
-    `eval_flip` ("true" / "false"), `eval_average` (how the scales' outputs are combined)."""
-    multiscale = metric != "mIoU"
-    scales = eval_cfg.ms_scales if multiscale else (1.0,)
-    return {
-        "eval_mode": eval_cfg.mode,
-        "eval_scales": " ".join(f"{float(scale):g}" for scale in scales),
-        "eval_flip": "true" if multiscale else "false",
-        "eval_average": "softmax probabilities at the test size" if multiscale else "none (one scale)",
-    }
