@@ -417,3 +417,15 @@ def test_evaluate_runs_each_source_protocol_on_a_validation_split(tmp_path, name
             assert result.miou == pytest.approx(100 * np.nan_to_num(ious).mean())
         else:
             assert result.miou == pytest.approx(100 * np.nanmean(ious))
+
+
+def test_check_data_with_eval_only_checks_the_validation_split_only(tmp_path, capsys):
+    config = EXPERIMENTS / "ssseg_cityscapes_r50_d8.yaml"
+    cfg = load_config(config)
+    root = write_fake_dataset(cfg.data, tmp_path / "cs", count=1, size_hw=(10, 12))
+    shutil.rmtree(root / "gtFine" / "train")
+    args = [str(config), "--check-data", f"--set=data.root={root}"]
+    assert main([*args, "--eval-only"]) == 0
+    assert "found at" in capsys.readouterr().out
+    assert main(args) == 3
+    assert "training split 'train' (config key data.train_split)" in capsys.readouterr().err

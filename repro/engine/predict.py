@@ -18,9 +18,10 @@ The image is read as RGB (EXIF orientation applied) and prepared and predicted e
 evaluates the config's validation images (`EvalConfig`: rescaled keep-ratio to `eval.scale` with OpenCV,
 normalised, padded as `eval.val_pad_size` says), in the config's `eval.mode` (whole or slide windows) or
 `--mode` (`ms_flip`: `eval.ms_scales` x {image, mirror}, views made, predicted and averaged as the config's
-ms fields say); logits are brought back to the image's size before the argmax. The attention comes from one whole-image forward at the same
-scale (in whole mode, the same forward as the prediction), its maps recomputed in the naive formulation from
-the query and key each pass was given, so any backend and any recurrence can be shown.
+ms fields say); logits are brought back to the image's size before the argmax. The attention comes from one
+whole-image forward at the same scale (in whole mode, the same forward as the prediction), its maps
+recomputed in the naive formulation from the query and key each pass was given, so any backend and any
+recurrence can be shown.
 
 Nothing half-written lands in DIR: every file of the run is written into a temporary folder beside DIR
 and moved in only when every image has succeeded.
