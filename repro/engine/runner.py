@@ -5,6 +5,7 @@ measured mIoU, with how it was made, to results/miou.csv.
     python -m repro.run CONFIG.yaml --seeds 0 1 2    # one run folder per seed: runs/NAME-seed0, ...
     python -m repro.run CONFIG.yaml --eval-only --checkpoint PATH [--checkpoint-source mmseg]
     python -m repro.run CONFIG.yaml --check-data     # exit 0 if the dataset is there, 3 (and why) if not
+                                                     # (with --eval-only: the validation split only)
     python -m repro.run CONFIG.yaml --smoke          # a few iterations on a generated tiny dataset
     torchrun --nproc-per-node N -m repro.run CONFIG.yaml   # DDP (nccl on CUDA, gloo on CPU)
 
@@ -258,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "sssegmentation, official, ...; detected from its keys when omitted")
     parser.add_argument("--smoke", action="store_true",
                         help="2 iterations of a shrunk model on generated data (a check, never a result)")
-    parser.add_argument("--check-data", action="store_true", help="exit 0 if the data is there, else 3")
+    parser.add_argument(
+        "--check-data", action="store_true",
+        help="exit 0 if the data is there (with --eval-only: the validation split only), else 3",
+    )
     parser.add_argument("--out-dir", type=Path,
                         help="run folder (default runs/NAME, runs/NAME-smoke; --eval-only: runs/NAME-eval)")
     parser.add_argument("--results", type=Path, help="CSV to append to (default results/miou.csv; "
@@ -276,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.eval_only and args.checkpoint is None:
+    if args.eval_only and args.checkpoint is None and not args.check_data:
         parser.error("--eval-only needs --checkpoint PATH")
     if args.checkpoint is not None and not args.eval_only:
         parser.error("--checkpoint is read only with --eval-only (training continues a run with --resume)")
@@ -333,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.check_data:
         try:
-            root = check_dataset(base_cfg.data)
+            root = check_dataset(base_cfg.data, splits=("val",) if args.eval_only else ("train", "val"))
         except DatasetNotFoundError as err:
             return _fail(EXIT_NO_DATA, f"{base_cfg.name}: {err}")
         print(f"{base_cfg.name}: {base_cfg.data.dataset} found at {root}")
