@@ -129,17 +129,17 @@ def command_model(job: dict) -> None:
     trained.train()
     with torch.no_grad():
         result["train"] = head_logits(trained, images)
-    # b. the training loss and every gradient on a batch with ignored pixels.
-    trained = copy.deepcopy(model)
+    # b. the training loss and every gradient on a batch with ignored pixels, in float64 (see the project side).
+    trained = copy.deepcopy(model).double()
     dropout_off(trained)
     trained.train()
-    losses = trained.loss(images, samples(labels))
+    losses = trained.loss(images.double(), samples(labels))
     total, log_vars = trained.parse_losses(losses)
     total.backward()
     result["loss"] = {name: value.detach() for name, value in losses.items() if "loss" in name}
     result["loss"]["total"] = total.detach()
     result["grads"] = {name: p.grad.detach().clone() for name, p in trained.named_parameters() if p.grad is not None}
-    # c. parameter groups and the learning rate at the requested steps, through mmengine's own objects.
+    # c. parameter groups of the config's optimizer wrapper, built by mmengine for this model.
     wrapper = build_optim_wrapper(copy.deepcopy(model), cfg.optim_wrapper)
     groups = []
     for group in wrapper.optimizer.param_groups:
@@ -147,26 +147,17 @@ def command_model(job: dict) -> None:
                       | {"nesterov": bool(group["nesterov"]), "params": len(group["params"])})
     result["groups"] = groups
     result["optimizer"] = type(wrapper.optimizer).__name__
-    schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=wrapper)) for s in cfg.param_scheduler]
-    wanted = sorted(set(job["lr_steps"]))
-    lrs = {}
-    for step in range(max(wanted) + 1):
-        if step in wanted:
-            lrs[step] = float(wrapper.optimizer.param_groups[0]["lr"])
-        for scheduler in schedulers:
-            scheduler.step()
-    result["lr"] = lrs
-    result["max_iters"] = int(cfg.train_cfg.max_iters)
     torch.save(result, out / "model.pt")
-    # f. SGD steps from the same weights on the given batches: optimizer wrapper and schedule of the config.
+    # f. SGD steps from the same weights on the given batches: optimizer wrapper and schedule of the config, in
+    # float64 like b.
     steps = torch.load(job["steps"], weights_only=True)
-    trained = copy.deepcopy(model)
+    trained = copy.deepcopy(model).double()
     dropout_off(trained)
     trained.train()
     wrapper = build_optim_wrapper(trained, cfg.optim_wrapper)
     schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=wrapper)) for s in cfg.param_scheduler]
     for index, (step_images, step_labels) in enumerate(zip(steps["images"], steps["labels"])):
-        losses = trained.loss(step_images, samples(step_labels))
+        losses = trained.loss(step_images.double(), samples(step_labels))
         total, _ = trained.parse_losses(losses)
         wrapper.update_params(total)
         for scheduler in schedulers:
@@ -275,7 +266,27 @@ def command_test(job: dict) -> None:
     (out / "metrics.json").write_text(json.dumps(results))
 
 
-COMMANDS = {"model": command_model, "data": command_data, "test": command_test}
+def command_lr(job: dict) -> None:
+    """c: the learning rate at the requested steps of each config, through mmengine's own optimizer wrapper and
+    schedulers (stepped once per iteration, as ParamSchedulerHook.after_train_iter does)."""
+    out = {}
+    for config_py, wanted in job["configs"].items():
+        cfg = Config.fromfile(config_py)
+        wrapper = build_optim_wrapper(nn.Conv2d(1, 1, 1), cfg.optim_wrapper)
+        schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=wrapper)) for s in cfg.param_scheduler]
+        wanted = sorted(set(wanted))
+        lrs = {}
+        for step in range(max(wanted) + 1):
+            if step in wanted:
+                lrs[str(step)] = float(wrapper.optimizer.param_groups[0]["lr"])
+            for scheduler in schedulers:
+                scheduler.step()
+        out[config_py] = {"lr": lrs, "max_iters": int(cfg.train_cfg.max_iters),
+                          "schedulers": [dict(s) for s in cfg.param_scheduler]}
+    Path(job["out"]).write_text(json.dumps(out))
+
+
+COMMANDS = {"lr": command_lr, "model": command_model, "data": command_data, "test": command_test}
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in COMMANDS:
