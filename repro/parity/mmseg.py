@@ -123,10 +123,12 @@ def check_model(row: Row, python: Path, work: Path, *, quick: bool) -> list[Pari
     """Checks a (import, logits), b (loss, gradients), c (parameter groups), f (SGD trajectory): one peer run."""
     cfg, name = row.cfg, row.path.stem
     classes, ignore = cfg.model.num_classes, cfg.data.ignore_index
-    size = (41, 57) if quick else (57, 73)
+    # Odd sizes; the float64 steps of f on a smaller batch (the recipe, not the resolution, is what they test).
+    size, step_size = ((41, 57), (33, 41)) if quick else ((57, 73), (33, 41))
     images, labels = batch_with_ignored(batch=2, size_hw=size, num_classes=classes, seed=SEED)
     torch.save({"images": images, "labels": labels}, work / "batch.pt")
-    steps = [batch_with_ignored(batch=2, size_hw=size, num_classes=classes, seed=SEED + 1 + k) for k in range(5)]
+    steps = [batch_with_ignored(batch=2, size_hw=step_size, num_classes=classes, seed=SEED + 1 + k)
+             for k in range(5)]
     torch.save({"images": [s[0] for s in steps], "labels": [s[1] for s in steps]}, work / "steps.pt")
     job = {"config_py": peer_config_path(python, row.mmseg_config), "seed": SEED, "out": str(work),
            "batch": str(work / "batch.pt"), "steps": str(work / "steps.pt")}
