@@ -16,12 +16,13 @@ from pathlib import Path
 from types import ModuleType
 
 from repro.io import CsvFormatError, locked, read_csv_rows, write_csv_atomic
-from repro.parity import mmseg, paddleseg, ssseg
+from repro.parity import mmseg, mmseg0, paddleseg, ssseg
 from repro.parity.common import COLUMNS, DEFAULT_ROOT, PEERS, ParityRow, PeerUnavailable, ensure_venv, not_run_row
 
 # source name -> module with NAME, VERSION, default_configs(), QUICK_CONFIG, run(configs, *, quick, workdir)
 SOURCES: dict[str, ModuleType] = {
     mmseg.NAME: mmseg,
+    mmseg0.REGISTRY_NAME: mmseg0,  # mmsegmentation 0.30.0: check e of the mmseg rows (rows say source "mmseg")
     ssseg.NAME: ssseg,
     paddleseg.NAME: paddleseg,
 }
@@ -62,14 +63,14 @@ def run_source(module: ModuleType, configs: list[Path], *, quick: bool, workdir:
 
 
 def merge_rows(path: Path, rows: list[ParityRow]) -> list[dict[str, str]]:
-    """Write `rows` into the CSV at `path`, replacing the old rows of the same (source, config) pairs and keeping
+    """Write `rows` into the CSV at `path`, replacing the old rows of the same (source, version, config) and keeping
     all others; returns the table written."""
-    ran = {(row.source, row.config) for row in rows}
+    ran = {(row.source, row.version, row.config) for row in rows}
     with locked(path):
         header, old = read_csv_rows(path)
         if header and set(header) != set(COLUMNS):
             raise CsvFormatError(f"{path}: header {header} is not the parity columns {list(COLUMNS)}")
-        kept = [row for row in old if (row["source"], row["config"]) not in ran]
+        kept = [row for row in old if (row["source"], row["version"], row["config"]) not in ran]
         table = kept + [row.as_dict() for row in rows]
         import pandas as pd
 
