@@ -52,15 +52,27 @@ PEER = register_peer(
         version=VERSION,
         # paddleseg declares opencv-python<=4.6.0 (no wheel for this Python) and visualdl (its training
         # logger); the model code needs neither.
-        requirements=("paddlepaddle>=3,<4", "opencv-python-headless", "scipy", "pyyaml", "filelock", "tqdm",
-                      "prettytable", "six", "requests", "scikit-learn"),
+        requirements=(
+            "paddlepaddle>=3,<4",
+            "opencv-python-headless",
+            "scipy",
+            "pyyaml",
+            "filelock",
+            "tqdm",
+            "prettytable",
+            "six",
+            "requests",
+            "scikit-learn",
+        ),
         nodeps=(f"paddleseg=={VERSION}",),
     )
 )
 TOL_ATTENTION = 1e-5  # relative to max |output|: two frameworks' bmm / softmax kernels, fp32
 TOL_LOGITS = 1e-5
-EXPECTED = ("expected to differ (the YAML's notes 1 and 4: ResNet_vd average-pool shortcut in layer2, leaky ReLU "
-            "after conva / convb); measured, not hidden")
+EXPECTED = (
+    "expected to differ (the YAML's notes 1 and 4: ResNet_vd average-pool shortcut in layer2, leaky ReLU "
+    "after conva / convb); measured, not hidden"
+)
 
 
 def default_configs() -> list[Path]:
@@ -68,8 +80,17 @@ def default_configs() -> list[Path]:
 
 
 def _row(config: str, check: str, metric: str, value: float, tolerance: float, detail: str = "", **kw) -> ParityRow:
-    return measured_row(source=NAME, version=VERSION, config=config, check=check, metric=metric, value=value,
-                        tolerance=tolerance, detail=detail, **kw)
+    return measured_row(
+        source=NAME,
+        version=VERSION,
+        config=config,
+        check=check,
+        metric=metric,
+        value=value,
+        tolerance=tolerance,
+        detail=detail,
+        **kw,
+    )
 
 
 def import_rows(config: str, model: torch.nn.Module, pdparams: Path, peer: dict) -> list[ParityRow]:
@@ -78,16 +99,31 @@ def import_rows(config: str, model: torch.nn.Module, pdparams: Path, peer: dict)
     state = safe_load(pdparams)
     fresh = seeded_model(load_config(EXPERIMENTS / f"{config}.yaml"), seed=99)
     report = load_checkpoint(fresh, state, source="paddleseg", strict=False)
-    rows.append(_row(config, "import", "pdparams_missing_plus_unexpected_keys",
-                     len(report.missing) + len(report.unexpected), 0,
-                     f"{len(report.loaded)} loaded, {len(report.ignored)} ignored; missing {list(report.missing[:3])}, "
-                     f"unexpected {list(report.unexpected[:3])}; peer side: {len(peer['missing'])} missing, "
-                     f"{len(peer['unexpected'])} unexpected of our export"))
+    rows.append(
+        _row(
+            config,
+            "import",
+            "pdparams_missing_plus_unexpected_keys",
+            len(report.missing) + len(report.unexpected),
+            0,
+            f"{len(report.loaded)} loaded, {len(report.ignored)} ignored; missing {list(report.missing[:3])}, "
+            f"unexpected {list(report.unexpected[:3])}; peer side: {len(peer['missing'])} missing, "
+            f"{len(peer['unexpected'])} unexpected of our export",
+        )
+    )
     ours, back = model.state_dict(), fresh.state_dict()
     worst = max(_rel(back[k], ours[k]) for k in ours if not k.endswith("num_batches_tracked"))
-    rows.append(_row(config, "import", "roundtrip_max_rel_diff", worst, 1e-6,
-                     "our weights -> PaddleSeg layout -> paddle.save .pdparams -> safe_load (NumPy-only unpickler) -> "
-                     "load_checkpoint; the folded aux conv biases are written as 0 and read back into the mean"))
+    rows.append(
+        _row(
+            config,
+            "import",
+            "roundtrip_max_rel_diff",
+            worst,
+            1e-6,
+            "our weights -> PaddleSeg layout -> paddle.save .pdparams -> safe_load (NumPy-only unpickler) -> "
+            "load_checkpoint; the folded aux conv biases are written as 0 and read back into the mean",
+        )
+    )
     return rows
 
 
@@ -104,9 +140,15 @@ def run_one(path: Path, python: Path, workdir: Path, *, quick: bool) -> list[Par
     images = torch.randn(1, 3, *size, generator=generator)
     features = torch.randn(1, cfg.model.head_channels, 7, 9, generator=generator)
     torch.save({"images": images, "features": features}, folder / "inputs.pt")
-    job = {"depth": cfg.model.depth, "output_stride": cfg.model.output_stride, "num_classes": cfg.model.num_classes,
-           "weights": str(folder / "weights.pt"), "inputs": str(folder / "inputs.pt"),
-           "pdparams_out": str(folder / "model.pdparams"), "out": str(folder / "out.pt")}
+    job = {
+        "depth": cfg.model.depth,
+        "output_stride": cfg.model.output_stride,
+        "num_classes": cfg.model.num_classes,
+        "weights": str(folder / "weights.pt"),
+        "inputs": str(folder / "inputs.pt"),
+        "pdparams_out": str(folder / "model.pdparams"),
+        "out": str(folder / "out.pt"),
+    }
     (folder / "job.json").write_text(json.dumps(job))
     run_peer(python, SCRIPT, folder / "job.json", cwd=folder, timeout=900)
     peer = load_tensors(folder / "out.pt")
@@ -115,23 +157,48 @@ def run_one(path: Path, python: Path, workdir: Path, *, quick: bool) -> list[Par
         x = features
         for _ in range(2):
             x = model.decode_head.attention(x)
-        rows.append(_row(config, "a_model", "attention_max_rel_diff", _rel(x, peer["cca"]), TOL_ATTENTION,
-                         f"PaddleSeg CrissCrossAttention vs ours, applied twice, {tuple(features.shape)}, same "
-                         f"q/k/v weights and gamma; paddle {peer['paddle']}"))
+        rows.append(
+            _row(
+                config,
+                "a_model",
+                "attention_max_rel_diff",
+                _rel(x, peer["cca"]),
+                TOL_ATTENTION,
+                f"PaddleSeg CrissCrossAttention vs ours, applied twice, {tuple(features.shape)}, same "
+                f"q/k/v weights and gamma; paddle {peer['paddle']}",
+            )
+        )
         logits = model(images)
         feats = model.backbone(images)
         aux = model.auxiliary_head(feats[-2])
     for metric, ours, theirs in (("logits", logits, peer["logits"]), ("aux_logits", aux, peer["aux"])):
         value = _rel(ours, theirs)
         agreement = float((ours.argmax(1) == theirs.argmax(1)).double().mean())
-        rows.append(ParityRow(NAME, VERSION, config, "a_model", f"whole_model_{metric}_eval_max_rel_diff",
-                              f"{value:.3g}", f"<= {TOL_LOGITS:g}", "pass" if value <= TOL_LOGITS else "fail",
-                              f"{EXPECTED}; argmax agreement {agreement:.3f}"))
+        rows.append(
+            ParityRow(
+                NAME,
+                VERSION,
+                config,
+                "a_model",
+                f"whole_model_{metric}_eval_max_rel_diff",
+                f"{value:.3g}",
+                f"<= {TOL_LOGITS:g}",
+                "pass" if value <= TOL_LOGITS else "fail",
+                f"{EXPECTED}; argmax agreement {agreement:.3f}",
+            )
+        )
     for check in ("b_loss", "c_lr", "d_data", "e_eval", "f_train"):
-        rows.append(not_run_row(source=NAME, version=VERSION, config=config, check=check,
-                                reason="PaddleSeg's recipe differs by design here (YAML notes 2, 3, 5-7: RandomDistort, "
-                                       "OHEM at full resolution, float rescale, 2049x1025 validation padding, logit "
-                                       "averaging); its paddle trainer / evaluator is not driven by this harness"))
+        rows.append(
+            not_run_row(
+                source=NAME,
+                version=VERSION,
+                config=config,
+                check=check,
+                reason="PaddleSeg's recipe differs by design here (YAML notes 2, 3, 5-7: RandomDistort, "
+                "OHEM at full resolution, float rescale, 2049x1025 validation padding, logit "
+                "averaging); its paddle trainer / evaluator is not driven by this harness",
+            )
+        )
     (folder / "weights.pt").unlink(missing_ok=True)
     return rows
 

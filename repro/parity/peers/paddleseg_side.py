@@ -32,12 +32,18 @@ def main(argv: list[str]) -> int:
     import paddle
     import paddleseg
     from paddleseg.models import CCNet
-    from paddleseg.models.backbones import ResNet101_vd, ResNet50_vd
+    from paddleseg.models.backbones import ResNet50_vd, ResNet101_vd
 
     paddle.set_device("cpu")
     backbone = {101: ResNet101_vd, 50: ResNet50_vd}[job["depth"]](output_stride=job["output_stride"])
-    model = CCNet(num_classes=job["num_classes"], backbone=backbone, backbone_indices=(2, 3),
-                  enable_auxiliary_loss=True, dropout_prob=0.1, recurrence=2)
+    model = CCNet(
+        num_classes=job["num_classes"],
+        backbone=backbone,
+        backbone_indices=(2, 3),
+        enable_auxiliary_loss=True,
+        dropout_prob=0.1,
+        recurrence=2,
+    )
     weights = torch.load(job["weights"], map_location="cpu", weights_only=True)
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
