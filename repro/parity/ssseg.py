@@ -26,6 +26,7 @@ import math
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +236,10 @@ def our_trajectory(model: nn.Module, cfg: ExperimentConfig, batches: dict, steps
         optimizer.step()
         lrs.append(lr)
         losses.append(float(loss.detach()))
-        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        # stored as float32: its rounding (6e-8 relative) is far below TOL_WEIGHTS
+        states.append(
+            {k: v.detach().float() if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+        )
     return states, lrs, losses
 
 
@@ -428,7 +432,7 @@ def run_model_checks(config_path: Path, python: Path, workdir: Path, *, quick: b
     names = name_map(model)
     weights = folder / "weights.pt"
     torch.save(export_state_dict(model, source="sssegmentation"), weights)
-    size = (33, 41) if quick else (49, 65)
+    size = (25, 33) if quick else (33, 41)
     batches = make_batches(cfg, steps=STEPS, size_hw=size)
     torch.save(batches, folder / "batches.pt")
     job = {
@@ -444,12 +448,14 @@ def run_model_checks(config_path: Path, python: Path, workdir: Path, *, quick: b
         "out": str(folder / "model_out.pt"),
     }
     (folder / "model_job.json").write_text(json.dumps(job))
-    run_peer(python, SCRIPT, folder / "model_job.json", cwd=folder, timeout=900)
+    # The peer runs while we compute our side (two processes, the two cores).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        peer_run = pool.submit(run_peer, python, SCRIPT, folder / "model_job.json", cwd=folder, timeout=900)
+        ours = our_model_outputs(model, cfg, batches)
+        our_traj = our_trajectory(model, cfg, batches, STEPS)
+        peer_run.result()
     peer = load_tensors(folder / "model_out.pt")
-    print(f"  {config}: peer {peer['seconds']:.0f} s", file=sys.stderr)
-    ours = our_model_outputs(model, cfg, batches)
     trajectory = load_tensors(folder / "trajectory.pt")
-    our_traj = our_trajectory(model, cfg, batches, STEPS)
     rows = model_rows(config, cfg, model, names, peer, ours, trajectory, our_traj, batches["labels"][0])
     for name in ("trajectory.pt", "weights.pt"):
         (folder / name).unlink(missing_ok=True)
@@ -693,7 +699,6 @@ def eval_scale(cfg: ExperimentConfig, quick: bool) -> tuple[int, int]:
 
 
 def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: bool) -> list[ParityRow]:
-    from dataclasses import replace
 
     cfg = load_config(config_path)
     config = config_path.stem
@@ -718,58 +723,33 @@ def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: boo
         "out": str(folder / "eval_out.pt"),
     }
     (folder / "eval_job.json").write_text(json.dumps(job))
-    run_peer(python, SCRIPT, folder / "eval_job.json", cwd=folder, timeout=900)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the peer evaluates while we do
+        peer_run = pool.submit(run_peer, python, SCRIPT, folder / "eval_job.json", cwd=folder, timeout=900)
+        done, predictions, dataset = _our_evaluation(config_path, cfg, checkpoint, root, scale, folder)
+        peer_run.result()
     peer = load_tensors(folder / "eval_out.pt")
-
-    # Ours end to end: the command line, validation split only, the same checkpoint file.
-    results = folder / "ours_miou.csv"
-    results.unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "repro.run",
-        str(config_path),
-        "--eval-only",
-        "--checkpoint",
-        str(checkpoint),
-        "--set",
-        f"data.root={root}",
-        "--set",
-        f"eval.scale=[{scale[0]},{scale[1]}]",
-        "--set",
-        "data.num_workers=0",
-        "--results",
-        str(results),
-        "--out-dir",
-        str(folder / "run"),
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
-    rows = []
+    checkpoint.unlink(missing_ok=True)
     if done.returncode != 0:
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        rows.append(
+        return [
             ParityRow(
                 NAME,
                 VERSION,
                 config,
                 "e_eval",
-                "repro.run --eval-only exit code",
+                "repro_run_eval_only_exit_code",
                 str(done.returncode),
                 "0",
                 "fail",
                 tail[:300],
             )
-        )
-        return rows
+        ]
     import pandas as pd
 
-    table = pd.read_csv(results)
+    table = pd.read_csv(folder / "ours_miou.csv")
     ours_miou = float(table.loc[table["metric"] == "mIoU", "measured"].iloc[0])
     peer_miou = 100.0 * peer["miou"]
-    rows.append(
+    rows = [
         _row(
             config,
             "e_eval",
@@ -780,38 +760,14 @@ def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: boo
             f"{len(peer['ids'])} val images only (no train split), odd sizes, test scale {list(scale)} "
             f"(the row's {list(cfg.eval.scale)} / {8 if quick else 4}) both sides",
         )
-    )
-
-    # Per-pixel agreement: the same evaluate() the command runs, in process, collecting its predictions.
-    from repro.engine.distributed import DistContext
-    from repro.engine.evaluate import evaluate
-    from repro.engine.runner import load_weights
-
-    eval_cfg = replace(cfg.eval, scale=scale)
-    data = replace(cfg.data, root=str(root))
-    ours_model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None})
-    load_weights(ours_model, checkpoint, source=None)
-    dataset = build_dataset(data, split="val", eval_cfg=eval_cfg)
-    predictions: dict[int, np.ndarray] = {}
-    evaluate(
-        ours_model,
-        dataset,
-        eval_cfg=eval_cfg,
-        num_classes=cfg.model.num_classes,
-        ignore_index=cfg.data.ignore_index,
-        ctx=DistContext(0, 1, 0, torch.device("cpu"), None),
-        on_prediction=lambda index, pred: predictions.__setitem__(index, np.asarray(pred)),
-        progress=False,
-    )
+    ]
     by_stem = {Path(image).stem: index for index, (image, _) in enumerate(dataset.pairs)}
     agree, total = 0, 0
     for image_id, pred in zip(peer["ids"], peer["preds"], strict=True):
         ours_pred = predictions[by_stem[Path(image_id).name]]
-        if ours_pred.shape != tuple(pred.shape):
-            total += pred.numel()
-            continue
-        agree += int((torch.from_numpy(ours_pred.astype(np.int64)) == pred).sum())
         total += pred.numel()
+        if ours_pred.shape == tuple(pred.shape):
+            agree += int((torch.from_numpy(ours_pred.astype(np.int64)) == pred).sum())
     rows.append(
         _row(
             config,
@@ -823,8 +779,45 @@ def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: boo
             higher_is_better=True,
         )
     )
-    checkpoint.unlink(missing_ok=True)
     return rows
+
+
+def _our_evaluation(
+    config_path: Path, cfg: ExperimentConfig, checkpoint: Path, root: Path, scale: tuple[int, int], folder: Path
+):
+    """`python -m repro.run CONFIG --eval-only` on the val-only fixture (the mIoU in its results CSV), then the
+    same `evaluate` in process to collect the per-pixel predictions."""
+    from dataclasses import replace
+
+    from repro.engine.distributed import DistContext
+    from repro.engine.evaluate import evaluate
+    from repro.engine.runner import load_weights
+
+    results = folder / "ours_miou.csv"
+    results.unlink(missing_ok=True)
+    command = [
+        sys.executable, "-m", "repro.run", str(config_path), "--eval-only", "--checkpoint", str(checkpoint),
+        "--set", f"data.root={root}", "--set", f"eval.scale=[{scale[0]},{scale[1]}]",
+        "--set", "data.num_workers=0", "--results", str(results), "--out-dir", str(folder / "run"),
+        "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
+    eval_cfg = replace(cfg.eval, scale=scale)
+    ours_model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None})
+    load_weights(ours_model, checkpoint, source=None)
+    dataset = build_dataset(replace(cfg.data, root=str(root)), split="val", eval_cfg=eval_cfg)
+    predictions: dict[int, np.ndarray] = {}
+    evaluate(
+        ours_model,
+        dataset,
+        eval_cfg=eval_cfg,
+        num_classes=cfg.model.num_classes,
+        ignore_index=cfg.data.ignore_index,
+        ctx=DistContext(0, 1, 0, torch.device("cpu"), None),
+        on_prediction=lambda index, pred: predictions.__setitem__(index, np.asarray(pred)),
+        progress=False,
+    )
+    return done, predictions, dataset
 
 
 def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:

@@ -192,7 +192,9 @@ def input_structure(**kwargs):
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Weights and buffers, floating ones stored as float32 (the project side compares at 1e-6 relative)."""
+    items = model.state_dict().items()
+    return {k: v.detach().float() if v.is_floating_point() else v.detach().clone() for k, v in items}
 
 
 def run_model(job: dict) -> dict:
