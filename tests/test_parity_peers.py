@@ -329,3 +329,66 @@ def test_sources_are_registered_with_their_configs():
     assert len(ssseg.default_configs()) == 12
     assert [p.stem for p in paddleseg.default_configs()] == [paddleseg.QUICK_CONFIG]
     assert ssseg.QUICK_CONFIG in {p.stem for p in ssseg.default_configs()}
+
+
+# ------------------------------------------------------------------------------------------- PaddleSeg
+
+
+@pytest.fixture(scope="module")
+def paddle_row():
+    path = Path(paddleseg.EXPERIMENTS) / f"{paddleseg.QUICK_CONFIG}.yaml"
+    cfg = load_config(path, ["model.depth=50"])  # the R-50 variant of the row: same head, faster to build
+    return cfg, ssseg.seeded_model(cfg)
+
+
+def test_matched_variant_applies_only_the_listed_differences(paddle_row):
+    cfg, model = paddle_row
+    variant = paddleseg.matched_variant(model)
+    shortcut = variant.backbone.layer2[0].downsample
+    assert isinstance(shortcut[0], torch.nn.AvgPool2d) and shortcut[1].stride == (1, 1)
+    assert isinstance(variant.decode_head.conv_in[2], torch.nn.LeakyReLU)
+    assert isinstance(variant.decode_head.bottleneck[2], torch.nn.ReLU)
+    # the weights are the model's, and the model itself is untouched
+    assert model.backbone.layer2[0].downsample[0].stride == (2, 2)
+    moved = {"backbone.layer2.0.downsample.0.": "backbone.layer2.0.downsample.1.",
+             "backbone.layer2.0.downsample.1.": "backbone.layer2.0.downsample.2."}  # fmt: skip
+    variant_state = variant.state_dict()
+    assert len(variant_state) == len(model.state_dict())
+    for key, value in model.state_dict().items():
+        for old, new in moved.items():
+            if key.startswith(old):
+                key = new + key.removeprefix(old)
+                break
+        assert torch.equal(variant_state[key], value)
+    with torch.no_grad():
+        assert variant(torch.randn(1, 3, 33, 41)).shape == (1, cfg.model.num_classes, 33, 41)
+
+
+def test_paddle_schedule_and_loss_rows_on_fake_peer_outputs(paddle_row):
+    cfg, model = paddle_row
+    total = cfg.train.iterations
+    schedule = {
+        "decay_steps": total,
+        "lr": {str(s): ssseg.poly_lr(s, cfg.train) for s in (0, 1, total // 2, total - 1, total)},
+        "optimizer": "Momentum", "momentum": 0.9, "decay_method": "l2_decay", "decay_coeff": cfg.train.weight_decay,
+        "params": 563, "params_with_own_regularizer": 0, "lr_multipliers": [1.0],
+    }  # fmt: skip
+    rows = paddleseg.schedule_rows("x", cfg, model, schedule)
+    assert [r.verdict for r in rows] == ["pass"] * 3
+    schedule["decay_coeff"] = 5e-4
+    schedule["lr"]["1"] *= 1.001
+    assert [r.verdict for r in paddleseg.schedule_rows("x", cfg, model, schedule)] == ["pass", "fail", "fail"]
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, cfg.model.num_classes, 17, 19, generator=generator)
+    labels = torch.randint(0, cfg.model.num_classes, (2, 17, 19), generator=generator)
+    labels[:, :3] = 255
+    ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255).item()
+    peer = {"ohem": 1.0, "ohem_error": "", "ce_aux": ce, "ce_error": "", "coef": [1.0, 0.4], "ohem_kept": 100}
+    rows = {r.metric: r for r in paddleseg.loss_rows("x", cfg, peer, logits, logits, labels)}
+    assert rows["aux_ce_rel_diff"].verdict == "pass" and rows["loss_coef_abs_diff"].verdict == "pass"
+    assert rows["ohem_decode_loss"].verdict.startswith("not run: expected difference")
+    peer.update(ce_error="TypeError: promotion", ohem_error="TypeError: promotion")
+    rows = {r.metric: r for r in paddleseg.loss_rows("x", cfg, peer, logits, logits, labels)}
+    assert "paddlepaddle 3.x" in rows["aux_ce_rel_diff"].verdict
+    assert "paddlepaddle 3.x" in rows["ohem_decode_loss"].verdict
