@@ -26,8 +26,10 @@ import copy
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -207,7 +209,8 @@ def run_one(path: Path, python: Path, workdir: Path, *, quick: bool) -> list[Par
         )
     rows += schedule_rows(config, cfg, model, peer["schedule"])
     rows += loss_rows(config, cfg, peer["loss"], logits, aux_logits, labels)
-    for check in ("d_data", "e_eval", "f_train"):
+    rows += eval_rows(path, cfg, model, python, workdir, quick=quick)
+    for check in ("d_data", "f_train"):
         rows.append(not_run_row(source=NAME, version=VERSION, config=config, check=check, reason=NOT_RUN[check]))
     (folder / "weights.pt").unlink(missing_ok=True)
     return rows
@@ -216,11 +219,86 @@ def run_one(path: Path, python: Path, workdir: Path, *, quick: bool) -> list[Par
 NOT_RUN = {
     "d_data": "PaddleSeg's pipeline differs by design (YAML notes 2 and 5: RandomDistort with PIL enhancers and the "
     "float rescale have no counterpart in our schema); a comparison would only measure that",
-    "e_eval": "PaddleSeg pads every validation image to 2049x1025 (YAML notes 6), so its evaluator cannot run at a "
-    "reduced size: about a minute of R-101 inference per image and side on this CPU, beyond the time budget",
     "f_train": "PaddleSeg 2.8.0's losses fail on paddlepaddle 3.x (see b_loss), so its training step cannot run "
     "here; with paddle 2.x its OHEM would still differ by design (YAML notes 3)",
 }
+
+
+def eval_rows(path: Path, cfg, model: nn.Module, python: Path, workdir: Path, *, quick: bool) -> list[ParityRow]:
+    """Check e: PaddleSeg's evaluate (single scale and ms + flip) vs `python -m repro.run --eval-only` on a
+    val-only Cityscapes fixture in the real layout (PaddleSeg reads `*_gtFine_labelTrainIds.png`, which its
+    tools/data/convert_cityscapes.py writes; they are added). Validation padding to 105 x 201 instead of
+    1025 x 2049 on both sides (the same code path, affordable on this CPU). The peer's model is given the YAML's
+    two model features (`as_project_model`: v1c shortcut, ReLU), so this compares evaluation only."""
+    from PIL import Image
+
+    from repro.engine.data.cityscapes import label_id_lut
+    from repro.parity.ours import our_evaluation
+    from repro.parity.ssseg import write_fixture
+
+    config = path.stem
+    folder = workdir / config
+    root = workdir / "fixtures_val_only" / "cityscapes"
+    if not root.exists():
+        write_fixture("cityscapes", root, splits=("val",), seed=11)
+        lut = label_id_lut()
+        for label_path in (root / "gtFine" / "val").rglob("*_gtFine_labelIds.png"):
+            train_ids = lut[np.asarray(Image.open(label_path))]
+            name = label_path.name.replace("_labelIds", "_labelTrainIds")
+            Image.fromarray(train_ids.astype(np.uint8), mode="L").save(label_path.with_name(name))
+    pad_hw = (105, 201)
+    checkpoint = folder / "paddle_eval_weights.pt"
+    torch.save(export_state_dict(model, source="paddleseg"), checkpoint)
+    job = {"task": "eval", "root": str(root), "weights": str(checkpoint), "pad_wh": [pad_hw[1], pad_hw[0]],
+           "scales": list(cfg.eval.ms_scales), "out": str(folder / "eval_out.pt")}  # fmt: skip
+    (folder / "eval_job.json").write_text(json.dumps(job))
+    ours_checkpoint = folder / "ours_eval_checkpoint.pt"
+    torch.save(model.state_dict(), ours_checkpoint)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        peer_run = pool.submit(run_peer, python, SCRIPT, folder / "eval_job.json", cwd=folder, timeout=900)
+        overrides = [f"data.root={root}", f"eval.val_pad_size=[{pad_hw[0]},{pad_hw[1]}]", "data.num_workers=0"]
+        done, predictions, dataset = our_evaluation(path, ours_checkpoint, folder, overrides)
+        peer_run.result()
+    peer = load_tensors(folder / "eval_out.pt")
+    for file in (checkpoint, ours_checkpoint):
+        file.unlink(missing_ok=True)
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        return [ParityRow(NAME, VERSION, config, "e_eval", "repro_run_eval_only_exit_code", str(done.returncode),
+                          "0", "fail", tail[:300])]  # fmt: skip
+    import pandas as pd
+
+    table = pd.read_csv(folder / "ours_miou.csv")
+    rows = []
+    for metric, key in (("mIoU", "miou"), ("mIoU_ms_flip", "miou_ms_flip")):
+        ours = float(table.loc[table["metric"] == metric, "measured"].iloc[0])
+        theirs = 100.0 * peer[key]
+        rows.append(_row(config, "e_eval", f"{metric}_abs_diff_points", abs(ours - theirs), 1e-4,
+                         f"python -m repro.run --eval-only {ours:.4f} vs paddleseg.core.evaluate {theirs:.4f}; "
+                         f"{len(peer['names'])} val images only, odd sizes, padded bottom-right to {list(pad_hw)} "
+                         f"(127.5) and cropped back; ms scales {list(cfg.eval.ms_scales)} + flip; zero-union "
+                         f"classes count 0; peer: paddle.concat shim for 0-d tensors (PaddleSeg 2.8.0 "
+                         f"metrics.calculate_area fails on paddle 3.x without it)"))  # fmt: skip
+    by_name = {Path(image).name: index for index, (image, _) in enumerate(dataset.pairs)}
+    agree, total = 0, 0
+    for name, pred in zip(peer["names"], peer["preds"], strict=True):
+        ours_pred = predictions[by_name[name]]
+        total += pred.numel()
+        if ours_pred.shape == tuple(pred.shape):
+            agree += int((torch.from_numpy(ours_pred.astype(np.int64)) == pred).sum())
+    rows.append(
+        _row(
+            config,
+            "e_eval",
+            "pixel_agreement",
+            agree / total,
+            1.0,
+            f"{total} pixels, single scale; PaddleSeg's model given the YAML's v1c shortcut and ReLU "
+            "(as_project_model) so that only evaluation is compared",
+            higher_is_better=True,
+        )
+    )
+    return rows
 
 
 def schedule_rows(config: str, cfg, model: nn.Module, schedule: dict) -> list[ParityRow]:

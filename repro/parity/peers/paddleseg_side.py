@@ -83,6 +83,8 @@ def main(argv: list[str]) -> int:
         print("usage: paddleseg_side.py JOB.json", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[1]).read_text())
+    if job.get("task") == "eval":
+        return run_eval(job)
     start = time.perf_counter()
     import paddle
     import paddleseg
@@ -116,6 +118,74 @@ def main(argv: list[str]) -> int:
     out["peer_version"] = str(paddleseg.__version__)
     out["paddle"] = str(paddle.__version__)
     out["seconds"] = time.perf_counter() - start
+    torch.save(out, job["out"])
+    return 0
+
+
+def as_project_model(model) -> None:
+    """Give PaddleSeg's CCNet the two model features of the project's YAML where they differ (notes 1 and 4), so
+    the evaluation check compares evaluation only: layer2's first shortcut a stride-2 1x1 conv without the
+    average pool (ResNet_vd is_vd_mode off), ReLU instead of leaky ReLU after conva / convb."""
+    import paddle
+
+    short = model.backbone.bb_1_0.short
+    short.is_vd_mode = False
+    short._conv._stride = [2, 2]
+    model.head.conva._relu = paddle.nn.ReLU()
+    model.head.convb._relu = paddle.nn.ReLU()
+
+
+def run_eval(job: dict) -> int:
+    """Check e: paddleseg.core.evaluate (single scale, then aug_eval with the given scales and horizontal flip)
+    on the val fixture, with the config's val transforms (Padding to job["pad_wh"] instead of 2049x1025, then
+    Normalize); the per-image single-scale predictions through paddleseg.core.infer.inference, as evaluate
+    computes them."""
+    start = time.perf_counter()
+    import paddle
+    import paddleseg
+    from paddleseg.core import evaluate, infer
+    from paddleseg.cvlibs import Config, SegBuilder
+
+    paddle.set_device("cpu")
+    # PaddleSeg 2.8.0 utils/metrics.py calculate_area concatenates per-class paddle.sum results, which paddle 3
+    # returns as 0-d tensors and paddle.concat then refuses ("axis ... in range of [0, 0)"). Compatibility shim:
+    # 0-d inputs of paddle.concat become shape (1,), what paddle 2.x returned; anything else is unchanged.
+    concat = paddle.concat
+
+    def concat_0d(x, axis=0, name=None):
+        return concat([t.reshape([1]) if t.ndim == 0 else t for t in x], axis=axis, name=name)
+
+    paddle.concat = concat_0d
+    config_path = Path(job["out"]).with_name("ccnet_paddleseg_eval.yml")
+    text = CONFIG_YAML.replace("target_size: [2049, 1025]", f"target_size: {list(job['pad_wh'])}")
+    config_path.write_text(text.replace("dataset_root: data/cityscapes", f"dataset_root: {job['root']}"))
+    builder = SegBuilder(Config(str(config_path)))
+    model = builder.model
+    model.set_state_dict({k: v.numpy() for k, v in torch.load(job["weights"], weights_only=True).items()})
+    as_project_model(model)
+    model.eval()
+    dataset = builder.val_dataset
+    single = evaluate(model, dataset, num_workers=0, print_detail=False)
+    multi = evaluate(model, dataset, aug_eval=True, scales=job["scales"], flip_horizontal=True, num_workers=0,
+                     print_detail=False)  # fmt: skip
+    preds, names = [], []
+    with paddle.no_grad():
+        for index in range(len(dataset)):
+            data = dataset[index]
+            image = paddle.to_tensor(data["img"][None])
+            pred, _ = infer.inference(model, image, trans_info=data["trans_info"], is_slide=False)
+            preds.append(torch.from_numpy(np.array(pred.numpy())[0, 0].astype(np.int64)))
+            names.append(Path(dataset.file_list[index][0]).name)
+    out = {
+        "miou": float(single[0]),
+        "miou_ms_flip": float(multi[0]),
+        "class_iou": [float(v) for v in single[2]],
+        "preds": preds,
+        "names": names,
+        "peer_version": str(paddleseg.__version__),
+        "paddle": str(paddle.__version__),
+        "seconds": time.perf_counter() - start,
+    }
     torch.save(out, job["out"])
     return 0
 
