@@ -43,18 +43,12 @@ def run_source(module: ModuleType, configs: list[Path], *, quick: bool, workdir:
     try:
         return module.run(configs, quick=quick, workdir=workdir)
     except PeerUnavailable as err:
-        return [
-            not_run_row(source=module.NAME, version=module.VERSION, config=path.stem, check="all", reason=str(err))
-            for path in configs
-        ]
+        return [not_run_row(source=module.NAME, version=module.VERSION, config=path.stem, check="all",
+                            reason=str(err)) for path in configs]
     except Exception as err:  # noqa: BLE001 - reported as a failing row, with the traceback on stderr
         traceback.print_exc()
-        return [
-            ParityRow(
-                module.NAME, module.VERSION, path.stem, "all", "", "", "", "fail", f"{type(err).__name__}: {err}"[:300]
-            )
-            for path in configs
-        ]
+        return [ParityRow(module.NAME, module.VERSION, path.stem, "all", "", "", "", "fail",
+                          f"{type(err).__name__}: {err}"[:300]) for path in configs]
 
 
 def merge_rows(path: Path, rows: list[ParityRow]) -> list[dict[str, str]]:
@@ -88,12 +82,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sources", nargs="+", choices=sorted(SOURCES), default=sorted(SOURCES))
     parser.add_argument("--configs", nargs="+", help="experiment names (file stems) to check; default all")
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default results)")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(".nox") / "parity-work",
-        help="scratch folder for fixtures and peer outputs (default .nox/parity-work)",
-    )
+    parser.add_argument("--workdir", type=Path, default=Path(".nox") / "parity-work",
+                        help="scratch folder for fixtures and peer outputs (default .nox/parity-work)")
     return parser.parse_args(argv)
 
 
@@ -112,17 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_source(module, configs, quick=args.quick, workdir=args.workdir / name)
         all_rows += rows
         bad = [row for row in rows if row.verdict != "pass"]
-        print(
-            f"{name} {module.VERSION}: {len(rows)} rows, {len(rows) - len(bad)} pass, "
-            f"{sum(row.verdict == 'fail' for row in rows)} fail, "
-            f"{sum(row.verdict.startswith('not run') for row in rows)} not run "
-            f"({time.perf_counter() - start:.0f} s)"
-        )
+        print(f"{name} {module.VERSION}: {len(rows)} rows, {len(rows) - len(bad)} pass, "
+              f"{sum(row.verdict == 'fail' for row in rows)} fail, "
+              f"{sum(row.verdict.startswith('not run') for row in rows)} not run "
+              f"({time.perf_counter() - start:.0f} s)")
         for row in bad:
-            print(
-                f"  {row.config} {row.check} {row.metric}: {row.value} ({row.tolerance}) {row.verdict} {row.detail}",
-                file=sys.stderr,
-            )
+            print(f"  {row.config} {row.check} {row.metric}: {row.value} ({row.tolerance}) {row.verdict} "
+                  f"{row.detail}", file=sys.stderr)
     if args.configs and not all_rows:
         print(f"error: no source has an experiment named {args.configs}", file=sys.stderr)
         return 2

@@ -86,21 +86,9 @@ def _unavailable(name: str):
     return fail
 
 
-UNAVAILABLE = (
-    "point_sample",
-    "sigmoid_focal_loss",
-    "PSAMask",
-    "DeformConv2d",
-    "ModulatedDeformConv2d",
-    "DeformConv2dPack",
-    "ModulatedDeformConv2dPack",
-    "batched_nms",
-    "nms",
-    "roi_align",
-    "MultiScaleDeformableAttention",
-    "CARAFEPack",
-    "RoIAlign",
-)
+UNAVAILABLE = ("point_sample", "sigmoid_focal_loss", "PSAMask", "DeformConv2d", "ModulatedDeformConv2d",
+               "DeformConv2dPack", "ModulatedDeformConv2dPack", "batched_nms", "nms", "roi_align",
+               "MultiScaleDeformableAttention", "CARAFEPack", "RoIAlign")
 
 
 def build_module() -> types.ModuleType:
