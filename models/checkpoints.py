@@ -358,7 +358,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         # numpy 2 moved numpy.core to numpy._core (the old path warns); numpy 1 has only numpy.core.
         if module.startswith("numpy"):
             modern = importlib.util.find_spec("numpy._core") is not None
-            module = module.replace("numpy.core", "numpy._core") if modern else module.replace("numpy._core", "numpy.core")
+            old, new = ("numpy.core", "numpy._core") if modern else ("numpy._core", "numpy.core")
+            module = module.replace(old, new)
         return getattr(importlib.import_module(module), name)
 
     def persistent_load(self, pid: Any) -> Any:
@@ -410,8 +411,9 @@ def safe_load(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
     This is the only way the project opens a checkpoint: the weights-only unpickler builds tensors, numbers,
     strings, lists, tuples and dicts and refuses everything else, so opening a file can never run code from
     it. There is no fallback to full unpickling. A Paddle `.pdparams` file (a plain pickle of NumPy arrays) is
-    read by `read_pdparams`, whose unpickler resolves NumPy's array reconstruction only. Raises FileNotFoundError when `path` is not a file and
-    `CheckpointError` (one line naming the file) when it is empty, text, HTML, damaged, truncated, or needs
+    read by `read_pdparams`, whose unpickler resolves NumPy's array reconstruction only. Raises
+    FileNotFoundError when `path` is not a file and `CheckpointError` (one line naming the file) when it is
+    empty, text, HTML, damaged, truncated, or needs
     anything beyond weights to be unpickled. `what` names the kind of file in messages.
     """
     path = Path(path)

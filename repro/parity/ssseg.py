@@ -26,9 +26,9 @@ import math
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -89,8 +89,17 @@ def default_configs() -> list[Path]:
 
 
 def _row(config: str, check: str, metric: str, value: float, tolerance: float, detail: str = "", **kw) -> ParityRow:
-    return measured_row(source=NAME, version=VERSION, config=config, check=check, metric=metric, value=value,
-                        tolerance=tolerance, detail=detail, **kw)
+    return measured_row(
+        source=NAME,
+        version=VERSION,
+        config=config,
+        check=check,
+        metric=metric,
+        value=value,
+        tolerance=tolerance,
+        detail=detail,
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -227,7 +236,10 @@ def our_trajectory(model: nn.Module, cfg: ExperimentConfig, batches: dict, steps
         optimizer.step()
         lrs.append(lr)
         losses.append(float(loss.detach()))
-        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        # stored as float32: its rounding (6e-8 relative) is far below TOL_WEIGHTS
+        states.append(
+            {k: v.detach().float() if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+        )
     return states, lrs, losses
 
 
@@ -241,20 +253,45 @@ def _param_kind(name: str, model: nn.Module) -> str:
     return leaf
 
 
-def model_rows(config: str, cfg: ExperimentConfig, model: nn.Module, names: dict[str, str], peer: dict,
-               ours: dict, trajectory: dict | None, our_traj: tuple | None, labels: torch.Tensor) -> list[ParityRow]:
+def model_rows(
+    config: str,
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    names: dict[str, str],
+    peer: dict,
+    ours: dict,
+    trajectory: dict | None,
+    our_traj: tuple | None,
+    labels: torch.Tensor,
+) -> list[ParityRow]:
     rows = []
     ignored, total_pixels = int((labels == 255).sum()), labels.numel()
     for mode in ("eval", "train"):
         for head in ("decode", "aux"):
             value = _rel(ours[mode][head], peer[mode][head])
-            rows.append(_row(config, "a_model", f"{head}_logits_{mode}_max_rel_diff", value, TOL_LOGITS,
-                             f"{tuple(peer[mode][head].shape)} at the head's stride; relative to max |logit|; "
-                             + ("BN batch statistics, dropout p=0" if mode == "train" else "BN running statistics")))
+            rows.append(
+                _row(
+                    config,
+                    "a_model",
+                    f"{head}_logits_{mode}_max_rel_diff",
+                    value,
+                    TOL_LOGITS,
+                    f"{tuple(peer[mode][head].shape)} at the head's stride; relative to max |logit|; "
+                    + ("BN batch statistics, dropout p=0" if mode == "train" else "BN running statistics"),
+                )
+            )
     loss_ours, loss_peer = float(ours["train"]["loss"]), float(peer["train"]["loss"])
-    rows.append(_row(config, "b_loss", "loss_rel_diff", abs(loss_ours - loss_peer) / abs(loss_peer), TOL_LOSS,
-                     f"ours {loss_ours:.7g}, sssegmentation {loss_peer:.7g} (decode + 0.4 aux; {ignored} of "
-                     f"{total_pixels} label pixels ignored: 255 ours, -100 sssegmentation, out of the mean)"))
+    rows.append(
+        _row(
+            config,
+            "b_loss",
+            "loss_rel_diff",
+            abs(loss_ours - loss_peer) / abs(loss_peer),
+            TOL_LOSS,
+            f"ours {loss_ours:.7g}, sssegmentation {loss_peer:.7g} (decode + 0.4 aux; {ignored} of "
+            f"{total_pixels} label pixels ignored: 255 ours, -100 sssegmentation, out of the mean)",
+        )
+    )
     worst, worst_name, missing = 0.0, "", []
     # A gradient that is 0 in exact arithmetic (the key conv's bias: it shifts every score of a query by the
     # same q.b, which the softmax cancels) is rounding noise on both sides: it is compared against a floor of
@@ -271,19 +308,43 @@ def model_rows(config: str, cfg: ExperimentConfig, model: nn.Module, names: dict
             worst, worst_name = value, ours_name
     extra = sorted(set(peer["train"]["grads"]) - {names[n] for n in ours["train"]["grads"]})
     value = math.inf if missing or extra else worst
-    rows.append(_row(config, "b_loss", "grad_worst_rel_l2_diff", value, TOL_GRAD,
-                     f"{len(ours['train']['grads'])} gradients, each ||g_ours - g_peer|| / max(||g_peer||, 1e-6 x "
-                     f"largest norm); worst {worst_name}"
-                     + (f"; without a counterpart: {missing[:3]} {extra[:3]}" if missing or extra else "")))
+    rows.append(
+        _row(
+            config,
+            "b_loss",
+            "grad_worst_rel_l2_diff",
+            value,
+            TOL_GRAD,
+            f"{len(ours['train']['grads'])} gradients, each ||g_ours - g_peer|| / max(||g_peer||, 1e-6 x "
+            f"largest norm); worst {worst_name}"
+            + (f"; without a counterpart: {missing[:3]} {extra[:3]}" if missing or extra else ""),
+        )
+    )
     worst = max(_rel(v, peer["train"]["running"][names[k]]) for k, v in ours["train"]["running"].items())
-    rows.append(_row(config, "b_loss", "bn_running_stats_max_rel_diff", worst, TOL_LOGITS,
-                     "BN running mean / var after the train-mode forward (momentum 0.1 both)"))
+    rows.append(
+        _row(
+            config,
+            "b_loss",
+            "bn_running_stats_max_rel_diff",
+            worst,
+            TOL_LOGITS,
+            "BN running mean / var after the train-mode forward (momentum 0.1 both)",
+        )
+    )
 
     schedule = peer["schedule"]
     total = cfg.train.iterations
-    rows.append(_row(config, "c_lr", "T_abs_diff", abs(total - schedule["max_iters"]), 0,
-                     f"ours {total}, sssegmentation max_epochs {schedule['max_epochs']} x len(dataloader) "
-                     f"{schedule['iters_per_epoch']} = {schedule['max_iters']} ({cfg.train.source_gpus} GPUs)"))
+    rows.append(
+        _row(
+            config,
+            "c_lr",
+            "T_abs_diff",
+            abs(total - schedule["max_iters"]),
+            0,
+            f"ours {total}, sssegmentation max_epochs {schedule['max_epochs']} x len(dataloader) "
+            f"{schedule['iters_per_epoch']} = {schedule['max_iters']} ({cfg.train.source_gpus} GPUs)",
+        )
+    )
     worst, detail = 0.0, []
     for step_text, lr_peer in schedule["lr"].items():
         step = int(step_text)
@@ -294,27 +355,49 @@ def model_rows(config: str, cfg: ExperimentConfig, model: nn.Module, names: dict
     rows.append(_row(config, "c_lr", "lr_max_rel_diff", worst, TOL_LR, "steps " + ", ".join(detail)))
     optimizer = build_optimizer(model, cfg.train)
     our_groups = len(optimizer.param_groups)
-    rows.append(_row(config, "c_lr", "param_groups_abs_diff", abs(our_groups - len(schedule["groups"])), 0,
-                     f"ours {our_groups}, sssegmentation {len(schedule['groups'])} (params_rules empty)"))
+    rows.append(
+        _row(
+            config,
+            "c_lr",
+            "param_groups_abs_diff",
+            abs(our_groups - len(schedule["groups"])),
+            0,
+            f"ours {our_groups}, sssegmentation {len(schedule['groups'])} (params_rules empty)",
+        )
+    )
     reverse = {v: k for k, v in names.items()}
     peer_settings = {}
     for group in schedule["groups"]:
         for name in group["names"]:
-            peer_settings[reverse[name]] = tuple(group[k] for k in ("momentum", "weight_decay", "dampening", "nesterov"))
+            peer_settings[reverse[name]] = tuple(
+                group[k] for k in ("momentum", "weight_decay", "dampening", "nesterov")
+            )
     ours_settings = {}
     param_names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             ours_settings[param_names[id(p)]] = tuple(
-                float(group[k]) for k in ("momentum", "weight_decay", "dampening", "nesterov"))
+                float(group[k]) for k in ("momentum", "weight_decay", "dampening", "nesterov")
+            )
     kinds, mismatched = {}, []
     for name, setting in ours_settings.items():
         kinds.setdefault(_param_kind(name, model), set()).add(setting)
         if peer_settings.get(name) != setting:
             mismatched.append(name)
-    rows.append(_row(config, "c_lr", "params_with_other_momentum_wd", len(mismatched), 0,
-                     "; ".join(f"{kind}: momentum {s[0]}, wd {s[1]}" for kind, settings in sorted(kinds.items())
-                               for s in sorted(settings))[:400]))
+    rows.append(
+        _row(
+            config,
+            "c_lr",
+            "params_with_other_momentum_wd",
+            len(mismatched),
+            0,
+            "; ".join(
+                f"{kind}: momentum {s[0]}, wd {s[1]}"
+                for kind, settings in sorted(kinds.items())
+                for s in sorted(settings)
+            )[:400],
+        )
+    )
 
     if trajectory is not None and our_traj is not None:
         states, lrs, losses = our_traj
@@ -325,9 +408,18 @@ def model_rows(config: str, cfg: ExperimentConfig, model: nn.Module, names: dict
                 diff = _rel(value.float(), theirs.float())
                 if diff > worst:
                     worst, worst_name = diff, key
-            rows.append(_row(config, "f_train", f"weights_step{step + 1}_max_rel_diff", worst, TOL_WEIGHTS,
-                             f"float64 both sides, weights and BN buffers; worst {worst_name}; lr ours {lrs[step]:.8g} / peer {trajectory['lr'][step]:.8g}; "
-                             f"loss ours {losses[step]:.6g} / peer {trajectory['loss'][step]:.6g}"))
+            rows.append(
+                _row(
+                    config,
+                    "f_train",
+                    f"weights_step{step + 1}_max_rel_diff",
+                    worst,
+                    TOL_WEIGHTS,
+                    f"float64 both sides, weights and BN buffers; worst {worst_name}; "
+                    f"lr ours {lrs[step]:.8g} / peer {trajectory['lr'][step]:.8g}; "
+                    f"loss ours {losses[step]:.6g} / peer {trajectory['loss'][step]:.6g}",
+                )
+            )
     return rows
 
 
@@ -340,7 +432,7 @@ def run_model_checks(config_path: Path, python: Path, workdir: Path, *, quick: b
     names = name_map(model)
     weights = folder / "weights.pt"
     torch.save(export_state_dict(model, source="sssegmentation"), weights)
-    size = (33, 41) if quick else (49, 65)
+    size = (25, 33) if quick else (33, 41)
     batches = make_batches(cfg, steps=STEPS, size_hw=size)
     torch.save(batches, folder / "batches.pt")
     job = {
@@ -356,12 +448,14 @@ def run_model_checks(config_path: Path, python: Path, workdir: Path, *, quick: b
         "out": str(folder / "model_out.pt"),
     }
     (folder / "model_job.json").write_text(json.dumps(job))
-    run_peer(python, SCRIPT, folder / "model_job.json", cwd=folder, timeout=900)
+    # The peer runs while we compute our side (two processes, the two cores).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        peer_run = pool.submit(run_peer, python, SCRIPT, folder / "model_job.json", cwd=folder, timeout=900)
+        ours = our_model_outputs(model, cfg, batches)
+        our_traj = our_trajectory(model, cfg, batches, STEPS)
+        peer_run.result()
     peer = load_tensors(folder / "model_out.pt")
-    print(f"  {config}: peer {peer['seconds']:.0f} s", file=sys.stderr)
-    ours = our_model_outputs(model, cfg, batches)
     trajectory = load_tensors(folder / "trajectory.pt")
-    our_traj = our_trajectory(model, cfg, batches, STEPS)
     rows = model_rows(config, cfg, model, names, peer, ours, trajectory, our_traj, batches["labels"][0])
     for name in ("trajectory.pt", "weights.pt"):
         (folder / name).unlink(missing_ok=True)
@@ -436,7 +530,10 @@ def write_fixture(dataset: str, root: Path, *, splits: tuple[str, ...], seed: in
                 base = root / "VOCdevkit" / "VOC2012"
                 image_path = base / "JPEGImages" / f"{stem}.jpg"
                 # ours reads trainaug labels from SegmentationClassAug, sssegmentation from SegmentationClass
-                label_paths = [base / "SegmentationClass" / f"{stem}.png", base / "SegmentationClassAug" / f"{stem}.png"]
+                label_paths = [
+                    base / "SegmentationClass" / f"{stem}.png",
+                    base / "SegmentationClassAug" / f"{stem}.png",
+                ]
                 ids.append(stem)
             image_path.parent.mkdir(parents=True, exist_ok=True)
             if image_path.suffix == ".jpg":
@@ -498,7 +595,9 @@ def draw_scripts(count: int, *, seed: int = 0, length: int = 64) -> list[list[fl
     return scripts
 
 
-def data_rows(config: str, cfg: ExperimentConfig, root: Path, peer: dict, scripts: list[list[float]]) -> list[ParityRow]:
+def data_rows(
+    config: str, cfg: ExperimentConfig, root: Path, peer: dict, scripts: list[list[float]]
+) -> list[ParityRow]:
     """Check d rows: ours on the same files with the same scripts vs the peer's tensors."""
     from dataclasses import replace
 
@@ -508,7 +607,9 @@ def data_rows(config: str, cfg: ExperimentConfig, root: Path, peer: dict, script
     image_diff, label_diff, shape_ok, draws_ok, decode_diff, pixels = 0.0, 0, True, True, 0.0, 0
     for index, (sample, script) in enumerate(zip(peer["samples"], scripts, strict=True)):
         image, label = dataset.load(index)
-        decode_diff = max(decode_diff, float(np.abs(image.astype(np.int16) - sample["decoded"].numpy().astype(np.int16)).max()))
+        decode_diff = max(
+            decode_diff, float(np.abs(image.astype(np.int16) - sample["decoded"].numpy().astype(np.int16)).max())
+        )
         rng = ScriptedRng(script)
         ours_image, ours_label = dataset.train_transform(image, label, rng=rng)
         draws_ok &= rng.used == sample["draws_used"]
@@ -521,14 +622,38 @@ def data_rows(config: str, cfg: ExperimentConfig, root: Path, peer: dict, script
     jpeg = cfg.data.dataset != "cityscapes"
     tolerance = TOL_DATA
     draws = [sample["draws_used"] for sample in peer["samples"]]
-    rows.append(_row(config, "d_data", "decode_max_abs_diff_grey_levels", decode_diff, 0.0,
-                     f"{len(scripts)} {'JPEG' if jpeg else 'PNG'} files, ours PIL vs sssegmentation cv2.imread"))
-    rows.append(_row(config, "d_data", "image_tensor_max_abs_diff", image_diff if shape_ok else math.inf, tolerance,
-                     f"normalised crops {tuple(peer['samples'][0]['image'].shape)}...; draws injected (scale, crop "
-                     f"offsets incl. cat_max_ratio retries, flip, photometric); draws used per sample {draws} (equal on "
-                     f"both sides: {draws_ok}); float32 rounding of the normalisation (TOL_DATA)"))
-    rows.append(_row(config, "d_data", "label_pixels_different", label_diff if shape_ok else math.inf, 0,
-                     f"of {pixels}; ignore 255 ours / -100 sssegmentation, padding included"))
+    rows.append(
+        _row(
+            config,
+            "d_data",
+            "decode_max_abs_diff_grey_levels",
+            decode_diff,
+            0.0,
+            f"{len(scripts)} {'JPEG' if jpeg else 'PNG'} files, ours PIL vs sssegmentation cv2.imread",
+        )
+    )
+    rows.append(
+        _row(
+            config,
+            "d_data",
+            "image_tensor_max_abs_diff",
+            image_diff if shape_ok else math.inf,
+            tolerance,
+            f"normalised crops {tuple(peer['samples'][0]['image'].shape)}...; draws injected (scale, crop "
+            f"offsets incl. cat_max_ratio retries, flip, photometric); draws used per sample {draws} (equal on "
+            f"both sides: {draws_ok}); float32 rounding of the normalisation (TOL_DATA)",
+        )
+    )
+    rows.append(
+        _row(
+            config,
+            "d_data",
+            "label_pixels_different",
+            label_diff if shape_ok else math.inf,
+            0,
+            f"of {pixels}; ignore 255 ours / -100 sssegmentation, padding included",
+        )
+    )
     return rows
 
 
@@ -543,9 +668,15 @@ def run_data_check(config_path: Path, python: Path, workdir: Path, cache: dict) 
         from dataclasses import replace
 
         pairs = build_dataset(replace(cfg.data, root=str(root)), split="train").pairs
-        job = {"task": "data", "dataset": dataset, "rootdir": str(_peer_root(dataset, root)),
-               "samples": [{"image": str(i), "label": str(lab), "draws": d} for (i, lab), d in zip(pairs, scripts, strict=True)],
-               "out": str(workdir / f"data_{dataset}.pt")}
+        job = {
+            "task": "data",
+            "dataset": dataset,
+            "rootdir": str(_peer_root(dataset, root)),
+            "samples": [
+                {"image": str(i), "label": str(lab), "draws": d} for (i, lab), d in zip(pairs, scripts, strict=True)
+            ],
+            "out": str(workdir / f"data_{dataset}.pt"),
+        }
         (workdir / f"data_{dataset}.json").write_text(json.dumps(job))
         run_peer(python, SCRIPT, workdir / f"data_{dataset}.json", cwd=workdir, timeout=600)
         cache[dataset] = load_tensors(workdir / f"data_{dataset}.pt")
@@ -568,7 +699,6 @@ def eval_scale(cfg: ExperimentConfig, quick: bool) -> tuple[int, int]:
 
 
 def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: bool) -> list[ParityRow]:
-    from dataclasses import replace
 
     cfg = load_config(config_path)
     config = config_path.stem
@@ -582,65 +712,112 @@ def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: boo
     checkpoint = folder / "ssseg_checkpoint.pth"
     torch.save({"model": export_state_dict(model, source="sssegmentation")}, checkpoint)
     scale = eval_scale(cfg, quick)
-    job = {"task": "eval", "dataset": dataset_name, "depth": cfg.model.depth, "output_stride": cfg.model.output_stride,
-           "rootdir": str(_peer_root(dataset_name, root)), "weights": str(checkpoint), "test_output_size": list(scale),
-           "out": str(folder / "eval_out.pt")}
+    job = {
+        "task": "eval",
+        "dataset": dataset_name,
+        "depth": cfg.model.depth,
+        "output_stride": cfg.model.output_stride,
+        "rootdir": str(_peer_root(dataset_name, root)),
+        "weights": str(checkpoint),
+        "test_output_size": list(scale),
+        "out": str(folder / "eval_out.pt"),
+    }
     (folder / "eval_job.json").write_text(json.dumps(job))
-    run_peer(python, SCRIPT, folder / "eval_job.json", cwd=folder, timeout=900)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the peer evaluates while we do
+        peer_run = pool.submit(run_peer, python, SCRIPT, folder / "eval_job.json", cwd=folder, timeout=900)
+        done, predictions, dataset = _our_evaluation(config_path, cfg, checkpoint, root, scale, folder)
+        peer_run.result()
     peer = load_tensors(folder / "eval_out.pt")
-
-    # Ours end to end: the command line, validation split only, the same checkpoint file.
-    results = folder / "ours_miou.csv"
-    results.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "repro.run", str(config_path), "--eval-only", "--checkpoint", str(checkpoint),
-               "--set", f"data.root={root}", "--set", f"eval.scale=[{scale[0]},{scale[1]}]", "--set", "data.num_workers=0",
-               "--results", str(results), "--out-dir", str(folder / "run"), "--device", "cpu", "--no-progress"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                          cwd=Path(__file__).resolve().parents[2])
-    rows = []
+    checkpoint.unlink(missing_ok=True)
     if done.returncode != 0:
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        rows.append(ParityRow(NAME, VERSION, config, "e_eval", "repro.run --eval-only exit code",
-                              str(done.returncode), "0", "fail", tail[:300]))
-        return rows
+        return [
+            ParityRow(
+                NAME,
+                VERSION,
+                config,
+                "e_eval",
+                "repro_run_eval_only_exit_code",
+                str(done.returncode),
+                "0",
+                "fail",
+                tail[:300],
+            )
+        ]
     import pandas as pd
 
-    table = pd.read_csv(results)
+    table = pd.read_csv(folder / "ours_miou.csv")
     ours_miou = float(table.loc[table["metric"] == "mIoU", "measured"].iloc[0])
     peer_miou = 100.0 * peer["miou"]
-    rows.append(_row(config, "e_eval", "miou_abs_diff_points", abs(ours_miou - peer_miou), TOL_MIOU,
-                     f"python -m repro.run --eval-only {ours_miou:.4f} vs the tester's loop {peer_miou:.4f}; "
-                     f"{len(peer['ids'])} val images only (no train split), odd sizes, test scale {list(scale)} "
-                     f"(the row's {list(cfg.eval.scale)} / {8 if quick else 4}) both sides"))
-
-    # Per-pixel agreement: the same evaluate() the command runs, in process, collecting its predictions.
-    from repro.engine.distributed import DistContext
-    from repro.engine.evaluate import evaluate
-    from repro.engine.runner import load_weights
-
-    eval_cfg = replace(cfg.eval, scale=scale)
-    data = replace(cfg.data, root=str(root))
-    ours_model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None})
-    load_weights(ours_model, checkpoint, source=None)
-    dataset = build_dataset(data, split="val", eval_cfg=eval_cfg)
-    predictions: dict[int, np.ndarray] = {}
-    evaluate(ours_model, dataset, eval_cfg=eval_cfg, num_classes=cfg.model.num_classes,
-             ignore_index=cfg.data.ignore_index, ctx=DistContext(0, 1, 0, torch.device("cpu"), None),
-             on_prediction=lambda index, pred: predictions.__setitem__(index, np.asarray(pred)), progress=False)
+    rows = [
+        _row(
+            config,
+            "e_eval",
+            "miou_abs_diff_points",
+            abs(ours_miou - peer_miou),
+            TOL_MIOU,
+            f"python -m repro.run --eval-only {ours_miou:.4f} vs the tester's loop {peer_miou:.4f}; "
+            f"{len(peer['ids'])} val images only (no train split), odd sizes, test scale {list(scale)} "
+            f"(the row's {list(cfg.eval.scale)} / {8 if quick else 4}) both sides",
+        )
+    ]
     by_stem = {Path(image).stem: index for index, (image, _) in enumerate(dataset.pairs)}
     agree, total = 0, 0
     for image_id, pred in zip(peer["ids"], peer["preds"], strict=True):
         ours_pred = predictions[by_stem[Path(image_id).name]]
-        if ours_pred.shape != tuple(pred.shape):
-            total += pred.numel()
-            continue
-        agree += int((torch.from_numpy(ours_pred.astype(np.int64)) == pred).sum())
         total += pred.numel()
-    rows.append(_row(config, "e_eval", "pixel_agreement", agree / total, TOL_AGREEMENT,
-                     f"{total} pixels at the labels' size; ours through repro.engine.evaluate (what --eval-only runs)",
-                     higher_is_better=True))
-    checkpoint.unlink(missing_ok=True)
+        if ours_pred.shape == tuple(pred.shape):
+            agree += int((torch.from_numpy(ours_pred.astype(np.int64)) == pred).sum())
+    rows.append(
+        _row(
+            config,
+            "e_eval",
+            "pixel_agreement",
+            agree / total,
+            TOL_AGREEMENT,
+            f"{total} pixels at the labels' size; ours through repro.engine.evaluate (what --eval-only runs)",
+            higher_is_better=True,
+        )
+    )
     return rows
+
+
+def _our_evaluation(
+    config_path: Path, cfg: ExperimentConfig, checkpoint: Path, root: Path, scale: tuple[int, int], folder: Path
+):
+    """`python -m repro.run CONFIG --eval-only` on the val-only fixture (the mIoU in its results CSV), then the
+    same `evaluate` in process to collect the per-pixel predictions."""
+    from dataclasses import replace
+
+    from repro.engine.distributed import DistContext
+    from repro.engine.evaluate import evaluate
+    from repro.engine.runner import load_weights
+
+    results = folder / "ours_miou.csv"
+    results.unlink(missing_ok=True)
+    command = [
+        sys.executable, "-m", "repro.run", str(config_path), "--eval-only", "--checkpoint", str(checkpoint),
+        "--set", f"data.root={root}", "--set", f"eval.scale=[{scale[0]},{scale[1]}]",
+        "--set", "data.num_workers=0", "--results", str(results), "--out-dir", str(folder / "run"),
+        "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
+    eval_cfg = replace(cfg.eval, scale=scale)
+    ours_model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None})
+    load_weights(ours_model, checkpoint, source=None)
+    dataset = build_dataset(replace(cfg.data, root=str(root)), split="val", eval_cfg=eval_cfg)
+    predictions: dict[int, np.ndarray] = {}
+    evaluate(
+        ours_model,
+        dataset,
+        eval_cfg=eval_cfg,
+        num_classes=cfg.model.num_classes,
+        ignore_index=cfg.data.ignore_index,
+        ctx=DistContext(0, 1, 0, torch.device("cpu"), None),
+        on_prediction=lambda index, pred: predictions.__setitem__(index, np.asarray(pred)),
+        progress=False,
+    )
+    return done, predictions, dataset
 
 
 def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:

@@ -136,8 +136,20 @@ def segmentor_cfg(dataset: str, depth: int, outstride: int, rootdir: str = "") -
         "dataloader": {
             "expected_total_train_bs_for_assert": info["total_batch"],
             "auto_adapt_to_expected_train_bs": True,
-            "train": {"batch_size_per_gpu": 1, "num_workers_per_gpu": 2, "shuffle": True, "pin_memory": True, "drop_last": True},
-            "test": {"batch_size_per_gpu": 1, "num_workers_per_gpu": 2, "shuffle": False, "pin_memory": True, "drop_last": False},
+            "train": {
+                "batch_size_per_gpu": 1,
+                "num_workers_per_gpu": 2,
+                "shuffle": True,
+                "pin_memory": True,
+                "drop_last": True,
+            },
+            "test": {
+                "batch_size_per_gpu": 1,
+                "num_workers_per_gpu": 2,
+                "shuffle": False,
+                "pin_memory": True,
+                "drop_last": False,
+            },
         },
     }
 
@@ -148,7 +160,9 @@ def iters_per_epoch(dataset: str, gpus: int) -> int:
     info = DATASETS[dataset]
     indices = list(range(info["train_size"]))
     sampler = torch.utils.data.distributed.DistributedSampler(indices, num_replicas=gpus, rank=0, shuffle=True)
-    loader = torch.utils.data.DataLoader(indices, sampler=sampler, batch_size=info["total_batch"] // gpus, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        indices, sampler=sampler, batch_size=info["total_batch"] // gpus, drop_last=True
+    )
     return len(loader)
 
 
@@ -178,7 +192,9 @@ def input_structure(**kwargs):
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Weights and buffers, floating ones stored as float32 (the project side compares at 1e-6 relative)."""
+    items = model.state_dict().items()
+    return {k: v.detach().float() if v.is_floating_point() else v.detach().clone() for k, v in items}
 
 
 def run_model(job: dict) -> dict:
@@ -255,8 +271,13 @@ def run_model(job: dict) -> dict:
                 **{k: float(group[k]) for k in ("momentum", "weight_decay", "dampening", "nesterov")},
             }
         )
-    out["schedule"] = {"max_iters": int(total), "iters_per_epoch": iters_per_epoch(job["dataset"], job["gpus"]),
-                       "max_epochs": cfg["scheduler"]["max_epochs"], "lr": lrs, "groups": groups}
+    out["schedule"] = {
+        "max_iters": int(total),
+        "iters_per_epoch": iters_per_epoch(job["dataset"], job["gpus"]),
+        "max_epochs": cfg["scheduler"]["max_epochs"],
+        "lr": lrs,
+        "groups": groups,
+    }
 
     # f: the training loop body of train.py (updatelr, zero_grad, forward TRAIN, backward, scheduler.step).
     if job.get("steps", 0):
@@ -270,7 +291,9 @@ def run_model(job: dict) -> dict:
         for step in range(job["steps"]):
             step_lrs.append(float(scheduler.updatelr()))
             optimizer.zero_grad()
-            data = input_structure(mode="TRAIN", images=images[step].double(), seg_targets=to_ssseg_labels(labels[step]))
+            data = input_structure(
+                mode="TRAIN", images=images[step].double(), seg_targets=to_ssseg_labels(labels[step])
+            )
             loss = segmentor(data).loss
             loss.backward()
             scheduler.step()
@@ -330,9 +353,16 @@ def run_data(job: dict) -> dict:
                 setattr(np.random, name, function)
             labels = meta["seg_target"].clone()
             labels[labels == IGNORE] = 255
-            samples.append({"image": meta["image"].contiguous(), "label": labels.long(), "draws_used": draws.used,
-                            "decoded": torch.from_numpy(np.ascontiguousarray(
-                                dataset.read(sample["image"], sample["label"])["image"][:, :, ::-1]))})
+            samples.append(
+                {
+                    "image": meta["image"].contiguous(),
+                    "label": labels.long(),
+                    "draws_used": draws.used,
+                    "decoded": torch.from_numpy(
+                        np.ascontiguousarray(dataset.read(sample["image"], sample["label"])["image"][:, :, ::-1])
+                    ),
+                }
+            )
     finally:
         for name, function in original.items():
             setattr(np.random, name, function)
@@ -371,8 +401,13 @@ def run_eval(job: dict) -> dict:
                 preds.append(seg_pred)
                 gts.append(seg_gt)
                 ids.append(str(samples_meta["id"][seg_idx]))
-    result = dataset.evaluate(seg_preds=preds, seg_gts=gts, num_classes=cfg["num_classes"], ignore_index=-1,
-                              **cfg["inference"].get("evaluate", {}))
+    result = dataset.evaluate(
+        seg_preds=preds,
+        seg_gts=gts,
+        num_classes=cfg["num_classes"],
+        ignore_index=-1,
+        **cfg["inference"].get("evaluate", {}),
+    )
     iou = result["iou"]
     return {
         "ids": ids,
