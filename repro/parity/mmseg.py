@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from repro.parity.common import (
     PEERS_DIR,
     ParityRow,
     Peer,
+    PeerUnavailable,
     ensure_venv,
     load_tensors,
     measured_row,
@@ -119,12 +121,12 @@ def _import(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = 
     return models.load_checkpoint(model, state, source="mmseg", strict=strict)
 
 
-def check_model(row: Row, python: Path, work: Path, *, quick: bool) -> list[ParityRow]:
+def check_model(row: Row, python: Path, work: Path, *, quick: bool) -> list[ParityRow]:  # noqa: ARG001
     """Checks a (import, logits), b (loss, gradients), c (parameter groups), f (SGD trajectory): one peer run."""
     cfg, name = row.cfg, row.path.stem
     classes, ignore = cfg.model.num_classes, cfg.data.ignore_index
     # Odd sizes; the float64 steps of f on a smaller batch (the recipe, not the resolution, is what they test).
-    size, step_size = ((41, 57), (33, 41)) if quick else ((57, 73), (33, 41))
+    size, step_size = (41, 57), (33, 41)
     images, labels = batch_with_ignored(batch=2, size_hw=size, num_classes=classes, seed=SEED)
     torch.save({"images": images, "labels": labels}, work / "batch.pt")
     steps = [batch_with_ignored(batch=2, size_hw=step_size, num_classes=classes, seed=SEED + 1 + k)
@@ -487,12 +489,24 @@ def _pipeline_options(python: Path, row: Row, options: dict) -> dict:
 
 
 def _peer_pipeline_types(python: Path, row: Row) -> list[str]:
-    """The transform types of the row's mmseg train_pipeline, read from the config file's text."""
-    text = Path(peer_config_path(python, row.mmseg_config)).read_text()
-    bases = re.findall(r"'\.\./_base_/datasets/(\w+)\.py'", text)
-    source = Path(peer_config_path(python, f"_base_/datasets/{bases[0]}.py")).read_text()
-    block = source[source.index("train_pipeline = [") : source.index("]\n", source.index("train_pipeline = ["))]
-    return re.findall(r"type='(\w+)'", block)
+    """The transform types of the row's mmseg train_pipeline, read from its config file and the `_base_` files it
+    inherits (a `train_pipeline` in the config itself wins over its bases, as mmengine merges them)."""
+
+    def find(path: Path) -> list[str] | None:
+        text = path.read_text()
+        if "train_pipeline = [" in text:
+            start = text.index("train_pipeline = [")
+            return re.findall(r"type='(\w+)'", text[start : text.index("]\n", start)])
+        for base in re.findall(r"'(\.{1,2}/[\w/.-]+\.py)'", text):
+            found = find((path.parent / base).resolve())
+            if found is not None:
+                return found
+        return None
+
+    types = find(Path(peer_config_path(python, row.mmseg_config)))
+    if types is None:
+        raise ValueError(f"{row.mmseg_config}: no train_pipeline in it or its _base_ files")
+    return types
 
 
 def _rows_of(path: Path) -> Row:
@@ -557,7 +571,15 @@ def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
                 continue
             work = workdir / _digest(key[1]) / folder
             work.mkdir(parents=True, exist_ok=True)
-            rows = check(row, python, work, quick=quick)
+            try:
+                rows = check(row, python, work, quick=quick)
+            except PeerUnavailable as err:
+                rows = [not_run_row(source=NAME, version=VERSION, config=row.path.stem, check=folder,
+                                    reason=str(err))]
+            except Exception as err:  # noqa: BLE001 - one failing check must not hide the others' rows
+                traceback.print_exc()
+                rows = [ParityRow(NAME, VERSION, row.path.stem, folder, "", "", "", "fail",
+                                  f"{type(err).__name__}: {err}"[:300])]
             done[key] = (row.path.stem, rows)
             results += rows
     return results

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,17 @@ from repro.engine.data import build_dataset
 from repro.engine.distributed import init_distributed
 from repro.engine.evaluate import evaluate
 from repro.parity import mmseg as mmseg1
-from repro.parity.common import PEERS_DIR, ParityRow, Peer, ensure_venv, load_tensors, register_peer, run_peer
+from repro.parity.common import (
+    PEERS_DIR,
+    ParityRow,
+    Peer,
+    PeerUnavailable,
+    ensure_venv,
+    load_tensors,
+    not_run_row,
+    register_peer,
+    run_peer,
+)
 from repro.parity.fixtures import write_structured_dataset
 
 NAME = "mmseg"
@@ -154,7 +165,14 @@ def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
             run_peer(python_1x, mmseg1.SCRIPT, "weights", model_work / "weights.json", cwd=model_work, timeout=600)
         work = workdir / mmseg1._digest(key) / "eval0"
         work.mkdir(parents=True, exist_ok=True)
-        rows = check_eval(row, python, work, state_file, quick=quick)
+        try:
+            rows = check_eval(row, python, work, state_file, quick=quick)
+        except PeerUnavailable as err:
+            rows = [not_run_row(source=NAME, version=VERSION, config=path.stem, check="eval", reason=str(err))]
+        except Exception as err:  # noqa: BLE001 - one failing row must not hide the others'
+            traceback.print_exc()
+            rows = [ParityRow(NAME, VERSION, path.stem, "eval", "", "", "", "fail",
+                              f"{type(err).__name__}: {err}"[:300])]
         done[key] = (path.stem, rows)
         results += rows
     return results
