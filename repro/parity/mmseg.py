@@ -341,19 +341,23 @@ def check_data(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
         if dataset == "cityscapes":  # mmseg reads the converter's labelTrainIds
             label = label_path.with_name(label_path.name.replace("_labelIds", "_labelTrainIds"))
         peer_pairs.append([str(image_path), str(label)])
+    types = _peer_pipeline_types(python, row)
+    expected = ["LoadImageFromFile", "LoadAnnotations", "RandomResize", "RandomCrop", "RandomFlip",
+                "PhotoMetricDistortion"]
+    if types[:6] != expected or types[-1] != "PackSegInputs" or types[6:-1] not in ([], ["Pad"]):
+        raise ValueError(f"{row.mmseg_config}: train_pipeline {types} is not the one this check knows")
     options = {"train_pipeline.2.scale": list(base), "train_pipeline.3.crop_size": list(crop),
                "model.data_preprocessor.size": list(crop)}
-    if "Pad" in _peer_pipeline_types(python, row):
+    if "Pad" in types:
         options["train_pipeline.6.size"] = list(crop)  # pascal_voc12_aug.py: Pad(size=crop_size)
     job = {"config_py": peer_config_path(python, row.mmseg_config), "seed": SEED, "out": str(work),
-           "pairs": peer_pairs, "reduce_zero_label": dataset == "ade20k", "cfg_options": _pipeline_options(
-               python, row, options)}
+           "pairs": peer_pairs, "reduce_zero_label": dataset == "ade20k", "cfg_options": options}
     (work / "data.json").write_text(json.dumps(job))
     run_peer(python, SCRIPT, "data", work / "data.json", cwd=work, timeout=600)
     peer = load_tensors(work / "data.pt")
     changes = {"data.root": str(root), "data.train_split": "train", "data.base_size": list(base),
                "data.crop_size": list(crop)}
-    pads_raw = "Pad" in _peer_pipeline_types(python, row)
+    pads_raw = "Pad" in types
     if pads_raw:  # the row follows 0.30.0 (pad after normalising); 1.2.2's pascal_voc12_aug.py pads raw 0 first
         changes["data.pad_fill"] = "raw_zero"
     small = with_overrides(cfg, changes)
@@ -481,16 +485,11 @@ def check_eval(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
     return rows
 
 
-def _pipeline_options(python: Path, row: Row, options: dict) -> dict:
-    """cfg_options for the peer; the positions of RandomResize / RandomCrop in train_pipeline are mmseg's
-    (LoadImageFromFile, LoadAnnotations, RandomResize, RandomCrop, RandomFlip, PhotoMetricDistortion[, Pad],
-    PackSegInputs); the peer checks the types before overriding."""
-    return options
-
-
 def _peer_pipeline_types(python: Path, row: Row) -> list[str]:
     """The transform types of the row's mmseg train_pipeline, read from its config file and the `_base_` files it
-    inherits (a `train_pipeline` in the config itself wins over its bases, as mmengine merges them)."""
+    inherits (a `train_pipeline` in the config itself wins over its bases, as mmengine merges them). The
+    positions the data check overrides are mmseg's: LoadImageFromFile, LoadAnnotations, RandomResize (2),
+    RandomCrop (3), RandomFlip, PhotoMetricDistortion, [Pad (6),] PackSegInputs."""
 
     def find(path: Path) -> list[str] | None:
         text = path.read_text()
