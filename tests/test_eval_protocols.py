@@ -381,3 +381,51 @@ def test_eval_only_needs_only_the_validation_split(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "validation split 'val' (config key data.val_split)" in err
     assert str(root / "leftImg8bit" / "val") in err
+
+
+# --- evaluate() end to end on a small validation split, each source's protocol ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("cityscapes_r2", {"eval.crop_size": (9, 9), "eval.stride": (7, 7), "eval.ms_flip": True}),
+        ("mmseg_cityscapes_r50_d8_769x769_40k", {"eval.crop_size": (9, 9), "eval.stride": (6, 6),
+                                                 "eval.scale": (26, 13)}),
+        ("ssseg_cityscapes_r50_d8", {"eval.scale": (26, 13), "eval.ms_flip": True}),
+        ("paddleseg_cityscapes_r101_d8_769x769_60k", {"eval.val_pad_size": (13, 25)}),
+    ],
+)
+def test_evaluate_runs_each_source_protocol_on_a_validation_split(tmp_path, name, overrides):
+    from repro.engine.data import build_dataset
+    from repro.engine.distributed import init_distributed
+    from repro.engine.evaluate import evaluate
+    from repro.engine.metrics import iou_per_class
+
+    cfg = _cfg(name, **{"data.root": str(tmp_path), **overrides})
+    write_fake_dataset(cfg.data, tmp_path, count=2, size_hw=(12, 24))
+    dataset = build_dataset(cfg.data, split="val", eval_cfg=cfg.eval)
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 19, kernel_size=1)
+    results = evaluate(model, dataset, eval_cfg=cfg.eval, num_classes=19, ignore_index=255,
+                       ctx=init_distributed(device="cpu"), progress=False)
+    assert set(results) == {"mIoU", "mIoU_ms_flip"}
+    for result in results.values():
+        ious = iou_per_class(result.confusion)
+        assert result.confusion.sum() > 0
+        if cfg.eval.zero_union == "zero":
+            assert result.miou == pytest.approx(100 * np.nan_to_num(ious).mean())
+        else:
+            assert result.miou == pytest.approx(100 * np.nanmean(ious))
+
+
+def test_check_data_with_eval_only_checks_the_validation_split_only(tmp_path, capsys):
+    config = EXPERIMENTS / "ssseg_cityscapes_r50_d8.yaml"
+    cfg = load_config(config)
+    root = write_fake_dataset(cfg.data, tmp_path / "cs", count=1, size_hw=(10, 12))
+    shutil.rmtree(root / "gtFine" / "train")
+    args = [str(config), "--check-data", f"--set=data.root={root}"]
+    assert main([*args, "--eval-only"]) == 0
+    assert "found at" in capsys.readouterr().out
+    assert main(args) == 3
+    assert "training split 'train' (config key data.train_split)" in capsys.readouterr().err

@@ -14,12 +14,14 @@ IMAGE is a file, a folder (its images, recursively) or a glob pattern. Per image
   share falling outside the point's row and column and the peak ringed) and `STEM_attention.csv` (those
   shares, each map's largest weight and where it is).
 
-The image is read as RGB (EXIF orientation applied), rescaled keep-ratio to `eval.scale` when the config sets
-it, normalised as the config's dataset is, and predicted in the config's `eval.mode` (whole or slide
-windows) or `--mode` (`ms_flip`: `eval.ms_scales` x {image, mirror} on top of the config's mode); logits are
-resized back to the image before the argmax. The attention comes from one whole-image forward at the same
-scale (in whole mode, the same forward as the prediction), its maps recomputed in the naive formulation from
-the query and key each pass was given, so any backend and any recurrence can be shown.
+The image is read as RGB (EXIF orientation applied) and prepared and predicted exactly as `repro.run`
+evaluates the config's validation images (`EvalConfig`: rescaled keep-ratio to `eval.scale` with OpenCV,
+normalised, padded as `eval.val_pad_size` says), in the config's `eval.mode` (whole or slide windows) or
+`--mode` (`ms_flip`: `eval.ms_scales` x {image, mirror}, views made, predicted and averaged as the config's
+ms fields say); logits are brought back to the image's size before the argmax. The attention comes from one
+whole-image forward at the same scale (in whole mode, the same forward as the prediction), its maps
+recomputed in the naive formulation from the query and key each pass was given, so any backend and any
+recurrence can be shown.
 
 Nothing half-written lands in DIR: every file of the run is written into a temporary folder beside DIR
 and moved in only when every image has succeeded.
@@ -223,8 +225,8 @@ class Predictor:
     """A model with everything needed to predict one image as its config says.
 
     mode: "whole", "slide" (windows of eval_cfg.crop_size every eval_cfg.stride) or "ms_flip" (eval_cfg's
-    ms_scales and mirror, each view in eval_cfg.mode). Images are first rescaled keep-ratio to
-    eval_cfg.scale (long, short) when it is set, then normalised with mean / std in channel_order.
+    ms_scales and mirror, each view in eval_cfg.ms_mode). Images are prepared by the validation transform
+    (`transform`: eval_cfg's scale and val padding, mean / std in channel_order).
     """
 
     model: nn.Module
@@ -300,7 +302,7 @@ class Predictor:
 
 def eval_config_for(cfg: ExperimentConfig, mode: str | None) -> tuple[EvalConfig, str]:
     """The eval section and the mode to predict with: the config's own `eval.mode` unless `mode` says
-    otherwise ("ms_flip" keeps the config's mode for each view)."""
+    otherwise ("ms_flip" predicts each view in the config's `eval.ms_mode`)."""
     if mode is None or mode == "ms_flip":
         return cfg.eval, mode or cfg.eval.mode
     if mode not in MODES:

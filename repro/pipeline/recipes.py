@@ -94,8 +94,9 @@ def section_recipes(experiments: Path, *, table: Callable[[pd.DataFrame], str]) 
     """The report's "Recipe per source" section; `table` renders a frame (the report's markdown_table)."""
     intro = (
         "## Recipe per source\n\n"
-        "How each source trains and evaluates its rows, read from the experiment configs (`experiments/*.yaml`, where each "
-        "value carries a comment naming the line of the source's code it follows). Where a column lists "
+        "How each source trains and evaluates its rows, read from the experiment configs "
+        "(`experiments/*.yaml`, where each value carries a comment naming the line of the source's code it "
+        "follows). Where a column lists "
         "several values, they differ between that source's datasets or crops.\n"
     )
     if not any(Path(experiments).glob("*.yaml")):
