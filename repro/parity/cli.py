@@ -9,9 +9,11 @@ be written. A peer that cannot install gives `not run: <reason>` rows, never a s
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -46,10 +48,14 @@ def select_configs(module: ModuleType, names: list[str] | None, *, quick: bool) 
     return available
 
 
-def run_source(module: ModuleType, configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
+def run_source(module: ModuleType, configs: list[Path], *, quick: bool, workdir: Path,
+               on_rows: Callable[[list[ParityRow]], None] | None = None) -> list[ParityRow]:
     """One source's rows; a peer that cannot install or run turns into `not run` rows, an unexpected error into
-    a `fail` row (the traceback goes to stderr), so one source never hides the others' results."""
+    a `fail` row (the traceback goes to stderr), so one source never hides the others' results. A module whose
+    `run` takes `on_rows` hands over each config's rows when they are complete."""
     try:
+        if on_rows is not None and "on_rows" in inspect.signature(module.run).parameters:
+            return module.run(configs, quick=quick, workdir=workdir, on_rows=on_rows)
         return module.run(configs, quick=quick, workdir=workdir)
     except PeerUnavailable as err:
         return [not_run_row(source=module.NAME, version=module.VERSION, config=path.stem, check="all",
@@ -108,7 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         if not configs:
             continue
         start = time.perf_counter()
-        rows = run_source(module, configs, quick=args.quick, workdir=args.workdir / name)
+        target = args.out / CSV_NAME
+
+        def write(rows: list[ParityRow], target: Path = target) -> None:
+            try:
+                merge_rows(target, rows)
+            except (OSError, CsvFormatError) as err:  # reported once more, with exit 5, at the end
+                print(f"warning: cannot write {target}: {err}", file=sys.stderr)
+
+        rows = run_source(module, configs, quick=args.quick, workdir=args.workdir / name, on_rows=write)
         all_rows += rows
         bad = [row for row in rows if row.verdict != "pass"]
         print(f"{name} {module.VERSION}: {len(rows)} rows, {len(rows) - len(bad)} pass, "

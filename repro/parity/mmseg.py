@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -230,18 +231,25 @@ def lr_steps(cfg: ExperimentConfig) -> list[int]:
 def check_lr(rows: list[Row], python: Path, work: Path) -> list[ParityRow]:
     """Check c, the schedule: mmengine's PolyLR (through the config's param_scheduler) against train.poly_lr at
     steps 0, 1, T/2, T-1, T of every row, in one peer run."""
-    configs = {peer_config_path(python, row.mmseg_config): lr_steps(row.cfg) for row in rows}
+    # One mmseg config per number of iterations: the rows' schedules are the same PolyLR of
+    # configs/_base_/schedules/schedule_<T>.py (the peer reports each one's param_scheduler, compared below).
+    representative = {}
+    for row in rows:
+        representative.setdefault(row.cfg.train.iterations, row)
+    configs = {peer_config_path(python, r.mmseg_config): lr_steps(r.cfg) for r in representative.values()}
     job = {"configs": configs, "out": str(work / "lr.json")}
     (work / "lr_job.json").write_text(json.dumps(job))
     run_peer(python, SCRIPT, "lr", work / "lr_job.json", cwd=work, timeout=600)
     peer = json.loads((work / "lr.json").read_text())
     out = []
     for row in rows:
-        theirs = peer[peer_config_path(python, row.mmseg_config)]
+        source_row = representative[row.cfg.train.iterations]
+        theirs = peer[peer_config_path(python, source_row.mmseg_config)]
         steps = lr_steps(row.cfg)
         worst = max(abs(poly_lr(step, row.cfg.train) - theirs["lr"][str(step)]) for step in steps)
         out.append(_row(row.path.stem, "c_lr", f"max abs LR diff at steps {steps}", worst, TOL_LR,
-                        "mmseg " + "; ".join(f"{s}: {theirs['lr'][str(s)]:.6g}" for s in steps)))
+                        f"mmseg ({source_row.mmseg_config}) "
+                        + "; ".join(f"{s}: {theirs['lr'][str(s)]:.6g}" for s in steps)))
         out.append(_row(row.path.stem, "c_lr", "iterations differing",
                         abs(theirs["max_iters"] - row.cfg.train.iterations), 0,
                         f"mmseg max_iters {theirs['max_iters']}, schedulers {theirs['schedulers']}"))
@@ -428,7 +436,7 @@ def check_eval(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
     checkpoint = work / "mmseg_checkpoint.pth"
     torch.save({"state_dict": load_tensors(state_file), "meta": {}}, checkpoint)
     root = work / "data"
-    count = 3 if quick else 5
+    count = 3
     write_structured_dataset(cfg.data.dataset, root, split=cfg.data.val_split, count=count,
                              num_classes=cfg.model.num_classes, seed=SEED + 7)
     small = small_eval_overrides(cfg)
@@ -548,25 +556,29 @@ CHECKS = (("model", check_model, model_key, "model and optimiser"),
           ("eval", check_eval, eval_key, "model, data and evaluation"))
 
 
-def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
+def run(configs: list[Path], *, quick: bool, workdir: Path,
+        on_rows: Callable[[list[ParityRow]], None] | None = None) -> list[ParityRow]:
     """Every check on every row of `configs`. Rows that share a computation exactly (e.g. the 40k and 80k
     schedules of one model: same weights, same pipeline, same evaluation) reuse its result, and the row says so;
-    the LR schedule is checked for each row. A peer that cannot install raises PeerUnavailable (the CLI turns it
-    into `not run` rows)."""
+    the LR schedule is checked for each row. `on_rows` receives each config's rows as soon as they are complete
+    (the CLI writes them, so an interrupted run keeps what it finished). A peer that cannot install raises
+    PeerUnavailable (the CLI turns it into `not run` rows)."""
     python = ensure_venv(PEER)
     workdir = Path(workdir).absolute()
     rows_in = [_rows_of(path) for path in configs]
     lr_work = workdir / "lr"
     lr_work.mkdir(parents=True, exist_ok=True)
-    results: list[ParityRow] = check_lr(rows_in, python, lr_work)
+    lr_rows = check_lr(rows_in, python, lr_work)
+    results: list[ParityRow] = []
     done: dict[tuple[str, str], tuple[str, list[ParityRow]]] = {}
     for row in rows_in:
+        config_rows = [r for r in lr_rows if r.config == row.path.stem]
         for folder, check, key_of, what in CHECKS:
             key = (folder, key_of(row))
             if key in done:
                 first, rows = done[key]
-                results += [replace(r, config=row.path.stem, detail=f"{r.detail}; computed once for the rows with "
-                                    f"the same {what} as {first}") for r in rows]
+                config_rows += [replace(r, config=row.path.stem, detail=f"{r.detail}; computed once for the rows "
+                                        f"with the same {what} as {first}") for r in rows]
                 continue
             work = workdir / _digest(key[1]) / folder
             work.mkdir(parents=True, exist_ok=True)
@@ -580,5 +592,8 @@ def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
                 rows = [ParityRow(NAME, VERSION, row.path.stem, folder, "", "", "", "fail",
                                   f"{type(err).__name__}: {err}"[:300])]
             done[key] = (row.path.stem, rows)
-            results += rows
+            config_rows += rows
+        if on_rows is not None:
+            on_rows(config_rows)
+        results += config_rows
     return results
