@@ -41,8 +41,9 @@ def peer_python(name: str, root: Path = DEFAULT_ROOT) -> Path:
 def select_configs(module: ModuleType, names: list[str] | None, *, quick: bool) -> list[Path]:
     """The source's experiment files to check: all of them, the quick one, or those named (file stem)."""
     available = list(module.default_configs())
-    if names:
-        return [path for path in available if path.stem in names or path.name in names]
+    if names:  # in the order given
+        by_name = {**{path.stem: path for path in available}, **{path.name: path for path in available}}
+        return list(dict.fromkeys(by_name[name] for name in names if name in by_name))
     if quick:
         return [path for path in available if path.stem == module.QUICK_CONFIG]
     return available
