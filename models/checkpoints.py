@@ -46,8 +46,10 @@ Whatever goes wrong with a file (not a checkpoint, damaged, unsafe, wrong layout
 
 A `module.` prefix (DataParallel) is stripped and `{"state_dict": ...}` / `{"model": ...}` wrappers unwrapped.
 `num_batches_tracked` is optional in both directions (InPlaceABN and frozen BN have none).
-A NonLocalHead has the same parameters as the criss-cross block (q/k/v convs, gamma), so it exports in the
-CCHead layout too; nothing in the key names tells the two apart.
+A NonLocalHead with the paper's block has the same parameters as the criss-cross block (q/k/v convs, gamma), so it
+exports in the CCHead layout too; nothing in the key names tells the two apart. With mmsegmentation's block
+(`nonlocal_block="mmseg"`) it maps onto NLHead's `decode_head.nl_block.{theta,phi,g}.conv.*`,
+`nl_block.conv_out.{conv,bn}.*`.
 """
 
 from __future__ import annotations

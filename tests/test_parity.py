@@ -281,3 +281,34 @@ def test_peer_scripts_do_not_import_the_project():
         source = path.read_text()
         for package in ("repro", "models", "ops"):
             assert f"import {package}" not in source and f"from {package}" not in source, path
+
+
+def test_peer_python_builds_the_registered_peers_venv(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "ensure_venv", lambda peer, root: calls.append((peer.name, peer.version, root))
+                        or root / peer.key / "bin" / "python")
+    assert cli.peer_python("mmseg", tmp_path) == tmp_path / "peer-mmseg-1.2.2" / "bin" / "python"
+    assert cli.peer_python("mmseg0", tmp_path).parent.parent.name == "peer-mmseg0-0.30.0"
+    assert calls == [("mmseg", "1.2.2", tmp_path), ("mmseg0", "0.30.0", tmp_path)]
+    with pytest.raises(KeyError, match="unknown peer 'nope'"):
+        cli.peer_python("nope")
+
+
+def test_mmseg_rows_name_their_mmseg_config_files():
+    from repro.parity import mmseg, mmseg0
+
+    names = {path.stem: mmseg.mmseg_config_name(path) for path in mmseg.default_configs()}
+    assert len(names) == 24
+    assert names["mmseg_cityscapes_r50_d8_769x769_40k"] == "ccnet/ccnet_r50-d8_4xb2-40k_cityscapes-769x769.py"
+    assert names["mmseg_nonlocal_cityscapes_r101_d8_512x1024_80k"] == \
+        "nonlocal_net/nonlocal_r101-d8_4xb2-80k_cityscapes-512x1024.py"
+    assert mmseg0.config_name_0x(names["mmseg_voc12aug_r50_d8_512x512_20k"]) == \
+        "ccnet/ccnet_r50-d8_512x512_20k_voc12aug.py"
+    # 40k and 80k rows of one model share the model check; another depth or dataset does not.
+    rows = {stem: mmseg._rows_of(mmseg.EXPERIMENTS / f"{stem}.yaml") for stem in names}
+    key = mmseg.model_key
+    assert key(rows["mmseg_cityscapes_r50_d8_769x769_40k"]) == key(rows["mmseg_cityscapes_r50_d8_769x769_80k"])
+    assert key(rows["mmseg_cityscapes_r50_d8_769x769_40k"]) != key(rows["mmseg_cityscapes_r101_d8_769x769_40k"])
+    assert key(rows["mmseg_cityscapes_r50_d8_769x769_40k"]) != key(rows["mmseg_cityscapes_r50_d8_512x1024_40k"])
+    assert mmseg.data_key(rows["mmseg_cityscapes_r50_d8_769x769_40k"]) == \
+        mmseg.data_key(rows["mmseg_nonlocal_cityscapes_r101_d8_769x769_80k"])

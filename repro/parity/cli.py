@@ -9,9 +9,11 @@ be written. A peer that cannot install gives `not run: <reason>` rows, never a s
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -41,17 +43,22 @@ def peer_python(name: str, root: Path = DEFAULT_ROOT) -> Path:
 def select_configs(module: ModuleType, names: list[str] | None, *, quick: bool) -> list[Path]:
     """The source's experiment files to check: all of them, the quick one, or those named (file stem)."""
     available = list(module.default_configs())
-    if names:
-        return [path for path in available if path.stem in names or path.name in names]
+    if names:  # in the order given
+        by_name = {**{path.stem: path for path in available}, **{path.name: path for path in available}}
+        return list(dict.fromkeys(by_name[name] for name in names if name in by_name))
     if quick:
         return [path for path in available if path.stem == module.QUICK_CONFIG]
     return available
 
 
-def run_source(module: ModuleType, configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
+def run_source(module: ModuleType, configs: list[Path], *, quick: bool, workdir: Path,
+               on_rows: Callable[[list[ParityRow]], None] | None = None) -> list[ParityRow]:
     """One source's rows; a peer that cannot install or run turns into `not run` rows, an unexpected error into
-    a `fail` row (the traceback goes to stderr), so one source never hides the others' results."""
+    a `fail` row (the traceback goes to stderr), so one source never hides the others' results. A module whose
+    `run` takes `on_rows` hands over each config's rows when they are complete."""
     try:
+        if on_rows is not None and "on_rows" in inspect.signature(module.run).parameters:
+            return module.run(configs, quick=quick, workdir=workdir, on_rows=on_rows)
         return module.run(configs, quick=quick, workdir=workdir)
     except PeerUnavailable as err:
         return [not_run_row(source=module.NAME, version=module.VERSION, config=path.stem, check="all",
@@ -110,7 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         if not configs:
             continue
         start = time.perf_counter()
-        rows = run_source(module, configs, quick=args.quick, workdir=args.workdir / name)
+        target = args.out / CSV_NAME
+
+        def write(rows: list[ParityRow], target: Path = target) -> None:
+            try:
+                merge_rows(target, rows)
+            except (OSError, CsvFormatError) as err:  # reported once more, with exit 5, at the end
+                print(f"warning: cannot write {target}: {err}", file=sys.stderr)
+
+        rows = run_source(module, configs, quick=args.quick, workdir=args.workdir / name, on_rows=write)
         all_rows += rows
         bad = [row for row in rows if row.verdict != "pass"]
         print(f"{name} {module.VERSION}: {len(rows)} rows, {len(rows) - len(bad)} pass, "

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,17 @@ from repro.engine.data import build_dataset
 from repro.engine.distributed import init_distributed
 from repro.engine.evaluate import evaluate
 from repro.parity import mmseg as mmseg1
-from repro.parity.common import PEERS_DIR, ParityRow, Peer, ensure_venv, load_tensors, register_peer, run_peer
+from repro.parity.common import (
+    PEERS_DIR,
+    ParityRow,
+    Peer,
+    PeerUnavailable,
+    ensure_venv,
+    load_tensors,
+    not_run_row,
+    register_peer,
+    run_peer,
+)
 from repro.parity.fixtures import write_structured_dataset
 
 NAME = "mmseg"
@@ -70,7 +82,7 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
     checkpoint = work / "mmseg_checkpoint.pth"
     torch.save({"state_dict": load_tensors(state_file), "meta": {}}, checkpoint)
     root = work / "data"
-    count = 3 if quick else 5
+    count = 3
     write_structured_dataset(cfg.data.dataset, root, split=cfg.data.val_split, count=count,
                              num_classes=cfg.model.num_classes, seed=mmseg1.SEED + 7)
     small = mmseg1.small_eval_overrides(cfg)
@@ -128,7 +140,8 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
     return rows
 
 
-def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
+def run(configs: list[Path], *, quick: bool, workdir: Path,
+        on_rows: Callable[[list[ParityRow]], None] | None = None) -> list[ParityRow]:
     """Check e against 0.30.0 for every row; the weights are the 1.2.2 checks' (made by mmseg 1.2.2's model
     code, the same layout in 0.30.0), built here if that run has not made them."""
     python = ensure_venv(PEER)
@@ -141,8 +154,11 @@ def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
         key = mmseg1.eval_key(row)
         if key in done:
             first, rows = done[key]
-            results += [mmseg1.replace(r, config=path.stem, detail=f"{r.detail}; computed once for the rows with "
-                                       f"the same model, data and evaluation as {first}") for r in rows]
+            shared = [mmseg1.replace(r, config=path.stem, detail=f"{r.detail}; computed once for the rows with "
+                                     f"the same model, data and evaluation as {first}") for r in rows]
+            if on_rows is not None:
+                on_rows(shared)
+            results += shared
             continue
         model_work = workdir / "weights" / mmseg1._digest(mmseg1.model_key(row))
         state_file = model_work / "state.pt"
@@ -154,7 +170,16 @@ def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
             run_peer(python_1x, mmseg1.SCRIPT, "weights", model_work / "weights.json", cwd=model_work, timeout=600)
         work = workdir / mmseg1._digest(key) / "eval0"
         work.mkdir(parents=True, exist_ok=True)
-        rows = check_eval(row, python, work, state_file, quick=quick)
+        try:
+            rows = check_eval(row, python, work, state_file, quick=quick)
+        except PeerUnavailable as err:
+            rows = [not_run_row(source=NAME, version=VERSION, config=path.stem, check="eval", reason=str(err))]
+        except Exception as err:  # noqa: BLE001 - one failing row must not hide the others'
+            traceback.print_exc()
+            rows = [ParityRow(NAME, VERSION, path.stem, "eval", "", "", "", "fail",
+                              f"{type(err).__name__}: {err}"[:300])]
         done[key] = (path.stem, rows)
+        if on_rows is not None:
+            on_rows(rows)
         results += rows
     return results

@@ -79,7 +79,8 @@ def command_test(job: dict) -> None:
         aug.img_ratios = ratios  # the config's commented-in img_ratios for the ms+flip column
         aug.flip = ratios is not None
         dataset = build_dataset(test)
-        loader = build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=0, dist=False, shuffle=False)
+        loader = build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=0, dist=False, shuffle=False,
+                                  persistent_workers=False)
         model = build_segmentor(cfg.model, test_cfg=cfg.get("test_cfg"))
         load_checkpoint(model, job["checkpoint"], map_location="cpu")
         model.CLASSES, model.PALETTE = dataset.CLASSES, dataset.PALETTE
