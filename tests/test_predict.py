@@ -344,7 +344,9 @@ def test_bad_points_modes_and_inputs_are_refused(tiny, tmp_path, capsys):
     _assert_failed_cleanly(capsys, out, "(80,10) is outside image", "80 x 48")
     assert _run(tiny, out, image, "--attention", "ten,3") == 2
     _assert_failed_cleanly(capsys, out, "X,Y pixel coordinates", "'ten,3'")
-    assert _run(tiny, out, image, "--mode", "slide") == 2
+    # A config evaluated whole, without windows: --mode slide has no crop_size to use.
+    whole = ["--set", "eval.mode=whole", "--set", "eval.crop_size=null", "--set", "eval.stride=null"]
+    assert _run(tiny, out, image, "--mode", "slide", *whole) == 2
     _assert_failed_cleanly(capsys, out, "--mode slide", "crop_size")
     fcn = _config(tmp_path, "fcn_head", head="fcn")
     torch.manual_seed(0)

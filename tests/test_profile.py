@@ -36,10 +36,13 @@ TINY = {
              "batch_size": 1, "scale_range": [0.5, 2.0], "mean": [123.675, 116.28, 103.53],
              "std": [58.395, 57.12, 57.375], "channel_order": "rgb", "rescale": "factor", "base_size": None,
              "scale_step": None, "cat_max_ratio": 1.0, "crop_fallback": "none", "photometric_distortion": "none",
-             "pad_position": "bottom_right"},
+             "pad_position": "bottom_right", "pad_fill": "normalised_zero"},
     "train": {"iterations": 10, "lr": 0.01, "weight_decay": 0.0005, "loss": "ce", "source_gpus": 1,
               "min_lr": 0.0, "poly_horizon": "iterations", "loss_average": "valid_pixels"},
-    "eval": {"mode": "slide", "crop_size": [33, 33], "stride": [22, 22], "scale": [64, 48]},
+    "eval": {"mode": "slide", "crop_size": [33, 33], "stride": [22, 22], "scale": [64, 48], "slide_pad": "none",
+             "val_pad_size": None, "val_pad_value": None, "upsample": "input_then_label",
+             "resize_align_corners": False, "zero_union": "drop", "ms_flip": False, "ms_scales": [1.0],
+             "ms_mode": "slide", "ms_resize": "cv2_scale_bounds", "ms_average": "probs", "ms_average_at": "original"},
 }
 
 

@@ -132,14 +132,14 @@ def predict_logits(
         if e.ms_resize == "zoom_original_ratio" and raw_image is not None and transform is not None:
             base = transform.normalised(raw_image).unsqueeze(0).to(image.device)
     at_input = e.ms_average_at == "input"
+    windows = dict(crop=e.crop_size, stride=e.stride) if e.ms_mode == "slide" else {}
     logits = predict_multiscale(
         model,
         base,
         scales=e.ms_scales,
         flip=True,
         mode=e.ms_mode,
-        crop=e.crop_size or (1, 1),
-        stride=e.stride or (1, 1),
+        **windows,
         num_classes=num_classes,
         average=e.ms_average,
         slide_pad=e.slide_pad,

@@ -14,12 +14,14 @@ IMAGE is a file, a folder (its images, recursively) or a glob pattern. Per image
   share falling outside the point's row and column and the peak ringed) and `STEM_attention.csv` (those
   shares, each map's largest weight and where it is).
 
-The image is read as RGB (EXIF orientation applied), rescaled keep-ratio to `eval.scale` when the config sets
-it, normalised as the config's dataset is, and predicted in the config's `eval.mode` (whole or slide
-windows) or `--mode` (`ms_flip`: `eval.ms_scales` x {image, mirror} on top of the config's mode); logits are
-resized back to the image before the argmax. The attention comes from one whole-image forward at the same
-scale (in whole mode, the same forward as the prediction), its maps recomputed in the naive formulation from
-the query and key each pass was given, so any backend and any recurrence can be shown.
+The image is read as RGB (EXIF orientation applied) and prepared and predicted exactly as `repro.run`
+evaluates the config's validation images (`EvalConfig`: rescaled keep-ratio to `eval.scale` with OpenCV,
+normalised, padded as `eval.val_pad_size` says), in the config's `eval.mode` (whole or slide windows) or
+`--mode` (`ms_flip`: `eval.ms_scales` x {image, mirror}, views made, predicted and averaged as the config's
+ms fields say); logits are brought back to the image's size before the argmax. The attention comes from one
+whole-image forward at the same scale (in whole mode, the same forward as the prediction), its maps
+recomputed in the naive formulation from the query and key each pass was given, so any backend and any
+recurrence can be shown.
 
 Nothing half-written lands in DIR: every file of the run is written into a temporary folder beside DIR
 and moved in only when every image has succeeded.
@@ -52,7 +54,7 @@ from models.attention import PointAttention, attention_at_points
 from models.checkpoints import KEY_RULES, CheckpointError, detect_source, read_state_dict
 from repro.engine.config import ConfigError, EvalConfig, ExperimentConfig, load_config, model_kwargs
 from repro.engine.data.palettes import Palette, palette_for
-from repro.engine.data.transforms import keep_ratio_size, normalise
+from repro.engine.data.transforms import EvalTransform
 from repro.engine.evaluate import predict_logits
 from repro.engine.predict_figures import (
     attention_dpi,
@@ -223,8 +225,8 @@ class Predictor:
     """A model with everything needed to predict one image as its config says.
 
     mode: "whole", "slide" (windows of eval_cfg.crop_size every eval_cfg.stride) or "ms_flip" (eval_cfg's
-    ms_scales and mirror, each view in eval_cfg.mode). Images are first rescaled keep-ratio to
-    eval_cfg.scale (long, short) when it is set, then normalised with mean / std in channel_order.
+    ms_scales and mirror, each view in eval_cfg.ms_mode). Images are prepared by the validation transform
+    (`transform`: eval_cfg's scale and val padding, mean / std in channel_order).
     """
 
     model: nn.Module
@@ -245,14 +247,17 @@ class Predictor:
     def num_classes(self) -> int:
         return self.palette.num_classes
 
+    @property
+    def transform(self) -> EvalTransform:
+        """The validation transform of the config: the same input as `repro.run` evaluates."""
+        e = self.eval_cfg
+        return EvalTransform(mean=self.mean, std=self.std, channel_order=self.channel_order, scale=e.scale,
+                             pad_size=e.val_pad_size, pad_value=e.val_pad_value)
+
     def input_tensor(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (1, 3, H', W') normalised, rescaled to eval_cfg.scale when set."""
-        if self.eval_cfg.scale is not None:
-            height, width = keep_ratio_size(*image.shape[:2], scale=self.eval_cfg.scale)
-            if (height, width) != image.shape[:2]:
-                image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-        tensor = normalise(image, mean=self.mean, std=self.std, channel_order=self.channel_order)
-        return tensor.unsqueeze(0).to(self.device)
+        """(H, W, 3) uint8 RGB -> (1, 3, H', W') normalised, rescaled to eval_cfg.scale (OpenCV bilinear, as
+        the evaluation) and padded to eval_cfg.val_pad_size when set."""
+        return self.transform.input(image).unsqueeze(0).to(self.device)
 
     def predict(self, image: np.ndarray, points_xy: Sequence[tuple[int, int]] = ()) -> Prediction:
         """Labels of one (H, W, 3) uint8 RGB image, and the attention of `points_xy` ((x, y) image pixels)."""
@@ -260,8 +265,9 @@ class Predictor:
         for x, y in points_xy:
             if not (0 <= x < width and 0 <= y < height):
                 raise PredictError(f"--attention point ({x},{y}) is outside the image ({width} x {height} pixels)")
-        tensor = self.input_tensor(image)
-        scaled_h, scaled_w = tensor.shape[-2:]
+        transform = self.transform
+        tensor = transform.input(image).unsqueeze(0).to(self.device)
+        scaled_h, scaled_w = transform.resized_size(height, width)
         attention = None
         if points_xy:
             # Image pixel centres onto the rescaled input the model sees.
@@ -275,19 +281,19 @@ class Predictor:
                 maps=attention.maps.cpu(), off_cross=attention.off_cross.cpu(),
             )
         if attention is not None and self.mode == "whole":
-            logits = attention.logits
-            if tuple(logits.shape[-2:]) != (scaled_h, scaled_w):
-                logits = F.interpolate(logits, size=(scaled_h, scaled_w), mode="bilinear", align_corners=False)
+            logits = attention.logits[:, :, :scaled_h, :scaled_w]
         else:
             logits = predict_logits(self.model, tensor, eval_cfg=self.eval_cfg, num_classes=self.num_classes,
-                                    multiscale=self.mode == "ms_flip")
+                                    multiscale=self.mode == "ms_flip", output_size=(height, width),
+                                    resized_size=(scaled_h, scaled_w), raw_image=image, transform=transform)
         if logits.shape[1] != self.num_classes:
             raise PredictError(
                 f"class count mismatch: the model predicts {logits.shape[1]} classes, the "
                 f"{self.palette.dataset} palette has {self.num_classes}"
             )
         if tuple(logits.shape[-2:]) != (height, width):
-            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear",
+                                   align_corners=self.eval_cfg.resize_align_corners)
         labels = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
         if attention is not None:
             attention = dataclasses.replace(attention, logits=torch.empty(0))
@@ -296,7 +302,7 @@ class Predictor:
 
 def eval_config_for(cfg: ExperimentConfig, mode: str | None) -> tuple[EvalConfig, str]:
     """The eval section and the mode to predict with: the config's own `eval.mode` unless `mode` says
-    otherwise ("ms_flip" keeps the config's mode for each view)."""
+    otherwise ("ms_flip" predicts each view in the config's `eval.ms_mode`)."""
     if mode is None or mode == "ms_flip":
         return cfg.eval, mode or cfg.eval.mode
     if mode not in MODES:

@@ -4,6 +4,7 @@ measured mIoU to results/miou.csv.
     python -m repro.run experiments/cityscapes_r2.yaml [--set train.lr=0.02 ...] [--resume]
     python -m repro.run CONFIG.yaml --eval-only --checkpoint PATH [--checkpoint-source mmseg]
     python -m repro.run CONFIG.yaml --check-data     # exit 0 if the dataset is there, 3 (and why) if not
+                                                     # (with --eval-only: the validation split only)
     python -m repro.run CONFIG.yaml --smoke          # a few iterations on a generated tiny dataset
     torchrun --nproc-per-node N -m repro.run CONFIG.yaml   # DDP (nccl on CUDA, gloo on CPU)
 
@@ -203,7 +204,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-source", default=None,
                         help="layout of a foreign checkpoint (models.SOURCES); detected when omitted")
     parser.add_argument("--smoke", action="store_true", help="2 iterations on a generated tiny dataset")
-    parser.add_argument("--check-data", action="store_true", help="exit 0 if the data is there, else 3")
+    parser.add_argument(
+        "--check-data", action="store_true",
+        help="exit 0 if the data is there (with --eval-only: the validation split only), else 3",
+    )
     parser.add_argument("--out-dir", type=Path, help="run folder (default runs/NAME, runs/NAME-smoke)")
     parser.add_argument("--results", type=Path, help="CSV to append to (default results/miou.csv; "
                         "OUT_DIR/miou.csv with --smoke)")
@@ -213,7 +217,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Cityscapes: write label-id prediction PNGs here (for the official evaluator)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.eval_only and args.checkpoint is None:
+    if args.eval_only and args.checkpoint is None and not args.check_data:
         parser.error("--eval-only needs --checkpoint PATH")
     return args
 
@@ -243,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.check_data:
         try:
-            root = check_dataset(cfg.data)
+            root = check_dataset(cfg.data, splits=("val",) if args.eval_only else ("train", "val"))
         except DatasetNotFoundError as err:
             print(f"{cfg.name}: {err}", file=sys.stderr)
             return EXIT_NO_DATA
