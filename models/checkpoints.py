@@ -46,8 +46,10 @@ Whatever goes wrong with a file (not a checkpoint, damaged, unsafe, wrong layout
 
 A `module.` prefix (DataParallel) is stripped and `{"state_dict": ...}` / `{"model": ...}` wrappers unwrapped.
 `num_batches_tracked` is optional in both directions (InPlaceABN and frozen BN have none).
-A NonLocalHead has the same parameters as the criss-cross block (q/k/v convs, gamma), so it exports in the
-CCHead layout too; nothing in the key names tells the two apart.
+A NonLocalHead with the paper's block has the same parameters as the criss-cross block (q/k/v convs, gamma), so it
+exports in the CCHead layout too; nothing in the key names tells the two apart. With mmsegmentation's block
+(`nonlocal_block="mmseg"`) it maps onto NLHead's `decode_head.nl_block.{theta,phi,g}.conv.*`,
+`nl_block.conv_out.{conv,bn}.*`.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ _PLACEHOLDERS = {
     "p": r"[^.]+",
     "i": r"\d+",
     "proj": r"(?:query|key|value)_conv",
+    "nl": r"(?:theta|phi|g)",
     "rest": r".+",
 }
 
@@ -161,6 +164,10 @@ KEY_RULES: dict[str, tuple[tuple[str, ...], ...]] = {
         ("decode_head.cca.{proj}.{p}", "decode_head.attention.{proj}.{p}"),
         ("decode_head.cca.gamma.scale", "decode_head.attention.gamma", SCALAR),
         ("decode_head.cca.gamma", "decode_head.attention.gamma"),
+        # NLHead's mmcv NonLocal2d (ConvModules) onto models.heads.EmbeddedGaussianNonLocal.
+        ("decode_head.nl_block.{nl}.conv.{p}", "decode_head.attention.{nl}.{p}"),
+        ("decode_head.nl_block.conv_out.conv.{p}", "decode_head.attention.conv_out.0.{p}"),
+        ("decode_head.nl_block.conv_out.bn.{p}", "decode_head.attention.conv_out.1.{p}"),
         ("decode_head.conv_cat.conv.{p}", "decode_head.bottleneck.0.{p}"),
         ("decode_head.conv_cat.bn.{p}", "decode_head.bottleneck.1.{p}"),
         ("decode_head.conv_seg.{p}", "decode_head.classifier.{p}"),

@@ -148,3 +148,45 @@ def test_gradient_reaches_every_head_parameter(recurrence):
     assert x.grad.abs().sum() > 0
     # attention.key_conv.bias: ~0 (exactly 0 in exact arithmetic, the softmax is shift-invariant); the rest not.
     assert_gradients_reach_parameters(head.named_parameters())
+
+
+def test_mmseg_nonlocal_block_matches_the_embedded_gaussian_formula():
+    """NLHead's block (mmcv NonLocal2d, embedded_gaussian, use_scale): x + BN(W_out softmax(theta^T phi / sqrt(Ci)) g),
+    checked against the formula written out with einsum in float64."""
+    from models.heads import EmbeddedGaussianNonLocal
+
+    torch.manual_seed(0)
+    block = EmbeddedGaussianNonLocal(12, inter_channels=6).double().eval()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0.0, 0.3)
+        block.conv_out[1].running_mean.normal_(0.0, 0.1)
+        block.conv_out[1].running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 12, 5, 7, dtype=torch.float64)
+    theta, phi, g = block.theta(x).flatten(2), block.phi(x).flatten(2), block.g(x).flatten(2)
+    weights = torch.softmax(torch.einsum("bcp,bcq->bpq", theta, phi) / 6**0.5, dim=-1)
+    context = torch.einsum("bpq,bcq->bcp", weights, g).reshape(2, 6, 5, 7)
+    expected = x + block.conv_out(context)
+    torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
+    fresh = EmbeddedGaussianNonLocal(12, inter_channels=6)
+    torch.testing.assert_close(fresh(x.float()), x.float())  # zero-initialised output norm: identity at start
+
+
+def test_mmseg_nonlocal_head_round_trips_through_the_mmseg_layout():
+    import models
+    from models.checkpoints import export_state_dict, load_checkpoint
+
+    kwargs = dict(depth=50, stem="v1c", head="nonlocal", nonlocal_block="mmseg", num_classes=5, head_channels=32,
+                  qk_channels=16, aux_channels=8)
+    original = models.build(**kwargs)
+    with torch.no_grad():
+        for param in original.decode_head.attention.parameters():
+            param.normal_()
+    exported = export_state_dict(original, source="mmseg")
+    assert {"decode_head.nl_block.theta.conv.weight", "decode_head.nl_block.g.conv.bias",
+            "decode_head.nl_block.conv_out.conv.weight", "decode_head.nl_block.conv_out.bn.weight"} <= set(exported)
+    copy = models.build(**kwargs)
+    report = load_checkpoint(copy, exported, source="mmseg")
+    assert not report.missing and not report.unexpected
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(copy.state_dict()[key], value)

@@ -70,6 +70,9 @@ class ModelConfig:
     dropout: float = 0.1
     contract_dilation: bool = True
     nonlocal_impl: Literal["naive", "sdpa", "sdpa_heads"] = "naive"
+    # "paper": the criss-cross block's q/k/v and gamma over all pixels (the paper's baseline); "mmseg":
+    # mmsegmentation's NLHead block (mmcv NonLocal2d embedded_gaussian, scaled, conv_out + norm).
+    nonlocal_block: Literal["paper", "mmseg"] = "paper"
     # mmsegmentation's auxiliary FCN head has 256 channels, the official code's and sssegmentation's 512.
     aux_channels: int = 256
     # Final bilinear upsampling: mmsegmentation False, the official code True.
@@ -384,6 +387,7 @@ def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
         dropout=m.dropout,
         contract_dilation=m.contract_dilation,
         nonlocal_impl=m.nonlocal_impl,
+        nonlocal_block=m.nonlocal_block,
         aux_channels=m.aux_channels,
         align_corners=m.align_corners,
         head_act=m.head_act,

@@ -65,8 +65,9 @@ def build_loss(train: TrainConfig, *, ignore_index: int) -> SegLoss:
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.SGD:
-    """SGD with momentum over every parameter in one group, weight decay on all of them (conv and norm
-    weights, biases, gamma), as the sources' default optimizers (no parameter rules)."""
+    """SGD with momentum over every parameter in one group: one learning rate and one weight decay for all
+    parameter kinds (norms and biases included), as mmengine's DefaultOptimWrapperConstructor without
+    paramwise_cfg, sssegmentation and the official train.py do."""
     return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 

@@ -9,38 +9,56 @@ be written. A peer that cannot install gives `not run: <reason>` rows, never a s
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 from repro.io import CsvFormatError, locked, read_csv_rows, write_csv_atomic
-from repro.parity.common import COLUMNS, ParityRow, PeerUnavailable, not_run_row
+from repro.parity import mmseg, mmseg0, paddleseg, ssseg
+from repro.parity.common import COLUMNS, DEFAULT_ROOT, PEERS, ParityRow, PeerUnavailable, ensure_venv, not_run_row
 
 # source name -> module with NAME, VERSION, default_configs(), QUICK_CONFIG, run(configs, *, quick, workdir)
-SOURCES: dict[str, ModuleType] = {}
-
-from repro.parity import paddleseg, ssseg  # noqa: E402 - they need SOURCES' neighbours only
-
-SOURCES.update({ssseg.NAME: ssseg, paddleseg.NAME: paddleseg})
+SOURCES: dict[str, ModuleType] = {
+    mmseg.NAME: mmseg,
+    mmseg0.REGISTRY_NAME: mmseg0,  # mmsegmentation 0.30.0: check e of the mmseg rows (rows say source "mmseg")
+    ssseg.NAME: ssseg,
+    paddleseg.NAME: paddleseg,
+}
 CSV_NAME = "parity.csv"
+
+
+def peer_python(name: str, root: Path = DEFAULT_ROOT) -> Path:
+    """The python of the registered peer `name` (e.g. "mmseg"), its venv built on first use (under `root`,
+    default .nox/). Other commands (the inference benchmark) use it to run a source's own model in a
+    subprocess; PeerUnavailable (reason in the message) when it cannot install."""
+    if name not in PEERS:
+        raise KeyError(f"unknown peer {name!r}; known: {sorted(PEERS)}")
+    return ensure_venv(PEERS[name], root)
 
 
 def select_configs(module: ModuleType, names: list[str] | None, *, quick: bool) -> list[Path]:
     """The source's experiment files to check: all of them, the quick one, or those named (file stem)."""
     available = list(module.default_configs())
-    if names:
-        return [path for path in available if path.stem in names or path.name in names]
+    if names:  # in the order given
+        by_name = {**{path.stem: path for path in available}, **{path.name: path for path in available}}
+        return list(dict.fromkeys(by_name[name] for name in names if name in by_name))
     if quick:
         return [path for path in available if path.stem == module.QUICK_CONFIG]
     return available
 
 
-def run_source(module: ModuleType, configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
+def run_source(module: ModuleType, configs: list[Path], *, quick: bool, workdir: Path,
+               on_rows: Callable[[list[ParityRow]], None] | None = None) -> list[ParityRow]:
     """One source's rows; a peer that cannot install or run turns into `not run` rows, an unexpected error into
-    a `fail` row (the traceback goes to stderr), so one source never hides the others' results."""
+    a `fail` row (the traceback goes to stderr), so one source never hides the others' results. A module whose
+    `run` takes `on_rows` hands over each config's rows when they are complete."""
     try:
+        if on_rows is not None and "on_rows" in inspect.signature(module.run).parameters:
+            return module.run(configs, quick=quick, workdir=workdir, on_rows=on_rows)
         return module.run(configs, quick=quick, workdir=workdir)
     except PeerUnavailable as err:
         return [not_run_row(source=module.NAME, version=module.VERSION, config=path.stem, check="all",
@@ -52,14 +70,14 @@ def run_source(module: ModuleType, configs: list[Path], *, quick: bool, workdir:
 
 
 def merge_rows(path: Path, rows: list[ParityRow]) -> list[dict[str, str]]:
-    """Write `rows` into the CSV at `path`, replacing the old rows of the same (source, config) pairs and keeping
+    """Write `rows` into the CSV at `path`, replacing the old rows of the same (source, version, config) and keeping
     all others; returns the table written."""
-    ran = {(row.source, row.config) for row in rows}
+    ran = {(row.source, row.version, row.config) for row in rows}
     with locked(path):
         header, old = read_csv_rows(path)
         if header and set(header) != set(COLUMNS):
             raise CsvFormatError(f"{path}: header {header} is not the parity columns {list(COLUMNS)}")
-        kept = [row for row in old if (row["source"], row["config"]) not in ran]
+        kept = [row for row in old if (row["source"], row["version"], row["config"]) not in ran]
         table = kept + [row.as_dict() for row in rows]
         import pandas as pd
 
@@ -99,7 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         if not configs:
             continue
         start = time.perf_counter()
-        rows = run_source(module, configs, quick=args.quick, workdir=args.workdir / name)
+        target = args.out / CSV_NAME
+
+        def write(rows: list[ParityRow], target: Path = target) -> None:
+            try:
+                merge_rows(target, rows)
+            except (OSError, CsvFormatError) as err:  # reported once more, with exit 5, at the end
+                print(f"warning: cannot write {target}: {err}", file=sys.stderr)
+
+        rows = run_source(module, configs, quick=args.quick, workdir=args.workdir / name, on_rows=write)
         all_rows += rows
         bad = [row for row in rows if row.verdict != "pass"]
         print(f"{name} {module.VERSION}: {len(rows)} rows, {len(rows) - len(bad)} pass, "

@@ -105,6 +105,9 @@ class Peer:
     version: str
     requirements: tuple[str, ...]
     nodeps: tuple[str, ...] = ()
+    # Further `pip install` calls after those, in order, each a tuple of arguments (e.g. a package that must be
+    # built with --no-build-isolation against the torch already installed).
+    extra_installs: tuple[tuple[str, ...], ...] = ()
     python: str = field(default_factory=lambda: sys.executable)
 
     @property
@@ -132,11 +135,12 @@ def _pip(python: Path, args: Sequence[str], *, timeout: float) -> None:
 
 
 def _marker_text(peer: Peer) -> str:
-    return "\n".join([TORCH_SPEC, *peer.requirements, "--no-deps", *peer.nodeps]) + "\n"
+    extra = [" ".join(args) for args in peer.extra_installs]
+    return "\n".join([TORCH_SPEC, *peer.requirements, "--no-deps", *peer.nodeps, *extra]) + "\n"
 
 
 def venv_dir(peer: Peer, root: Path = DEFAULT_ROOT) -> Path:
-    return Path(root) / peer.key
+    return Path(root).absolute() / peer.key
 
 
 def venv_python(folder: Path) -> Path:
@@ -168,6 +172,8 @@ def ensure_venv(peer: Peer, root: Path = DEFAULT_ROOT, *, timeout: float = 1800.
         _pip(python, list(peer.requirements), timeout=timeout)
     if peer.nodeps:
         _pip(python, ["--no-deps", *peer.nodeps], timeout=timeout)
+    for args in peer.extra_installs:
+        _pip(python, list(args), timeout=timeout)
     atomic_write_text(folder / MARKER, _marker_text(peer))
     return python
 
@@ -205,11 +211,3 @@ PEERS: dict[str, Peer] = {}
 def register_peer(peer: Peer) -> Peer:
     PEERS[peer.name] = peer
     return peer
-
-
-def peer_python(name: str, root: Path = DEFAULT_ROOT) -> Path:
-    """The python of the registered peer `name` (e.g. "mmseg"), its venv built on first use. Other commands
-    (the inference benchmark) use it to run a source's own model; PeerUnavailable when it cannot install."""
-    if name not in PEERS:
-        raise KeyError(f"unknown peer {name!r}; known: {sorted(PEERS)}")
-    return ensure_venv(PEERS[name], root)

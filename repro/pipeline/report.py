@@ -50,6 +50,7 @@ SOURCES = {
     "gpu": ("gpu_acceptance.csv", "nox -s gpu (python -m repro.gpu) on a CUDA machine"),
     "kernel_model": ("kernel_model.csv", "python -m repro.kernels model"),
     "kernel_resources": ("kernel_resources.csv", "python -m repro.kernels resources"),
+    "parity": ("parity.csv", "nox -s parity (python -m repro.parity)"),
 }
 # The paper's module-level claims are read at its feature map (1 x 512 x 97 x 97, a 769 x 769 input at OS 8).
 PAPER_SIZE = 97
@@ -754,6 +755,55 @@ def gpu_acceptance(results: Path, pages: dict[str, str]) -> str:
 # Assembly
 
 
+def _parity_worst(group: pd.DataFrame) -> str:
+    """The worst measured value of a check's rows against its bound ("<= t": the largest; ">= t": the smallest),
+    per metric, e.g. "decode eval max rel diff 2.0e-06 (<= 0.0001)"."""
+    parts = []
+    for metric, rows in group.groupby("metric", sort=False):
+        values = pd.to_numeric(rows["value"], errors="coerce")
+        if values.isna().all():
+            continue
+        lower_is_better = not rows["tolerance"].astype(str).str.startswith(">=").any()
+        index = values.idxmax() if lower_is_better else values.idxmin()
+        parts.append(f"{metric} {values[index]:.3g} ({rows.loc[index, 'tolerance']})")
+    return "; ".join(parts)
+
+
+def parity_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (source, version, check): how many rows, verdict counts, worst difference."""
+    out = []
+    for (source, version, check), group in frame.groupby(["source", "version", "check"], sort=False):
+        verdicts = group["verdict"].astype(str)
+        not_run = verdicts.str.startswith("not run")
+        counts = [f"{(verdicts == 'pass').sum()} pass"]
+        if (verdicts == "fail").any():
+            counts.append(f"{(verdicts == 'fail').sum()} fail")
+        if not_run.any():
+            reasons = sorted(set(verdicts[not_run].str.removeprefix("not run: ").str.slice(0, 120)))
+            counts.append(f"{not_run.sum()} not run ({'; '.join(reasons)})")
+        out.append({"source": f"{source} {version}", "check": check, "configs": group["config"].nunique(),
+                    "rows": len(group), "verdict": ", ".join(counts), "worst difference": _parity_worst(group)})
+    return pd.DataFrame(out, columns=["source", "check", "configs", "rows", "verdict", "worst difference"])
+
+
+def section_parity(results: Path, pages: dict[str, str]) -> str:
+    """Parity with the sources' own code (`python -m repro.parity`): per source and check, the rows, verdicts and
+    the worst difference; every row on a detail page."""
+    text = "## Parity with the sources' code\n\n"
+    path = results / SOURCES["parity"][0]
+    if not path.exists():
+        return text + missing("parity")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    _require(frame, ["source", "version", "config", "check", "metric", "value", "tolerance", "verdict"],
+             SOURCES["parity"][0])
+    text += ("Each source's own code, installed in its own environment under `.nox/`, against this project on the "
+             "same weights, images and configs (`nox -s parity`; checks a model, b loss and gradients, c learning "
+             "rate and parameter groups, d training data, e evaluation end to end, f training steps).\n\n")
+    text += markdown_table(parity_summary(frame)) + "\n"
+    link = detail_page(pages, "parity.md", "Every parity row", "`parity.csv`", markdown_table(frame))
+    return text + f"Every row (config, metric, value, tolerance, detail): {link}.\n"
+
+
 def build_report(results: Path, experiments: Path, pages: dict[str, str] | None = None) -> str:
     """The whole REPORT.md text; pages for `details/` are added to `pages` when given."""
     pages = {} if pages is None else pages
@@ -770,6 +820,7 @@ def build_report(results: Path, experiments: Path, pages: dict[str, str] | None 
         section_predict_example(results),
         section_miou(results, experiments, pages),
         section_recipes(experiments, table=markdown_table),
+        section_parity(results, pages),
         section_ops_bench(results, pages),
         section_kernels(results, pages),
         section_gpu(results, pages),
