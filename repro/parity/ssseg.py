@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +47,7 @@ from repro.parity.common import (
     register_peer,
     run_peer,
 )
+from repro.parity.ours import our_evaluation
 
 NAME = "sssegmentation"
 VERSION = "1.7.0"
@@ -725,7 +725,8 @@ def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: boo
     (folder / "eval_job.json").write_text(json.dumps(job))
     with ThreadPoolExecutor(max_workers=1) as pool:  # the peer evaluates while we do
         peer_run = pool.submit(run_peer, python, SCRIPT, folder / "eval_job.json", cwd=folder, timeout=900)
-        done, predictions, dataset = _our_evaluation(config_path, cfg, checkpoint, root, scale, folder)
+        overrides = [f"data.root={root}", f"eval.scale=[{scale[0]},{scale[1]}]", "data.num_workers=0"]
+        done, predictions, dataset = our_evaluation(config_path, checkpoint, folder, overrides)
         peer_run.result()
     peer = load_tensors(folder / "eval_out.pt")
     checkpoint.unlink(missing_ok=True)
@@ -780,44 +781,6 @@ def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: boo
         )
     )
     return rows
-
-
-def _our_evaluation(
-    config_path: Path, cfg: ExperimentConfig, checkpoint: Path, root: Path, scale: tuple[int, int], folder: Path
-):
-    """`python -m repro.run CONFIG --eval-only` on the val-only fixture (the mIoU in its results CSV), then the
-    same `evaluate` in process to collect the per-pixel predictions."""
-    from dataclasses import replace
-
-    from repro.engine.distributed import DistContext
-    from repro.engine.evaluate import evaluate
-    from repro.engine.runner import load_weights
-
-    results = folder / "ours_miou.csv"
-    results.unlink(missing_ok=True)
-    command = [
-        sys.executable, "-m", "repro.run", str(config_path), "--eval-only", "--checkpoint", str(checkpoint),
-        "--set", f"data.root={root}", "--set", f"eval.scale=[{scale[0]},{scale[1]}]",
-        "--set", "data.num_workers=0", "--results", str(results), "--out-dir", str(folder / "run"),
-        "--device", "cpu", "--no-progress",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
-    eval_cfg = replace(cfg.eval, scale=scale)
-    ours_model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None})
-    load_weights(ours_model, checkpoint, source=None)
-    dataset = build_dataset(replace(cfg.data, root=str(root)), split="val", eval_cfg=eval_cfg)
-    predictions: dict[int, np.ndarray] = {}
-    evaluate(
-        ours_model,
-        dataset,
-        eval_cfg=eval_cfg,
-        num_classes=cfg.model.num_classes,
-        ignore_index=cfg.data.ignore_index,
-        ctx=DistContext(0, 1, 0, torch.device("cpu"), None),
-        on_prediction=lambda index, pred: predictions.__setitem__(index, np.asarray(pred)),
-        progress=False,
-    )
-    return done, predictions, dataset
 
 
 def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
