@@ -218,7 +218,7 @@ _LAST_LOADED: dict[str, Any] = {}
 
 def validate(model: nn.Module, dataset, cfg: ExperimentConfig, ctx: DistContext) -> dict[str, Any]:
     """Single-scale validation during training (the sources validate without test-time augmentation): mIoU,
-    pixel accuracy and per-class IoU by class name, in percent (None for a class absent from labels and
+    pixel accuracy and per-class IoU with the class names, in percent (None for a class absent from labels and
     predictions)."""
     eval_cfg = cfg.eval
     if getattr(eval_cfg, "ms_flip", False):
@@ -230,7 +230,9 @@ def validate(model: nn.Module, dataset, cfg: ExperimentConfig, ctx: DistContext)
     return {
         "mIoU": _finite(result.miou),
         "pixel_accuracy": _finite(result.pixel_accuracy),
-        "iou_per_class": {name: _finite(value) for name, value in zip(names, result.iou_per_class, strict=True)},
+        # Two lists in class order (the log's JSON keys are sorted, so a mapping would lose the order).
+        "class_names": list(names),
+        "iou_per_class": [_finite(value) for value in result.iou_per_class],
     }
 
 
@@ -404,7 +406,8 @@ def train(
                                             "time": time.time(), **summary})
                     if writer is not None and summary["mIoU"] is not None:
                         writer.add_scalar("val/mIoU", summary["mIoU"], step)
-                    bar.console.print(f"{cfg.name}: step {step} validation mIoU {summary['mIoU']}")
+                    shown = "n/a" if summary["mIoU"] is None else f"{summary['mIoU']:.2f}"
+                    bar.console.print(f"{cfg.name}: step {step} validation mIoU {shown}")
                     miou = summary["mIoU"]
                     if tcfg.keep_best and miou is not None and (best is None or miou > best):
                         best, improved = miou, True
