@@ -659,7 +659,8 @@ def section_miou(results: Path, experiments: Path, pages: dict[str, str]) -> str
     if not apart.empty:
         link = detail_page(pages, "miou_not_counted.md", "Result rows that do not count", "`miou.csv`",
                            markdown_table(apart))
-        kinds = apart["why it does not count"].str.replace(r" \(.*", "", regex=True).value_counts()
+        kinds = pd.Series([kind if kind == provenance.ROW_OLD else kind.split(" (")[0]
+                           for kind in apart["why it does not count"]]).value_counts(sort=False)
         text += (f"\n{len(apart)} row(s) of `miou.csv` do not count ("
                  + ", ".join(f"{kind}: {count}" for kind, count in kinds.items()) + f"): {link}.\n")
     link = detail_page(pages, "miou.md", "Every reported mIoU", "the configs' `reported:` values, `miou.csv` "
