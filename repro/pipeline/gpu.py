@@ -35,7 +35,7 @@ Every row goes to DIR/gpu_acceptance.csv (step, check, variant, dtype, shape, me
 method, device, date; `device` names the GPU model, e.g. `cuda: NVIDIA H200`), replaced by key on a rerun.
 
 `--tiny` runs the same code on the CPU at tiny sizes (Triton in its interpreter, a shrunk R-50 model, one
-timed iteration) in about 2 minutes on the shared 2-core machine (30 s of CPU time): the tests run it, so the
+timed iteration) in 2-2.5 minutes on the shared 2-core machine (30-35 s of CPU time): the tests run it, so the
 command is known to work before a GPU sees it. The PyTorch profiler's own stderr lines are dropped
 (`--profiler-log` keeps them).
 Its rows say `cpu: ...` and it writes nothing outside DIR (default: a fresh temporary folder).
@@ -594,8 +594,8 @@ def run(plan: Plan, results: Path, *, evidence: Path, experiments: Path = EXPERI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m repro.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true",
-                        help="the same code on the CPU at tiny sizes (Triton interpreter): about 2 minutes on the "
-                             "shared 2-core machine (30 s of CPU time)")
+                        help="the same code on the CPU at tiny sizes (Triton interpreter): 2-2.5 minutes on the "
+                             "shared 2-core machine (30-35 s of CPU time)")
     parser.add_argument("--profiler-log", action="store_true",
                         help="keep the PyTorch profiler's own stderr lines (dropped by default: dozens per step)")
     parser.add_argument("--results", type=Path, default=None,
