@@ -630,6 +630,10 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
         checkpoint = Path(args.checkpoint)
         state = models.safe_load(checkpoint)
         cfg, facts = model_for_checkpoint(cfg, state, overrides=overrides, path=checkpoint)
+        if facts["smoke"] and args.results is None and not args.smoke:
+            # A smoke checkpoint's numbers are never results: its rows go to the evaluation folder.
+            results_path = out_dir / "miou.csv"
+            check_results_csv(results_path)
         if (out_dir / LAST_CHECKPOINT).is_file() and out_dir.resolve() != checkpoint.resolve().parent:
             raise RunFolderError(f"{out_dir} holds a training run; --eval-only writes its evaluation files there: "
                                  "pass --out-dir DIR for this evaluation")
