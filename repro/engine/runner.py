@@ -26,7 +26,8 @@ appended per seed) are never overwritten or mixed silently:
   (no second row), a finished run not yet evaluated is evaluated;
 * the effective config (after --set and the smoke shrink) is saved as OUT_DIR/config.yaml and inside every
   checkpoint, with the overrides and the smoke flag, so --eval-only on a smoke or overridden checkpoint builds
-  the model it was trained with (announced), or refuses a --set model.* that contradicts it.
+  the model it was trained with (announced), or refuses a --set model.* that contradicts it; rows of a smoke
+  checkpoint go to OUT_DIR/miou.csv unless --results says otherwise.
 Training logs to OUT_DIR/train_log.jsonl (loss, lr per log step; with `train.val_every`, validation mIoU,
 pixel accuracy and per-class IoU by class name; TensorBoard scalars in OUT_DIR/tensorboard/ when the
 `tensorboard` package is installed). The reported number is always the final checkpoint's; `train.keep_best`
