@@ -149,3 +149,29 @@ def test_read_only_commands_leave_git_status_clean(checkout):
     assert smoke.returncode == 0, smoke.stderr
     assert "SMOKE" in smoke.stdout and "runs/mmseg_cityscapes_r50_d8_512x1024_40k-smoke" in smoke.stdout
     assert _git(checkout, "status", "--porcelain") == ""
+
+
+def test_profiler_noise_is_dropped_and_everything_else_kept():
+    """What Kineto writes to file descriptor 2 on each profiling session goes; other lines stay, in order."""
+    code = (
+        "import os, sys\n"
+        "from repro.measure.quiet import quiet_profiler\n"
+        "with quiet_profiler():\n"
+        "    os.write(2, b'USDT:2026-12-07 11:03:18 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\\n')\n"
+        "    os.write(2, b'[W1207 11:03:18.935842930 CPUAllocator.cpp:245] Memory block of unknown size was allocated"
+        " before the profiling started, profiler results will not include the deallocation event\\n')\n"
+        "    print('a real warning', file=sys.stderr)\n"
+        "    os.write(2, b'USDT:2026-12-07 11:03:18 1:1 SyncActivityProfilerHandler.cpp:59] profiler_stop\\n')\n"
+        "with quiet_profiler(enabled=False):\n"
+        "    os.write(2, b'USDT: ActivityProfilerHandler kept when asked\\n')\n"
+        "import torch\n"
+        "from torch.profiler import ProfilerActivity, profile\n"
+        "with quiet_profiler():\n"
+        "    with profile(activities=[ProfilerActivity.CPU], profile_memory=True):\n"
+        "        torch.ones(4) * 2\n"
+        "print('done')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+    assert done.stderr.splitlines() == ["a real warning", "USDT: ActivityProfilerHandler kept when asked"]
