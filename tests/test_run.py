@@ -297,3 +297,26 @@ def test_curves_follow_resumes(tmp_path):
     assert [(r["step"], r["loss"]) for r in train] == [(1, 1.0), (2, 1.0), (3, 0.5)]
     assert draw_curves(tmp_path).stat().st_size > 0
     assert draw_curves(tmp_path / "empty") is None
+
+
+def test_eval_only_needs_only_the_validation_split(tmp_path):
+    cfg = load_config(R50)
+    root = write_fake_dataset(cfg.data, tmp_path / "data", count=1, size_hw=(33, 44))
+    import shutil
+
+    shutil.rmtree(root / "leftImg8bit" / "train")
+    shutil.rmtree(root / "gtFine" / "train")
+    released = tmp_path / "released.pth"
+    model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None, "head_channels": 16,
+                            "aux_channels": 16})
+    torch.save({"state_dict": models.export_state_dict(model, source="mmseg")}, released)
+    args = [str(R50), "--eval-only", "--checkpoint", str(released), "--checkpoint-source", "mmseg", "--set",
+            f"data.root={root}", "--set", "eval.scale=null", "--set", "eval.ms_flip=false", "--set",
+            "model.head_channels=16", "--set", "model.aux_channels=16", "--set", "data.num_workers=0",
+            "--out-dir", str(tmp_path / "e"), "--results", str(tmp_path / "e.csv"), "--no-progress"]
+    assert main(args) == 0
+    row = _rows(tmp_path / "e.csv")[0]
+    # A released checkpoint: no iterations of ours; the width overrides make the row overridden, not complete.
+    assert row["iterations_trained"] == "" and row["schedule"] == "released" and row["complete"] == "false"
+    assert "model.head_channels=16" in row["overrides"]
+    assert main([str(R50), "--check-data", "--set", f"data.root={root}"]) == 3  # training needs both splits

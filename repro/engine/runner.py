@@ -83,7 +83,14 @@ import models
 from models.checkpoints import CheckpointError
 from repro.engine import provenance
 from repro.engine.config import ConfigError, ExperimentConfig, load_config, with_overrides
-from repro.engine.data import DatasetError, DatasetNotFoundError, build_dataset, check_dataset, write_fake_dataset
+from repro.engine.data import (
+    DatasetError,
+    DatasetNotFoundError,
+    build_dataset,
+    check_dataset,
+    dataset_module,
+    write_fake_dataset,
+)
 from repro.engine.distributed import barrier, init_distributed, shutdown
 from repro.engine.evaluate import EvalResult, evaluate, protocol_summary
 from repro.engine.provenance import RESULT_COLUMNS, Provenance, check_results_csv
@@ -380,7 +387,11 @@ def _run_seed(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: 
             cfg = smoke_config(cfg, data_root=data_root)
         results_path = args.results or (out_dir / "miou.csv" if args.smoke else Path("results") / "miou.csv")
         try:
-            check_dataset(cfg.data)
+            if args.eval_only:  # evaluating needs the validation split only
+                module = dataset_module(cfg.data.dataset)
+                module.find_pairs(module.resolve(cfg.data.root), cfg.data.val_split)
+            else:
+                check_dataset(cfg.data)
         except DatasetNotFoundError as err:
             return _fail(EXIT_NO_DATA, f"{cfg.name}: {err}"), []
         weights = cfg.model.pretrained_backbone
