@@ -320,3 +320,25 @@ def test_eval_only_needs_only_the_validation_split(tmp_path):
     assert row["iterations_trained"] == "" and row["schedule"] == "released" and row["complete"] == "false"
     assert "model.head_channels=16" in row["overrides"]
     assert main([str(R50), "--check-data", "--set", f"data.root={root}"]) == 3  # training needs both splits
+
+
+def test_keep_best_survives_a_resume(tmp_path):
+    from repro.engine import train as train_module
+    from repro.engine.distributed import init_distributed
+    from repro.engine.runner import smoke_config
+
+    cfg = load_config(R50)
+    root = write_fake_dataset(cfg.data, tmp_path / "data", count=2, size_hw=(33, 44))
+    cfg = with_overrides(smoke_config(cfg, data_root=root), {"train.iterations": 4, "train.val_every": 1,
+                                                            "train.keep_best": True, "train.checkpoint_every": 4})
+    out = tmp_path / "run"
+    ctx = init_distributed(device="cpu")
+    train_module.train(cfg, out_dir=out, ctx=ctx, progress=False, stop_at=2, announce=lambda text: None)
+    first = torch.load(out / "checkpoint_best.pt", weights_only=True)["val_miou"]
+    # The last checkpoint was saved when the best improved, with the best so far; the resumed run keeps it.
+    assert torch.load(out / "checkpoint_last.pt", weights_only=True)["best_val_miou"] == first
+    train_module.train(cfg, out_dir=out, ctx=ctx, resume=True, progress=False, announce=lambda text: None)
+    validations = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    values = [r["mIoU"] for r in validations if r["event"] == "val"]
+    assert [r["step"] for r in validations if r["event"] == "val"] == [1, 2, 3]
+    assert torch.load(out / "checkpoint_best.pt", weights_only=True)["val_miou"] == max(values)
