@@ -17,20 +17,27 @@ import pytest
 from repro import vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
-# Every command line: (module with `python -m`, the function that builds and parses its options).
-COMMANDS = {
-    "repro.run": ("repro.engine.runner", "main"),
-    "repro.predict": ("repro.engine.predict", "main"),
-    "repro.report": ("repro.pipeline.report", "main"),
-    "repro.bench": ("repro.measure.bench", "main"),
-    "repro.claims": ("repro.measure.claims", "parse_args"),
-    "repro.profile": ("repro.measure.profile", "main"),
-    "repro.kernels": ("repro.measure.kernels", "main"),
-    "repro.reproduce": ("repro.pipeline.reproduce", "main"),
-    "repro.gpu": ("repro.pipeline.gpu", "parse_args"),
-    "repro.synthetic": ("repro.synthetic.cli", "main"),
+# Command modules whose parser is not reached through a `main` of the `python -m` module itself.
+SPECIAL = {
+    "repro.gpu": ("repro.pipeline.gpu", "parse_args"),  # repro/gpu.py sets TRITON_INTERPRET before importing
+    "repro.synthetic": ("repro.synthetic.cli", "main"),  # repro/synthetic/__main__.py runs on import
     "repro.synthetic.example": ("repro.synthetic.example", "main"),
 }
+NOT_COMMANDS = {"__init__", "io", "vocabulary"}
+
+
+def _commands() -> dict[str, tuple[str, str]]:
+    """Every `python -m repro.X` entry point (each repro/X.py but the shared modules), found on disk so a new
+    command is walked too, and where its parser is built."""
+    found = dict(SPECIAL)
+    for path in sorted((ROOT / "repro").glob("*.py")):
+        name = f"repro.{path.stem}"
+        if path.stem not in NOT_COMMANDS and name not in found:
+            found[name] = (name, "main")
+    return found
+
+
+COMMANDS = _commands()
 
 
 class _Captured(Exception):
@@ -51,11 +58,10 @@ def _parser(monkeypatch, module: str, function: str) -> argparse.ArgumentParser:
     return caught.value.parser
 
 
-def test_every_command_module_is_listed():
-    entry_points = {f"repro.{path.stem}" for path in (ROOT / "repro").glob("*.py")
-                    if path.stem not in ("__init__", "io", "vocabulary")}
-    entry_points |= {"repro.synthetic", "repro.synthetic.example"}
-    assert entry_points == set(COMMANDS)
+def test_every_command_module_has_a_main():
+    for command, (module, function) in COMMANDS.items():
+        assert callable(getattr(importlib.import_module(module), function, None)), f"{command}: no {function}()"
+    assert {"repro.run", "repro.predict", "repro.report", "repro.bench", "repro.gpu"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -143,3 +149,29 @@ def test_read_only_commands_leave_git_status_clean(checkout):
     assert smoke.returncode == 0, smoke.stderr
     assert "SMOKE" in smoke.stdout and "runs/mmseg_cityscapes_r50_d8_512x1024_40k-smoke" in smoke.stdout
     assert _git(checkout, "status", "--porcelain") == ""
+
+
+def test_profiler_noise_is_dropped_and_everything_else_kept():
+    """What Kineto writes to file descriptor 2 on each profiling session goes; other lines stay, in order."""
+    code = (
+        "import os, sys\n"
+        "from repro.measure.quiet import quiet_profiler\n"
+        "with quiet_profiler():\n"
+        "    os.write(2, b'USDT:2026-12-07 11:03:18 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\\n')\n"
+        "    os.write(2, b'[W1207 11:03:18.935842930 CPUAllocator.cpp:245] Memory block of unknown size was allocated"
+        " before the profiling started, profiler results will not include the deallocation event\\n')\n"
+        "    print('a real warning', file=sys.stderr)\n"
+        "    os.write(2, b'USDT:2026-12-07 11:03:18 1:1 SyncActivityProfilerHandler.cpp:59] profiler_stop\\n')\n"
+        "with quiet_profiler(enabled=False):\n"
+        "    os.write(2, b'USDT: ActivityProfilerHandler kept when asked\\n')\n"
+        "import torch\n"
+        "from torch.profiler import ProfilerActivity, profile\n"
+        "with quiet_profiler():\n"
+        "    with profile(activities=[ProfilerActivity.CPU], profile_memory=True):\n"
+        "        torch.ones(4) * 2\n"
+        "print('done')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+    assert done.stderr.splitlines() == ["a real warning", "USDT: ActivityProfilerHandler kept when asked"]

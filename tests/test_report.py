@@ -1,10 +1,12 @@
 """`repro.report` on small hand-made CSVs: every section, missing files, bad inputs."""
 
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from repro.engine.provenance import LEGACY_RESULT_COLUMNS, RESULT_COLUMNS
 from repro.pipeline.report import (
     FINDINGS_END,
     FINDINGS_START,
@@ -23,6 +25,18 @@ RESULTS, EXPERIMENTS = ROOT / "results", ROOT / "experiments"
 def _write(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def _result_row(**changes):
+    """A complete results/miou.csv row of city_r2 (the provenance format), with `changes`."""
+    row = {column: "" for column in RESULT_COLUMNS}
+    row.update(experiment="city_r2", dataset="cityscapes", backbone="R-101-D8", crop="769x769", schedule="60000it",
+               metric="mIoU", reported=79.8, measured=79.5, seed=0, eval_mode="whole", eval_scales="1",
+               eval_flip="false", eval_average="none", engine="torch", precision="fp32", images_evaluated=500,
+               images_in_split=500, iterations_trained=60000, iterations_config=60000, smoke="false",
+               complete="true", checkpoint="runs/city_r2/checkpoint_last.pt", device="cpu", date="d")
+    row.update(changes)
+    return row
 
 
 @pytest.fixture
@@ -107,39 +121,7 @@ def results(tmp_path):
             for seed in (0, 1)
         ],
     )
-    _write(
-        out / "miou.csv",
-        [
-            {
-                "experiment": "city_r2",
-                "dataset": "cityscapes",
-                "backbone": "r101",
-                "crop": "769",
-                "schedule": "60k",
-                "metric": "mIoU",
-                "reported": 79.8,
-                "measured": 70.0,
-                "delta": -9.8,
-                "checkpoint": "",
-                "device": "cpu",
-                "date": "d",
-            },
-            {
-                "experiment": "city_r2",
-                "dataset": "cityscapes",
-                "backbone": "r101",
-                "crop": "769",
-                "schedule": "60k",
-                "metric": "mIoU",
-                "reported": 79.8,
-                "measured": 79.5,
-                "delta": -0.3,
-                "checkpoint": "",
-                "device": "cpu",
-                "date": "d2",
-            },
-        ],
-    )
+    _write(out / "miou.csv", [_result_row(measured=70.0, date="d"), _result_row(measured=79.5, date="d2")])
     _write(
         out / "experiments_status.csv",
         [
@@ -368,3 +350,84 @@ def test_gpu_acceptance_lists_failed_checks_and_the_kernel_goals(tmp_path):
     assert "3 rows on cuda: NVIDIA H200; 1 failed." in section
     assert "| fwd+bwd speedup over cca_naive | bf16 | 8x64x512x97x97 | 7.5 | x | goal met (>= 5) |" in section
     assert "goal not met (<= 1.1)" in section and "gpu_acceptance.md" in pages
+
+
+def test_only_complete_rows_count_the_others_are_listed_apart(results):
+    out, experiments = results
+    rows = [
+        _result_row(measured=79.0, seed=0),
+        _result_row(measured=80.0, seed=1),
+        _result_row(measured=81.0, seed=2),
+        _result_row(measured=1.06, smoke="true", complete="false", iterations_trained=2, iterations_config=2,
+                    images_evaluated=1, images_in_split=2, overrides="smoke (shrunk model, generated data)"),
+        _result_row(measured=41.78, complete="false", images_evaluated=2, images_in_split=500),
+        _result_row(measured=60.0, complete="false", overrides="data.root=/d; train.lr=0.02"),
+        _result_row(measured=50.0, complete="false", iterations_trained=1000),
+    ]
+    _write(out / "miou.csv", rows)
+    pages = {}
+    text = build_report(out, experiments, pages)
+    # Mean +- sample std over three seeds beside the published value; the verdict counts it once.
+    city = next(line for line in text.splitlines() if line.startswith("| city_r2 | cityscapes | mIoU |"))
+    assert "| 80.00 ± 1.00 |" in city and "| 0 1 2 |" in city and "79.8" in city
+    assert "reproduced (1/1 measured)" in next(row for row in verdict_table(text) if "Published mIoU" in row)
+    assert "4 row(s) of `miou.csv` do not count (smoke: 1, partial evaluation: 1, overridden: 1, " in text
+    page = pages["miou_not_counted.md"]
+    for kind in ("| smoke |", "partial evaluation (2 of 500 images)", "overridden (train.lr=0.02)",
+                 "partial training (1000 of 60000 iterations)"):
+        assert kind in page, kind
+    # With only rows that do not count, nothing is measured: the smoke run no longer rewrites the verdict.
+    _write(out / "miou.csv", rows[3:])
+    rows = verdict_table(build_report(out, experiments))
+    assert "not measurable here" in next(row for row in rows if "Published mIoU" in row)
+
+
+def test_old_format_rows_are_read_and_never_counted(results):
+    out, experiments = results
+    pd.DataFrame([{"experiment": "city_r2", "dataset": "cityscapes", "backbone": "R-101-D8", "crop": "769",
+                   "schedule": "80000it", "metric": "mIoU", "reported": 79.8, "measured": 79.5, "delta": -0.3,
+                   "checkpoint": "", "device": "cpu", "date": "d"}],
+                 columns=list(LEGACY_RESULT_COLUMNS)).to_csv(out / "miou.csv", index=False)
+    pages = {}
+    text = build_report(out, experiments, pages)
+    assert "old format (no provenance): 1" in text and "old format (no provenance)" in pages["miou_not_counted.md"]
+    assert "not measurable here" in next(row for row in verdict_table(text) if "Published mIoU" in row)
+
+
+def test_drift_kept_when_nothing_new_and_date_alone_rewrites_nothing(results, capsys):
+    out, experiments = results
+    (out / "REPORT.md").write_text("# old\n\n## This run vs the committed results\n\nkept comparison\n\n## Next\n")
+    (out / "details").mkdir()
+    (out / "details" / "drift.md").write_text("# Every compared value\n\nkept page\n")
+    write_report(out, experiments)
+    text = (out / "REPORT.md").read_text()
+    assert "## This run vs the committed results\n\nkept comparison\n\n## Module efficiency" in text
+    assert (out / "details" / "drift.md").read_text() == "# Every compared value\n\nkept page\n"
+    # Regenerated minutes later: only the date would change, so nothing is written.
+    old_date = re.sub(r"on [0-9-]+ [0-9:]+ UTC", "on 1999-01-01 00:00 UTC", text, count=1)
+    assert old_date != text
+    (out / "REPORT.md").write_text(old_date)
+    before = (out / "REPORT.md").read_text()
+    assert main(["--results", str(out), "--experiments", str(experiments), "--readme", str(out / "none.md")]) == 0
+    assert (out / "REPORT.md").read_text() == before and "nothing changed" in capsys.readouterr().out
+
+
+def test_runs_option_draws_curves_and_tables(tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"event": "start", "step": 0, "experiment": "x"}]
+    records += [{"event": "train", "step": s, "loss": 2.0 / s, "lr": 0.01 / s, "experiment": "x"} for s in (1, 2, 3, 4)]
+    records += [{"event": "val", "step": 2, "mIoU": 12.5, "pixel_accuracy": 50.0, "class_names": ["road", "sky"],
+                 "iou_per_class": [20.0, None]}]
+    records += [{"event": "eval", "metric": "mIoU", "mIoU": 15.0, "step": 4, "images": 3}]
+    (run / "train_log.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (run / "iou_per_class.csv").write_text("class_id,class,mIoU_iou\n0,road,20.0\n1,sky,\n")
+    assert main(["--runs", str(run)]) == 0
+    assert (run / "curves.png").stat().st_size > 0
+    summary = (run / "summary.md").read_text()
+    assert "| 2 | 12.5 | 50 |" in summary and "| road | 20 |" in summary and "| 1 | sky |  |" in summary
+    assert "![training curves](curves.png)" in summary
+    assert main(["--runs", str(tmp_path / "missing")]) == 4
+    assert "no train_log.jsonl" in capsys.readouterr().err

@@ -27,7 +27,8 @@ appended per seed) are never overwritten or mixed silently:
   (no second row), a finished run not yet evaluated is evaluated;
 * the effective config (after --set and the smoke shrink) is saved as OUT_DIR/config.yaml and inside every
   checkpoint, with the overrides and the smoke flag, so --eval-only on a smoke or overridden checkpoint builds
-  the model it was trained with (announced), or refuses a --set model.* that contradicts it.
+  the model it was trained with (announced), or refuses a --set model.* that contradicts it; rows of a smoke
+  checkpoint go to OUT_DIR/miou.csv unless --results says otherwise.
 Training logs to OUT_DIR/train_log.jsonl (loss, lr per log step; with `train.val_every`, validation mIoU,
 pixel accuracy and per-class IoU by class name; TensorBoard scalars in OUT_DIR/tensorboard/ when the
 `tensorboard` package is installed). The reported number is always the final checkpoint's; `train.keep_best`
@@ -83,7 +84,14 @@ import models
 from models.checkpoints import CheckpointError
 from repro.engine import provenance
 from repro.engine.config import ConfigError, ExperimentConfig, load_config, with_overrides
-from repro.engine.data import DatasetError, DatasetNotFoundError, build_dataset, check_dataset, write_fake_dataset
+from repro.engine.data import (
+    DatasetError,
+    DatasetNotFoundError,
+    build_dataset,
+    check_dataset,
+    dataset_module,
+    write_fake_dataset,
+)
 from repro.engine.distributed import barrier, init_distributed, shutdown
 from repro.engine.evaluate import EvalResult, evaluate, protocol_summary
 from repro.engine.provenance import RESULT_COLUMNS, Provenance, check_results_csv
@@ -443,7 +451,8 @@ def _recipe_differences(saved: dict, cfg: ExperimentConfig) -> list[tuple[str, o
             if d[0] not in provenance.RUNTIME_KEYS and d[0] != provenance.BACKBONE_KEY]
 
 
-def prepare_run_folder(cfg: ExperimentConfig, args: argparse.Namespace, out_dir: Path) -> str:
+def prepare_run_folder(cfg: ExperimentConfig, args: argparse.Namespace, out_dir: Path, *,
+                       announce: Callable[[str], None] = print, delete: bool = True) -> str:
     """Decide what a training command does with OUT_DIR: "fresh", "resume" or "finished" (nothing to do).
 
     Without --resume a folder holding a run (a checkpoint or a training log) is refused, naming --resume
@@ -455,13 +464,15 @@ def prepare_run_folder(cfg: ExperimentConfig, args: argparse.Namespace, out_dir:
     if args.force:
         removed = [name for name in RUN_FILES if (out_dir / name).exists()]
         removed += [TENSORBOARD_DIR + "/"] if (out_dir / TENSORBOARD_DIR).is_dir() else []
-        for name in RUN_FILES:
-            (out_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
-        for stale in out_dir.glob("confusion_*"):
-            stale.unlink()
+        removed += sorted(path.name for path in out_dir.glob("confusion_*"))
+        if delete:  # one process deletes (under DDP the others only decide)
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
+            for stale in out_dir.glob("confusion_*"):
+                stale.unlink(missing_ok=True)
         if removed:
-            print(f"{cfg.name}: --force: removed the previous run's files from {out_dir}: {', '.join(removed)}")
+            announce(f"{cfg.name}: --force: removed the previous run's files from {out_dir}: {', '.join(removed)}")
         return "fresh"
     if not args.resume:
         if checkpoint.is_file() or log.is_file():
@@ -476,7 +487,7 @@ def prepare_run_folder(cfg: ExperimentConfig, args: argparse.Namespace, out_dir:
             )
         return "fresh"
     if not checkpoint.is_file():
-        print(f"{cfg.name}: --resume: no {LAST_CHECKPOINT} in {out_dir}; starting from step 0")
+        announce(f"{cfg.name}: --resume: no {LAST_CHECKPOINT} in {out_dir}; starting from step 0")
         return "fresh"
     state = _training_state(checkpoint)
     saved = state.get("config")
@@ -489,14 +500,23 @@ def prepare_run_folder(cfg: ExperimentConfig, args: argparse.Namespace, out_dir:
     step = state.get("step")
     if step == cfg.train.iterations:
         if _evaluated(out_dir, provenance.file_sha256(checkpoint)):
-            print(f"{cfg.name}: the run in {out_dir} is finished (step {step} of {cfg.train.iterations}) and "
+            announce(f"{cfg.name}: the run in {out_dir} is finished (step {step} of {cfg.train.iterations}) and "
                   f"evaluated ({out_dir / EVAL_FILE}); nothing to do. Evaluate again with: python -m repro.run "
                   f"{args.config} --eval-only --checkpoint {checkpoint}")
             return "finished"
-        print(f"{cfg.name}: training in {out_dir} finished (step {step}); evaluating its last checkpoint")
+        announce(f"{cfg.name}: training in {out_dir} finished (step {step}); evaluating its last checkpoint")
     else:
-        print(f"{cfg.name}: --resume: continuing {checkpoint} from step {step} of {cfg.train.iterations}")
+        announce(f"{cfg.name}: --resume: continuing {checkpoint} from step {step} of {cfg.train.iterations}")
     return "resume"
+
+
+def _batch_notes(cfg: ExperimentConfig, world_size: int) -> list[str]:
+    """`effective_batch=N (source M)` when this run's total batch differs from the source's (then its rows are
+    not complete); stored in the checkpoint so an --eval-only of it says the same."""
+    if effective_batch_note(cfg, world_size) is None:
+        return []
+    total = world_size * cfg.data.batch_size * cfg.train.grad_accum_steps
+    return [f"{provenance.EFFECTIVE_BATCH}={total} (source {cfg.data.batch_size * cfg.train.source_gpus})"]
 
 
 def _write_config(out_dir: Path, cfg: ExperimentConfig, *, overrides: list[str], smoke: bool, source: Path) -> Path:
@@ -520,7 +540,8 @@ def model_for_checkpoint(cfg: ExperimentConfig, state: object, *, overrides: lis
     A ccrepro checkpoint carries the effective config it was trained with: its `model` section is used (so a
     smoke or overridden checkpoint rebuilds the same model), announced; a `--set model.*` that contradicts
     it is refused (ConfigError naming the keys). A foreign checkpoint is taken as a released one."""
-    facts = {"iterations_trained": None, "iterations_config": None, "seed": None, "overrides": [], "smoke": False}
+    facts = {"iterations_trained": None, "iterations_config": None, "seed": None, "overrides": [], "smoke": False,
+             "notes": []}
     if not (isinstance(state, dict) and str(state.get("format", "")).startswith("ccrepro-")
             and isinstance(state.get("config"), dict)):
         return cfg, facts
@@ -532,6 +553,7 @@ def model_for_checkpoint(cfg: ExperimentConfig, state: object, *, overrides: lis
         seed=saved.get("train", {}).get("seed"),
         overrides=[str(o) for o in meta.get("overrides", [])],
         smoke=bool(meta.get("smoke", False)),
+        notes=[str(n) for n in meta.get("notes", [])],
     )
     if saved.get("name") != cfg.name:
         print(f"{cfg.name}: note: {path} was trained for experiment {saved.get('name')!r}")
@@ -568,6 +590,8 @@ class _TimedDataset:
         return len(self._dataset)
 
     def __getattr__(self, name: str):
+        if name.startswith("_"):  # not found on the proxy itself (e.g. while unpickling in a worker)
+            raise AttributeError(name)
         return getattr(self._dataset, name)
 
     def __getitem__(self, index: int):
@@ -622,6 +646,10 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
         checkpoint = Path(args.checkpoint)
         state = models.safe_load(checkpoint)
         cfg, facts = model_for_checkpoint(cfg, state, overrides=overrides, path=checkpoint)
+        if facts["smoke"] and args.results is None and not args.smoke:
+            # A smoke checkpoint's numbers are never results: its rows go to the evaluation folder.
+            results_path = out_dir / "miou.csv"
+            check_results_csv(results_path)
         if (out_dir / LAST_CHECKPOINT).is_file() and out_dir.resolve() != checkpoint.resolve().parent:
             raise RunFolderError(f"{out_dir} holds a training run; --eval-only writes its evaluation files there: "
                                  "pass --out-dir DIR for this evaluation")
@@ -633,13 +661,19 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
         all_overrides = [*facts["overrides"], *(o for o in overrides if o not in facts["overrides"])]
         seed = facts["seed"]
         iterations_trained, iterations_config = facts["iterations_trained"], facts["iterations_config"]
+        batch_notes = facts["notes"]
         if (out_dir / EVAL_FILE).is_file():
             announce(f"{cfg.name}: replacing the previous evaluation files in {out_dir}")
     else:
-        status = prepare_run_folder(cfg, args, out_dir)
+        # Every process decides from the folder as it is, before any of them writes to it.
+        status = prepare_run_folder(cfg, args, out_dir, announce=announce, delete=False)
+        barrier(ctx)
+        if args.force and ctx.is_main:
+            prepare_run_folder(cfg, args, out_dir, announce=lambda text: None, delete=True)
         if status == "finished":
             return EXIT_OK, []
-        meta = {"overrides": overrides, "smoke": bool(args.smoke)}
+        notes = _batch_notes(cfg, ctx.world_size) if not args.smoke else []
+        meta = {"overrides": overrides, "smoke": bool(args.smoke), "notes": notes}
         if ctx.is_main:
             written.append(("config", str(_write_config(out_dir, cfg, overrides=overrides, smoke=args.smoke,
                                                         source=args.config))))
@@ -647,6 +681,7 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
                                   meta=meta, announce=announce)
         smoke, all_overrides, seed = bool(args.smoke), overrides, cfg.train.seed
         iterations_trained, iterations_config = cfg.train.iterations, cfg.train.iterations
+        batch_notes = notes
     dataset = build_dataset(cfg.data, split="val", eval_cfg=cfg.eval)
     on_prediction = None
     if args.save_predictions is not None:
@@ -669,18 +704,13 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
     rows: list[dict[str, object]] = []
     if ctx.is_main:
         checkpoint_sha = provenance.file_sha256(checkpoint)
-        notes: tuple[str, ...] = ()
-        if not args.eval_only and not args.smoke:
-            if effective_batch_note(cfg, ctx.world_size):
-                total = ctx.world_size * cfg.data.batch_size * cfg.train.grad_accum_steps
-                source_total = cfg.data.batch_size * cfg.train.source_gpus
-                notes = (f"{provenance.EFFECTIVE_BATCH}={total} (source {source_total})",)
         prov = Provenance(
             overrides=tuple(all_overrides), smoke=smoke, seed=seed, iterations_trained=iterations_trained,
             iterations_config=iterations_config, images_evaluated=count, images_in_split=len(dataset),
             checkpoint=str(checkpoint), checkpoint_sha256=checkpoint_sha, config_sha256=provenance.config_sha256(cfg),
             commit=provenance.git_commit(), device=device_label(ctx.device, processes=ctx.world_size),
-            engine=getattr(args, "engine", "torch"), precision=getattr(args, "precision", "fp32"), notes=notes,
+            engine=getattr(args, "engine", "torch"), precision=getattr(args, "precision", "fp32"),
+            notes=tuple(batch_notes),
         )
         rows = provenance.result_rows(cfg, results, prov, protocol=protocol_summary)
         append_csv_rows(results_path, rows, columns=RESULT_COLUMNS)

@@ -178,10 +178,12 @@ def tensorboard_writer(folder: Path):
     return SummaryWriter(log_dir=str(folder))
 
 
-def load_training_state(path: Path, *, model: nn.Module, optimizer, scaler, cfg: ExperimentConfig) -> int:
+def load_training_state(
+    path: Path, *, model: nn.Module, optimizer, scaler, cfg: ExperimentConfig, extras: dict | None = None
+) -> int:
     """Restore a `save_training_state` file (opened weights-only, `models.safe_load`); returns the step to
-    continue from. CheckpointError (naming the file) when it is damaged, unsafe, of another experiment or
-    another model."""
+    continue from and puts the best validation mIoU so far into `extras["best_val_miou"]` when given.
+    CheckpointError (naming the file) when it is damaged, unsafe, of another experiment or another model."""
     try:
         state = models.safe_load(path, what="training checkpoint")
     except CheckpointError as err:
@@ -202,7 +204,8 @@ def load_training_state(path: Path, *, model: nn.Module, optimizer, scaler, cfg:
     step = state.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= cfg.train.iterations:
         raise CheckpointError(f"{path}: step {step!r} is not an integer in [0, {cfg.train.iterations}]")
-    _LAST_LOADED["best_val_miou"] = state.get("best_val_miou")
+    if extras is not None:
+        extras["best_val_miou"] = state.get("best_val_miou")
     try:
         models.load_checkpoint(unwrap(model), state.get("model", {}), source="ccrepro")
     except CheckpointError as err:
@@ -219,13 +222,9 @@ def load_training_state(path: Path, *, model: nn.Module, optimizer, scaler, cfg:
     return step
 
 
-# What the last `load_training_state` read besides the states it restored (the keep-best value).
-_LAST_LOADED: dict[str, Any] = {}
-
-
 def validate(model: nn.Module, dataset, cfg: ExperimentConfig, ctx: DistContext) -> dict[str, Any]:
     """Single-scale validation during training (the sources validate without test-time augmentation): mIoU,
-    pixel accuracy and per-class IoU by class name, in percent (None for a class absent from labels and
+    pixel accuracy and per-class IoU with the class names, in percent (None for a class absent from labels and
     predictions)."""
     eval_cfg = cfg.eval
     if getattr(eval_cfg, "ms_flip", False):
@@ -237,7 +236,9 @@ def validate(model: nn.Module, dataset, cfg: ExperimentConfig, ctx: DistContext)
     return {
         "mIoU": _finite(result.miou),
         "pixel_accuracy": _finite(result.pixel_accuracy),
-        "iou_per_class": {name: _finite(value) for name, value in zip(names, result.iou_per_class, strict=True)},
+        # Two lists in class order (the log's JSON keys are sorted, so a mapping would lose the order).
+        "class_names": list(names),
+        "iou_per_class": [_finite(value) for value in result.iou_per_class],
     }
 
 
@@ -299,11 +300,11 @@ def train(
         # is the previous, complete one.
         for stale in out_dir.glob(f".{LAST_CHECKPOINT}.*.tmp"):
             stale.unlink(missing_ok=True)
-    start, best = 0, None
-    _LAST_LOADED.clear()
+    start, extras = 0, {"best_val_miou": None}
     if resume and checkpoint.is_file():
-        start = load_training_state(checkpoint, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg)
-        best = _LAST_LOADED.get("best_val_miou")
+        start = load_training_state(checkpoint, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
+                                    extras=extras)
+    best = extras["best_val_miou"]
     end = tcfg.iterations if stop_at is None else min(stop_at, tcfg.iterations)
 
     dataset = build_dataset(dcfg, split="train")
@@ -409,7 +410,8 @@ def train(
                                             "time": time.time(), **summary})
                     if writer is not None and summary["mIoU"] is not None:
                         writer.add_scalar("val/mIoU", summary["mIoU"], step)
-                    bar.console.print(f"{cfg.name}: step {step} validation mIoU {summary['mIoU']}")
+                    shown = "n/a" if summary["mIoU"] is None else f"{summary['mIoU']:.2f}"
+                    bar.console.print(f"{cfg.name}: step {step} validation mIoU {shown}")
                     miou = summary["mIoU"]
                     if tcfg.keep_best and miou is not None and (best is None or miou > best):
                         best, improved = miou, True

@@ -33,6 +33,7 @@ from ops.non_local import non_local_attention
 from repro.io import atomic_write_text, upsert_csv
 from repro.measure.environment import versions
 from repro.measure.memory import peak_bytes
+from repro.measure.quiet import quiet_profiler
 from repro.vocabulary import device_label, op_variant
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -338,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants or list(VARIANTS)
 
     console = Console()
-    frame = run(shapes, variants, dtypes, device, rounds=rounds, threads=args.threads, console=console)
+    with quiet_profiler():  # the memory measurements' profiler writes dozens of non-error lines to stderr
+        frame = run(shapes, variants, dtypes, device, rounds=rounds, threads=args.threads, console=console)
     upsert_csv(args.out, frame, KEY)
     console.print(f"wrote {len(frame)} rows to {args.out}")
     summary = summarize(frame)

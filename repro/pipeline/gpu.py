@@ -35,7 +35,7 @@ Every row goes to DIR/gpu_acceptance.csv (step, check, variant, dtype, shape, me
 method, device, date; `device` names the GPU model, e.g. `cuda: NVIDIA H200`), replaced by key on a rerun.
 
 `--tiny` runs the same code on the CPU at tiny sizes (Triton in its interpreter, a shrunk R-50 model, one
-timed iteration) in about 2 minutes on the shared 2-core machine (30 s of CPU time): the tests run it, so the
+timed iteration) in 2-2.5 minutes on the shared 2-core machine (30-35 s of CPU time): the tests run it, so the
 command is known to work before a GPU sees it. The PyTorch profiler's own stderr lines are dropped
 (`--profiler-log` keeps them).
 Its rows say `cpu: ...` and it writes nothing outside DIR (default: a fresh temporary folder).
@@ -44,10 +44,8 @@ Its rows say `cpu: ...` and it writes nothing outside DIR (default: a fresh temp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -65,6 +63,7 @@ from repro.engine.config import ExperimentConfig, load_config, with_overrides
 from repro.io import upsert_csv
 from repro.measure import bench, claims, profile
 from repro.measure.memory import peak_bytes
+from repro.measure.quiet import quiet_profiler
 from repro.measure.steps import METHOD_CUDA_MEMORY, METHOD_FAKE_MEMORY, METHOD_PROFILER_MEMORY, training_step
 from repro.measure.variants import ContextVariant
 from repro.pipeline.report import write_report
@@ -521,41 +520,6 @@ def preflight(tiny: bool) -> None:
                          "interpreter, not natively. Unset it.")
 
 
-# Lines the PyTorch profiler (Kineto, used by the CPU memory measurements) writes straight to file descriptor 2
-# on every profiling session: not errors, and dozens per step.
-PROFILER_NOISE = (
-    re.compile(r"^USDT:.*ActivityProfilerHandler"),
-    re.compile(r"^\[W\d+ .*CPUAllocator\.cpp.*Memory block of unknown size was allocated before the profiling"),
-    re.compile(r"^(STAGE:|\[W\d+ .*(profiler|kineto|Kineto))"),
-)
-
-
-@contextlib.contextmanager
-def quiet_profiler(enabled: bool = True):
-    """Drop the profiler's own stderr lines (`PROFILER_NOISE`) written while the block runs; every other line
-    (warnings, tracebacks, subprocess output) is passed on, in order, when the block ends. Works at the file
-    descriptor level, because Kineto writes from C++, not through `sys.stderr`."""
-    if not enabled:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = [line for line in capture.read().decode("utf-8", errors="replace").splitlines(keepends=True)
-                    if not any(pattern.search(line) for pattern in PROFILER_NOISE)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
-
-
 def run(plan: Plan, results: Path, *, evidence: Path, experiments: Path = EXPERIMENTS,
         steps: Sequence[str] = STEPS, profiler_log: bool = False) -> dict[str, str]:
     """Run `steps` in order; returns {step: "ok" | "FAILED: ..."} (a failed step does not stop the others).
@@ -594,8 +558,8 @@ def run(plan: Plan, results: Path, *, evidence: Path, experiments: Path = EXPERI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m repro.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true",
-                        help="the same code on the CPU at tiny sizes (Triton interpreter): about 2 minutes on the "
-                             "shared 2-core machine (30 s of CPU time)")
+                        help="the same code on the CPU at tiny sizes (Triton interpreter): 2-2.5 minutes on the "
+                             "shared 2-core machine (30-35 s of CPU time)")
     parser.add_argument("--profiler-log", action="store_true",
                         help="keep the PyTorch profiler's own stderr lines (dropped by default: dozens per step)")
     parser.add_argument("--results", type=Path, default=None,

@@ -660,7 +660,8 @@ def section_miou(results: Path, experiments: Path, pages: dict[str, str]) -> str
     if not apart.empty:
         link = detail_page(pages, "miou_not_counted.md", "Result rows that do not count", "`miou.csv`",
                            markdown_table(apart))
-        kinds = apart["why it does not count"].str.replace(r" \(.*", "", regex=True).value_counts()
+        kinds = pd.Series([kind if kind == provenance.ROW_OLD else kind.split(" (")[0]
+                           for kind in apart["why it does not count"]]).value_counts(sort=False)
         text += (f"\n{len(apart)} row(s) of `miou.csv` do not count ("
                  + ", ".join(f"{kind}: {count}" for kind, count in kinds.items()) + f"): {link}.\n")
     link = detail_page(pages, "miou.md", "Every reported mIoU", "the configs' `reported:` values, `miou.csv` "
@@ -945,10 +946,11 @@ def write_run_pages(run_dirs: list[Path]) -> list[Path]:
             frame = pd.DataFrame([{"step": r["step"], "mIoU": r["mIoU"], "pixel_accuracy": r.get("pixel_accuracy")}
                                   for r in validations])
             lines += ["## Validation during training", "", markdown_table(frame)]
-            last = validations[-1].get("iou_per_class") or {}
-            if last:
-                lines += [f"Per-class IoU at step {validations[-1]['step']}:", "",
-                          markdown_table(pd.DataFrame({"class": list(last), "IoU": list(last.values())}))]
+            last = validations[-1]
+            if last.get("iou_per_class") and len(last.get("class_names", [])) == len(last["iou_per_class"]):
+                lines += [f"Per-class IoU at step {last['step']}:", "", markdown_table(pd.DataFrame(
+                    {"class": last["class_names"], "IoU": [float("nan") if v is None else v
+                                                           for v in last["iou_per_class"]]}))]
         final = [r for r in events.get("eval", []) if r.get("mIoU") is not None]
         if final:
             lines += ["## Final evaluation", "", markdown_table(pd.DataFrame(

@@ -356,8 +356,8 @@ def run_experiments(pipeline: Pipeline, *, python: str, experiments: Path, progr
         else:
             argv = (python, "-m", "repro.run", str(config), "--results", str(pipeline.results / "miou.csv"))
             # A training run interrupted with the pipeline continues from its last checkpoint (a run with none
-            # starts afresh); --force trains from scratch.
-            argv += () if pipeline.force else ("--resume",)
+            # starts afresh, a finished and evaluated one is left as it is); --force trains from scratch.
+            argv += ("--force",) if pipeline.force else ("--resume",)
             run = Step(f"run-{config.stem}", "experiments", argv)
             result = pipeline.execute(run)
             failed |= result.failed
