@@ -89,7 +89,6 @@ from repro.engine.data import (
     DatasetNotFoundError,
     build_dataset,
     check_dataset,
-    dataset_module,
     write_fake_dataset,
 )
 from repro.engine.distributed import barrier, init_distributed, shutdown
