@@ -244,6 +244,7 @@ def test_profile_steps_cover_every_config_in_chunks(tmp_path):
         "claims", "bench", "synthetic-quick", "predict-example-quick"]
 
 
+@pytest.mark.xdist_group("interruptions")  # a signal to a process group: one at a time (see test_security)
 def test_interrupt_records_the_step_and_exits_130(tmp_path):
     """Ctrl-C reaches the pipeline and its step (one process group): exit 130, the step recorded as
     interrupted and not stamped, so a rerun does it again."""

@@ -177,6 +177,73 @@ BLOCKS_PER_SM_FLOOR = {("_line_backward_kernel", "sm_90"): 1}
 RESOURCE_GOAL_SHAPE = "8x64x512x97x97"
 
 
+def floor_derivations(shape: tuple[int, int, int, int, int] = GOAL_SHAPES[0]) -> list[str]:
+    """One markdown paragraph per floor: what it is at `shape` (from the formulas above, bf16 unless said) and what
+    a different design would have to hold on chip to go below it. Numbers are computed, not typed in."""
+    from ops import cost
+
+    batch, qk, v, height, width = shape
+    pixels, bf16, fp32 = batch * height * width, 2, 4
+    minimum = {size: cost.criss_cross_attention_cost(*shape, itemsize=size).bytes for size in (bf16, fp32)}
+    backward_minimum = {size: cost.criss_cross_attention_backward_cost(*shape, itemsize=size).bytes
+                        for size in (bf16, fp32)}
+    forward = forward_floor_bytes(*shape, bf16)
+    image_out_mb = height * width * v * bf16 / 1e6
+    tile_c, n_c = line_tiles(height, "bf16", "sm_90", "forward")
+    pairs = pixels * (height + width - 1)
+    mac_ratio = (width * (n_c * tile_c) ** 2 + height * (n_c * tile_c) ** 2) * batch / pairs
+    whole = backward_floor_bytes(*shape, bf16, (1, 1))
+    partials = pixels * 8 * (2 * qk + v)
+    fp32_tile, fp32_n = line_tiles(height, "fp32", "sm_90", "backward")
+    fp32_floor = backward_floor_bytes(*shape, fp32, (fp32_n, fp32_n))
+    sm80_tile, sm80_n = line_tiles(height, "bf16", "sm_80", "backward")
+    sm80_floor = backward_floor_bytes(*shape, bf16, (sm80_n, sm80_n))
+    registers_kib = 2 * tile_c * tile_c * 4 // 1024
+    at = f"B = {batch}, Cqk {qk}, Cv {v}, {height} x {width}"
+    return [
+        f"- **Forward bytes, two passes: s (4 Cqk + 5 Cv) + 12 per pixel = {forward / minimum[bf16]:.3f}x the "
+        f"minimum** ({at}, bf16). out(i, j) needs v of row i and of column j; a line-sized program sees one of them, "
+        f"so the column pass hands its normalised output and LSE to the row pass through memory (written, read, "
+        f"written: 2 s Cv + 12 per pixel on top of q, k, v read by both passes). Below it a program must hold the "
+        f"other branch's partial output on chip until its pixels' second line is done: for a whole image that is "
+        f"{image_out_mb:.1f} MB of Cv vectors against 0.23 MB of shared memory per SM; with m programs per image "
+        f"and no intermediate, k and v are read at least sqrt(m) times, and 1.5x needs m <= 4: at most 4 B "
+        f"programs, too few to fill a GPU of 132 SMs at small batches.",
+        "- **32-byte sectors within 1% of the useful bytes.** Channels-last tiles are whole channel vectors; only "
+        "a vector's end sectors can be partly used (the per-pixel fp32 LSE and delta, 4 bytes each). No design "
+        "moves fewer sectors than bytes; one that reads NCHW in place moves up to 8x more (the nchw_in_place rows).",
+        f"- **MACs, whole tiles: {mac_ratio:.4f}x the attended pairs** (a {height}-pixel line padded to a "
+        f"{tile_c}-wide tile in both the query and key dimensions: ({tile_c} / {height})^2 (H + W) / (H + W - 1)). "
+        "tl.dot tiles are powers of two >= 16; below it a kernel must split each line into 64 + 32 + 16 sub-tiles "
+        "(about 1.16x) with three code paths, for work that is not the bottleneck (about 35 MACs per byte moved "
+        "in bf16 against an H100's balance of about 100).",
+        f"- **Backward bytes, whole-line tiles (bf16, sm_90): {whole / backward_minimum[bf16]:.3f}x the minimum.** "
+        f"The column pass writes fp32 partial dq, dk, dv and the row pass reads them back "
+        f"({partials / backward_minimum[bf16]:.2f}x the minimum on their own); delta reads out and dO once more. "
+        f"Below it a program must keep each pixel's gradients on chip across both of its lines, i.e. a whole "
+        f"image's dq, dk, dv ({pixels // batch * (2 * qk + v) * 4 / 1e6:.1f} MB in fp32).",
+        f"- **Backward bytes with n tiles per line: P (2 s Cv + 4) + sum over passes P (8 + n s (4 Cqk + 2 Cv)) + "
+        f"P (2 Cqk + Cv) (8 (n_c + n_r - 1) + s).** fp32 (tf32x3 dots spill above {fp32_tile}-wide tiles, "
+        f"n = {fp32_n}): {fp32_floor / backward_minimum[fp32]:.2f}x; bf16 with sm_80's {sm80_tile}-wide tiles "
+        f"(n = {sm80_n}): {sm80_floor / backward_minimum[bf16]:.2f}x. Each (query tile, key tile) pair re-reads q, k, "
+        f"dO and v, and each extra tile adds an fp32 partial-sum round trip. Below it a program must hold a whole "
+        f"line's P and dP: {registers_kib} KiB of fp32 registers for a {tile_c} x {tile_c} tile, half an SM's "
+        f"register file (the same reason sm_90's whole-line backward fits one block per SM, not two).",
+    ]
+
+
+def l2_model_rows(model: pd.DataFrame) -> pd.DataFrame:
+    """The L2 model's prediction beside the counted sectors, per pass ("all" rows that have it)."""
+    if "l2_model_dram_bytes" not in model:
+        return pd.DataFrame()
+    rows = with_target(model)
+    rows = rows[(rows["kernel"] == "all") & rows["l2_model_dram_bytes"].notna()]
+    columns = ["pass", "dtype", "layout", "target", "batch", "minimum_bytes", "sector_bytes",
+               "l2_model_dram_bytes", "sector_ratio", "l2_model_dram_ratio"]
+    return rows[columns].sort_values(["layout", "target", "dtype", "batch", "pass"], ascending=[True, False, True,
+                                                                                               True, False])
+
+
 def with_target(model: pd.DataFrame) -> pd.DataFrame:
     """`model` with its `target` column; rows counted before the column existed were counted with MODEL_TARGET's
     tiles."""
