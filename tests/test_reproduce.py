@@ -332,3 +332,12 @@ def test_timing_sentence_comes_from_the_status_csv():
     assert "longest step was synthetic-default (7.0 minutes), of 2 steps" in sentence
     with pytest.raises(ValueError, match="whole pipeline"):
         timing_sentence(status[status["step"] != "(whole pipeline)"])
+
+
+def test_timing_command_prints_the_sentence_or_one_error_line(tmp_path, capsys):
+    pd.DataFrame({"step": ["(whole pipeline)"], "status": ["wall time"], "seconds": ["90.0"],
+                  "detail": ["2 steps at a time"]}).to_csv(tmp_path / "reproduce_status.csv", index=False)
+    assert main(["timing", str(tmp_path)]) == 0
+    assert "1.5 minutes of wall time (2 steps at a time)" in capsys.readouterr().out
+    assert main(["timing", str(tmp_path / "none")]) == 4
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -659,7 +659,8 @@ def section_kernels(results: Path, pages: dict[str, str]) -> str:
     model = read_csv(results, "kernel_model")
     if model is None:
         return text + missing("kernel_model")
-    _require(model, ["pass", "kernel", "dtype", "layout", "batch", "useful_ratio", "sector_ratio", "macs_ratio"],
+    _require(model, ["pass", "kernel", "dtype", "layout", "batch", "qk_channels", "v_channels", "height", "width",
+                     "useful_bytes", "sector_bytes", "macs", "useful_ratio", "sector_ratio", "macs_ratio"],
              "kernel_model.csv")
     resources = read_csv(results, "kernel_resources")
     model = with_target(model)

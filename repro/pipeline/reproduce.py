@@ -483,6 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["check-data"]:
         return check_data_main(argv[1:])
+    if argv[:1] == ["timing"]:  # `python -m repro.reproduce timing [RESULTS]`: the README's sentence
+        path = Path(argv[1] if len(argv) > 1 else "results") / "reproduce_status.csv"
+        try:
+            print(timing_sentence(pd.read_csv(path, dtype=str, keep_default_na=False)))
+        except (OSError, ValueError) as error:
+            print(f"cannot read the pipeline's timing from {path}: {error}", file=sys.stderr)
+            return 4
+        return 0
     args = _parse_args(argv)
     if args.jobs < 1:
         print(f"--jobs must be >= 1, got {args.jobs}", file=sys.stderr)
