@@ -487,3 +487,21 @@ def test_l2_model_replays_the_interpreters_trace():
     assert small.reads == {"_strided_copy": 2 * 8 * 32} and small.writes == {"_strided_copy": 2 * 64 * 32}
     assert large.reads == {"_strided_copy": 8 * 32} and large.writes == {"_strided_copy": 64 * 32}
     assert large.hits == 8 + 64 and large.misses == 8 + 64
+
+
+def test_committed_l2_model_rows_are_labelled_and_never_exceed_the_counted_sectors():
+    """The L2 view in kernel_model.csv: labelled as a model; a cache can only remove traffic, so the DRAM bytes
+    (reads plus write-backs) are at most the 32-byte sectors counted; and a forward whose whole working set
+    fits the 50 MiB (bf16, B = 1: 21.7 MB) reads and writes every byte it touches once: the minimum, to 0.1%."""
+    frame = pd.read_csv(RESULTS / "kernel_model.csv")
+    assert "l2_model_dram_bytes" in frame, "kernel_model.csv predates the L2 model: python -m repro.kernels model"
+    rows = frame[frame["l2_model_dram_bytes"].notna()]
+    assert not rows.empty and rows["l2_model"].str.startswith("model, not a measurement").all()
+    assert (rows["l2_model_dram_read_bytes"] <= rows["sector_bytes"]).all()
+    assert (rows["l2_model_dram_read_bytes"] + rows["l2_model_dram_write_bytes"] == rows["l2_model_dram_bytes"]).all()
+    assert (rows["l2_model_dram_bytes"] <= rows["sector_bytes"]).all()
+    forward = _committed_row(rows[rows["kernel"] == "all"], GOAL_SHAPE_B1, "bf16", "forward", "channels_last")
+    assert forward["l2_model_dram_ratio"] == pytest.approx(1.0, abs=1e-3)
+
+
+GOAL_SHAPE_B1 = kernels.GOAL_SHAPES[0]

@@ -114,8 +114,8 @@ class TrainSettings:
     and 4096 training images (generated once per seed, shared by the five variants) cover the 9600 samples drawn
     2.3 times. Tuning runs of R=2 alone: with this 32-channel model it reached object accuracy 1.0 on seeds 2 and
     3; a 16-channel model at batch 16 (cheaper still) reached >= 0.999 on seeds 0 and 1 (lr 2e-3) and 3 (lr
-    4e-3) but stayed at chance on seed 2 at both learning rates. 1024 validation images put the chance level's standard error at 0.014
-    (object accuracy 0.25).
+    4e-3) but stayed at chance on seed 2 at both learning rates. 1024 validation images put the chance
+    level's standard error at 0.014 (object accuracy 0.25).
     """
 
     steps: int = 600
