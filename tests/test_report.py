@@ -335,8 +335,8 @@ def test_kernel_section_lists_each_goal_from_the_counts(tmp_path):
     section = text[text.index("## Triton kernel"):text.index("## GPU status")]
     assert "on sm_90 (H100 / H200) and on sm_80 (A100)" in section
     assert "| forward bytes over the two-pass floor | bf16 | counted sm_80 | <= 1.02 | 1.5 | 1 | False |" in section
-    assert "**a model, not a measurement**" in section and "| forward | bf16 | channels_last | sm_80 | 1 | 100 |" in (
-        section)
+    assert "L2 view, a **model, not a measurement**: the interpreter's address trace" in section
+    assert "| forward | bf16 | channels_last | sm_80 | 1 | 100 |" in section
 
 
 def test_report_with_no_csvs_says_how_to_make_each(tmp_path):

@@ -240,6 +240,7 @@ def l2_model_rows(model: pd.DataFrame) -> pd.DataFrame:
     rows = rows[(rows["kernel"] == "all") & rows["l2_model_dram_bytes"].notna()]
     columns = ["pass", "dtype", "layout", "target", "batch", "minimum_bytes", "sector_bytes",
                "l2_model_dram_bytes", "sector_ratio", "l2_model_dram_ratio"]
+    rows = rows.astype({"l2_model_dram_bytes": "int64"})
     return rows[columns].sort_values(["layout", "target", "dtype", "batch", "pass"], ascending=[True, False, True,
                                                                                                True, False])
 

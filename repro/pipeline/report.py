@@ -678,7 +678,7 @@ def section_kernels(results: Path, pages: dict[str, str]) -> str:
              "to go below each:\n\n" + "\n".join(floor_derivations()) + "\n")
     l2 = l2_model_rows(model)
     if not l2.empty:
-        text += ("\nL2 view (**a model, not a measurement**): " + L2_MODEL + ". DRAM bytes predicted per pass beside "
+        text += ("\nL2 view, a **" + L2_MODEL.replace(": ", "**: ", 1) + ". DRAM bytes predicted per pass beside "
                  "the counted 32-byte sectors (L2 and DRAM traffic together), both as ratios to the minimum:\n\n"
                  + markdown_table(l2))
     totals = model[model["kernel"] == "all"]
