@@ -26,8 +26,9 @@ def _install(session: nox.Session, extras: str = "") -> None:
 def tests(session: nox.Session) -> None:
     """The test suite (Triton kernels through the interpreter on CPU)."""
     _install(session, "[test]")
-    # pytest exits 5 when it collects nothing; nox fails on any non-zero exit.
-    session.run("pytest", *(session.posargs or ["-q"]))
+    # One worker per core (pytest-xdist; tests/conftest.py gives each one torch thread); tests marked with the
+    # same `xdist_group` share a worker. pytest exits 5 when it collects nothing; nox fails on any non-zero exit.
+    session.run("pytest", *(session.posargs or ["-q", "-n", "auto", "--dist", "loadgroup"]))
 
 
 @nox.session

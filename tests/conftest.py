@@ -34,8 +34,20 @@ CUDA = torch.cuda.is_available()
 if interpreter_setting(CUDA, dict(os.environ)) is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Keep runs repeatable and avoid oversubscribing small CI machines.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Keep runs repeatable and avoid oversubscribing small CI machines. Under pytest-xdist (`nox -s tests` runs
+# `-n auto`: one worker per core) every worker is one process on one core: one torch thread each, and the same
+# for the Python subprocesses the tests start (OMP_NUM_THREADS is read by torch when they import it).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def worker_threads(worker: str | None, available: int) -> int:
+    """torch threads of this test process: 1 in an xdist worker, else up to 2."""
+    return 1 if worker else min(2, available)
+
+
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+torch.set_num_threads(worker_threads(XDIST_WORKER, torch.get_num_threads()))
 
 
 def op_device_name() -> str:

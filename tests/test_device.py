@@ -15,7 +15,7 @@ from ops import criss_cross
 from repro.measure import bench, claims
 from repro.measure.variants import ContextVariant
 from repro.pipeline import gpu
-from tests.conftest import CUDA, interpreter_setting, op_device_for
+from tests.conftest import CUDA, interpreter_setting, op_device_for, worker_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,3 +166,10 @@ def test_gpu_acceptance_refuses_what_would_not_be_native(monkeypatch):
     assert plan.device.type == "cuda" and "tests/test_cca_triton.py" in plan.test_files
     assert {s.batch for s in plan.bench_shapes} == {2, 8} and set(plan.bench_dtypes) == {"fp32", "bf16"}
     assert plan.claims_size == 97 and plan.train_iterations == 20
+
+
+def test_xdist_workers_run_one_torch_thread_each():
+    """`nox -s tests` runs one pytest-xdist worker per core: each gets one torch thread (and its subprocesses
+    OMP_NUM_THREADS=1); a plain run keeps up to 2."""
+    assert worker_threads("gw0", 16) == 1
+    assert worker_threads(None, 16) == 2 and worker_threads(None, 1) == 1

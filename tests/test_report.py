@@ -277,28 +277,48 @@ def test_report_embeds_existing_plots(results):
 
 
 def test_kernel_section_lists_each_goal_from_the_counts(tmp_path):
+    from repro.measure.kernels import backward_floor_bytes, floors, forward_floor_bytes
+
     base = {"kernel": "all", "layout": "channels_last", "batch": 1, "qk_channels": 64, "v_channels": 512,
-            "height": 97, "width": 97, "sector_ratio": 1.0, "macs_ratio": 1.0}
+            "height": 97, "width": 97, "sector_ratio": 1.0, "macs_ratio": 1.0, "dtype": "bf16"}
+    macs = floors({**base, "pass": "forward", "target": "sm_90"})["macs"]
+    forward = forward_floor_bytes(1, 64, 512, 97, 97, 2)
+    backward = int(1.05 * backward_floor_bytes(1, 64, 512, 97, 97, 2, (1, 1)))
     _write(tmp_path / "kernel_model.csv", [
-        {**base, "pass": "forward", "dtype": "bf16", "useful_ratio": 2.25},
-        {**base, "pass": "backward", "dtype": "bf16", "useful_ratio": 1.75},
+        {**base, "pass": "forward", "useful_ratio": 2.45, "useful_bytes": forward, "sector_bytes": forward,
+         "macs": macs},
+        {**base, "pass": "backward", "useful_ratio": 2.53, "useful_bytes": backward, "sector_bytes": backward,
+         "macs": macs},
     ])
     pages = {}
     text = build_report(tmp_path, tmp_path / "nothing", pages)
     section = text[text.index("## Triton kernel"):text.index("## GPU status")]
-    assert "| forward useful bytes | bf16 | counted sm_90 | <= 1.5x | 2.25 | 1 | False |" in section
-    assert "| backward useful bytes | bf16 | counted sm_90 | <= 2.5x | 1.75 | 1 | True |" in section
+    assert "| forward bytes over the two-pass floor | bf16 | counted sm_90 | <= 1.02 | 1 | 1 | True |" in section
+    assert "| backward bytes over the line-tile floor | bf16 | counted sm_90 | <= 1.02 | 1.05 | 1 | False |" in section
+    whole_lines = ("| backward bytes over the minimum (128-wide tiles) | bf16 | counted sm_90 | <= 2.5 | 2.53 | 1 "
+                   "| False |")
+    assert whole_lines in section
     assert "`kernel_resources.csv` not found" in section and "kernel_model.md" in pages
-    assert "on sm_90 (H100 / H200) (goal rows" in section
-    # Rows counted with the A100's tiles: goal rows of their own, named in the text.
+    assert "on sm_90 (H100 / H200) (rows" in section
+    # The floors, derived from the formulas, and no L2 table without the model's columns.
+    assert "**Forward bytes, two passes: s (4 Cqk + 5 Cv) + 12 per pixel = 2.445x the minimum**" in section
+    assert "fp32 (tf32x3 dots spill above 32-wide tiles, n = 4): 7.41x" in section
+    assert "L2 view" not in section
+    # Rows counted with the A100's tiles: goal rows of their own, named in the text; the L2 model's rows shown.
+    sm_80 = {**base, "pass": "forward", "useful_ratio": 3.5, "useful_bytes": int(1.5 * forward),
+             "sector_bytes": int(1.5 * forward), "macs": macs, "target": "sm_80", "minimum_bytes": 100,
+             "l2_model_dram_bytes": 120, "l2_model_dram_ratio": 1.2}
     _write(tmp_path / "kernel_model.csv", [
-        {**base, "pass": "forward", "dtype": "bf16", "useful_ratio": 2.25, "target": "sm_90"},
-        {**base, "pass": "forward", "dtype": "bf16", "useful_ratio": 3.5, "target": "sm_80"},
+        {**base, "pass": "forward", "useful_ratio": 2.45, "useful_bytes": forward, "sector_bytes": forward,
+         "macs": macs, "target": "sm_90", "minimum_bytes": 100},
+        sm_80,
     ])
     text = build_report(tmp_path, tmp_path / "nothing", {})
     section = text[text.index("## Triton kernel"):text.index("## GPU status")]
     assert "on sm_90 (H100 / H200) and on sm_80 (A100)" in section
-    assert "| forward useful bytes | bf16 | counted sm_80 | <= 1.5x | 3.5 | 1 | False |" in section
+    assert "| forward bytes over the two-pass floor | bf16 | counted sm_80 | <= 1.02 | 1.5 | 1 | False |" in section
+    assert "L2 view, a **model, not a measurement**: the interpreter's address trace" in section
+    assert "| forward | bf16 | channels_last | sm_80 | 1 | 100 |" in section
 
 
 def test_report_with_no_csvs_says_how_to_make_each(tmp_path):

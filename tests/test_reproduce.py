@@ -25,26 +25,33 @@ from repro.pipeline.reproduce import (
     main,
     make_console,
     start_fresh,
+    timing_sentence,
 )
 from tests.configs import write_config
 
 # A stand-in interpreter: answers for the steps built in parallel (claims, profile, run) so these tests do
-# not depend on them, and hands everything else to the real Python.
+# not depend on them, and hands everything else (the dataset check, the report) to the real Python.
 FAKE_PYTHON = """#!/bin/sh
 case "$2" in
   repro.claims) echo "claims: $*"; exit 0 ;;
   repro.bench) echo "bench: $*"; exit 0 ;;
   repro.profile) echo "profiled $*"; exit 0 ;;
   repro.run)
-    if [ "$4" = "--check-data" ]; then
-      if grep -q present "$3"; then exit 0; fi
-      echo "dataset not found at /nowhere (set DATASET_ROOT)"; exit 3
-    fi
     if grep -q crash "$3"; then echo "boom" >&2; exit 2; fi
     echo "trained $3"; exit 0 ;;
 esac
 exec "{python}" "$@"
 """
+
+
+def _fake_cityscapes(root):
+    """A two-image Cityscapes layout for both splits (what `--check-data` looks for)."""
+    from repro.engine.config import load_config
+    from repro.engine.data import write_fake_dataset
+    from tests.configs import EXPERIMENTS
+
+    cfg = load_config(EXPERIMENTS / "cityscapes_r2.yaml", [])
+    return write_fake_dataset(cfg.data, root, count=1, size_hw=(8, 16))
 
 
 def _pipeline(tmp_path, force=False):
@@ -90,9 +97,10 @@ def test_finished_steps_are_not_redone_unless_forced(tmp_path):
 def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
     results, experiments = tmp_path / "results", tmp_path / "experiments"
     experiments.mkdir()
-    write_config(experiments, "alpha", comment="present", reported={"mIoU": 70.0})
-    write_config(experiments, "b_absent", reported={"mIoU": 80.0})
-    crash = write_config(experiments, "c_fails", comment="present crash", reported={"mIoU": 60.0})
+    data = _fake_cityscapes(tmp_path / "data")
+    write_config(experiments, "alpha", comment="present", reported={"mIoU": 70.0}, data_root=data)
+    write_config(experiments, "b_absent", reported={"mIoU": 80.0}, data_root=tmp_path / "nowhere")
+    crash = write_config(experiments, "c_fails", comment="present crash", reported={"mIoU": 60.0}, data_root=data)
     python = _fake_python(tmp_path)
     argv = ["--results", str(results), "--experiments", str(experiments), "--skip", "synthetic",
             "--python", python]
@@ -101,9 +109,14 @@ def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
     assert dict(zip(experiments_status["experiment"], experiments_status["status"], strict=True)) == {
         "alpha": "measured", "b_absent": "dataset not present", "c_fails": "run failed",
     }
-    assert "dataset not found at /nowhere (set DATASET_ROOT)" == experiments_status.set_index(
-        "experiment").loc["b_absent", "detail"]
+    absent = experiments_status.set_index("experiment").loc["b_absent", "detail"]
+    assert absent.startswith("b_absent: ") and str(tmp_path / "nowhere") in absent and "\n" not in absent
     status = pd.read_csv(results / "reproduce_status.csv").set_index("step")
+    # One process checked every dataset.
+    assert status.loc["check-data", "status"] == "done"
+    assert status.loc["check-data", "command"].startswith("python -m repro.reproduce check-data --out ")
+    assert not any(step.startswith("check-data-") for step in status.index)
+    assert status.loc["(whole pipeline)", "status"] == "wall time"
     assert status.loc["claims", "status"] == "done"
     assert status.loc["profile-01-of-01", "status"] == "done"
     assert status.loc["run-c_fails", "status"] == "failed"
@@ -111,7 +124,7 @@ def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
     # Training continues from its last checkpoint when an earlier pipeline was interrupted during it.
     assert status.loc["run-alpha", "command"].split()[-1] == "--resume"
     report = (results / "REPORT.md").read_text()
-    assert "dataset not present" in report and "b_absent" in report
+    assert "dataset not present" in report and "b_absent" in (results / "details" / "miou.md").read_text()
     # Rerun: stamped steps are skipped, the failed one is tried again.
     crash.write_text(crash.read_text().replace("# present crash", "# present"))
     assert main(argv) == 0
@@ -231,6 +244,7 @@ def test_profile_steps_cover_every_config_in_chunks(tmp_path):
         "claims", "bench", "synthetic-quick", "predict-example-quick"]
 
 
+@pytest.mark.xdist_group("interruptions")  # a signal to a process group: one at a time (see test_security)
 def test_interrupt_records_the_step_and_exits_130(tmp_path):
     """Ctrl-C reaches the pipeline and its step (one process group): exit 130, the step recorded as
     interrupted and not stamped, so a rerun does it again."""
@@ -287,3 +301,43 @@ def test_steps_see_a_wide_console(tmp_path):
     step = Step("columns", "claims", (sys.executable, "-c", "import os; print('COLUMNS=' + os.environ['COLUMNS'])"),
                 stamped=False)
     assert _pipeline(tmp_path).execute(step).detail == "COLUMNS=1000"
+
+
+def test_dataset_checks_run_in_one_process_with_one_row_per_config(tmp_path):
+    experiments = tmp_path / "experiments"
+    present = write_config(experiments, "present", data_root=_fake_cityscapes(tmp_path / "data"))
+    absent = write_config(experiments, "absent", data_root=tmp_path / "nowhere")
+    broken = write_config(experiments, "broken")
+    broken.write_text(broken.read_text().replace("recurrence: 2", "recurrence: -1"))
+    table = tmp_path / "datasets.csv"
+    assert main(["check-data", "--out", str(table), str(present), str(absent), str(broken)]) == 2
+    rows = pd.read_csv(table).set_index("experiment")
+    assert rows["status"].to_dict() == {"present": "present", "absent": "dataset not present",
+                                        "broken": "config error"}
+    assert rows["exit_code"].to_dict() == {"present": 0, "absent": 3, "broken": 2}
+    assert str(tmp_path / "nowhere") in rows.loc["absent", "detail"]
+    assert "recurrence" in rows.loc["broken", "detail"]
+    assert main(["check-data", "--out", str(table), str(present), str(absent)]) == 0
+
+
+def test_timing_sentence_comes_from_the_status_csv():
+    status = pd.DataFrame({
+        "step": ["claims", "synthetic-default", "(whole pipeline)"],
+        "status": ["done", "done", "wall time"],
+        "seconds": ["90.0", "420.0", "600.0"],
+        "detail": ["", "", "2 steps at a time, 2 CPUs: AMD EPYC"],
+    })
+    sentence = timing_sentence(status)
+    assert "10.0 minutes of wall time (2 steps at a time, 2 CPUs: AMD EPYC)" in sentence
+    assert "longest step was synthetic-default (7.0 minutes), of 2 steps" in sentence
+    with pytest.raises(ValueError, match="whole pipeline"):
+        timing_sentence(status[status["step"] != "(whole pipeline)"])
+
+
+def test_timing_command_prints_the_sentence_or_one_error_line(tmp_path, capsys):
+    pd.DataFrame({"step": ["(whole pipeline)"], "status": ["wall time"], "seconds": ["90.0"],
+                  "detail": ["2 steps at a time"]}).to_csv(tmp_path / "reproduce_status.csv", index=False)
+    assert main(["timing", str(tmp_path)]) == 0
+    assert "1.5 minutes of wall time (2 steps at a time)" in capsys.readouterr().out
+    assert main(["timing", str(tmp_path / "none")]) == 4
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -504,6 +504,12 @@ def test_concurrent_appends_keep_every_row_whole(tmp_path):
 # Interruptions: SIGKILL at a random moment or in the middle of a checkpoint write, SIGTERM, SIGINT.
 
 
+# Under pytest-xdist these run in one worker, one after another: the module's uninterrupted run is trained once
+# for the two resume tests, and the signals are sent at moments measured in steps of a subprocess that should not
+# compete with a second interruption test.
+INTERRUPTIONS = pytest.mark.xdist_group("interruptions")
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -554,6 +560,7 @@ def _resume_and_compare(data_root: Path, out: Path, uninterrupted: dict[str, tor
     assert different == []
 
 
+@INTERRUPTIONS
 def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(tmp_path, data_root, uninterrupted):
     # The moment: 0-1.5 s after step 2 or 3 is logged (a step's compute, its checkpoint write, or later), drawn
     # from a fixed seed so the test repeats; seed 16 (step 3 + 0.7 s) lands after the step-2 checkpoint, so the
@@ -608,6 +615,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@INTERRUPTIONS
 def test_sigkill_during_a_checkpoint_write_then_resume_gives_the_same_weights(tmp_path, data_root, uninterrupted):
     out = tmp_path / "run"
     env = dict(_env(), KILL_AT_CHECKPOINT="2")
@@ -622,6 +630,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume_gives_the_same_weights(tm
     _resume_and_compare(data_root, out, uninterrupted)
 
 
+@INTERRUPTIONS
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_and_sigint_stop_cleanly_with_the_last_checkpoint_intact(tmp_path, data_root, signum):
     out = tmp_path / "run"

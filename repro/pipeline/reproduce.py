@@ -10,10 +10,12 @@ Steps, each a subprocess called by module name (so a broken or missing step cann
    `python -m repro.bench --out RESULTS/ops_bench.csv --rounds 3` (the operator benchmark);
 4. profile: `python -m repro.profile CONFIG... --out RESULTS` for every `experiments/*.yaml`, in chunks of a
    few configs per process (each chunk stamped, so an interruption loses at most one chunk);
-5. experiments: `python -m repro.run CONFIG --check-data` for every config (exit 0: the dataset is there,
-   then `python -m repro.run CONFIG --results RESULTS/miou.csv --resume` trains and evaluates it, from its
-   last checkpoint if an earlier pipeline was interrupted during it (without --resume under `--force`); exit
-   3: "dataset not present"), recorded in `results/experiments_status.csv`;
+5. experiments: one process checks every config's dataset (`python -m repro.reproduce check-data --out
+   RESULTS/.stamps/datasets.csv CONFIG...`, one row per config: present, dataset not present, or the error;
+   one Python start instead of one per config), then `python -m repro.run CONFIG --results RESULTS/miou.csv
+   --resume` trains and evaluates each config whose dataset is there, from its last checkpoint if an earlier
+   pipeline was interrupted during it (without --resume under `--force`); recorded in
+   `results/experiments_status.csv`;
 6. report: `python -m repro.report --results RESULTS --experiments EXPERIMENTS` (always rerun: cheap).
 
 The committed `results/` are the reference, never the answer: the first time a step group runs in a checkout
@@ -28,10 +30,13 @@ continues where it stopped (the synthetic ablation also resumes run by run insid
 per checkout and ignored by git. Each step's outcome goes to `results/reproduce_status.csv`, commands with
 repository-relative paths. The exit status is non-zero when any step failed; the other steps still run.
 
-Steps 2, 4 and 5 run one after another in one lane, the synthetic ablation and the benchmark in a second lane
-(`--jobs 1`: everything in one lane); every step is single-threaded, so two lanes fit the 2-core machine and
-keep the default run within its 15-minute budget. `--quick` runs the tiny synthetic version, `--full` five
-seeds instead of two.
+Steps are independent processes except two chains (the synthetic ablation before its worked example, the
+dataset check before the experiment runs) and the report, which comes last. `--jobs N` (default 2, the
+machine's cores) workers take the next ready step, longest first (the synthetic ablation, the benchmark,
+claims, the profile chunks, the experiments); every step is single-threaded, so two workers keep both cores
+busy until the end instead of two fixed lanes of unequal length. The pipeline's own wall time is recorded as
+the status row `WALL_STEP` (`timing_sentence` turns the status CSV into the README's sentence). `--quick` runs
+the tiny synthetic version, `--full` five seeds instead of three.
 """
 
 from __future__ import annotations
@@ -338,21 +343,86 @@ def build_steps(
     return steps
 
 
-def run_experiments(pipeline: Pipeline, *, python: str, experiments: Path, progress, task) -> bool:
-    """Check every config's dataset, run those present; write experiments_status.csv. True if one failed."""
-    rows, failed = [], False
-    for config in sorted(experiments.glob("*.yaml")):
+DATASETS_CSV = "datasets.csv"
+DATASET_COLUMNS = ("config", "experiment", "status", "exit_code", "detail")
+CONFIG_ERROR = 2
+
+
+def check_datasets(configs: list[Path]) -> pd.DataFrame:
+    """One row per config: "present" (exit code 0), "dataset not present" (3, with the loader's message: where
+    it looked and the layout it expects) or "config error" (2), as `python -m repro.run CONFIG --check-data`
+    decides, for all configs in this one process."""
+    from repro.engine.config import ConfigError, load_config
+    from repro.engine.data import DatasetNotFoundError, check_dataset
+
+    rows = []
+    for config in configs:
         name = experiment_name(config)
-        check = Step(f"check-data-{config.stem}", "experiments",
-                     (python, "-m", "repro.run", str(config), "--check-data"), stamped=False)
-        outcome = pipeline.execute(check, ok_codes=(0, DATASET_NOT_PRESENT))
-        if outcome.status == "dataset not present":
-            rows.append({"experiment": name, "config": config.name, "status": "dataset not present",
-                         "detail": outcome.detail, "date": _now()})
-        elif outcome.failed:
+        try:
+            cfg = load_config(config, [])
+        except (ConfigError, FileNotFoundError) as error:
+            rows.append((str(config), name, "config error", CONFIG_ERROR, f"config error: {error}"))
+            continue
+        try:
+            root = check_dataset(cfg.data)
+        except DatasetNotFoundError as error:
+            rows.append((str(config), name, "dataset not present", DATASET_NOT_PRESENT, f"{cfg.name}: {error}"))
+        else:
+            rows.append((str(config), name, "present", 0, f"{cfg.name}: {cfg.data.dataset} found at {root}"))
+    return pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
+
+
+def check_data_main(argv: list[str]) -> int:
+    """`python -m repro.reproduce check-data --out CSV CONFIG...`: `check_datasets` into CSV (written
+    atomically), one line per config on stdout; exit 0 when every config could be read (present or not)."""
+    parser = argparse.ArgumentParser(prog="python -m repro.reproduce check-data",
+                                     description="check every config's dataset in one process")
+    parser.add_argument("--out", type=Path, required=True, help="CSV to write (config, experiment, status, ...)")
+    parser.add_argument("configs", type=Path, nargs="*")
+    args = parser.parse_args(argv)
+    frame = check_datasets(args.configs)
+    try:
+        write_csv_atomic(frame, args.out)
+    except OSError as error:
+        print(f"cannot write {args.out}: {error}", file=sys.stderr)
+        return 5
+    for row in frame.itertuples():
+        print(f"{row.experiment}: {row.status}")
+    counts = frame["status"].value_counts()
+    print(f"checked {len(frame)} configs: " + ", ".join(f"{count} {status}" for status, count in counts.items()))
+    return CONFIG_ERROR if (frame["status"] == "config error").any() else 0
+
+
+def _lines(detail: str) -> str:
+    """A multi-line message as one status cell (lines joined by " / ", as the step outcomes show them)."""
+    return " / ".join(line.strip() for line in str(detail).splitlines() if line.strip())
+
+
+def run_experiments(pipeline: Pipeline, *, python: str, experiments: Path, progress, task) -> bool:
+    """Check every config's dataset (one process), run those present; write experiments_status.csv. True if
+    something failed."""
+    configs = sorted(experiments.glob("*.yaml"))
+    table = pipeline.stamps / DATASETS_CSV
+    table.unlink(missing_ok=True)
+    check = Step("check-data", "experiments",
+                 (python, "-m", "repro.reproduce", "check-data", "--out", str(table), *map(str, configs)),
+                 stamped=False)
+    outcome = pipeline.execute(check, ok_codes=(0, CONFIG_ERROR))
+    checked = (pd.read_csv(table, dtype=str, keep_default_na=False).set_index("config")
+               if table.exists() else pd.DataFrame(columns=list(DATASET_COLUMNS)).set_index("config"))
+    rows, failed = [], outcome.failed
+    for config in configs:
+        name = experiment_name(config)
+        if str(config) not in checked.index:
             failed = True
             rows.append({"experiment": name, "config": config.name, "status": "data check failed",
-                         "detail": outcome.detail, "date": _now()})
+                         "detail": outcome.detail or "no row in the dataset check", "date": _now()})
+        elif checked.loc[str(config), "status"] != "present":
+            status = checked.loc[str(config), "status"]
+            failed |= status != "dataset not present"
+            rows.append({"experiment": name, "config": config.name,
+                         "status": "dataset not present" if status == "dataset not present" else "data check failed",
+                         "detail": _lines(checked.loc[str(config), "detail"]), "date": _now()})
         else:
             argv = (python, "-m", "repro.run", str(config), "--results", str(pipeline.results / "miou.csv"))
             # A training run interrupted with the pipeline continues from its last checkpoint (a run with none
@@ -370,6 +440,30 @@ def run_experiments(pipeline: Pipeline, *, python: str, experiments: Path, progr
     return failed
 
 
+# The status row that holds the whole pipeline's wall time (not a step: its own status, never summed with them).
+WALL_STEP = "(whole pipeline)"
+WALL_STATUS = "wall time"
+
+
+def timing_sentence(status: pd.DataFrame) -> str:
+    """The README's sentence on the main job's duration, from `reproduce_status.csv` as a frame: the pipeline's
+    wall time (row WALL_STEP), its longest step, and the CPU the run had."""
+    seconds = pd.to_numeric(status["seconds"], errors="coerce")
+    wall = status[status["step"] == WALL_STEP]
+    if wall.empty:
+        raise ValueError(f"reproduce_status.csv has no {WALL_STEP!r} row: it predates the wall-time record; "
+                         "rerun python -m repro.reproduce")
+    steps = status[(status["step"] != WALL_STEP) & status["status"].isin(["done", "done (earlier run)"])]
+    longest = steps.loc[seconds[steps.index].idxmax()] if not steps.empty else None
+    detail = str(wall.iloc[-1].get("detail", ""))
+    text = (f"the last `python -m repro.reproduce` in `results/reproduce_status.csv` took "
+            f"{float(seconds[wall.index[-1]]) / 60:.1f} minutes of wall time ({detail})")
+    if longest is not None:
+        text += (f"; its longest step was {longest['step']} ({float(longest['seconds']) / 60:.1f} minutes), "
+                 f"of {len(steps)} steps")
+    return text + "."
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m repro.reproduce", description=__doc__.split("\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -381,13 +475,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="folder of the experiment YAMLs (default experiments/)")
     parser.add_argument("--skip", nargs="+", default=[], choices=STEP_GROUPS, help="step groups to leave out")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the steps")
-    parser.add_argument("--jobs", type=int, default=2, choices=(1, 2),
-                        help="2 (default): the synthetic ablation runs beside the other steps; 1: one at a time")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="steps run at once (default 2: every step is single-threaded; 1: one at a time)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check-data"]:
+        return check_data_main(argv[1:])
+    if argv[:1] == ["timing"]:  # `python -m repro.reproduce timing [RESULTS]`: the README's sentence
+        path = Path(argv[1] if len(argv) > 1 else "results") / "reproduce_status.csv"
+        try:
+            print(timing_sentence(pd.read_csv(path, dtype=str, keep_default_na=False)))
+        except (OSError, ValueError) as error:
+            print(f"cannot read the pipeline's timing from {path}: {error}", file=sys.stderr)
+            return 4
+        return 0
     args = _parse_args(argv)
+    if args.jobs < 1:
+        print(f"--jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
     preset = "quick" if args.quick else "full" if args.full else "default"
     skip = set(args.skip)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -410,46 +519,65 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[yellow]no experiment folder at {args.experiments}: no profile/experiment steps[/]")
     run_configs = bool(configs) and "experiments" not in skip
     total = len(steps) + (len(configs) if run_configs else 0) + (0 if "report" in skip else 1)
-    # Two lanes by default: the single-threaded synthetic ablation beside the (also single-threaded)
-    # claims / profile / dataset checks, which is what keeps the default run within its budget on 2 cores.
-    # The operator benchmark (single-threaded too) follows the ablation in its lane, which has the slack.
-    second = [step for step in steps if step.group == "synthetic"] + [step for step in steps if step.group == "bench"]
-    others = [step for step in steps if step.group not in ("synthetic", "bench")]
-    lanes = [others + second] if args.jobs == 1 else [others, second]
+    # Longest first (a greedy schedule over `--jobs` workers): the synthetic ablation, the benchmark, claims,
+    # the profile chunks, then the experiments (one dataset check, and runs only where data is present).
+    order = {"synthetic": 0, "bench": 1, "claims": 2, "profile": 3}
+    queue: list[Step | str] = sorted(steps, key=lambda step: order.get(step.group, len(order)))
+    if run_configs:
+        queue.append("experiments")
+    # A step waits for the one it follows (the worked example needs the trained R=2 model).
+    after = {step.name: previous.name for previous, step in zip(steps, steps[1:], strict=False)
+             if step.group == previous.group == "synthetic"}
+    finished: set[str] = set()
     failed: list[str] = []
     stop = threading.Event()
+    changed = threading.Condition()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
-    def run_lane(lane: list[Step], progress, task, with_experiments: bool) -> list[str]:
-        lane_failed = []
-        for step in lane:
-            if stop.is_set():
-                return lane_failed
-            if pipeline.execute(step).failed:
-                lane_failed.append(step.name)
-            progress.update(task, advance=1)
-        if with_experiments and run_configs and not stop.is_set():
-            if run_experiments(pipeline, python=args.python, experiments=args.experiments,
-                               progress=progress, task=task):
-                lane_failed.append("experiments")
-        return lane_failed
+    def next_item() -> Step | str | None:
+        with changed:
+            while True:
+                if stop.is_set() or not queue:
+                    return None
+                for item in queue:
+                    if isinstance(item, str) or after.get(item.name) in (None, *finished):
+                        queue.remove(item)
+                        return item
+                changed.wait()
+
+    def worker(progress, task) -> None:
+        while (item := next_item()) is not None:
+            if item == "experiments":
+                if run_experiments(pipeline, python=args.python, experiments=args.experiments,
+                                   progress=progress, task=task):
+                    failed.append("experiments")
+                name = item
+            else:
+                if pipeline.execute(item).failed:
+                    failed.append(item.name)
+                progress.update(task, advance=1)
+                name = item.name
+            with changed:
+                finished.add(name)
+                changed.notify_all()
 
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("reproduce", total=total)
-        with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
-            futures = [pool.submit(run_lane, lane, progress, task, index == 0)
-                       for index, lane in enumerate(lanes)]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(worker, progress, task) for _ in range(args.jobs)]
             try:
                 while not all(future.done() for future in futures):
                     time.sleep(0.2)
             except KeyboardInterrupt:
-                # The steps' processes got the same SIGINT; let the lanes record them and stop.
+                # The steps' processes got the same SIGINT; let the workers record them and stop.
                 stop.set()
+                with changed:
+                    changed.notify_all()
                 wait(futures)
                 console.print("[yellow]interrupted: finished steps are stamped; rerun to continue[/]")
                 return 130
             for future in futures:
-                failed.extend(future.result())
+                future.result()
         if "report" not in skip:
             report = Step("report", "report", (args.python, "-m", "repro.report", "--results",
                                                str(args.results), "--experiments", str(args.experiments)),
@@ -457,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
             if pipeline.execute(report).failed:
                 failed.append("report")
             progress.update(task, advance=1)
+    wall = Step(WALL_STEP, "pipeline", (sys.executable, "-m", "repro.reproduce", *argv), stamped=False)
+    pipeline.record(wall, Outcome(WALL_STATUS, None, time.perf_counter() - started,
+                                  f"{args.jobs} steps at a time, {os.cpu_count()} CPUs: {cpu_model()}"))
     if failed:
         names = ", ".join(failed)
         console.print(f"[red]{len(failed)} step(s) failed:[/] {names} (see {pipeline.status_path})")

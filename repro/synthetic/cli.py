@@ -23,7 +23,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default results)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny runs (tests, smoke checks)")
-    size.add_argument("--full", action="store_true", help="5 seeds instead of 2")
+    size.add_argument("--full", action="store_true", help="5 seeds instead of 3")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
     parser.add_argument("--steps", type=int, help="override the preset's training steps")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
