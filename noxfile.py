@@ -1,4 +1,5 @@
-"""Sessions: `nox -s tests`, `nox -s reproduce` (the main job), `nox -s bench`, `nox -s gpu`, `nox -s lint`.
+"""Sessions: `nox -s tests`, `nox -s reproduce` (the main job), `nox -s bench`, `nox -s gpu`, `nox -s parity`,
+`nox -s lint`.
 
 Virtual environments are reused between runs (torch is installed once). TORCH_SPEC picks the torch build:
 the default `torch==2.13.0` is the CPU wheel on the project's CI machines and the CUDA wheel from PyPI on a
@@ -50,6 +51,14 @@ def gpu(session: nox.Session) -> None:
     `nox -s gpu -- --tiny` runs the same code on the CPU at tiny sizes into a temporary folder."""
     _install(session, "[test]")  # pytest: the operator tests run on the GPU as part of the acceptance
     session.run("python", "-m", "repro.gpu", *session.posargs)
+
+
+@nox.session
+def parity(session: nox.Session) -> None:
+    """Parity with the sources' own code (`python -m repro.parity`): one venv per source under `.nox/`, built on
+    first use and reused -> results/parity.csv. `nox -s parity -- --quick` checks one row per source."""
+    _install(session)
+    session.run("python", "-m", "repro.parity", *session.posargs)
 
 
 @nox.session

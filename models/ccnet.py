@@ -55,6 +55,15 @@ class CCNet(nn.Module):
             return logits
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=self.align_corners)
 
+    def logits_at(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Eval-mode decoder logits resized once, straight to `size` (sssegmentation's test resizes the
+        stride-8 logits to the original image size in one interpolation)."""
+        if images.dim() != 4:
+            raise ValueError(f"CCNet expects images (B, 3, H, W), got {tuple(images.shape)}")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self._resize(self.decode_head(self.backbone(images)[-1]), tuple(size))
+
     def forward(self, images: torch.Tensor):
         if images.dim() != 4:
             raise ValueError(f"CCNet expects images (B, 3, H, W), got {tuple(images.shape)}")
@@ -88,6 +97,7 @@ def build(
     dropout: float = 0.1,
     contract_dilation: bool = True,
     nonlocal_impl: str = "naive",
+    nonlocal_block: str = "paper",
     aux_channels: int = 256,
     head_act: str = "relu",
     pool_ceil_mode: bool = False,
@@ -99,9 +109,10 @@ def build(
 
     Args:
         depth, stem, output_stride, contract_dilation, pool_ceil_mode: the backbone (`models.resnet.ResNet`).
-        head: "rcca" (criss-cross, `recurrence` loops; 0 = no context), "nonlocal" (one NonLocal2d block,
-            `nonlocal_impl`) or "fcn" (mmsegmentation's FCN decode head: two 3x3 convs, concat with the input,
-            fusion conv; `recurrence` is ignored).
+        head: "rcca" (criss-cross, `recurrence` loops; 0 = no context), "nonlocal" (one non-local block,
+            `nonlocal_impl`; `nonlocal_block` "paper" or "mmseg": see `models.heads.NonLocalHead`) or "fcn"
+            (mmsegmentation's FCN decode head: two 3x3 convs, concat with the input, fusion conv; `recurrence` is
+            ignored).
         num_classes: output classes.
         norm: "bn", "syncbn" or "frozenbn". "frozenbn" freezes the backbone's norms only; the heads, trained
             from scratch, keep BatchNorm.
@@ -138,7 +149,9 @@ def build(
             in_channels, recurrence=recurrence, qk_channels=qk_channels, backend=backend, **common
         )
     elif head == "nonlocal":
-        decode_head = NonLocalHead(in_channels, qk_channels=qk_channels, impl=nonlocal_impl, **common)
+        decode_head = NonLocalHead(
+            in_channels, qk_channels=qk_channels, impl=nonlocal_impl, block=nonlocal_block, **common
+        )
     else:
         decode_head = FCNHead(in_channels, num_convs=2, concat_input=True, **common)
     auxiliary_head = None

@@ -77,6 +77,7 @@ _PLACEHOLDERS = {
     "p": r"[^.]+",
     "i": r"\d+",
     "proj": r"(?:query|key|value)_conv",
+    "nl": r"(?:theta|phi|g)",
     "rest": r".+",
 }
 
@@ -104,6 +105,10 @@ KEY_RULES: dict[str, tuple[tuple[str, ...], ...]] = {
         ("decode_head.cca.{proj}.{p}", "decode_head.attention.{proj}.{p}"),
         ("decode_head.cca.gamma.scale", "decode_head.attention.gamma", SCALAR),
         ("decode_head.cca.gamma", "decode_head.attention.gamma"),
+        # NLHead's mmcv NonLocal2d (ConvModules) onto models.heads.EmbeddedGaussianNonLocal.
+        ("decode_head.nl_block.{nl}.conv.{p}", "decode_head.attention.{nl}.{p}"),
+        ("decode_head.nl_block.conv_out.conv.{p}", "decode_head.attention.conv_out.0.{p}"),
+        ("decode_head.nl_block.conv_out.bn.{p}", "decode_head.attention.conv_out.1.{p}"),
         ("decode_head.conv_cat.conv.{p}", "decode_head.bottleneck.0.{p}"),
         ("decode_head.conv_cat.bn.{p}", "decode_head.bottleneck.1.{p}"),
         ("decode_head.conv_seg.{p}", "decode_head.classifier.{p}"),

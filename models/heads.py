@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ops import CrissCrossAttention, NonLocal2d
+from ops.non_local import non_local_attention
 
 ACTIVATIONS = ("relu", "leaky_relu")
 
@@ -166,8 +167,50 @@ class RCCAHead(_AttentionHead):
         return f"recurrence={self.recurrence}"
 
 
+NONLOCAL_BLOCKS = ("paper", "mmseg")
+
+
+class EmbeddedGaussianNonLocal(nn.Module):
+    """mmsegmentation's NLHead block (mmcv `NonLocal2d`, mode "embedded_gaussian", use_scale=True, as its docs
+    state): theta, phi, g = 1x1 convs with bias C -> Ci, attention softmax(theta . phi / sqrt(Ci)) over all H*W
+    pixels applied to g, then conv_out = 1x1 conv Ci -> C (no bias) + norm, added to the input. The norm's
+    weight starts at 0 (mmcv's zeros_init), so the block starts as the identity, like the paper block's gamma.
+
+    State keys: `theta.*`, `phi.*`, `g.*`, `conv_out.0.weight`, `conv_out.1.*` (mmseg: `nl_block.theta.conv.*`,
+    ..., `nl_block.conv_out.conv.weight`, `nl_block.conv_out.bn.*`).
+    """
+
+    def __init__(self, in_channels: int, *, inter_channels: int, impl: str = "naive",
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        _check_channels(in_channels=in_channels, inter_channels=inter_channels)
+        self.in_channels, self.inter_channels, self.impl = in_channels, inter_channels, impl
+        self.theta = nn.Conv2d(in_channels, inter_channels, kernel_size=1)
+        self.phi = nn.Conv2d(in_channels, inter_channels, kernel_size=1)
+        self.g = nn.Conv2d(in_channels, inter_channels, kernel_size=1)
+        self.conv_out = nn.Sequential(nn.Conv2d(inter_channels, in_channels, kernel_size=1, bias=False),
+                                      norm_layer(in_channels))
+        for conv in (self.theta, self.phi, self.g):  # mmcv NonLocal2d.init_weights(std=0.01)
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        nn.init.zeros_(self.conv_out[1].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        # 1/sqrt(Ci) applied to theta: the same energies as scaling theta . phi afterwards.
+        query = self.theta(x) / self.inter_channels**0.5
+        context = non_local_attention(query, self.phi(x), self.g(x), impl=self.impl)
+        return x + self.conv_out(context)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, inter_channels={self.inter_channels}, impl={self.impl!r}"
+
+
 class NonLocalHead(_AttentionHead):
-    """The RCCA head with one `ops.NonLocal2d` block in place of the criss-cross loop (the paper's baseline).
+    """The RCCA head with one non-local block in place of the criss-cross loop: `block` "paper" is
+    `ops.NonLocal2d` (the paper's baseline: the criss-cross block's q/k/v and gamma), "mmseg" is mmsegmentation's
+    NLHead block (`EmbeddedGaussianNonLocal`, qk_channels = its inter channels, channels // 2 in NLHead).
 
     Args: as `RCCAHead`, with `impl` ("naive" materialises the HW x HW map, "sdpa") instead of recurrence and
     backend.
@@ -184,6 +227,7 @@ class NonLocalHead(_AttentionHead):
         dropout: float = 0.1,
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
         act: str = "relu",
+        block: str = "paper",
     ) -> None:
         super().__init__(
             in_channels,
@@ -193,7 +237,13 @@ class NonLocalHead(_AttentionHead):
             norm_layer=norm_layer,
             act=act,
         )
-        self.attention = NonLocal2d(channels, qk_channels=qk_channels, impl=impl)
+        if block not in NONLOCAL_BLOCKS:
+            raise ValueError(f"unknown non-local block {block!r}; expected one of {NONLOCAL_BLOCKS}")
+        if block == "paper":
+            self.attention = NonLocal2d(channels, qk_channels=qk_channels, impl=impl)
+        else:
+            inter = channels // 2 if qk_channels is None else qk_channels
+            self.attention = EmbeddedGaussianNonLocal(channels, inter_channels=inter, impl=impl, norm_layer=norm_layer)
 
     def _context(self, features: torch.Tensor) -> torch.Tensor:
         return self.attention(features)

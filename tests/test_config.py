@@ -81,7 +81,10 @@ def test_official_recipe():
     assert (m.depth, m.stem, m.output_stride, m.head, m.recurrence) == (101, "deep", 8, "rcca", 2)
     assert d.crop_size == (769, 769) and d.batch_size * t.source_gpus == 8
     assert (t.lr, t.lr_power, t.weight_decay, t.iterations, t.loss) == (0.01, 0.9, 1e-4, 60000, "ce")
-    assert cfg.eval.mode == "whole"
+    # evaluate.py's default (no --whole): 769 tiles at stride ceil(769 * 2 / 3), zero-padded, IoU 0 kept in the mean.
+    e = cfg.eval
+    assert (e.mode, e.crop_size, e.stride, e.slide_pad, e.scale) == ("slide", (769, 769), (513, 513), "zero", None)
+    assert (e.zero_union, e.resize_align_corners, e.ms_average) == ("zero", True, "logits")
     ohem = load_config(EXPERIMENTS / "cityscapes_r2_ohem.yaml").train
     assert (ohem.loss, ohem.ohem_thresh, ohem.ohem_min_kept) == ("ohem", 0.7, 100000)
 
@@ -169,7 +172,11 @@ def test_ssseg_iterations_follow_its_sampler(path):
         ("data", "rescale"), ("data", "base_size"), ("data", "scale_step"), ("data", "cat_max_ratio"),
         ("data", "crop_fallback"),
         ("data", "photometric_distortion"), ("data", "pad_position"), ("train", "min_lr"),
-        ("train", "poly_horizon"), ("train", "loss_average"),
+        ("train", "poly_horizon"), ("train", "loss_average"), ("data", "pad_fill"),
+        ("eval", "scale"), ("eval", "slide_pad"), ("eval", "val_pad_size"), ("eval", "val_pad_value"),
+        ("eval", "upsample"), ("eval", "resize_align_corners"), ("eval", "zero_union"), ("eval", "ms_flip"),
+        ("eval", "ms_scales"), ("eval", "ms_mode"), ("eval", "ms_resize"), ("eval", "ms_average"),
+        ("eval", "ms_average_at"),
     ],
 )
 def test_recipe_fields_have_no_default(tmp_path, raw, section, key):
@@ -200,7 +207,26 @@ def test_model_kwargs_are_build_arguments():
         (lambda r: r["data"].update(dataset="kitti"), "data.dataset: expected one of"),
         (lambda r: r["model"].update(aux="yes"), "model.aux: expected true/false"),
         (lambda r: r["model"].update(num_classes=21), "model.num_classes: cityscapes has 19 classes"),
-        (lambda r: r["eval"].update(mode="slide"), "eval.crop_size: required when mode is 'slide'"),
+        (lambda r: r["eval"].update(crop_size=None), "eval.crop_size: required when mode is 'slide'"),
+        (lambda r: r["eval"].update(slide_pad="edge"), "eval.slide_pad: expected one of"),
+        (lambda r: r["eval"].update(zero_union="nan"), "eval.zero_union: expected one of"),
+        (lambda r: r["eval"].update(val_pad_size=[1025, 2049]), "eval.val_pad_value: required when val_pad_size"),
+        (lambda r: r["eval"].update(val_pad_value=127.5), "eval.val_pad_value: expected null when val_pad_size"),
+        (
+            lambda r: r["eval"].update(val_pad_size=[1025, 2049], val_pad_value=300),
+            "eval.val_pad_value: expected a raw pixel value",
+        ),
+        (
+            lambda r: r["eval"].update(upsample="label_once", val_pad_size=[9, 9], val_pad_value=0,
+                                       ms_resize="tensor_input_ratio"),
+            "eval.upsample: expected 'input_then_label' with val_pad_size set",
+        ),
+        (
+            lambda r: r["eval"].update(val_pad_size=[9, 9], val_pad_value=0, upsample="input_then_label"),
+            "eval.ms_resize: expected a 'tensor_input_*' view with val_pad_size set",
+        ),
+        (lambda r: r["eval"].update(ms_average="median"), "eval.ms_average: expected one of"),
+        (lambda r: r["data"].update(pad_fill="mean"), "data.pad_fill: expected one of"),
         (
             lambda r: r["eval"].update(mode="slide", crop_size=[769, 769], stride=[800, 513]),
             "eval.stride: expected <= crop_size",

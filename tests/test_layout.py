@@ -15,7 +15,7 @@ PACKAGES = ("ops", "models", "repro")
 # repro's rooms, lowest first; a module may import from its own room and the rooms below it. The base
 # modules (the package itself, the one write mechanism, the vocabulary) sit below every room; the thin
 # `python -m repro.X` entry modules sit above all of them.
-ROOMS = ("repro.engine", "repro.measure", "repro.synthetic", "repro.pipeline")
+ROOMS = ("repro.engine", "repro.measure", "repro.parity", "repro.synthetic", "repro.pipeline")
 BASE = ("repro", "repro.io", "repro.vocabulary")
 
 

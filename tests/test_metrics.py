@@ -64,7 +64,7 @@ def test_cityscapes_miou_equals_official_evaluator(tmp_path, monkeypatch):
 
     ctx = init_distributed(device="cpu")
     ours = evaluate(
-        model, dataset, eval_cfg=EvalConfig(mode="whole"), num_classes=19, ignore_index=255, ctx=ctx,
+        model, dataset, eval_cfg=EvalConfig.native_whole(), num_classes=19, ignore_index=255, ctx=ctx,
         on_prediction=write, progress=False,
     )["mIoU"]
 

@@ -32,6 +32,14 @@ def test_table_shows_where_the_sources_differ():
     assert table.loc["model.stem", "sssegmentation"] == "v1c"
     assert table.loc["data.pad_position", "sssegmentation"] == "centre"
     assert table.loc["train.loss", "official repository"] == "ce / ohem"
+    # Evaluation protocols (EvalConfig): official tiles zero-padded, IoU 0 kept; mmseg 0.x views of the original.
+    assert table.loc["eval.slide_pad", "official repository"] == "zero"
+    assert (table.loc["eval.zero_union", "official repository"], table.loc["eval.zero_union", "mmsegmentation"]) == (
+        "zero", "drop",
+    )
+    assert table.loc["eval.ms_resize", "mmsegmentation"] == "cv2_scale_bounds"
+    assert table.loc["eval.upsample", "sssegmentation"] == "label_once"
+    assert table.loc["eval.val_pad_size", "PaddleSeg"] == "(1025, 2049)"
     assert set(table.loc["data.base_size", "mmsegmentation"].split(" / ")) == {
         "(2048, 512)", "(2048, 1024)", "(2049, 1025)",
     }

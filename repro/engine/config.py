@@ -70,6 +70,9 @@ class ModelConfig:
     dropout: float = 0.1
     contract_dilation: bool = True
     nonlocal_impl: Literal["naive", "sdpa", "sdpa_heads"] = "naive"
+    # "paper": the criss-cross block's q/k/v and gamma over all pixels (the paper's baseline); "mmseg":
+    # mmsegmentation's NLHead block (mmcv NonLocal2d embedded_gaussian, scaled, conv_out + norm).
+    nonlocal_block: Literal["paper", "mmseg"] = "paper"
     # mmsegmentation's auxiliary FCN head has 256 channels, the official code's and sssegmentation's 512.
     aux_channels: int = 256
     # Final bilinear upsampling: mmsegmentation False, the official code True.
@@ -101,8 +104,7 @@ class DataConfig:
     `scale_step` as the official code's 0.7 + randint(0, 14) / 10) following `rescale`, randomly cropped to
     at most `crop_size` (re-drawn up to 10 times while one class covers `cat_max_ratio` or more of the
     labelled pixels of the crop, then `crop_fallback`), flipped, colour-jittered as `photometric_distortion`
-    says, normalised, and
-    padded to `crop_size` (image 0 after normalisation, i.e. the mean colour; label `ignore_index`) at
+    says, normalised, and padded to `crop_size` (image as `pad_fill` says; label `ignore_index`) at
     `pad_position`. Resizing is OpenCV's (bilinear for images, nearest for labels), as in every source.
 
     The recipe fields below have no default: the sources differ on each of them (see
@@ -138,6 +140,11 @@ class DataConfig:
     # "bottom_right" (official copyMakeBorder(0, pad_h, 0, pad_w); mmseg stack_batch) or "centre"
     # (sssegmentation Padding: top = (out - h) // 2).
     pad_position: Literal["bottom_right", "centre"]
+    # The image value of the padding: "normalised_zero" (0 after normalisation, i.e. the mean colour: official
+    # copyMakeBorder after image -= mean, mmseg 0.x Pad after Normalize, mmseg 1.x SegDataPreProcessor
+    # stack_batch, sssegmentation Padding after Normalize) or "raw_zero" (a black pixel, normalised afterwards:
+    # mmseg 1.x pascal_voc12_aug.py's Pad before PackSegInputs).
+    pad_fill: Literal["normalised_zero", "raw_zero"]
     root: str | None = None
     flip: bool = True
     ignore_index: int = 255
@@ -227,26 +234,83 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How the validation set is predicted.
+    """How the validation set is predicted and scored: each source's protocol, stated field by field.
 
-    `mode` "whole" feeds the (rescaled) image at once, "slide" uses windows of `crop_size` every `stride`.
-    `scale` (long side, short side; keep ratio) is the test resize of mmsegmentation (None = native size);
-    logits are resized back to the label's size before the confusion matrix. With `ms_flip` the multi-scale
-    + flip mIoU (`ms_scales` x {image, mirrored image}) is measured as well. Images are predicted one at a
-    time (their sizes differ).
+    Single scale ("mIoU"): the image is keep-ratio rescaled to `scale` (long side, short side; None = native
+    size) with OpenCV, normalised, padded bottom-right to `val_pad_size` (height, width) with the raw pixel
+    value `val_pad_value` when set (PaddleSeg), and predicted in `mode`: "whole" (one forward pass) or "slide"
+    (windows of `crop_size` every `stride`, placed as mmseg / the official code place them: every stride, the
+    last one moved back to end at the border; a window larger than the image is either shrunk to the image,
+    `slide_pad` "none" (mmseg, sssegmentation), or the image part is zero-padded bottom-right to the window
+    and the prediction cropped back, "zero" (official evaluate.py pad_image)). Overlapping window logits are
+    averaged. `upsample` says how the decoder's stride-8 logits reach the label's size: "input_then_label"
+    (to the network input, then, after the padding is cropped off, to the label's size: mmseg, PaddleSeg,
+    official) or "label_once" (straight to the label's size in one interpolation: sssegmentation; in slide
+    mode windows always go to the window size first). Every resize of logits uses `resize_align_corners`.
+
+    Multi-scale + flip ("mIoU_ms_flip", measured when `ms_flip`; `repro.predict --mode ms_flip` uses the same
+    fields on any row): for each of `ms_scales` and {image, mirror}, a view is built as `ms_resize` says,
+    predicted in `ms_mode`, mirrored back, resized to `ms_average_at` ("original": the label's size; "input":
+    the single-scale network input, cropped and resized like a single-scale prediction afterwards) and
+    averaged as softmax probabilities or logits (`ms_average`).
+
+    `zero_union`: a class absent from both labels and predictions of the whole split is "drop"ped from the
+    mean (mmseg, sssegmentation: nanmean) or counts as IoU 0 ("zero": official evaluate.py, PaddleSeg).
+
+    The sources differ on every one of these, so none has a default: each row states its source's values.
     """
 
     mode: Literal["whole", "slide"]
+    scale: tuple[int, int] | None
+    slide_pad: Literal["none", "zero"]
+    val_pad_size: tuple[int, int] | None
+    val_pad_value: float | None
+    upsample: Literal["input_then_label", "label_once"]
+    resize_align_corners: bool
+    zero_union: Literal["drop", "zero"]
+    ms_flip: bool
+    ms_scales: tuple[float, ...]
+    ms_mode: Literal["whole", "slide"]
+    # How each scale's view is made:
+    # "cv2_scale_bounds": the original image keep-ratio rescaled with OpenCV into (int(long * r), int(short * r))
+    #   of `scale`, or of the image's own (width, height) when `scale` is null (mmseg 0.x MultiScaleFlipAug
+    #   img_ratios, its modes 2 and 1);
+    # "cv2_original_ratio": the original image rescaled with OpenCV by r, sizes int(x * r + 0.5) (mmseg 1.x
+    #   tta_pipeline Resize scale_factor=r);
+    # "zoom_original_ratio": the normalised original image resized by r with bilinear interpolation aligning
+    #   corners, sizes round(x * r) (official evaluate.py ndimage.zoom(order=1, prefilter=False));
+    # "tensor_input_ratio": the normalised single-scale input (after `scale` and `val_pad_size`) resized to
+    #   int(x * r + 0.5) with bilinear interpolation, half-pixel centres (PaddleSeg aug_inference);
+    # "tensor_input_scale_factor": the normalised single-scale input resized with F.interpolate(scale_factor=r,
+    #   align_corners=resize_align_corners), sizes floor(x * r) (sssegmentation auginference).
+    ms_resize: Literal[
+        "cv2_scale_bounds", "cv2_original_ratio", "zoom_original_ratio", "tensor_input_ratio",
+        "tensor_input_scale_factor",
+    ]
+    ms_average: Literal["probs", "logits"]
+    ms_average_at: Literal["original", "input"]
     crop_size: tuple[int, int] | None = None
     stride: tuple[int, int] | None = None
-    scale: tuple[int, int] | None = None
-    ms_flip: bool = False
-    ms_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+    @classmethod
+    def native_whole(cls, **changes: Any) -> EvalConfig:
+        """A protocol of no source, for synthetic data and tests: the whole image at its native size, logits
+        to the input then the label, align_corners False, zero-union classes dropped; multi-scale views are
+        the input resized by the ratio, probabilities averaged at the original size. `changes` replace fields."""
+        values: dict[str, Any] = dict(
+            mode="whole", scale=None, slide_pad="none", val_pad_size=None, val_pad_value=None,
+            upsample="input_then_label", resize_align_corners=False, zero_union="drop", ms_flip=False,
+            ms_scales=(0.75, 1.0, 1.25), ms_mode="whole", ms_resize="tensor_input_ratio", ms_average="probs",
+            ms_average_at="original",
+        )
+        values.update(changes)
+        return cls(**values)
 
     def __post_init__(self) -> None:
-        if self.mode == "slide":
-            _require(self.crop_size is not None, "crop_size", "required when mode is 'slide'")
-            _require(self.stride is not None, "stride", "required when mode is 'slide'")
+        if "slide" in (self.mode, self.ms_mode):
+            which = "mode" if self.mode == "slide" else "ms_mode"
+            _require(self.crop_size is not None, "crop_size", f"required when {which} is 'slide'")
+            _require(self.stride is not None, "stride", f"required when {which} is 'slide'")
         _expect(self.crop_size is None or min(self.crop_size) >= 1, "crop_size", "positive", self.crop_size)
         _expect(self.stride is None or min(self.stride) >= 1, "stride", "positive", self.stride)
         _expect(self.scale is None or min(self.scale) >= 1, "scale", "positive", self.scale)
@@ -254,6 +318,21 @@ class EvalConfig:
             fits = all(s <= c for s, c in zip(self.stride, self.crop_size, strict=True))
             _expect(fits, "stride", f"<= crop_size {self.crop_size} (windows must overlap or touch)", self.stride)
         _expect(len(self.ms_scales) >= 1 and min(self.ms_scales) > 0, "ms_scales", "> 0", self.ms_scales)
+        _expect(self.val_pad_size is None or min(self.val_pad_size) >= 1, "val_pad_size", "positive (h, w)",
+                self.val_pad_size)
+        if self.val_pad_size is None:
+            _expect(self.val_pad_value is None, "val_pad_value", "null when val_pad_size is null", self.val_pad_value)
+        else:
+            _require(self.val_pad_value is not None, "val_pad_value", "required when val_pad_size is set")
+            _expect(0 <= self.val_pad_value <= 255, "val_pad_value", "a raw pixel value in [0, 255]",
+                    self.val_pad_value)
+        if self.upsample == "label_once":
+            # One interpolation to the label's size cannot also crop a padded input.
+            _expect(self.val_pad_size is None, "upsample", "'input_then_label' with val_pad_size set", self.upsample)
+        if self.ms_resize.startswith("cv2_") or self.ms_resize == "zoom_original_ratio":
+            # Views of the original image: the val padding of the single-scale input does not apply to them.
+            _expect(self.val_pad_size is None, "ms_resize", "a 'tensor_input_*' view with val_pad_size set",
+                    self.ms_resize)
 
 
 @dataclass(frozen=True)
@@ -308,6 +387,7 @@ def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
         dropout=m.dropout,
         contract_dilation=m.contract_dilation,
         nonlocal_impl=m.nonlocal_impl,
+        nonlocal_block=m.nonlocal_block,
         aux_channels=m.aux_channels,
         align_corners=m.align_corners,
         head_act=m.head_act,

@@ -2,8 +2,9 @@
 
 The confusion matrix is (num_classes, num_classes) int64 with rows = ground truth, columns = prediction;
 pixels whose label is `ignore_index` are not counted. IoU of class c = TP / (TP + FP + FN); a class with
-TP + FP + FN = 0 (absent from both labels and predictions) has IoU NaN and is left out of the mean, as both
-mmsegmentation and the Cityscapes evaluator do.
+TP + FP + FN = 0 (absent from both labels and predictions) has IoU NaN. The mean over classes either drops
+it (`zero_union="drop"`: mmsegmentation and sssegmentation nanmean, the Cityscapes evaluator) or counts it as
+0 (`zero_union="zero"`: the official CCNet evaluate.py tp / max(1, union), PaddleSeg metrics.mean_iou).
 """
 
 from __future__ import annotations
@@ -45,9 +46,17 @@ def iou_per_class(matrix: torch.Tensor | np.ndarray) -> np.ndarray:
         return np.where(union > 0, true_positive / np.maximum(union, 1), np.nan)
 
 
-def mean_iou(matrix: torch.Tensor | np.ndarray) -> float:
-    """Mean IoU over classes with a defined IoU (NaN if there is none)."""
+ZERO_UNION_RULES = ("drop", "zero")
+
+
+def mean_iou(matrix: torch.Tensor | np.ndarray, *, zero_union: str = "drop") -> float:
+    """Mean IoU over classes: a class with zero union dropped ("drop"; NaN if no class is left) or counted
+    as IoU 0 ("zero")."""
+    if zero_union not in ZERO_UNION_RULES:
+        raise ValueError(f"unknown zero_union rule {zero_union!r}; expected one of {ZERO_UNION_RULES}")
     ious = iou_per_class(matrix)
+    if zero_union == "zero":
+        return float(np.nan_to_num(ious, nan=0.0).mean())
     return float(np.nanmean(ious)) if np.isfinite(ious).any() else float("nan")
 
 

@@ -52,7 +52,7 @@ from models.attention import PointAttention, attention_at_points
 from models.checkpoints import KEY_RULES, CheckpointError, detect_source, read_state_dict
 from repro.engine.config import ConfigError, EvalConfig, ExperimentConfig, load_config, model_kwargs
 from repro.engine.data.palettes import Palette, palette_for
-from repro.engine.data.transforms import keep_ratio_size, normalise
+from repro.engine.data.transforms import EvalTransform
 from repro.engine.evaluate import predict_logits
 from repro.engine.predict_figures import (
     attention_dpi,
@@ -245,14 +245,17 @@ class Predictor:
     def num_classes(self) -> int:
         return self.palette.num_classes
 
+    @property
+    def transform(self) -> EvalTransform:
+        """The validation transform of the config: the same input as `repro.run` evaluates."""
+        e = self.eval_cfg
+        return EvalTransform(mean=self.mean, std=self.std, channel_order=self.channel_order, scale=e.scale,
+                             pad_size=e.val_pad_size, pad_value=e.val_pad_value)
+
     def input_tensor(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (1, 3, H', W') normalised, rescaled to eval_cfg.scale when set."""
-        if self.eval_cfg.scale is not None:
-            height, width = keep_ratio_size(*image.shape[:2], scale=self.eval_cfg.scale)
-            if (height, width) != image.shape[:2]:
-                image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-        tensor = normalise(image, mean=self.mean, std=self.std, channel_order=self.channel_order)
-        return tensor.unsqueeze(0).to(self.device)
+        """(H, W, 3) uint8 RGB -> (1, 3, H', W') normalised, rescaled to eval_cfg.scale (OpenCV bilinear, as
+        the evaluation) and padded to eval_cfg.val_pad_size when set."""
+        return self.transform.input(image).unsqueeze(0).to(self.device)
 
     def predict(self, image: np.ndarray, points_xy: Sequence[tuple[int, int]] = ()) -> Prediction:
         """Labels of one (H, W, 3) uint8 RGB image, and the attention of `points_xy` ((x, y) image pixels)."""
@@ -260,8 +263,9 @@ class Predictor:
         for x, y in points_xy:
             if not (0 <= x < width and 0 <= y < height):
                 raise PredictError(f"--attention point ({x},{y}) is outside the image ({width} x {height} pixels)")
-        tensor = self.input_tensor(image)
-        scaled_h, scaled_w = tensor.shape[-2:]
+        transform = self.transform
+        tensor = transform.input(image).unsqueeze(0).to(self.device)
+        scaled_h, scaled_w = transform.resized_size(height, width)
         attention = None
         if points_xy:
             # Image pixel centres onto the rescaled input the model sees.
@@ -275,19 +279,19 @@ class Predictor:
                 maps=attention.maps.cpu(), off_cross=attention.off_cross.cpu(),
             )
         if attention is not None and self.mode == "whole":
-            logits = attention.logits
-            if tuple(logits.shape[-2:]) != (scaled_h, scaled_w):
-                logits = F.interpolate(logits, size=(scaled_h, scaled_w), mode="bilinear", align_corners=False)
+            logits = attention.logits[:, :, :scaled_h, :scaled_w]
         else:
             logits = predict_logits(self.model, tensor, eval_cfg=self.eval_cfg, num_classes=self.num_classes,
-                                    multiscale=self.mode == "ms_flip")
+                                    multiscale=self.mode == "ms_flip", output_size=(height, width),
+                                    resized_size=(scaled_h, scaled_w), raw_image=image, transform=transform)
         if logits.shape[1] != self.num_classes:
             raise PredictError(
                 f"class count mismatch: the model predicts {logits.shape[1]} classes, the "
                 f"{self.palette.dataset} palette has {self.num_classes}"
             )
         if tuple(logits.shape[-2:]) != (height, width):
-            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear",
+                                   align_corners=self.eval_cfg.resize_align_corners)
         labels = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
         if attention is not None:
             attention = dataclasses.replace(attention, logits=torch.empty(0))

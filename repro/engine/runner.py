@@ -87,10 +87,13 @@ def smoke_config(cfg: ExperimentConfig, *, data_root: Path) -> ExperimentConfig:
         "train.checkpoint_every": 2,
         "train.log_every": 1,
         "train.ohem_min_kept": None if cfg.train.ohem_min_kept is None else min(cfg.train.ohem_min_kept, 256),
-        "eval.scale": None,
+        # Test-scale bounds equal to the generated image (a no-op rescale that keeps ms views' bounds rule);
+        # the PaddleSeg val padding keeps its one extra row and column.
+        "eval.scale": None if cfg.eval.scale is None else smoke_bounds,
+        "eval.val_pad_size": None if cfg.eval.val_pad_size is None else (SMOKE_IMAGE_HW[0] + 1, SMOKE_IMAGE_HW[1] + 1),
         "eval.ms_scales": (0.75, 1.0),
     }
-    if cfg.eval.mode == "slide":
+    if "slide" in (cfg.eval.mode, cfg.eval.ms_mode):
         overrides.update({"eval.crop_size": SMOKE_CROP, "eval.stride": (22, 22)})
     if cfg.train.amp == "fp16" and not torch.cuda.is_available():
         overrides["train.amp"] = "bf16"  # fp16 autocast is a GPU feature; bf16 exercises the same path on CPU
@@ -256,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
     results_path = args.results or (out_dir / "miou.csv" if args.smoke else Path("results") / "miou.csv")
 
     try:
-        check_dataset(cfg.data)
+        # Evaluating a checkpoint needs only the validation split; training needs both.
+        check_dataset(cfg.data, splits=("val",) if args.eval_only else ("train", "val"))
     except DatasetNotFoundError as err:
         print(f"{cfg.name}: {err}", file=sys.stderr)
         return EXIT_NO_DATA

@@ -64,6 +64,13 @@ def build_loss(train: TrainConfig, *, ignore_index: int) -> SegLoss:
     return SegLoss(decode_loss=decode, aux_loss=aux, aux_weight=train.aux_weight)
 
 
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum over every parameter in one group: one learning rate and one weight decay for all
+    parameter kinds (norms and biases included), as mmengine's DefaultOptimWrapperConstructor without
+    paramwise_cfg, sssegmentation and the official train.py do."""
+    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+
+
 def _rng_state() -> dict[str, Any]:
     """Every RNG state as tensors, ints, floats and lists: what `torch.load(weights_only=True)` reads back."""
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
@@ -188,9 +195,7 @@ def train(
     model.train()
     model = wrap_model(model, ctx)
     criterion = build_loss(tcfg, ignore_index=dcfg.ignore_index)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay
-    )
+    optimizer = build_optimizer(model, tcfg)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=tcfg.amp == "fp16")
     checkpoint = out_dir / LAST_CHECKPOINT
     if ctx.is_main:

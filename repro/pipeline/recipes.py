@@ -1,4 +1,5 @@
-"""The recipe per source: how each source of the experiment rows trains, read from the YAMLs themselves.
+"""The recipe per source: how each source of the experiment rows trains and evaluates, read from the YAMLs
+themselves.
 
 Every recipe choice on which the sources differ is a required field of the experiment config (see
 `repro.engine.config`), set in each YAML with a comment naming the line of the source's code it follows.
@@ -42,6 +43,18 @@ RECIPE_FIELDS = (
     ("train", "loss_average", "cross-entropy averaged over"),
     ("train", "min_lr", "poly end learning rate"),
     ("train", "poly_horizon", "poly reaches min_lr at step"),
+    ("data", "pad_fill", "training crop padded with"),
+    ("eval", "mode", "single-scale prediction"),
+    ("eval", "slide_pad", "window larger than the image"),
+    ("eval", "scale", "test scale (long, short)"),
+    ("eval", "val_pad_size", "validation image padded to (h, w)"),
+    ("eval", "upsample", "logits to the label's size"),
+    ("eval", "resize_align_corners", "align_corners of the logits' resizes"),
+    ("eval", "zero_union", "class with zero union in the mean"),
+    ("eval", "ms_scales", "multi-scale ratios"),
+    ("eval", "ms_resize", "multi-scale view made by"),
+    ("eval", "ms_average", "multi-scale views averaged as"),
+    ("eval", "ms_average_at", "multi-scale views averaged at"),
 )
 
 
@@ -81,7 +94,7 @@ def section_recipes(experiments: Path, *, table: Callable[[pd.DataFrame], str]) 
     """The report's "Recipe per source" section; `table` renders a frame (the report's markdown_table)."""
     intro = (
         "## Recipe per source\n\n"
-        "How each source trains its rows, read from the experiment configs (`experiments/*.yaml`, where each "
+        "How each source trains and evaluates its rows, read from the experiment configs (`experiments/*.yaml`, where each "
         "value carries a comment naming the line of the source's code it follows). Where a column lists "
         "several values, they differ between that source's datasets or crops.\n"
     )

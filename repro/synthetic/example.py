@@ -54,7 +54,7 @@ def write_example(*, out: Path, steps: int, seeds: tuple[int, ...], progress: bo
     rect = torch.nonzero((cells > 0) & (cells != IGNORE_INDEX))
     row, col = (int(v) for v in rect.float().mean(0).round())
     predictor = Predictor(
-        model=model, palette=synthetic_palette(task), eval_cfg=EvalConfig(mode="whole"), mode="whole",
+        model=model, palette=synthetic_palette(task), eval_cfg=EvalConfig.native_whole(), mode="whole",
         # Trained on images in [0, 1]: the PNG's 0..255 divided by 255.
         mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0), channel_order="rgb", device=torch.device("cpu"),
         title=f"synthetic R=2 model (seed {seed}, {steps} steps), {checkpoint.name}",

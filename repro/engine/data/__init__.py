@@ -54,20 +54,30 @@ def _label_known(name: str) -> np.ndarray:
     return known
 
 
-def check_dataset(data: DataConfig) -> Path:
-    """The resolved root if both splits of the config are present; DatasetNotFoundError otherwise."""
+def check_dataset(data: DataConfig, *, splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """The resolved root if the config's splits named in `splits` ("train", "val") are present;
+    DatasetNotFoundError (naming the split, the path looked at and the layout expected) otherwise.
+    Evaluating a checkpoint needs only ("val",)."""
+    unknown = [s for s in splits if s not in ("train", "val")]
+    if unknown or not splits:
+        raise ValueError(f"splits must be a non-empty subset of ('train', 'val'), got {splits!r}")
     module = dataset_module(data.dataset)
     root = module.resolve(data.root)
-    for split in (data.train_split, data.val_split):
-        module.find_pairs(root, split)
+    for split in splits:
+        name = data.train_split if split == "train" else data.val_split
+        try:
+            module.find_pairs(root, name)
+        except DatasetNotFoundError as err:
+            which = "training" if split == "train" else "validation"
+            raise DatasetNotFoundError(f"{which} split {name!r} (config key data.{split}_split): {err}") from None
     return root
 
 
 def build_dataset(data: DataConfig, *, split: str, eval_cfg: EvalConfig | None = None) -> SegmentationFiles:
     """The training (`split="train"`) or validation (`split="val"`) dataset of the config.
 
-    Training items are indexed by (index, augmentation seed); validation items by index, rescaled as
-    `eval_cfg.scale` says.
+    Training items are indexed by (index, augmentation seed); validation items by index, rescaled and padded
+    as `eval_cfg` says (its `scale`, `val_pad_size`, `val_pad_value`).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -86,6 +96,7 @@ def build_dataset(data: DataConfig, *, split: str, eval_cfg: EvalConfig | None =
             crop_fallback=data.crop_fallback,
             photometric=data.photometric_distortion,
             pad_position=data.pad_position,
+            pad_fill=data.pad_fill,
             flip=data.flip,
             ignore_index=data.ignore_index,
             **norm,
@@ -94,8 +105,9 @@ def build_dataset(data: DataConfig, *, split: str, eval_cfg: EvalConfig | None =
             pairs, label_lut=_label_lut(data.dataset), label_known=_label_known(data.dataset),
             train_transform=transform,
         )
-    scale = eval_cfg.scale if eval_cfg is not None else None
-    transform = EvalTransform(scale=scale, **norm)
+    transform = EvalTransform(**norm) if eval_cfg is None else EvalTransform(
+        scale=eval_cfg.scale, pad_size=eval_cfg.val_pad_size, pad_value=eval_cfg.val_pad_value, **norm
+    )
     return SegmentationFiles(
         pairs, label_lut=_label_lut(data.dataset), label_known=_label_known(data.dataset), eval_transform=transform
     )

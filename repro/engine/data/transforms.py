@@ -23,6 +23,7 @@ import torch
 RESCALES = ("factor", "keep_ratio_bounds")
 PHOTOMETRIC = ("none", "hsv", "hsv_red_blue_swapped")
 PAD_POSITIONS = ("bottom_right", "centre")
+PAD_FILLS = ("normalised_zero", "raw_zero")
 CROP_FALLBACKS = ("none", "fresh_draw", "last_draw")
 # PhotoMetricDistortion defaults of mmsegmentation and sssegmentation (identical).
 BRIGHTNESS_DELTA = 32
@@ -130,14 +131,31 @@ def pad_offsets(size: int, target: int, position: str) -> tuple[int, int]:
     raise ValueError(f"pad position must be one of {PAD_POSITIONS}, got {position!r}")
 
 
+def normalised_value(raw: float, *, mean, std) -> tuple[float, ...]:
+    """The normalised per-channel value of a raw grey pixel `raw` ((raw - mean) / std in float32, as
+    `normalise` computes it; a grey pixel is the same in RGB and BGR order)."""
+    return tuple(float((np.float32(raw) - np.float32(m)) / np.float32(s)) for m, s in zip(mean, std, strict=True))
+
+
+def pad_image(tensor: torch.Tensor, pads: tuple[int, int, int, int], *, fill: tuple[float, ...]) -> torch.Tensor:
+    """Pad a (C, H, W) tensor by (top, bottom, left, right) with the per-channel values `fill`."""
+    top, bottom, left, right = pads
+    channels, height, width = tensor.shape
+    out = tensor.new_empty(channels, height + top + bottom, width + left + right)
+    out[:] = torch.tensor(fill, dtype=tensor.dtype).view(-1, 1, 1)
+    out[:, top : top + height, left : left + width] = tensor
+    return out
+
+
 class TrainTransform:
     """Random rescale, random crop, flip, photometric distortion, normalise, pad (see `DataConfig`).
 
     The crop window is drawn on the rescaled image (offsets in [0, max(size - crop, 0)], re-drawn up to 10
     times while one class covers `cat_max_ratio` or more of the labelled pixels, then `crop_fallback`: mmseg /
-    sssegmentation RandomCrop), then the normalised image is padded to `crop_size` with 0 (the mean colour)
-    and the label with `ignore_index`, at `pad_position`. For the official code, which pads bottom-right before
-    cropping, this is the same distribution: a dimension smaller than the crop is always taken whole at offset 0.
+    sssegmentation RandomCrop), then the normalised image is padded to `crop_size` as `pad_fill` says (0 after
+    normalisation, the mean colour, or a raw black pixel) and the label with `ignore_index`, at `pad_position`.
+    For the official code, which pads bottom-right before cropping, this is the same distribution: a dimension
+    smaller than the crop is always taken whole at offset 0.
     """
 
     def __init__(
@@ -155,9 +173,12 @@ class TrainTransform:
         photometric: str,
         pad_position: str,
         crop_fallback: str,
+        pad_fill: str = "normalised_zero",
         flip: bool = True,
         ignore_index: int = 255,
     ) -> None:
+        if pad_fill not in PAD_FILLS:
+            raise ValueError(f"pad_fill must be one of {PAD_FILLS}, got {pad_fill!r}")
         if min(crop_size) < 1:
             raise ValueError(f"crop_size must be positive (h, w), got {crop_size}")
         if not 0 < scale_range[0] <= scale_range[1]:
@@ -186,9 +207,15 @@ class TrainTransform:
         self.cat_max_ratio = cat_max_ratio
         self.photometric = photometric
         self.pad_position = pad_position
+        self.pad_fill = pad_fill
         self.crop_fallback = crop_fallback
         self.flip = flip
         self.ignore_index = ignore_index
+
+    def _pad_values(self) -> tuple[float, ...]:
+        if self.pad_fill == "normalised_zero":
+            return (0.0,) * len(self.mean)
+        return normalised_value(0.0, mean=self.mean, std=self.std)
 
     def _ratio(self, rng: np.random.Generator) -> float:
         low, high = self.scale_range
@@ -244,7 +271,7 @@ class TrainTransform:
             for size, target in zip(label.shape, self.crop_size, strict=True)
         )
         if top_pad or bottom_pad or left_pad or right_pad:
-            tensor = torch.nn.functional.pad(tensor, (left_pad, right_pad, top_pad, bottom_pad), value=0.0)
+            tensor = pad_image(tensor, (top_pad, bottom_pad, left_pad, right_pad), fill=self._pad_values())
             label = np.pad(
                 label, ((top_pad, bottom_pad), (left_pad, right_pad)), constant_values=self.ignore_index
             )
@@ -252,8 +279,10 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Normalise (and keep-ratio rescale to `scale` with cv2 bilinear when given); the label keeps its
-    native size."""
+    """The single-scale network input of a validation image: keep-ratio rescale to `scale` with cv2 bilinear
+    when given, normalise, pad bottom-right to `pad_size` (height, width) with the raw value `pad_value` when
+    given (PaddleSeg Padding before Normalize); the label keeps its native size. `view` builds the
+    multi-scale views the sources build from the original image with OpenCV."""
 
     def __init__(
         self,
@@ -262,13 +291,55 @@ class EvalTransform:
         std: tuple[float, float, float],
         channel_order: str,
         scale: tuple[int, int] | None = None,
+        pad_size: tuple[int, int] | None = None,
+        pad_value: float | None = None,
     ) -> None:
+        if (pad_size is None) != (pad_value is None):
+            raise ValueError(f"pad_size and pad_value go together, got {pad_size!r} and {pad_value!r}")
         self.mean, self.std, self.channel_order = mean, std, channel_order
         self.scale = scale
+        self.pad_size = pad_size
+        self.pad_value = pad_value
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of the input before the padding: the test scale's keep-ratio size, or native."""
+        return (height, width) if self.scale is None else keep_ratio_size(height, width, scale=self.scale)
+
+    def normalised(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (3, H, W) float32 in the source's channel order, mean and std."""
+        return normalise(image, mean=self.mean, std=self.std, channel_order=self.channel_order)
+
+    def input(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, H', W') float32: rescaled, normalised and padded as configured. A side
+        already longer than `pad_size` is not padded (PaddleSeg refuses such an image)."""
+        image = resize_to(image, self.resized_size(*image.shape[:2]))
+        tensor = self.normalised(image)
+        if self.pad_size is not None:
+            bottom = max(self.pad_size[0] - tensor.shape[1], 0)
+            right = max(self.pad_size[1] - tensor.shape[2], 0)
+            if bottom or right:
+                fill = normalised_value(self.pad_value, mean=self.mean, std=self.std)
+                tensor = pad_image(tensor, (0, bottom, 0, right), fill=fill)
+        return tensor
+
+    def view(self, image: np.ndarray, ratio: float, base: str) -> torch.Tensor:
+        """(3, h, w) normalised view of the original (H, W, 3) uint8 image for one multi-scale ratio, resized
+        with OpenCV bilinear: base "scale_bounds" keep-ratio into (int(long * ratio), int(short * ratio)) of
+        `scale`, or of (width, height) without one (mmseg 0.x MultiScaleFlipAug), "original_ratio" by the
+        ratio, sizes int(x * ratio + 0.5)
+        (mmseg 1.x Resize(scale_factor=ratio, keep_ratio=True) through mmcv rescale_size)."""
+        height, width = image.shape[:2]
+        if base == "scale_bounds":
+            # mmseg 0.x test_time_aug.py: (int(scale[0] * r), int(scale[1] * r)); without a scale, the image's
+            # own (int(w * r), int(h * r)) (its "mode 1").
+            long_side, short_side = (max(self.scale), min(self.scale)) if self.scale else (width, height)
+            size = keep_ratio_size(height, width, scale=(int(long_side * ratio), int(short_side * ratio)))
+        elif base == "original_ratio":
+            size = (int(height * ratio + 0.5), int(width * ratio + 0.5))
+        else:
+            raise ValueError(f"unknown view base {base!r}; expected 'scale_bounds' or 'original_ratio'")
+        return self.normalised(resize_to(image, size))
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, W, 3) uint8, (H, W) uint8 -> (3, H', W') float32, (H, W) int64."""
-        if self.scale is not None:
-            image = resize_to(image, keep_ratio_size(*label.shape, scale=self.scale))
-        tensor = normalise(image, mean=self.mean, std=self.std, channel_order=self.channel_order)
-        return tensor, torch.from_numpy(label.astype(np.int64))
+        return self.input(image), torch.from_numpy(label.astype(np.int64))

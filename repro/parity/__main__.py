@@ -1,0 +1,7 @@
+"""`python -m repro.parity`: see `repro.parity.cli`."""
+
+import sys
+
+from repro.parity.cli import main
+
+sys.exit(main())

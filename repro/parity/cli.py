@@ -1,0 +1,130 @@
+"""`python -m repro.parity [--quick] [--strict] [--sources S ...] [--configs NAME ...] [--out results]`.
+
+Runs every registered source's checks on its experiment rows and writes `results/parity.csv` atomically: the
+rows of the (source, config) pairs run this time replace their old rows, every other row is kept. Exit 0 when no
+row failed; 1 when one did (`--strict`: also when one did not run); 2 for bad arguments; 5 when the CSV cannot
+be written. A peer that cannot install gives `not run: <reason>` rows, never a skipped row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import ModuleType
+
+from repro.io import CsvFormatError, locked, read_csv_rows, write_csv_atomic
+from repro.parity import mmseg
+from repro.parity.common import COLUMNS, DEFAULT_ROOT, PEERS, ParityRow, PeerUnavailable, ensure_venv, not_run_row
+
+# source name -> module with NAME, VERSION, default_configs(), QUICK_CONFIG, run(configs, *, quick, workdir)
+SOURCES: dict[str, ModuleType] = {
+    mmseg.NAME: mmseg,
+}
+CSV_NAME = "parity.csv"
+
+
+def peer_python(name: str, root: Path = DEFAULT_ROOT) -> Path:
+    """The python of the registered peer `name` (e.g. "mmseg"), its venv built on first use (under `root`,
+    default .nox/). Other commands (the inference benchmark) use it to run a source's own model in a
+    subprocess; PeerUnavailable (reason in the message) when it cannot install."""
+    if name not in PEERS:
+        raise KeyError(f"unknown peer {name!r}; known: {sorted(PEERS)}")
+    return ensure_venv(PEERS[name], root)
+
+
+def select_configs(module: ModuleType, names: list[str] | None, *, quick: bool) -> list[Path]:
+    """The source's experiment files to check: all of them, the quick one, or those named (file stem)."""
+    available = list(module.default_configs())
+    if names:
+        return [path for path in available if path.stem in names or path.name in names]
+    if quick:
+        return [path for path in available if path.stem == module.QUICK_CONFIG]
+    return available
+
+
+def run_source(module: ModuleType, configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
+    """One source's rows; a peer that cannot install or run turns into `not run` rows, an unexpected error into
+    a `fail` row (the traceback goes to stderr), so one source never hides the others' results."""
+    try:
+        return module.run(configs, quick=quick, workdir=workdir)
+    except PeerUnavailable as err:
+        return [not_run_row(source=module.NAME, version=module.VERSION, config=path.stem, check="all",
+                            reason=str(err)) for path in configs]
+    except Exception as err:  # noqa: BLE001 - reported as a failing row, with the traceback on stderr
+        traceback.print_exc()
+        return [ParityRow(module.NAME, module.VERSION, path.stem, "all", "", "", "", "fail",
+                          f"{type(err).__name__}: {err}"[:300]) for path in configs]
+
+
+def merge_rows(path: Path, rows: list[ParityRow]) -> list[dict[str, str]]:
+    """Write `rows` into the CSV at `path`, replacing the old rows of the same (source, config) pairs and keeping
+    all others; returns the table written."""
+    ran = {(row.source, row.config) for row in rows}
+    with locked(path):
+        header, old = read_csv_rows(path)
+        if header and set(header) != set(COLUMNS):
+            raise CsvFormatError(f"{path}: header {header} is not the parity columns {list(COLUMNS)}")
+        kept = [row for row in old if (row["source"], row["config"]) not in ran]
+        table = kept + [row.as_dict() for row in rows]
+        import pandas as pd
+
+        write_csv_atomic(pd.DataFrame(table, columns=list(COLUMNS)), path)
+    return table
+
+
+def exit_code(rows: list[ParityRow], *, strict: bool) -> int:
+    if any(row.verdict == "fail" for row in rows):
+        return 1
+    if strict and any(row.verdict != "pass" for row in rows):
+        return 1
+    return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m repro.parity", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one experiment row per source, small sizes (CI)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 also when a check did not run")
+    parser.add_argument("--sources", nargs="+", choices=sorted(SOURCES), default=sorted(SOURCES))
+    parser.add_argument("--configs", nargs="+", help="experiment names (file stems) to check; default all")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default results)")
+    parser.add_argument("--workdir", type=Path, default=Path(".nox") / "parity-work",
+                        help="scratch folder for fixtures and peer outputs (default .nox/parity-work)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parse_args(argv)
+    except SystemExit as err:
+        return int(err.code or 0)
+    all_rows: list[ParityRow] = []
+    for name in args.sources:
+        module = SOURCES[name]
+        configs = select_configs(module, args.configs, quick=args.quick)
+        if not configs:
+            continue
+        start = time.perf_counter()
+        rows = run_source(module, configs, quick=args.quick, workdir=args.workdir / name)
+        all_rows += rows
+        bad = [row for row in rows if row.verdict != "pass"]
+        print(f"{name} {module.VERSION}: {len(rows)} rows, {len(rows) - len(bad)} pass, "
+              f"{sum(row.verdict == 'fail' for row in rows)} fail, "
+              f"{sum(row.verdict.startswith('not run') for row in rows)} not run "
+              f"({time.perf_counter() - start:.0f} s)")
+        for row in bad:
+            print(f"  {row.config} {row.check} {row.metric}: {row.value} ({row.tolerance}) {row.verdict} "
+                  f"{row.detail}", file=sys.stderr)
+    if args.configs and not all_rows:
+        print(f"error: no source has an experiment named {args.configs}", file=sys.stderr)
+        return 2
+    target = args.out / CSV_NAME
+    try:
+        merge_rows(target, all_rows)
+    except (OSError, CsvFormatError) as err:
+        print(f"error: cannot write {target}: {err}", file=sys.stderr)
+        return 5
+    print(f"wrote {target}")
+    return exit_code(all_rows, strict=args.strict)

@@ -1,0 +1,207 @@
+"""The pieces every parity check shares: result rows, peer virtual environments, running a peer script.
+
+A *peer* is a source project (mmsegmentation, sssegmentation, PaddleSeg) installed in its own virtual
+environment under `.nox/peer-<name>-<version>/`; the project's own environment never imports it. A check runs a
+script of `repro/parity/peers/` with the peer's python, the script writes `torch.save` dicts of plain tensors,
+and the project side reads them back with `load_tensors` (`torch.load(weights_only=True)`: no unpickling of
+anything but tensors and containers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from repro.io import atomic_write_text
+
+COLUMNS = ("source", "version", "config", "check", "metric", "value", "tolerance", "verdict", "detail")
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+# The torch every peer venv gets first, pinned: an unpinned resolve by a peer's requirements would pull another
+# (CUDA) build. Same build as the project's own (noxfile TORCH_SPEC), so both sides run the same kernels.
+TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+MARKER = "parity-installed.txt"
+DEFAULT_ROOT = Path(".nox")
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    """One line of results/parity.csv. `verdict` is `pass`, `fail` or `not run: <reason>`."""
+
+    source: str
+    version: str
+    config: str
+    check: str
+    metric: str
+    value: str
+    tolerance: str
+    verdict: str
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {name: str(getattr(self, name)) for name in COLUMNS}
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.3g}"
+
+
+def measured_row(
+    *,
+    source: str,
+    version: str,
+    config: str,
+    check: str,
+    metric: str,
+    value: float,
+    tolerance: float,
+    detail: str = "",
+    higher_is_better: bool = False,
+) -> ParityRow:
+    """A row from a measured `value` and its `tolerance`: pass when value <= tolerance (a difference), or value
+    >= tolerance with `higher_is_better` (an agreement fraction). NaN always fails."""
+    if isinstance(value, float) and math.isnan(value):
+        ok = False
+    else:
+        ok = value >= tolerance if higher_is_better else value <= tolerance
+    bound = (">= " if higher_is_better else "<= ") + _fmt(tolerance)
+    return ParityRow(source, version, config, check, metric, _fmt(value), bound, "pass" if ok else "fail", detail)
+
+
+def not_run_row(*, source: str, version: str, config: str, check: str, reason: str) -> ParityRow:
+    """A row for a check that could not run; the reason is one line."""
+    reason = " ".join(str(reason).split())
+    return ParityRow(source, version, config, check, "", "", "", f"not run: {reason}", "")
+
+
+def is_pass(row: ParityRow) -> bool:
+    return row.verdict == "pass"
+
+
+# ----------------------------------------------------------------------------------------------- peer venvs
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A source project's environment: pip `requirements` installed after torch (TORCH_SPEC), with
+    `pip_args` (e.g. "--no-deps" for packages whose declared dependencies cannot install here) applied to the
+    `nodeps` list only."""
+
+    name: str
+    version: str
+    requirements: tuple[str, ...]
+    nodeps: tuple[str, ...] = ()
+    python: str = field(default_factory=lambda: sys.executable)
+
+    @property
+    def key(self) -> str:
+        return f"peer-{self.name}-{self.version}"
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer cannot be installed or its script failed; the message is the reason (one line first)."""
+
+
+def _tail(text: str, lines: int = 6) -> str:
+    kept = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return " | ".join(kept[-lines:])
+
+
+def _pip(python: Path, args: Sequence[str], *, timeout: float) -> None:
+    command = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--quiet", *args]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise PeerUnavailable(f"pip install {' '.join(args)} took over {timeout:.0f} s") from None
+    if done.returncode != 0:
+        raise PeerUnavailable(f"pip install {' '.join(args)} failed: {_tail(done.stderr or done.stdout)}")
+
+
+def _marker_text(peer: Peer) -> str:
+    return "\n".join([TORCH_SPEC, *peer.requirements, "--no-deps", *peer.nodeps]) + "\n"
+
+
+def venv_dir(peer: Peer, root: Path = DEFAULT_ROOT) -> Path:
+    return Path(root).absolute() / peer.key
+
+
+def venv_python(folder: Path) -> Path:
+    return folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def is_installed(peer: Peer, root: Path = DEFAULT_ROOT) -> bool:
+    """True when the venv finished installing exactly this peer's requirement list (the marker file)."""
+    marker = venv_dir(peer, root) / MARKER
+    return marker.is_file() and marker.read_text() == _marker_text(peer) and venv_python(marker.parent).exists()
+
+
+def ensure_venv(peer: Peer, root: Path = DEFAULT_ROOT, *, timeout: float = 1800.0) -> Path:
+    """The python of `peer`'s venv, built on first use: `python -m venv`, torch (TORCH_SPEC), the requirements,
+    then the marker written atomically; a venv without the marker (an interrupted install, changed
+    requirements) is rebuilt from scratch. PeerUnavailable with pip's last lines when an install fails."""
+    folder = venv_dir(peer, root)
+    if is_installed(peer, root):
+        return venv_python(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run([peer.python, "-m", "venv", str(folder)], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise PeerUnavailable(f"python -m venv {folder} failed: {_tail(made.stderr)}")
+    python = venv_python(folder)
+    _pip(python, [TORCH_SPEC], timeout=timeout)
+    if peer.requirements:
+        _pip(python, list(peer.requirements), timeout=timeout)
+    if peer.nodeps:
+        _pip(python, ["--no-deps", *peer.nodeps], timeout=timeout)
+    atomic_write_text(folder / MARKER, _marker_text(peer))
+    return python
+
+
+def run_peer(
+    python: Path, script: Path, *args: Any, cwd: Path, timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `script` with the peer's `python` (one thread, no access to the project's packages: PYTHONPATH is
+    cleared so the peer never sees `repro`/`models`). PeerUnavailable with the stderr tail on failure."""
+    environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    environment.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"})
+    environment.update(env or {})
+    command = [str(python), str(script), *map(str, args)]
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment)
+    except subprocess.TimeoutExpired:
+        raise PeerUnavailable(f"{Path(script).name} ran over {timeout:.0f} s") from None
+    except OSError as err:
+        raise PeerUnavailable(f"cannot start {python}: {err}") from None
+    if done.returncode != 0:
+        raise PeerUnavailable(f"{Path(script).name} exited {done.returncode}: {_tail(done.stderr or done.stdout)}")
+    return done
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    """A peer's output file: tensors and plain containers only (weights_only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------ peer registry
+
+PEERS: dict[str, Peer] = {}
+
+
+def register_peer(peer: Peer) -> Peer:
+    PEERS[peer.name] = peer
+    return peer

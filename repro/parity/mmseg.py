@@ -1,0 +1,561 @@
+"""Parity with mmsegmentation 1.2.2 (mmengine 0.10.7, mmcv-lite 2.1.0 with the `peers/mmcv_ops_standin.py`
+stand-in for the compiled `mmcv.ops`): checks a-f on every `experiments/mmseg_*.yaml` row.
+
+Each row names its mmsegmentation config file (header comment `mmsegmentation config: NAME.py`); the peer
+builds that file's model (SyncBN as BN: one process), optimizer wrapper, schedulers and pipelines with mmseg's
+own code. Weights start on the peer side (mmseg's init, then random norms and attention scale) and enter our
+model through `models.load_checkpoint(source="mmseg")`, so every check also tests the import.
+
+Spatial sizes are small (the property is the recipe, not 769x769 tensors); widths, depths, class counts,
+losses, schedules and pipelines are the row's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import models
+from repro.engine.config import ExperimentConfig, load_config, with_overrides
+from repro.engine.data import build_dataset
+from repro.engine.train import build_loss, build_model, build_optimizer, poly_lr
+from repro.parity.common import (
+    PEERS_DIR,
+    ParityRow,
+    Peer,
+    ensure_venv,
+    load_tensors,
+    measured_row,
+    not_run_row,
+    register_peer,
+    run_peer,
+)
+from repro.parity.fixtures import batch_with_ignored, max_abs, max_rel, write_structured_dataset
+
+NAME = "mmseg"
+VERSION = "1.2.2"
+PEER = register_peer(Peer(NAME, VERSION, (
+    "mmsegmentation==1.2.2", "mmengine==0.10.7", "mmcv-lite==2.1.0", "opencv-python-headless", "ftfy", "regex",
+)))
+QUICK_CONFIG = "mmseg_cityscapes_r50_d8_769x769_40k"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+SCRIPT = PEERS_DIR / "mmseg_peer.py"
+SEED = 2026
+
+# fp32 tolerances (relative to the largest magnitude of the compared tensor). Both sides run the same torch
+# build on the same CPU; what differs is the order of floating-point operations (einsum vs matmul criss-cross,
+# F.cross_entropy reductions, BN batch statistics), each ~1e-7 relative, grown through 100+ layers.
+TOL_LOGITS = 1e-4
+TOL_LOSS = 1e-9  # b and f run in float64 on both sides (see check_model)
+TOL_GRAD = 1e-6
+TOL_WEIGHTS = 1e-5
+TOL_LR = 1e-12
+
+
+@dataclass(frozen=True)
+class Row:
+    """One experiment row and its mmsegmentation config file."""
+
+    path: Path
+    cfg: ExperimentConfig
+    mmseg_config: str  # e.g. "ccnet/ccnet_r50-d8_4xb2-40k_cityscapes-769x769.py"
+
+
+def default_configs() -> list[Path]:
+    return sorted(EXPERIMENTS.glob("mmseg_*.yaml"))
+
+
+def mmseg_config_name(path: Path) -> str:
+    """The mmsegmentation config file a row was transcribed from (its header comment), relative to configs/."""
+    found = re.search(r"mmsegmentation config:\s*((ccnet|nonlocal)_\S+?\.py)", path.read_text())
+    if not found:
+        raise ValueError(f"{path}: no 'mmsegmentation config: <name>.py' comment in the header")
+    folder = "ccnet" if found.group(2) == "ccnet" else "nonlocal_net"
+    return f"{folder}/{found.group(1)}"
+
+
+def peer_config_path(python: Path, name: str) -> str:
+    """mmseg ships its configs inside the package (mmseg/.mim/configs)."""
+    site = next(python.parent.parent.glob("lib/python*/site-packages"))
+    path = site / "mmseg" / ".mim" / "configs" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not in the mmseg package")
+    return str(path)
+
+
+def _row(config: str, check: str, metric: str, value: float, tolerance: float, detail: str = "",
+         higher_is_better: bool = False) -> ParityRow:
+    return measured_row(source=NAME, version=VERSION, config=config, check=check, metric=metric, value=value,
+                        tolerance=tolerance, detail=detail, higher_is_better=higher_is_better)
+
+
+def _our_model(cfg: ExperimentConfig) -> nn.Module:
+    cfg = with_overrides(cfg, {"model.pretrained_backbone": None, "model.backend": "naive"})
+    return build_model(cfg, device=torch.device("cpu"))
+
+
+def _dropout_off(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout | nn.Dropout2d):
+            module.p = 0.0
+
+
+def _head_logits(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    features = model.backbone(images)
+    out = {"decode": model.decode_head(features[-1])}
+    if model.auxiliary_head is not None:
+        out["aux"] = model.auxiliary_head(features[-2])
+    return out
+
+
+def _import(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True):
+    return models.load_checkpoint(model, state, source="mmseg", strict=strict)
+
+
+def check_model(row: Row, python: Path, work: Path, *, quick: bool) -> list[ParityRow]:
+    """Checks a (import, logits), b (loss, gradients), c (parameter groups), f (SGD trajectory): one peer run."""
+    cfg, name = row.cfg, row.path.stem
+    classes, ignore = cfg.model.num_classes, cfg.data.ignore_index
+    size = (41, 57) if quick else (57, 73)
+    images, labels = batch_with_ignored(batch=2, size_hw=size, num_classes=classes, seed=SEED)
+    torch.save({"images": images, "labels": labels}, work / "batch.pt")
+    steps = [batch_with_ignored(batch=2, size_hw=size, num_classes=classes, seed=SEED + 1 + k) for k in range(5)]
+    torch.save({"images": [s[0] for s in steps], "labels": [s[1] for s in steps]}, work / "steps.pt")
+    job = {"config_py": peer_config_path(python, row.mmseg_config), "seed": SEED, "out": str(work),
+           "batch": str(work / "batch.pt"), "steps": str(work / "steps.pt")}
+    (work / "model.json").write_text(json.dumps(job))
+    run_peer(python, SCRIPT, "model", work / "model.json", cwd=work, timeout=900)
+    peer = load_tensors(work / "model.pt")
+    state = load_tensors(work / "state.pt")
+    rows: list[ParityRow] = []
+
+    # a. the same weights through our import; decode and aux logits in eval and train mode.
+    model = _our_model(cfg)
+    report = _import(model, state)
+    rows.append(_row(name, "a_import", "missing+unexpected keys", len(report.missing) + len(report.unexpected), 0,
+                     f"{len(report.loaded)} tensors loaded from mmseg's state dict"))
+    model.eval()
+    with torch.no_grad():
+        ours = _head_logits(model, images)
+    for head in ("decode", "aux"):
+        rows.append(_row(name, "a_logits", f"{head} eval max rel diff", max_rel(ours[head], peer["eval"][head]),
+                         TOL_LOGITS, f"input {tuple(images.shape)}"))
+    trained = _our_model(cfg)
+    _import(trained, state)
+    _dropout_off(trained)
+    trained.train()
+    with torch.no_grad():
+        ours = _head_logits(trained, images)
+    for head in ("decode", "aux"):
+        rows.append(_row(name, "a_logits", f"{head} train max rel diff", max_rel(ours[head], peer["train"][head]),
+                         TOL_LOGITS, "batch statistics, dropout off"))
+
+    # b. loss and gradients with ignored pixels, both sides in float64: in fp32 a gradient that is 0 in exact
+    # arithmetic (the key conv's bias shifts a softmax row by a constant; a bias before a train-mode norm) is
+    # rounding noise, and 1e-7 differences grow chaotically through f's steps from random weights (measured:
+    # fp32 runs of ours from weights 2e-7 apart differ by 8e-2 relative after 5 steps), so fp32 could neither
+    # show nor hide a recipe difference at the 1e-5 level.
+    trained = _our_model(cfg).double()
+    _import(trained, state)
+    _dropout_off(trained)
+    trained.train()
+    criterion = build_loss(cfg.train, ignore_index=ignore)
+    parts = criterion.parts(trained(images.double()), labels)
+    parts["total"].backward()
+    theirs = peer["loss"]
+    ignored = float((labels == ignore).float().mean())
+    rows.append(_row(name, "b_loss", "decode loss rel diff",
+                     abs(parts["decode"].item() - theirs["decode.loss_ce"].item()) / theirs["decode.loss_ce"].item(),
+                     TOL_LOSS, f"{ignored:.1%} pixels ignored; ours {parts['decode'].item():.6f}; mmseg divides the "
+                     "summed loss by numel + float32 eps (losses/utils.py weight_reduce_loss), 2.6e-11 relative"))
+    rows.append(_row(name, "b_loss", "aux loss rel diff (x aux_weight)",
+                     abs(cfg.train.aux_weight * parts["aux"].item() - theirs["aux.loss_ce"].item())
+                     / theirs["aux.loss_ce"].item(), TOL_LOSS, f"aux_weight {cfg.train.aux_weight}"))
+    grads = _our_model(cfg).double()
+    grad_report = _import(grads, {**state, **peer["grads"]})
+    ours_grads = dict(trained.named_parameters())
+    worst, worst_name = 0.0, ""
+    theirs_grads = dict(grads.named_parameters())
+    # A gradient that is 0 in exact arithmetic is fp64 rounding noise on both sides: measure every tensor against
+    # at least 1e-9 x the largest gradient.
+    floor = 1e-9 * max(p.grad.abs().max().item() for p in ours_grads.values())
+    for key, param in ours_grads.items():
+        diff = max_rel(param.grad, theirs_grads[key].detach(), floor=floor)
+        if diff > worst:
+            worst, worst_name = diff, key
+    rows.append(_row(name, "b_grads", "max rel diff over parameters (fp64)", worst, TOL_GRAD,
+                     f"{len(ours_grads)} parameters, worst {worst_name}; peer gave {len(peer['grads'])} grads "
+                     f"({len(grad_report.loaded)} tensors mapped)"))
+    if cfg.train.loss == "ohem":
+        rows.append(not_run_row(source=NAME, version=VERSION, config=name, check="b_ohem",
+                                reason="mmseg rows do not use OHEM"))
+
+    # c. parameter groups (the learning rate schedule is check_lr, per row).
+    optimizer = build_optimizer(trained, cfg.train)
+    ours_groups = [{k: float(g[k]) for k in ("lr", "momentum", "weight_decay", "dampening")}
+                   | {"nesterov": bool(g["nesterov"]), "params": len(g["params"])} for g in optimizer.param_groups]
+    same = ours_groups == peer["groups"] and type(optimizer).__name__ == peer["optimizer"]
+    rows.append(_row(name, "c_groups", "param groups differing", 0 if same else 1, 0,
+                     f"ours {ours_groups} vs mmseg {peer['optimizer']} {peer['groups']}: one group, the same "
+                     "weight decay for every parameter kind (norms and biases included)"))
+
+    # f. five SGD steps from the same weights on the same batches, in float64 (see b).
+    ours_run = _trajectory(cfg, state, steps, criterion)
+    reference = _our_model(cfg).double()
+    per_step = []
+    for step in range(len(steps)):
+        _import(reference, load_tensors(work / f"step{step + 1}.pt"))
+        per_step.append(_worst_rel(ours_run[step], reference.state_dict()))
+    rows.append(_row(name, "f_trajectory", "max rel weight diff over 5 steps (fp64)", max(v for v, _ in per_step),
+                     TOL_WEIGHTS, "per step " + ", ".join(f"{v:.1e} ({k})" for v, k in per_step)))
+    return rows
+
+
+def lr_steps(cfg: ExperimentConfig) -> list[int]:
+    T = cfg.train.iterations
+    return sorted({0, 1, T // 2, T - 1, T})
+
+
+def check_lr(rows: list[Row], python: Path, work: Path) -> list[ParityRow]:
+    """Check c, the schedule: mmengine's PolyLR (through the config's param_scheduler) against train.poly_lr at
+    steps 0, 1, T/2, T-1, T of every row, in one peer run."""
+    configs = {peer_config_path(python, row.mmseg_config): lr_steps(row.cfg) for row in rows}
+    job = {"configs": configs, "out": str(work / "lr.json")}
+    (work / "lr_job.json").write_text(json.dumps(job))
+    run_peer(python, SCRIPT, "lr", work / "lr_job.json", cwd=work, timeout=600)
+    peer = json.loads((work / "lr.json").read_text())
+    out = []
+    for row in rows:
+        theirs = peer[peer_config_path(python, row.mmseg_config)]
+        steps = lr_steps(row.cfg)
+        worst = max(abs(poly_lr(step, row.cfg.train) - theirs["lr"][str(step)]) for step in steps)
+        out.append(_row(row.path.stem, "c_lr", f"max abs LR diff at steps {steps}", worst, TOL_LR,
+                        "mmseg " + "; ".join(f"{s}: {theirs['lr'][str(s)]:.6g}" for s in steps)))
+        out.append(_row(row.path.stem, "c_lr", "iterations differing",
+                        abs(theirs["max_iters"] - row.cfg.train.iterations), 0,
+                        f"mmseg max_iters {theirs['max_iters']}, schedulers {theirs['schedulers']}"))
+    return out
+
+
+def _trajectory(cfg: ExperimentConfig, state: dict, steps: list, criterion: nn.Module) -> list[dict]:
+    """Our five training steps (train.py's optimizer and poly LR, dropout off) -> state dict after each."""
+    model = _our_model(cfg).double()
+    _import(model, state)
+    _dropout_off(model)
+    model.train()
+    optimizer = build_optimizer(model, cfg.train)
+    out = []
+    for step, (step_images, step_labels) in enumerate(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = poly_lr(step, cfg.train)
+        criterion(model(step_images.double()), step_labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+def _worst_rel(ours: dict, theirs: dict) -> tuple[float, str]:
+    """The worst per-tensor relative difference; a tensor that is ~0 (a bias whose gradient is 0 in exact
+    arithmetic, left at its initial 0) is measured against 1e-3 x the largest weight of the model instead."""
+    worst, worst_key = 0.0, ""
+    floor = 1e-3 * max(v.abs().max().item() for v in theirs.values() if v.is_floating_point() and v.numel())
+    for key, value in ours.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        diff = max_rel(value, theirs[key], floor=floor)
+        if diff > worst:
+            worst, worst_key = diff, key
+    return worst, worst_key
+
+
+class ReplayRng:
+    """Stands in for the np.random.Generator our TrainTransform draws from, answering with the draws mmseg's
+    pipeline made (recorded in the peer), in order; each call checks that it asks for the same kind and range of
+    number mmseg drew, so a recipe that draws differently fails loudly instead of silently desynchronising."""
+
+    def __init__(self, draws: list) -> None:
+        self.draws = list(draws)
+        self.used = 0
+
+    def _next(self, expected: tuple[str, ...]):
+        if self.used >= len(self.draws):
+            raise AssertionError(f"our pipeline draws more numbers than mmseg's ({len(self.draws)})")
+        name, args, kwargs, value = self.draws[self.used]
+        self.used += 1
+        if name not in expected:
+            raise AssertionError(f"draw {self.used}: ours asks {expected}, mmseg drew {name}{tuple(args)}")
+        return name, args, kwargs, value
+
+    def uniform(self, low: float = 0.0, high: float = 1.0) -> float:
+        name, args, _, value = self._next(("random_sample", "uniform"))
+        if name == "random_sample":  # mmcv RandomResize: random_sample() * (max - min) + min
+            return value * (high - low) + low
+        if tuple(args) != (low, high):
+            raise AssertionError(f"uniform({low}, {high}) where mmseg drew uniform{tuple(args)}")
+        return value
+
+    def integers(self, low: int, high: int | None = None) -> int:
+        _, args, _, value = self._next(("randint",))
+        ours = (0, low) if high is None else (low, high)
+        theirs = (0, args[0]) if len(args) == 1 else tuple(args[:2])
+        if ours != tuple(theirs):
+            raise AssertionError(f"integers{ours} where mmseg drew randint{tuple(args)}")
+        return int(value)
+
+    def random(self) -> float:
+        # mmcv RandomFlip: np.random.choice(['horizontal', None], p=[prob, 1 - prob]).
+        _, _, _, value = self._next(("choice", "rand", "random_sample"))
+        if isinstance(value, float):
+            return value
+        return 0.0 if value == "horizontal" else 0.999
+
+
+def check_data(row: Row, python: Path, work: Path, *, quick: bool) -> list[ParityRow]:
+    """Check d: mmseg's train_pipeline + data preprocessor and our TrainTransform on the same files."""
+    cfg, name = row.cfg, row.path.stem
+    dataset = cfg.data.dataset
+    root = work / "data"
+    count = 3 if quick else 6
+    pairs = write_structured_dataset(dataset, root, split="train", count=count, num_classes=cfg.model.num_classes,
+                                     seed=SEED)
+    # The fixture images are small; scale the row's resize bounds and crop by one factor so the crop still
+    # fits inside some rescaled images and not others (both branches of RandomCrop, and the padding).
+    factor = 16
+    base = tuple(max(1, b // factor) for b in cfg.data.base_size)
+    crop = tuple(max(1, c // factor) for c in cfg.data.crop_size)
+    peer_pairs = []
+    for image_path, label_path in pairs:
+        label = label_path
+        if dataset == "cityscapes":  # mmseg reads the converter's labelTrainIds
+            label = label_path.with_name(label_path.name.replace("_labelIds", "_labelTrainIds"))
+        peer_pairs.append([str(image_path), str(label)])
+    options = {"train_pipeline.2.scale": list(base), "train_pipeline.3.crop_size": list(crop),
+               "model.data_preprocessor.size": list(crop)}
+    if "Pad" in _peer_pipeline_types(python, row):
+        options["train_pipeline.6.size"] = list(crop)  # pascal_voc12_aug.py: Pad(size=crop_size)
+    job = {"config_py": peer_config_path(python, row.mmseg_config), "seed": SEED, "out": str(work),
+           "pairs": peer_pairs, "reduce_zero_label": dataset == "ade20k", "cfg_options": _pipeline_options(
+               python, row, options)}
+    (work / "data.json").write_text(json.dumps(job))
+    run_peer(python, SCRIPT, "data", work / "data.json", cwd=work, timeout=600)
+    peer = load_tensors(work / "data.pt")
+    changes = {"data.root": str(root), "data.train_split": "train", "data.base_size": list(base),
+               "data.crop_size": list(crop)}
+    pads_raw = "Pad" in _peer_pipeline_types(python, row)
+    if pads_raw:  # the row follows 0.30.0 (pad after normalising); 1.2.2's pascal_voc12_aug.py pads raw 0 first
+        changes["data.pad_fill"] = "raw_zero"
+    small = with_overrides(cfg, changes)
+    ours_data = build_dataset(small.data, split="train")
+    worst_decode = worst_label_load = worst_image = label_diff = 0.0
+    used = []
+    for index in range(len(pairs)):
+        image, label = ours_data.load(index)
+        worst_decode = max(worst_decode, max_abs(torch.from_numpy(image.astype(np.int64)),
+                                                 peer["decoded"][index].long()))
+        worst_label_load = max(worst_label_load, max_abs(torch.from_numpy(label.astype(np.int64)),
+                                                         peer["labels_loaded"][index]))
+        rng = ReplayRng(json.loads(peer["draws"][index]))
+        image_t, label_t = ours_data.train_transform(image, label, rng=rng)
+        if rng.used != len(rng.draws):
+            raise AssertionError(f"mmseg drew {len(rng.draws)} numbers, ours used {rng.used}")
+        used.append(rng.used)
+        worst_image = max(worst_image, max_abs(image_t, peer["images"][index]))
+        label_diff = max(label_diff, float((label_t != peer["labels"][index]).float().mean()))
+    detail = f"{len(pairs)} files, draws per sample {used}, crop {crop}, scale bounds {base}" + (
+        "; with data.pad_fill=raw_zero (1.x's Pad before normalising; the row keeps 0.30.0's normalised_zero)"
+        if pads_raw else "")
+    return [
+        _row(name, "d_decode", "image max abs diff (uint8)", worst_decode, 0, "JPEG/PNG decode"),
+        _row(name, "d_decode", "label max abs diff", worst_label_load, 0, "train ids after loading"),
+        _row(name, "d_pipeline", "image max abs diff (normalised)", worst_image, 1e-5,
+             detail + "; float32 (x - mean) / std on both sides, so equal up to 1 ulp"),
+        _row(name, "d_pipeline", "label pixels differing", label_diff, 0, detail),
+    ]
+
+
+EVAL_FACTOR = 16  # fixture sizes: the row's test scale, windows and strides divided by this
+
+
+def small_eval_overrides(cfg: ExperimentConfig) -> dict:
+    """Our eval section at fixture size: the row's test scale and slide windows divided by EVAL_FACTOR."""
+    ev = cfg.eval
+    out = {}
+    if ev.scale is not None:
+        out["eval.scale"] = [max(1, v // EVAL_FACTOR) for v in ev.scale]
+    if ev.mode == "slide" or getattr(ev, "ms_mode", None) == "slide":
+        out["eval.crop_size"] = [max(1, v // EVAL_FACTOR) for v in ev.crop_size]
+        out["eval.stride"] = [max(1, v // EVAL_FACTOR) for v in ev.stride]
+    return out
+
+
+def mmseg_1x_eval(cfg: ExperimentConfig) -> dict:
+    """The one mapping from a row's evaluation to mmseg 1.2.2's test setup: the rows follow 0.30.0 (see their
+    notes); 1.x's tta_pipeline resizes the original image by the ratio alone (Resize(scale_factor=r))."""
+    return {"eval.ms_resize": "cv2_original_ratio"} if cfg.eval.ms_flip else {}
+
+
+def check_eval(row: Row, python: Path, work: Path, *, quick: bool) -> list[ParityRow]:
+    """Check e: mmseg's Runner.test (and --tta) and `python -m repro.run --eval-only` on the same checkpoint and
+    a small dataset in the row's real layout (validation split only)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from repro.engine.distributed import init_distributed
+    from repro.engine.evaluate import evaluate
+
+    cfg, name = row.cfg, row.path.stem
+    state_file = work.parents[1] / _digest(model_key(row)) / "model" / "state.pt"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file}: check e needs the weights of check a (run the model check first)")
+    checkpoint = work / "mmseg_checkpoint.pth"
+    torch.save({"state_dict": load_tensors(state_file), "meta": {}}, checkpoint)
+    root = work / "data"
+    count = 3 if quick else 5
+    write_structured_dataset(cfg.data.dataset, root, split=cfg.data.val_split, count=count,
+                             num_classes=cfg.model.num_classes, seed=SEED + 7)
+    small = small_eval_overrides(cfg)
+    overrides = {"data.root": str(root), **small, **mmseg_1x_eval(cfg)}
+    job = {"config_py": peer_config_path(python, row.mmseg_config), "out": str(work), "checkpoint": str(checkpoint),
+           "data_root": str(root), "scale": small.get("eval.scale"), "crop_size": small.get("eval.crop_size"),
+           "stride": small.get("eval.stride"), "tta": bool(cfg.eval.ms_flip and not quick)}
+    (work / "test.json").write_text(json.dumps(job))
+    run_peer(python, SCRIPT, "test", work / "test.json", cwd=work, timeout=900)
+    theirs = json.loads((work / "metrics.json").read_text())
+    # Ours through the command line, as a user runs it (validation split only in the folder).
+    command = [sys.executable, "-m", "repro.run", str(row.path), "--eval-only", "--checkpoint", str(checkpoint),
+               "--checkpoint-source", "mmseg", "--out-dir", str(work / "ours"), "--results",
+               str(work / "ours" / "miou.csv"), "--no-progress", "--device", "cpu"]
+    if not job["tta"]:
+        overrides["eval.ms_flip"] = False
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    done = subprocess.run(command, cwd=EXPERIMENTS.parent, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"repro.run --eval-only exited {done.returncode}: {done.stderr.strip()[-400:]}")
+    ours = json.loads((work / "ours" / "eval.json").read_text())
+    rows = [_row(name, "e_eval", "mIoU abs diff (single scale, points)",
+                 abs(theirs["single"]["mIoU"] - ours["mIoU"]["mIoU"]), 0.01,
+                 f"mmseg Runner.test {theirs['single']['mIoU']:.2f} (rounded to 0.01 by IoUMetric), ours "
+                 f"{ours['mIoU']['mIoU']:.4f}; "
+                 f"{count} images, {cfg.eval.mode}, overrides {small}")]
+    if job["tta"]:
+        rows.append(_row(name, "e_eval", "mIoU abs diff (ms+flip, points)",
+                         abs(theirs["tta"]["mIoU"] - ours["mIoU_ms_flip"]["mIoU"]), 0.01,
+                         f"mmseg --tta {theirs['tta']['mIoU']:.2f}, ours {ours['mIoU_ms_flip']['mIoU']:.4f} "
+                         f"with {mmseg_1x_eval(cfg)} (1.x's TestTimeAug)"))
+    # Per-pixel agreement of the single-scale predictions: the engine's evaluate (what the command calls).
+    run_cfg = load_config(row.path, [f"{k}={json.dumps(v)}" for k, v in {**overrides, "eval.ms_flip": False}.items()])
+    model = _our_model(run_cfg)
+    _import(model, load_tensors(state_file))
+    dataset = build_dataset(run_cfg.data, split="val", eval_cfg=run_cfg.eval)
+    agree, total = 0, 0
+
+    def compare(index: int, train_ids: np.ndarray) -> None:
+        nonlocal agree, total
+        stem = Path(dataset.pairs[index][0]).stem
+        predicted = np.array(Image.open(work / "pred_single" / f"{stem}.png")).astype(np.int64)
+        if cfg.data.dataset == "ade20k":  # IoUMetric writes pred + 1 for reduce_zero_label datasets
+            predicted = predicted - 1
+        agree += int((predicted == train_ids).sum())
+        total += train_ids.size
+
+    evaluate(model, dataset, eval_cfg=run_cfg.eval, num_classes=cfg.model.num_classes,
+             ignore_index=cfg.data.ignore_index, ctx=init_distributed(device="cpu"), on_prediction=compare,
+             progress=False)
+    rows.append(_row(name, "e_pixels", "per-pixel agreement (single scale)", agree / max(total, 1), 0.999,
+                     f"{total} pixels", higher_is_better=True))
+    return rows
+
+
+def _pipeline_options(python: Path, row: Row, options: dict) -> dict:
+    """cfg_options for the peer; the positions of RandomResize / RandomCrop in train_pipeline are mmseg's
+    (LoadImageFromFile, LoadAnnotations, RandomResize, RandomCrop, RandomFlip, PhotoMetricDistortion[, Pad],
+    PackSegInputs); the peer checks the types before overriding."""
+    return options
+
+
+def _peer_pipeline_types(python: Path, row: Row) -> list[str]:
+    """The transform types of the row's mmseg train_pipeline, read from the config file's text."""
+    text = Path(peer_config_path(python, row.mmseg_config)).read_text()
+    bases = re.findall(r"'\.\./_base_/datasets/(\w+)\.py'", text)
+    source = Path(peer_config_path(python, f"_base_/datasets/{bases[0]}.py")).read_text()
+    block = source[source.index("train_pipeline = [") : source.index("]\n", source.index("train_pipeline = ["))]
+    return re.findall(r"type='(\w+)'", block)
+
+
+def _rows_of(path: Path) -> Row:
+    return Row(path, load_config(path), mmseg_config_name(path))
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _without(section, *names: str) -> dict:
+    return {k: v for k, v in asdict(section).items() if k not in names}
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def model_key(row: Row) -> str:
+    """Rows whose a/b/f checks are the same computation: the same model and optimiser on both sides (they differ
+    only in the number of iterations, whose schedule check_lr checks per row)."""
+    schedule_free = re.sub(r"-\d+k_", "-Nk_", row.mmseg_config)
+    return _json([schedule_free, asdict(row.cfg.model), _without(row.cfg.train, "iterations", "checkpoint_every",
+                                                                  "log_every"), row.cfg.data.dataset])
+
+
+def data_key(row: Row) -> str:
+    """Rows with the same training pipeline (mmseg's dataset config and our data section)."""
+    dataset_config = re.sub(r"^.*?_(\w+-\d+x\d+)\.py$", r"\1", row.mmseg_config)
+    return _json([dataset_config, _without(row.cfg.data, "batch_size", "num_workers")])
+
+
+def eval_key(row: Row) -> str:
+    return _json([model_key(row), data_key(row), asdict(row.cfg.eval)])
+
+
+# (work folder, check, key of rows that share the computation, what they share)
+CHECKS = (("model", check_model, model_key, "model and optimiser"),
+          ("data", check_data, data_key, "training pipeline"),
+          ("eval", check_eval, eval_key, "model, data and evaluation"))
+
+
+def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
+    """Every check on every row of `configs`. Rows that share a computation exactly (e.g. the 40k and 80k
+    schedules of one model: same weights, same pipeline, same evaluation) reuse its result, and the row says so;
+    the LR schedule is checked for each row. A peer that cannot install raises PeerUnavailable (the CLI turns it
+    into `not run` rows)."""
+    python = ensure_venv(PEER)
+    workdir = Path(workdir).absolute()
+    rows_in = [_rows_of(path) for path in configs]
+    lr_work = workdir / "lr"
+    lr_work.mkdir(parents=True, exist_ok=True)
+    results: list[ParityRow] = check_lr(rows_in, python, lr_work)
+    done: dict[tuple[str, str], tuple[str, list[ParityRow]]] = {}
+    for row in rows_in:
+        for folder, check, key_of, what in CHECKS:
+            key = (folder, key_of(row))
+            if key in done:
+                first, rows = done[key]
+                results += [replace(r, config=row.path.stem, detail=f"{r.detail}; computed once for the rows with "
+                                    f"the same {what} as {first}") for r in rows]
+                continue
+            work = workdir / _digest(key[1]) / folder
+            work.mkdir(parents=True, exist_ok=True)
+            rows = check(row, python, work, quick=quick)
+            done[key] = (row.path.stem, rows)
+            results += rows
+    return results
