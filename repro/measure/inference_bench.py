@@ -149,19 +149,21 @@ def compare(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float
     return agreement, (logits.double() - reference.double()).abs().max().item()
 
 
-def our_models(config: Path, state: dict[str, torch.Tensor], example: torch.Tensor) -> dict[str, nn.Module]:
-    """torch_eager and torch_fused from the experiment config with mmseg's state dict imported."""
+def our_models(config: Path, state: dict[str, torch.Tensor], example: torch.Tensor, *,
+               source: str = "mmseg") -> dict[str, nn.Module]:
+    """torch_eager and torch_fused from the experiment config with `state` (mmseg's state dict) imported."""
     cfg = with_overrides(load_config(config), {"model.pretrained_backbone": None, "model.backend": "naive"})
     eager = build_model(cfg, device=torch.device("cpu"))
-    models.load_checkpoint(eager, state, source="mmseg", strict=True)
+    models.load_checkpoint(eager, state, source=source, strict=True)
     eager.eval()
     return {"torch_eager": eager, "torch_fused": inference_model(eager, example)}
 
 
 def measure(backbone: str, *, size: tuple[int, int], threads: Sequence[int], rounds: int,
-            peer: PeerSpec | None, work: Path, log: Callable[[str], None] = print) -> pd.DataFrame:
+            peer: PeerSpec | None, work: Path, log: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Rows for one backbone: our two variants and (when `peer`) mmseg's, per thread count."""
     config = CONFIGS[backbone]
+    log = log or (lambda text: print(text, flush=True))
     generator = torch.Generator().manual_seed(SEED)
     images = torch.randn(1, 3, *size, generator=generator)
     example = images[..., :64, :64]
@@ -174,7 +176,7 @@ def measure(backbone: str, *, size: tuple[int, int], threads: Sequence[int], rou
             cfg = with_overrides(load_config(config), {"model.pretrained_backbone": None})
             torch.manual_seed(SEED)
             state = build_model(cfg, device=torch.device("cpu")).state_dict()
-        variants = our_models(config, state, example)
+        variants = our_models(config, state, example, source="mmseg" if peer_model is not None else "ccrepro")
         rows = []
         for count in threads:
             torch.set_num_threads(count)
@@ -263,11 +265,10 @@ def main(argv: list[str] | None = None, *, resolve_peer: Callable[[str], PeerSpe
             work = Path(temp) / backbone
             work.mkdir()
             peer = None if args.no_peer or resolve_peer is None else resolve_peer(backbone)
-            frames.append(measure(backbone, size=args.size, threads=args.threads, rounds=args.rounds, peer=peer,
-                                  work=work))
-    frame = pd.concat(frames, ignore_index=True)
-    write_rows(args.out, frame)
-    print(frame[["backbone", "threads", "variant", "median_s", "speedup_vs_torch_eager", "argmax_agreement",
-                 "max_abs_logit_diff"]].to_string(index=False))
-    print(f"wrote {len(frame)} rows to {args.out}")
+            frame = measure(backbone, size=args.size, threads=args.threads, rounds=args.rounds, peer=peer, work=work)
+            write_rows(args.out, frame)  # each backbone as soon as it is measured
+            frames.append(frame)
+            print(frame[["backbone", "threads", "variant", "median_s", "speedup_vs_torch_eager", "argmax_agreement",
+                         "max_abs_logit_diff"]].to_string(index=False), flush=True)
+    print(f"wrote {sum(len(frame) for frame in frames)} rows to {args.out}")
     return 0
