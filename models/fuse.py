@@ -123,10 +123,14 @@ def count_norms(model: nn.Module) -> int:
     return sum(isinstance(module, NORMS) for module in model.modules())
 
 
-def inference_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The fast CPU inference form of a trained model: `fold_batchnorm`, then channels_last weights (and, for
-    a model with a `channels_last` switch such as models.ccnet.CCNet, channels_last inputs). Eval-only."""
-    folded = fold_batchnorm(model, example).to(memory_format=torch.channels_last)
-    if hasattr(folded, "channels_last"):
-        folded.channels_last = True
+def inference_model(model: nn.Module, example: torch.Tensor, *, channels_last: bool = False) -> nn.Module:
+    """The CPU inference form of a trained model: `fold_batchnorm`, and with `channels_last` the weights (and, for
+    a model with a `channels_last` switch such as models.ccnet.CCNet, the inputs) in channels-last memory.
+    Eval-only. Channels-last is off by default: on the Intel Xeon (AVX-512) measured here it was not faster for
+    the dilated ResNets at one thread (results/inference_bench.csv, variant torch_fused vs torch_folded)."""
+    folded = fold_batchnorm(model, example)
+    if channels_last:
+        folded = folded.to(memory_format=torch.channels_last)
+        if hasattr(folded, "channels_last"):
+            folded.channels_last = True
     return folded

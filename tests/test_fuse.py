@@ -74,10 +74,13 @@ def test_every_conv_kind_is_paired():
     assert any("downsample" in name for name in pairs)
 
 
-def test_inference_model_is_channels_last_and_eval_only():
+def test_inference_model_is_eval_only_and_channels_last_on_request():
     model = _model(head="rcca")
     images = torch.randn(1, 3, 41, 37)
-    fast = inference_model(model, images)
+    folded = inference_model(model, images)
+    assert not folded.channels_last and folded.backbone.stem[0].weight.is_contiguous()
+    _assert_same_predictions(model, folded, images)
+    fast = inference_model(model, images, channels_last=True)
     _assert_same_predictions(model, fast, images)
     assert fast.channels_last
     assert fast.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)

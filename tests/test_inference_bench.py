@@ -77,7 +77,7 @@ def test_our_variants_on_a_small_input(tmp_path):
     frame = inference_bench.measure("R-50-D8", size=(64, 96), threads=[1], rounds=1, peer=None, work=tmp_path,
                                     log=lambda text: None)
     assert list(frame.columns) == inference_bench.COLUMNS
-    assert list(frame["variant"]) == ["torch_eager", "torch_fused"]
+    assert list(frame["variant"]) == ["torch_eager", "torch_folded", "torch_fused"]
     assert (frame["argmax_agreement"] >= 0.999).all()
     assert (frame["median_s"] > 0).all() and (frame["cpu"] == cpu_label()).all()
     assert set(frame["input_hw"]) == {"64x96"} and set(frame["threads"]) == {1}

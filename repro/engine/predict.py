@@ -20,7 +20,7 @@ windows) or `--mode` (`ms_flip`: `eval.ms_scales` x {image, mirror} on top of th
 resized back to the image before the argmax. The attention comes from one whole-image forward at the same
 scale (in whole mode, the same forward as the prediction), its maps recomputed in the naive formulation from
 the query and key each pass was given, so any backend and any recurrence can be shown. On the CPU the model is
-`models.fuse.inference_model` of the checkpoint's (BatchNorm folded, channels_last); `--threads N` sets torch's
+`models.fuse.inference_model` of the checkpoint's (BatchNorm folded); `--threads N` sets torch's
 CPU thread count.
 
 Nothing half-written lands in DIR: every file of the run is written into a temporary folder beside DIR
@@ -329,7 +329,7 @@ def predictor_from_config(
     eval_cfg, mode = eval_config_for(cfg, mode)
     device = torch.device(device)
     model = load_model(cfg, checkpoint, source=source).to(device)
-    if device.type == "cpu":  # BatchNorm folded, channels_last: the same predictions, faster on CPU
+    if device.type == "cpu":  # BatchNorm folded: the same predictions, less work
         model = inference_model(model, torch.zeros(1, 3, 65, 65))
     return Predictor(
         model=model, palette=palette_for(cfg.data.dataset), eval_cfg=eval_cfg, mode=mode,

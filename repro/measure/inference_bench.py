@@ -3,7 +3,9 @@
 
 Variants (the `variant` column of results/inference_bench.csv):
 * `torch_eager`: the model as trained (`models.build` from the config, eval mode, NCHW).
-* `torch_fused`: `models.fuse.inference_model`: BatchNorm folded into the convolutions, channels_last.
+* `torch_folded`: `models.fuse.inference_model`: BatchNorm folded into the convolutions (what `repro.run
+  --eval-only` and `repro.predict` run on the CPU).
+* `torch_fused`: the same with channels_last weights and inputs.
 * `mmseg_1.2.2`: mmsegmentation's own model (`EncoderDecoder.encode_decode`), built from its config in its own
   venv (the parity peer); it runs as a subprocess that times its own forward and writes its logits to a file.
   The weights are mmseg's (random, non-trivial norms: repro/parity/peers/mmseg_peer.py build_model), imported into
@@ -48,7 +50,7 @@ COLUMNS = ["model", "backbone", "input_hw", "batch", "engine", "precision", "thr
            "min_s", "repeats", "speedup_vs_torch_eager", "argmax_agreement", "max_abs_logit_diff", "cpu", "device",
            "torch", "date", "commit"]
 KEY = ["model", "backbone", "input_hw", "batch", "engine", "precision", "threads", "variant", "cpu"]
-OURS = ("torch_eager", "torch_fused")
+OURS = ("torch_eager", "torch_folded", "torch_fused")
 PEER_VARIANT = "mmseg_1.2.2"
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 CONFIGS = {  # backbone -> experiment row transcribed from mmsegmentation's CCNet config at 512x1024
@@ -151,12 +153,13 @@ def compare(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float
 
 def our_models(config: Path, state: dict[str, torch.Tensor], example: torch.Tensor, *,
                source: str = "mmseg") -> dict[str, nn.Module]:
-    """torch_eager and torch_fused from the experiment config with `state` (mmseg's state dict) imported."""
+    """torch_eager, torch_folded and torch_fused from the experiment config, `state` (mmseg's) imported."""
     cfg = with_overrides(load_config(config), {"model.pretrained_backbone": None, "model.backend": "naive"})
     eager = build_model(cfg, device=torch.device("cpu"))
     models.load_checkpoint(eager, state, source=source, strict=True)
     eager.eval()
-    return {"torch_eager": eager, "torch_fused": inference_model(eager, example)}
+    return {"torch_eager": eager, "torch_folded": inference_model(eager, example),
+            "torch_fused": inference_model(eager, example, channels_last=True)}
 
 
 def measure(backbone: str, *, size: tuple[int, int], threads: Sequence[int], rounds: int,

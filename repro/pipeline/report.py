@@ -661,7 +661,7 @@ def cca_speedup_table(frame: pd.DataFrame) -> str:
                                  "speedup_vs_einsum", "date"]])
 
 
-INFERENCE_VARIANT_ORDER = {"torch_eager": 0, "torch_fused": 1, "mmseg_1.2.2": 2}
+INFERENCE_VARIANT_ORDER = {"torch_eager": 0, "torch_folded": 1, "torch_fused": 2, "mmseg_1.2.2": 3}
 
 
 def inference_bench_table(frame: pd.DataFrame) -> str:
