@@ -126,8 +126,9 @@ def count_norms(model: nn.Module) -> int:
 def inference_model(model: nn.Module, example: torch.Tensor, *, channels_last: bool = False) -> nn.Module:
     """The CPU inference form of a trained model: `fold_batchnorm`, and with `channels_last` the weights (and, for
     a model with a `channels_last` switch such as models.ccnet.CCNet, the inputs) in channels-last memory.
-    Eval-only. Channels-last is off by default: on the Intel Xeon (AVX-512) measured here it was not faster for
-    the dilated ResNets at one thread (results/inference_bench.csv, variant torch_fused vs torch_folded)."""
+    Eval-only. Measured on the Intel Xeon (AVX-512) here (results/inference_bench.csv, torch_fused vs
+    torch_folded): channels_last was slower for the dilated ResNets at one thread and faster at two, so the
+    command lines turn it on with several threads."""
     folded = fold_batchnorm(model, example)
     if channels_last:
         folded = folded.to(memory_format=torch.channels_last)

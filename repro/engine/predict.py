@@ -20,8 +20,8 @@ windows) or `--mode` (`ms_flip`: `eval.ms_scales` x {image, mirror} on top of th
 resized back to the image before the argmax. The attention comes from one whole-image forward at the same
 scale (in whole mode, the same forward as the prediction), its maps recomputed in the naive formulation from
 the query and key each pass was given, so any backend and any recurrence can be shown. On the CPU the model is
-`models.fuse.inference_model` of the checkpoint's (BatchNorm folded); `--threads N` sets torch's
-CPU thread count.
+`models.fuse.inference_model` of the checkpoint's (BatchNorm folded; channels_last with several threads);
+`--threads N` sets torch's CPU thread count.
 
 Nothing half-written lands in DIR: every file of the run is written into a temporary folder beside DIR
 and moved in only when every image has succeeded.
@@ -329,8 +329,8 @@ def predictor_from_config(
     eval_cfg, mode = eval_config_for(cfg, mode)
     device = torch.device(device)
     model = load_model(cfg, checkpoint, source=source).to(device)
-    if device.type == "cpu":  # BatchNorm folded: the same predictions, less work
-        model = inference_model(model, torch.zeros(1, 3, 65, 65))
+    if device.type == "cpu":  # BatchNorm folded (channels_last with several threads): see models.fuse
+        model = inference_model(model, torch.zeros(1, 3, 65, 65), channels_last=torch.get_num_threads() > 1)
     return Predictor(
         model=model, palette=palette_for(cfg.data.dataset), eval_cfg=eval_cfg, mode=mode,
         mean=cfg.data.mean, std=cfg.data.std, channel_order=cfg.data.channel_order, device=device,
