@@ -4,12 +4,24 @@ Two implementations:
 
 * `criss_cross_attention_naive`: the backend used by `ops.criss_cross_attention(backend="naive")`. A custom
   autograd function that materialises one (B, H, W, H + W) energy / probability buffer (column branch in
-  the first H slots with -inf on its diagonal, row branch in the last W), fills both halves with in-place
-  batched matmuls on channels-last views (no `cat`, no layout copies of the map), runs one in-place softmax,
-  and has a hand-written backward that recomputes nothing and uses the fused softmax backward. It saves
-  q, k, v (channels-last) and the probabilities.
+  the first H slots with -inf on its diagonal, row branch in the last W), fills both halves with batched
+  matmuls on channels-last views (no `cat`, no layout copies of the map), runs one in-place softmax, and has a
+  hand-written backward that recomputes nothing but layout copies and uses the fused softmax backward. It saves
+  the query and key as given, the probabilities, and the value (as given when it is channels_last, else one
+  channels-last copy per image; nothing when only the value needs a gradient).
 * `criss_cross_attention_einsum`: the formulation mmcv ships (torch.einsum, materialised map, autograd
   through everything). Kept as the independent reference the benchmark compares against.
+
+Speed on CPU (measured by `python -m repro.bench`): the value-sized work (Cv channels) runs image by image, so
+every value-sized temporary (the channels-last copy of the value and of the output gradient) is one image's worth,
+and the gradient's copy is reused across the images of a batch; only returned tensors are batch-sized. Large fresh
+allocations cost page faults on every call (glibc maps blocks over 32 MB afresh each time), so fewer and smaller
+ones are faster. With one thread each matmul writes matrix by matrix straight into the strided views of the
+buffers; with several, PyTorch parallelises a per-matrix loop call by call, which on a loaded machine costs far
+more than the work, so each branch runs as one batched matmul into a contiguous temporary (the column products of
+the value-sized matmuls in blocks of a quarter image, to keep the peak memory of the one-thread path). Setting
+`THP_MEM_ALLOC_ENABLE=1` in the environment before torch starts (PyTorch's CPU allocator then asks for transparent
+huge pages) makes every formulation faster; it is a process-wide choice, left to the user.
 
 Cost of one call (B, Cqk, Cv, H, W): 2 * B * H * W * (H + W) * (Cqk + Cv) FLOPs forward, about twice that
 backward; the materialised map is B * H * W * (H + W) elements (see `ops.cost`).
@@ -26,9 +38,29 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def _column_view(x: torch.Tensor, b: int) -> torch.Tensor:
-    """(B, H, W, X) -> (W, H, X) view of batch b: the column j as a batch of H x X matrices."""
-    return x[b].transpose(0, 1)
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.permute(0, 2, 3, 1).is_contiguous()
+
+
+def _image_channels_last(x: torch.Tensor, b: int, buffer: torch.Tensor | None) -> torch.Tensor:
+    """Image b of (B, C, H, W) x as a contiguous (H, W, C) tensor: a view when x is channels_last, else a copy
+    into `buffer` (an (H, W, C) tensor reused across images) or a new tensor when buffer is None."""
+    image = x[b].permute(1, 2, 0)
+    if image.is_contiguous():
+        return image
+    if buffer is None:
+        return image.contiguous()
+    return buffer.copy_(image)
+
+
+def _column_view(x: torch.Tensor) -> torch.Tensor:
+    """(H, W, X) -> (W, H, X) view: the column j as a batch of H x X matrices."""
+    return x.transpose(0, 1)
+
+
+def _row_view(buffer: torch.Tensor, height: int) -> torch.Tensor:
+    """(..., H, W, H + W) -> (..., H, W, W) strided view of the row branch."""
+    return buffer[..., height:]
 
 
 class CrissCrossNaiveFunction(torch.autograd.Function):
@@ -37,99 +69,146 @@ class CrissCrossNaiveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        q, k, v = _channels_last(query), _channels_last(key), _channels_last(value)
-        probs = _energies(q, k)
+        probs = _energies(_channels_last(query), _channels_last(key))
         torch._softmax(probs, -1, False, out=probs)
-        out = _aggregate(probs, v)
-        ctx.save_for_backward(q, k, v, probs)
+        batch, channels, height, width = value.shape
+        out = value.new_empty(batch, height, width, channels)
+        # The backward needs the value only for the gradients of query and key (dP = dO . v).
+        keep_value = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        images = []
+        buffer = None
+        for b in range(batch):
+            if not keep_value and buffer is None and not _is_channels_last(value):
+                buffer = value.new_empty(height, width, channels)
+            v = _image_channels_last(value, b, None if keep_value else buffer)
+            _aggregate_image(probs[b], v, out[b])
+            if keep_value:
+                images.append(v)
+        ctx.save_for_backward(query, key, probs, *images)
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        q, k, v, probs = ctx.saved_tensors
-        grad_o = _channels_last(grad_out)
-        grad_query = grad_key = grad_value = None
-
-        # dP = dO . v over the H + W - 1 attended pixels; the masked diagonal gets a harmless value, its
-        # probability is 0 so the softmax backward zeroes it.
-        grad_p = torch.empty_like(probs)
-        _fill_branches(grad_p, grad_o, v)
-        if ctx.needs_input_grad[2]:
-            grad_value = _aggregate_transposed(probs, grad_o)
-        grad_e = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype, grad_input=grad_p)
-        if ctx.needs_input_grad[0]:
-            grad_query = _aggregate(grad_e, k)
-        if ctx.needs_input_grad[1]:
-            grad_key = _aggregate_transposed(grad_e, q)
-        return _to_nchw(grad_query), _to_nchw(grad_key), _to_nchw(grad_value)
+        query, key, probs, *values = ctx.saved_tensors
+        need_qk = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_v = ctx.needs_input_grad[2]
+        batch, height, width, _ = probs.shape
+        channels = grad_out.shape[1]
+        grad_query = grad_key = None
+        grad_p = torch.empty_like(probs) if need_qk else None
+        grad_v = grad_out.new_empty(batch, height, width, channels) if need_v else None
+        buffer = None if _is_channels_last(grad_out) else grad_out.new_empty(height, width, channels)
+        for b in range(batch):
+            grad_o = _image_channels_last(grad_out, b, buffer)
+            if need_qk:
+                # dP = dO . v over the H + W - 1 attended pixels; the masked diagonal gets a harmless value,
+                # its probability is 0 so the softmax backward zeroes it.
+                _fill_branches_image(grad_p[b], grad_o, values[b])
+            if need_v:
+                _aggregate_transposed_image(probs[b], grad_o, grad_v[b])
+        if need_qk:
+            grad_e = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype, grad_input=grad_p)
+            if ctx.needs_input_grad[0]:
+                grad_query = _aggregate(grad_e, _channels_last(key))
+            if ctx.needs_input_grad[1]:
+                grad_key = _aggregate_transposed(grad_e, _channels_last(query))
+        return _to_nchw(grad_query), _to_nchw(grad_key), _to_nchw(grad_v)
 
 
 def _to_nchw(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.permute(0, 3, 1, 2)
 
 
-def _row_view(buffer: torch.Tensor, height: int) -> torch.Tensor:
-    """(B, H, W, H + W) -> (B * H, W, W) strided view of the row branch."""
-    batch, _, width, _ = buffer.shape
-    return buffer[..., height:].view(batch * height, width, width)
+def _batched() -> bool:
+    """Whether to run each branch as batched matmuls into contiguous results (see the module docstring): with
+    several threads; with one, matrix by matrix straight into the strided buffers is as fast and needs no
+    temporaries."""
+    return torch.get_num_threads() > 1
 
 
-def _fill_branches(buffer: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """buffer[b, i, j, :H] = left[b, i, j] . right[b, :, j]; buffer[b, i, j, H:] = left[b, i, j] . right[b, i, :].
+def _column_chunks(width: int) -> list[slice]:
+    """Column blocks for the batched column branch: the temporary holds a quarter of an image at most."""
+    step = max(1, -(-width // 4))
+    return [slice(start, min(start + step, width)) for start in range(0, width, step)]
 
-    left, right: (B, H, W, C) contiguous; buffer: (B, H, W, H + W).
+
+def _fill_branches_image(buffer: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """buffer[i, j, :H] = left[i, j] . right[:, j]; buffer[i, j, H:] = left[i, j] . right[i, :].
+
+    left, right: (H, W, C) with unit channel stride; buffer: (H, W, H + W).
     """
-    batch, height, width, _ = left.shape
-    _row_view(buffer, height).baddbmm_(
-        left.view(batch * height, width, -1), right.view(batch * height, width, -1).transpose(1, 2), beta=0
-    )
-    for b in range(batch):
-        _column_view(buffer, b)[..., :height].baddbmm_(
-            _column_view(left, b), _column_view(right, b).transpose(1, 2), beta=0
-        )
+    height = left.shape[0]
+    rows, columns = _row_view(buffer, height), _column_view(buffer)[..., :height]
+    left_columns, right_columns = _column_view(left), _column_view(right).transpose(1, 2)
+    if not _batched():
+        rows.baddbmm_(left, right.transpose(1, 2), beta=0)
+        columns.baddbmm_(left_columns, right_columns, beta=0)
+        return
+    rows.copy_(torch.bmm(left, right.transpose(1, 2)))
+    columns.copy_(torch.bmm(left_columns, right_columns))
 
 
 def _energies(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """(B, H, W, Cqk) x2 -> (B, H, W, H + W) energies with -inf on the column branch's diagonal."""
     batch, height, width, _ = q.shape
     energy = q.new_empty(batch, height, width, height + width)
-    _fill_branches(energy, q, k)
+    for b in range(batch):
+        _fill_branches_image(energy[b], q[b], k[b])
     # The pixel itself is in both its row and its column: count it once (in the row branch).
     energy[..., :height].diagonal(dim1=1, dim2=3).fill_(float("-inf"))
     return energy
 
 
-def _aggregate(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """out[b, i, j] = sum_i' weights[b, i, j, i'] x[b, i', j] + sum_j' weights[b, i, j, H + j'] x[b, i, j'].
+def _aggregate_image(weights: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[i, j] = sum_i' weights[i, j, i'] x[i', j] + sum_j' weights[i, j, H + j'] x[i, j'].
 
-    weights: (B, H, W, H + W); x: (B, H, W, C) contiguous -> (B, H, W, C) contiguous.
+    weights: (H, W, H + W); x: (H, W, C) with unit channel stride; out: contiguous (H, W, C).
     """
-    batch, height, width, channels = x.shape
-    out = x.new_empty(batch, height, width, channels)
-    out.view(batch * height, width, channels).baddbmm_(
-        _row_view(weights, height), x.view(batch * height, width, channels), beta=0
-    )
-    for b in range(batch):
-        _column_view(out, b).baddbmm_(_column_view(weights, b)[..., :height], _column_view(x, b))
+    height = x.shape[0]
+    _rows_and_columns(out, _row_view(weights, height), x, _column_view(weights)[..., :height], _column_view(x))
+    return out
+
+
+def _aggregate_transposed_image(weights: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The adjoint of `_aggregate_image` in x: out[i', j] = sum_i weights[i, j, i'] x[i, j] and
+    out[i, j'] += sum_j weights[i, j, H + j'] x[i, j]."""
+    height = x.shape[0]
+    _rows_and_columns(out, _row_view(weights, height).transpose(1, 2), x,
+                      _column_view(weights)[..., :height].transpose(1, 2), _column_view(x))
+    return out
+
+
+def _rows_and_columns(out: torch.Tensor, row_weights: torch.Tensor, x: torch.Tensor, column_weights: torch.Tensor,
+                      x_columns: torch.Tensor) -> None:
+    """out = row_weights @ x (batched over rows) + (column_weights @ x_columns) seen through the column view.
+
+    The row product lands in out directly (contiguous: one batched gemm). The column product's natural layout is
+    (W, H, C): matrix by matrix into out's column view with one thread; with several, batched into a contiguous
+    temporary of a block of columns, added through a transposed view.
+    """
+    torch.bmm(row_weights, x, out=out)
+    out_columns = _column_view(out)
+    if not _batched():
+        out_columns.baddbmm_(column_weights, x_columns)
+        return
+    for block in _column_chunks(out_columns.shape[0]):
+        out_columns[block].add_(torch.bmm(column_weights[block], x_columns[block]))
+
+
+def _aggregate(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Batched `_aggregate_image`: weights (B, H, W, H + W), x (B, H, W, C) contiguous -> (B, H, W, C)."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    for b in range(x.shape[0]):
+        _aggregate_image(weights[b], x[b], out[b])
     return out
 
 
 def _aggregate_transposed(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The adjoint of `_aggregate` in x: out[b, i', j] = sum_i weights[b, i, j, i'] x[b, i, j] and
-    out[b, i, j'] += sum_j weights[b, i, j, H + j'] x[b, i, j].
-
-    weights: (B, H, W, H + W); x: (B, H, W, C) contiguous -> (B, H, W, C) contiguous.
-    """
-    batch, height, width, channels = x.shape
-    out = x.new_empty(batch, height, width, channels)
-    out.view(batch * height, width, channels).baddbmm_(
-        _row_view(weights, height).transpose(1, 2), x.view(batch * height, width, channels), beta=0
-    )
-    for b in range(batch):
-        _column_view(out, b).baddbmm_(
-            _column_view(weights, b)[..., :height].transpose(1, 2), _column_view(x, b)
-        )
+    """Batched `_aggregate_transposed_image`: weights (B, H, W, H + W), x (B, H, W, C) -> (B, H, W, C)."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    for b in range(x.shape[0]):
+        _aggregate_transposed_image(weights[b], x[b], out[b])
     return out
 
 

@@ -49,3 +49,48 @@ def test_run_restores_the_thread_count():
     bench.run([bench.Shape(1, 4, 2, 3, 5)], ["cca_naive"], ["fp32"], torch.device("cpu"), rounds=1,
               threads=threads + 1, console=Console(quiet=True))
     assert torch.get_num_threads() == threads
+
+
+def test_rows_name_the_cpu_and_the_paired_speedup(tmp_path):
+    from repro.measure.environment import cpu_label
+
+    out = tmp_path / "ops_bench.csv"
+    # A row written before the cpu column existed gets its model from the device label.
+    old = pd.DataFrame([{**{k: "x" for k in bench.KEY if k != "cpu"}, "device": "cpu: AMD EPYC 7R13",
+                         "status": "ok"}])
+    out.write_text(old.to_csv(index=False))
+    assert bench.main(["--quick", "--device", "cpu", "--out", str(out), "--variants", "cca_naive", "cca_einsum"]) == 0
+    frame = pd.read_csv(out, keep_default_na=False, dtype=str)
+    assert (frame["cpu"] != "").all()
+    assert frame.loc[frame["device"] == "cpu: AMD EPYC 7R13", "cpu"].tolist() == ["AMD EPYC 7R13"]
+    new = frame[frame["device"] != "cpu: AMD EPYC 7R13"]
+    assert set(new["cpu"]) == {cpu_label()} and cpu_label().startswith(device_label("cpu")[len("cpu: "):])
+    assert (new.loc[new["variant"] == "cca_einsum", "speedup_vs_einsum"].astype(float) == 1.0).all()
+    assert (new.loc[new["variant"] == "cca_naive", "speedup_vs_einsum"].astype(float) > 0).all()
+    table = bench.einsum_speedups(frame)
+    assert list(table.columns) == bench.SPEEDUP_COLUMNS
+    assert sorted(table["pass"]) == sorted(bench.PASSES) and set(table["variant"]) == {"cca_naive"}
+
+
+def test_paired_speedup_is_the_median_of_per_round_ratios():
+    assert bench.paired_speedup([4.0, 10.0, 3.0], [2.0, 2.0, 3.0]) == 2.0
+    assert bench.paired_speedup(None, [1.0]) is None
+    assert bench.paired_speedup([1.0], [1.0, 2.0]) is None
+
+
+def test_einsum_speedups_pairs_rows_of_one_run_only():
+    base = {"status": "ok", "device": "cpu: X", "cpu": "X (avx2)", "threads": "1", "dtype": "fp32", "batch": "2",
+            "channels": "512", "qk_channels": "64", "height": "97", "width": "97", "pass": "fwd", "rounds": "7"}
+    frame = pd.DataFrame([
+        {**base, "variant": "cca_naive", "milliseconds": "100", "speedup_vs_einsum": "2.5", "date": "2026-12-07"},
+        {**base, "variant": "cca_einsum", "milliseconds": "240", "speedup_vs_einsum": "1.0", "date": "2026-12-07"},
+        {**base, "variant": "cca_naive", "threads": "2", "milliseconds": "60", "speedup_vs_einsum": "2.0",
+         "date": "2026-12-07"},  # no einsum at 2 threads: not paired
+        {**base, "variant": "cca_naive", "cpu": "Y", "milliseconds": "60", "speedup_vs_einsum": "",
+         "date": "2026-12-01"},  # older row without the paired statistic
+    ])
+    table = bench.einsum_speedups(frame)
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row["cpu"], row["threads"], row["speedup_vs_einsum"], row["einsum_milliseconds"]) == ("X (avx2)", "1", 2.5,
+                                                                                                 "240")

@@ -149,3 +149,70 @@ def test_only_the_criss_cross_path_contributes(op_device):
     expected[0, :] = True
     expected[:, 0] = True
     assert torch.equal(changed, expected)
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """Both matmul paths of the naive backend: matrix by matrix (one thread) and batched (several)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+# W = 9 makes column blocks of 3, 3, 3; W = 10 of 3, 3, 3, 1 (a short last block); B = 3 reuses the buffers.
+@pytest.mark.parametrize("shape", [(3, 4, 6, 5, 9), (2, 3, 5, 7, 10), (1, 2, 3, 1, 4), (2, 2, 3, 4, 1)], ids=str)
+def test_both_matmul_paths_match_the_reference(shape, threads, op_device):
+    assert torch.get_num_threads() == threads
+    tensors = _inputs(shape, requires_grad=True, device=op_device)
+    grad_out = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64, device=op_device)
+    out, grads = _forward_backward(lambda *t: criss_cross_attention(*t, backend="naive"), tensors, grad_out)
+    ref_out, ref_grads = _forward_backward(criss_cross_reference, tensors, grad_out)
+    torch.testing.assert_close(out, ref_out)
+    for name, grad, ref in zip(("query", "key", "value"), grads, ref_grads):
+        torch.testing.assert_close(grad, ref, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("wanted", [(False, False, True), (True, False, False), (False, True, True)], ids=str)
+def test_partial_gradients(wanted, threads, op_device):
+    # Only some inputs need a gradient: the function skips the rest (and keeps no value copy when only the
+    # value needs one); the gradients it does return are the reference's.
+    shape = (2, 3, 4, 5, 6)
+    tensors = _inputs(shape, device=op_device)
+    tensors = [t.requires_grad_(w) for t, w in zip(tensors, wanted)]
+    grad_out = torch.randn(2, 4, 5, 6, dtype=torch.float64, device=op_device)
+    needed = [t for t, w in zip(tensors, wanted) if w]
+    grads = torch.autograd.grad(criss_cross_attention(*tensors, backend="naive"), needed, grad_out)
+    reference = torch.autograd.grad(criss_cross_reference(*tensors), needed, grad_out)
+    for grad, ref in zip(grads, reference):
+        torch.testing.assert_close(grad, ref)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channels_last_inputs_and_gradient(layout, threads, op_device):
+    # Channels-last value and output gradient take the copy-free views; NCHW ones the per-image copies.
+    shape = (2, 3, 4, 6, 5)
+    tensors = _inputs(shape, device=op_device)
+    grad_out = torch.randn(2, 4, 6, 5, dtype=torch.float64, device=op_device)
+    if layout == "channels_last":
+        tensors = [t.to(memory_format=torch.channels_last) for t in tensors]
+        grad_out = grad_out.to(memory_format=torch.channels_last)
+    tensors = [t.requires_grad_(True) for t in tensors]
+    out, grads = _forward_backward(lambda *t: criss_cross_attention(*t, backend="naive"), tensors, grad_out)
+    ref_out, ref_grads = _forward_backward(criss_cross_reference, tensors, grad_out)
+    torch.testing.assert_close(out, ref_out)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref)
+
+
+def test_saved_value_is_the_channels_last_input_itself(op_device):
+    # A channels-last value is saved as given (views, no copy); an NCHW one as one channels-last copy per image.
+    query, key, value = _inputs((2, 3, 4, 5, 6), requires_grad=True, device=op_device)
+    saved = criss_cross_attention(query, key, value, backend="naive").grad_fn.saved_tensors[3:]
+    assert len(saved) == 2
+    for b, image in enumerate(saved):
+        assert image.is_contiguous() and image.shape == (5, 6, 4)
+        assert torch.equal(image, value[b].detach().permute(1, 2, 0))
+    value_cl = value.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    saved_cl = criss_cross_attention(query, key, value_cl, backend="naive").grad_fn.saved_tensors[3:]
+    assert [image.data_ptr() for image in saved_cl] == [value_cl[b].data_ptr() for b in range(2)]

@@ -2,7 +2,7 @@
 chosen points (the CCNet paper's R=1 / R=2 figure).
 
     python -m repro.predict CONFIG.yaml --checkpoint PATH [--checkpoint-source mmseg] IMAGE... --out DIR
-        [--mode whole|slide|ms_flip] [--attention X,Y [X,Y ...]] [--set eval.scale=[2048,1024]]
+        [--mode whole|slide|ms_flip] [--attention X,Y [X,Y ...]] [--set eval.scale=[2048,1024]] [--threads N]
 
 IMAGE is a file, a folder (its images, recursively) or a glob pattern. Per image STEM, DIR receives:
 * `STEM_labels.png`: the predicted class ids (Cityscapes train ids, VOC 0..20, ADE20K 0..149) as a "P" mode
@@ -22,6 +22,9 @@ ms fields say); logits are brought back to the image's size before the argmax. T
 whole-image forward at the same scale (in whole mode, the same forward as the prediction), its maps
 recomputed in the naive formulation from the query and key each pass was given, so any backend and any
 recurrence can be shown.
+On the CPU the model is
+`models.fuse.inference_model` of the checkpoint's (BatchNorm folded; channels_last with several threads);
+`--threads N` sets torch's CPU thread count.
 
 Nothing half-written lands in DIR: every file of the run is written into a temporary folder beside DIR
 and moved in only when every image has succeeded.
@@ -52,6 +55,7 @@ from torch import nn
 import models
 from models.attention import PointAttention, attention_at_points
 from models.checkpoints import KEY_RULES, CheckpointError, detect_source, read_state_dict
+from models.fuse import inference_model
 from repro.engine.config import ConfigError, EvalConfig, ExperimentConfig, load_config, model_kwargs
 from repro.engine.data.palettes import Palette, palette_for
 from repro.engine.data.transforms import EvalTransform
@@ -343,6 +347,8 @@ def predictor_from_config(
     eval_cfg, mode = eval_config_for(cfg, mode)
     device = torch.device(device)
     model = load_model(cfg, checkpoint, source=source).to(device)
+    if device.type == "cpu":  # BatchNorm folded (channels_last with several threads): see models.fuse
+        model = inference_model(model, torch.zeros(1, 3, 65, 65), channels_last=torch.get_num_threads() > 1)
     return Predictor(
         model=model, palette=palette_for(cfg.data.dataset), eval_cfg=eval_cfg, mode=mode,
         mean=cfg.data.mean, std=cfg.data.std, channel_order=cfg.data.channel_order, device=device,
@@ -496,11 +502,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: cuda when available, else cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         points = [parse_point(text) for text in args.attention]
         images = collect_images(args.images, exclude=args.out)

@@ -3,7 +3,7 @@ measured mIoU, with how it was made, to results/miou.csv.
 
     python -m repro.run experiments/cityscapes_r2.yaml [--set train.lr=0.02 ...] [--resume | --force]
     python -m repro.run CONFIG.yaml --seeds 0 1 2    # one run folder per seed: runs/NAME-seed0, ...
-    python -m repro.run CONFIG.yaml --eval-only --checkpoint PATH [--checkpoint-source mmseg]
+    python -m repro.run CONFIG.yaml --eval-only --checkpoint PATH [--checkpoint-source mmseg] [--threads N]
     python -m repro.run CONFIG.yaml --check-data     # exit 0 if the dataset is there, 3 (and why) if not
                                                      # (with --eval-only: the validation split only)
     python -m repro.run CONFIG.yaml --smoke          # a few iterations on a generated tiny dataset
@@ -58,6 +58,10 @@ folder that holds another run, 130 / 143 interrupted (Ctrl-C, SIGTERM; the last 
 `--resume` continues from it). Checkpoints are opened weights-only (`models.safe_load`): a file that would run
 code when unpickled is refused, never opened. The output folder and the results CSV's header are checked
 before training starts.
+
+`--eval-only` on the CPU evaluates `models.fuse.inference_model` of the checkpoint's model (BatchNorm folded into
+the convolutions; channels_last when torch runs several threads, where it measured faster): the same predictions
+up to float rounding. `--threads N` sets torch's CPU thread count (training and evaluation alike).
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ import yaml
 
 import models
 from models.checkpoints import CheckpointError
+from models.fuse import inference_model
 from repro.engine import provenance
 from repro.engine.config import ConfigError, ExperimentConfig, load_config, with_overrides
 from repro.engine.data import (
@@ -281,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-predictions", type=Path, default=None, metavar="DIR",
                         help="Cityscapes: write label-id prediction PNGs here (for the official evaluator)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice)")
     return parser
 
 
@@ -299,6 +306,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--resume continues the run in OUT_DIR, --force deletes it: choose one")
     if args.eval_limit is not None and args.eval_limit < 1:
         parser.error(f"--eval-limit: expected N >= 1, got {args.eval_limit}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     return args
 
 
@@ -336,7 +345,13 @@ def default_out_dir(cfg: ExperimentConfig, args: argparse.Namespace, seed: int |
     return base.with_name(f"{base.name}-seed{seed}") if seed is not None else base
 
 
+# A small image for models.fuse to find the convolution-norm pairs with (only the graph matters, not the size).
+INFERENCE_PROBE = torch.zeros(1, 3, 65, 65)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         base_cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
@@ -656,6 +671,8 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
         model = build_model(with_overrides(cfg, {"model.pretrained_backbone": None}), device=torch.device("cpu"))
         load_weights(model, checkpoint, source=args.checkpoint_source, state=state)
         model = model.to(ctx.device)
+        if ctx.device.type == "cpu":  # BatchNorm folded (channels_last with several threads): see models.fuse
+            model = inference_model(model, INFERENCE_PROBE, channels_last=torch.get_num_threads() > 1)
         smoke = args.smoke or facts["smoke"]
         all_overrides = [*facts["overrides"], *(o for o in overrides if o not in facts["overrides"])]
         seed = facts["seed"]

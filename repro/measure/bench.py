@@ -1,4 +1,4 @@
-"""Operator benchmarks: `python -m repro.bench [--quick] [--out results/ops_bench.csv]`.
+"""Operator benchmarks: `python -m repro.bench [--quick] [--cca-speedup] [--out results/ops_bench.csv]`.
 
 Times criss-cross attention (naive, the mmcv einsum form, Triton) and the non-local baseline (naive, SDPA)
 forward, backward and forward+backward, side by side in one run with the variants interleaved, and writes
@@ -9,6 +9,15 @@ oversubscription on small machines makes timings swing wildly), median over roun
 Peak memory is the allocator peak above the inputs (repro.measure.memory), GB/s and TFLOP/s come from the analytic
 cost model in `ops.cost` (minimum bytes a fused kernel moves; 2 x MACs), so they are comparable across
 implementations. The backward is driven by a random gradient (a `.sum()` would pass a stride-0 one).
+
+Every row names the host CPU (`cpu`: model and vector extensions) and the thread count. Criss-cross rows carry
+`speedup_vs_einsum`: the median over rounds of the einsum variant's time divided by this variant's, both from
+the same round (paired, so a burst of load from other processes hits both); `einsum_speedups` tabulates it from
+a CSV. `--cca-speedup` is the one-command check of the naive backend against the mmcv-style einsum on the
+machine at hand (B=2, C=512, Cqk=64, 97x97, fp32; forward, backward and forward+backward at 1 thread, then at 2
+threads; 7 rounds): `nox -s bench -- --cca-speedup`. PyTorch's CPU allocator backs large blocks with huge pages
+when `THP_MEM_ALLOC_ENABLE=1` is set before Python starts, which speeds up every variant; the benchmark does not
+set it (a process-wide choice left to the user).
 """
 
 from __future__ import annotations
@@ -31,13 +40,13 @@ from ops.cca_naive import criss_cross_attention_einsum
 from ops.criss_cross import EVIDENCE_COLUMNS, criss_cross_attention, triton_available
 from ops.non_local import non_local_attention
 from repro.io import atomic_write_text, upsert_csv
-from repro.measure.environment import versions
+from repro.measure.environment import cpu_label, versions
 from repro.measure.memory import peak_bytes
 from repro.measure.quiet import quiet_profiler
 from repro.vocabulary import device_label, op_variant
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
-KEY = ["variant", "dtype", "batch", "channels", "qk_channels", "height", "width", "pass", "device"]
+KEY = ["variant", "dtype", "batch", "channels", "qk_channels", "height", "width", "pass", "device", "cpu", "threads"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -210,12 +219,22 @@ def _measure(shapes: list[Shape], variant_names: list[str], dtypes: list[str], d
                         seconds = statistics.median(times[(variant.name, pass_)])
                         rows.append(_row(variant, shape, dtype_name, pass_, device, label, library_versions, now,
                                          threads, seconds=seconds, peak=peaks[(variant.name, pass_)],
-                                         rounds=rounds))
+                                         rounds=rounds,
+                                         speedup=paired_speedup(times.get(("cca_einsum", pass_)),
+                                                                times[(variant.name, pass_)])
+                                         if variant.op == "cca" else None))
     return pd.DataFrame(rows)
 
 
+def paired_speedup(reference: list[float] | None, times: list[float]) -> float | None:
+    """Median over rounds of reference[r] / times[r] (None without reference times)."""
+    if not reference or len(reference) != len(times):
+        return None
+    return statistics.median(ref / t for ref, t in zip(reference, times))
+
+
 def _row(variant, shape, dtype_name, pass_, device, label, library_versions, date, threads, *, status="ok",
-         seconds=None, peak=None, rounds=0):
+         seconds=None, peak=None, rounds=0, speedup=None):
     itemsize = DTYPES[dtype_name].itemsize
     model = variant.cost(shape.batch, shape.qk_channels, shape.channels, shape.height, shape.width, itemsize, pass_)
     row = {
@@ -224,7 +243,8 @@ def _row(variant, shape, dtype_name, pass_, device, label, library_versions, dat
         "height": shape.height, "width": shape.width, "pass": pass_,
         "milliseconds": "", "peak_memory_mb": "", "gb_per_s": "", "tflop_per_s": "",
         "model_gflop": round(model.flops / 1e9, 4), "model_mb_moved": round(model.bytes / 2**20, 3),
-        "device": label, "threads": threads if device.type == "cpu" else "",
+        "device": label, "cpu": cpu_label(), "threads": threads if device.type == "cpu" else "",
+        "speedup_vs_einsum": "" if speedup is None else round(speedup, 3),
         "rounds": rounds, "torch": library_versions["torch"], "triton": library_versions["triton"], "date": date,
         "status": status,
     }
@@ -251,6 +271,40 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     merged["time_vs_naive"] = (merged["milliseconds"] / merged["milliseconds_naive"]).round(3)
     merged["memory_vs_naive"] = (merged["peak_memory_mb"] / merged["peak_memory_mb_naive"]).round(3)
     return merged[["variant", *keys, "milliseconds", "peak_memory_mb", "time_vs_naive", "memory_vs_naive"]]
+
+
+SPEEDUP_COLUMNS = ["device", "cpu", "threads", "dtype", "batch", "channels", "qk_channels", "height", "width",
+                   "pass", "variant", "milliseconds", "einsum_milliseconds", "speedup_vs_einsum", "rounds", "date"]
+
+
+def einsum_speedups(frame: pd.DataFrame, variant: str = "cca_naive") -> pd.DataFrame:
+    """`variant` against the mmcv-style einsum, one row per CPU / device, thread count, shape and pass measured
+    in the same run (rows with a `speedup_vs_einsum`), with both times. Older rows without the paired statistic
+    are left out rather than paired across runs."""
+    if frame.empty or "speedup_vs_einsum" not in frame.columns:
+        return pd.DataFrame(columns=SPEEDUP_COLUMNS)
+    ok = frame[(frame["status"] == "ok") & (frame["speedup_vs_einsum"].astype(str) != "")]
+    keys = ["device", "cpu", "threads", "dtype", "batch", "channels", "qk_channels", "height", "width", "pass"]
+    mine = ok[ok["variant"] == variant]
+    einsum = ok[ok["variant"] == "cca_einsum"][keys + ["milliseconds", "date"]]
+    merged = mine.merge(einsum, on=keys, suffixes=("", "_einsum"))
+    merged = merged[merged["date"] == merged["date_einsum"]]  # the same run writes both
+    merged = merged.rename(columns={"milliseconds_einsum": "einsum_milliseconds"})
+    merged["speedup_vs_einsum"] = merged["speedup_vs_einsum"].astype(float)
+    return merged[SPEEDUP_COLUMNS].reset_index(drop=True)
+
+
+def _backfill_cpu_column(path: Path) -> None:
+    """Rows written before the `cpu` column existed: their CPU model is the one in the device label
+    (`cpu: <model>`); GPU rows never recorded the host. Rewritten once, atomically."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+    if "cpu" in frame.columns:
+        return
+    frame.insert(frame.columns.get_loc("device") + 1, "cpu",
+                 [device[len("cpu: "):] if device.startswith("cpu: ") else "" for device in frame["device"]])
+    atomic_write_text(path, frame.to_csv(index=False))
 
 
 def auto_backend_evidence(frame: pd.DataFrame) -> pd.DataFrame:
@@ -317,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per variant and pass (median)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (recorded in the CSV)")
     parser.add_argument("--quick", action="store_true", help="small shape, 2 rounds: a check that it all runs")
+    parser.add_argument("--cca-speedup", action="store_true",
+                        help="the naive criss-cross op against the mmcv-style einsum on this CPU: B=2 C=512 Cqk=64 "
+                             "97x97 fp32, 1 and 2 threads, 7 rounds (other options ignored but --out)")
     parser.add_argument("--auto-evidence", type=Path, default=None, metavar="PATH",
                         help="also regenerate the backend='auto' evidence file from the CUDA rows of --out "
                              "(the committed one is ops/auto_backend.csv)")
@@ -340,12 +397,24 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     with quiet_profiler():  # the memory measurements' profiler writes dozens of non-error lines to stderr
-        frame = run(shapes, variants, dtypes, device, rounds=rounds, threads=args.threads, console=console)
+        if args.cca_speedup:
+            device, shapes, variants, dtypes, rounds = torch.device("cpu"), [Shape(2, 512, 64, 97, 97)], \
+                ["cca_naive", "cca_einsum"], ["fp32"], 7
+            frame = pd.concat([run(shapes, variants, dtypes, device, rounds=rounds, threads=threads, console=console)
+                               for threads in (1, 2)], ignore_index=True)
+        else:
+            frame = run(shapes, variants, dtypes, device, rounds=rounds, threads=args.threads, console=console)
+    _backfill_cpu_column(args.out)
     upsert_csv(args.out, frame, KEY)
     console.print(f"wrote {len(frame)} rows to {args.out}")
     summary = summarize(frame)
     if not summary.empty:
         console.print(summary.to_string(index=False))
+    speedups = einsum_speedups(frame.astype(str))
+    if not speedups.empty:
+        console.print("cca_naive vs cca_einsum (median of paired per-round ratios):")
+        console.print(speedups[["cpu", "threads", "pass", "milliseconds", "einsum_milliseconds",
+                                "speedup_vs_einsum"]].to_string(index=False))
     if args.auto_evidence is not None:
         evidence = write_auto_backend_evidence(args.out, args.auto_evidence)
         console.print(f"wrote {len(evidence)} evidence rows to {args.auto_evidence}")

@@ -26,6 +26,7 @@ import pandas as pd
 from repro.engine import provenance, run_figures
 from repro.engine.config import ConfigError, load_config
 from repro.io import CsvFormatError, atomic_write_text
+from repro.measure.bench import einsum_speedups
 from repro.measure.kernels import (
     L2_MODEL,
     MODEL_TARGET,
@@ -53,6 +54,7 @@ SOURCES = {
     "synthetic": ("synthetic_ablation.csv", "python -m repro.synthetic --out results"),
     "reach": ("attention_reach.csv", "python -m repro.synthetic --out results"),
     "ops_bench": ("ops_bench.csv", "python -m repro.bench"),
+    "inference_bench": ("inference_bench.csv", "python -m repro.inference_bench"),
     "predict_example": ("predict_example/marker_example_attention.csv",
                         "python -m repro.synthetic.example --out results"),
     "efficiency": ("model_efficiency.csv", "python -m repro.profile experiments/*.yaml"),
@@ -722,9 +724,55 @@ def section_ops_bench(results: Path, pages: dict[str, str]) -> str:
             text += collapse(others, "status")
     else:
         text += markdown_table(frame)
+    speedups = cca_speedup_table(frame)
+    if speedups:
+        text += ("\nThe naive criss-cross op against the mmcv-style einsum (median over rounds of the paired per-round "
+                 "ratio, one run per CPU and thread count; `nox -s bench -- --cca-speedup`):\n\n" + speedups)
     link = detail_page(pages, "ops_bench.md", "Every operator benchmark row", "`ops_bench.csv`",
                        markdown_table(frame))
     return text + f"\nEvery row (shapes, GB/s, versions): {link}.\n"
+
+
+def cca_speedup_table(frame: pd.DataFrame) -> str:
+    """Markdown table of `repro.measure.bench.einsum_speedups` of an ops_bench.csv frame ('' without such rows)."""
+    table = einsum_speedups(frame.astype(str))
+    if table.empty:
+        return ""
+    table = table.assign(shape=table["batch"] + "x" + table["channels"] + "x" + table["height"] + "x" + table["width"])
+    return markdown_table(table[["cpu", "threads", "shape", "dtype", "pass", "milliseconds", "einsum_milliseconds",
+                                 "speedup_vs_einsum", "date"]])
+
+
+INFERENCE_VARIANT_ORDER = {"torch_eager": 0, "torch_folded": 1, "torch_fused": 2, "mmseg_1.2.2": 3}
+
+
+def inference_bench_table(frame: pd.DataFrame) -> str:
+    """The README table of results/inference_bench.csv: per CPU, model, input, thread count and variant, the
+    median time, the speedup over torch_eager (paired, as measured) and over mmsegmentation's model (ratio of the
+    medians of the same run), and the agreement of the predictions with torch_eager."""
+    if frame.empty:
+        return "_(no rows)_\n"
+    frame = frame.copy()
+    frame["median_s"] = frame["median_s"].astype(float)
+    keys = ["cpu", "model", "input_hw", "batch", "threads"]
+    mmseg = frame[frame["variant"] == "mmseg_1.2.2"][keys + ["median_s"]].rename(columns={"median_s": "mmseg_s"})
+    frame = frame.merge(mmseg, on=keys, how="left")
+    frame["speedup_vs_mmseg"] = frame["mmseg_s"] / frame["median_s"]
+    frame["order"] = frame["variant"].map(INFERENCE_VARIANT_ORDER).fillna(len(INFERENCE_VARIANT_ORDER))
+    frame = frame.sort_values(["cpu", "backbone", "input_hw", "threads", "order", "variant"])
+    return markdown_table(frame[["cpu", "backbone", "input_hw", "threads", "variant", "engine", "precision",
+                                 "median_s", "speedup_vs_torch_eager", "speedup_vs_mmseg", "argmax_agreement",
+                                 "max_abs_logit_diff", "date"]])
+
+
+def section_inference_bench(results: Path) -> str:
+    text = "## Whole-model CPU inference\n\n"
+    frame = read_csv(results, "inference_bench")
+    if frame is None:
+        return text + missing("inference_bench")
+    return text + ("Batch 1, fp32, interleaved rounds; agreement and logit difference against `torch_eager` "
+                   "(for `mmseg_1.2.2`: ours against mmsegmentation's own model with the same weights).\n\n"
+                   + inference_bench_table(frame))
 
 
 def section_kernels(results: Path, pages: dict[str, str]) -> str:
@@ -912,6 +960,7 @@ def build_report(results: Path, experiments: Path, pages: dict[str, str] | None 
         section_recipes(experiments, table=markdown_table),
         section_parity(results, pages),
         section_ops_bench(results, pages),
+        section_inference_bench(results),
         section_kernels(results, pages),
         section_gpu(results, pages),
         section_pipeline(results, pages),

@@ -1,0 +1,137 @@
+"""Inference-only rewrites of a trained model: BatchNorm folded into the convolution before it.
+
+`fold_batchnorm(model, example)` returns a new model (the argument is left as it is) in which every
+BatchNorm that reads a convolution's output directly, and nothing else reads that output, has been folded
+into the convolution (eval-mode statistics: w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps)
++ beta) and replaced by an identity. Pairs are found by running `example` through the model once with hooks
+(a norm whose input tensor *is* a convolution's output tensor), so every place a model composes the two counts
+alike: the stem and downsample `Sequential`s, the Bottleneck's conv1/bn1 attribute pairs, dilated convolutions,
+the heads' conv-norm-activation blocks, the non-local block's output projection. A convolution whose output
+is also read by another module (a second consumer in the hooks) keeps its norm; reads outside modules (functional
+ops) are not seen, which is why the tests compare predictions of every model family.
+
+The result is eval-only: its `train(True)` raises, since folded statistics cannot be trained or updated.
+Predictions equal the original's up to float rounding (tests/test_fuse.py checks every conv kind).
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import torch
+from torch import nn
+
+from models.resnet import FrozenBatchNorm2d
+
+NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+
+
+def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    if mode:
+        raise RuntimeError("this model has its BatchNorms folded into the convolutions (models.fuse): "
+                           "it is for inference only; train the original model instead")
+    return nn.Module.train(self, False)
+
+
+def conv_norm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv name, norm name) for every norm whose input is exactly a convolution's output tensor, and that
+    output has no other consumer among the model's modules. Runs `example` once, eval mode, no grad."""
+    produced: dict[int, str] = {}  # id(output tensor) -> conv name
+    consumers: dict[int, list[str]] = {}
+    norm_input: dict[str, int] = {}
+    handles = []
+    keep_alive: list[torch.Tensor] = []  # ids stay unique while the probe runs
+
+    def on_conv(name):
+        def hook(module, inputs, output):
+            produced[id(output)] = name
+            keep_alive.append(output)
+        return hook
+
+    def on_any(name, is_norm):
+        def hook(module, inputs):
+            for value in inputs:
+                if isinstance(value, torch.Tensor) and id(value) in produced:
+                    consumers.setdefault(id(value), []).append(name)
+                    if is_norm:
+                        norm_input[name] = id(value)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(on_conv(name)))
+        if name and not list(module.children()):  # leaves: the modules that actually read tensors
+            handles.append(module.register_forward_pre_hook(on_any(name, isinstance(module, NORMS))))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    pairs = []
+    for norm_name, tensor_id in norm_input.items():
+        if consumers.get(tensor_id) == [norm_name]:
+            pairs.append((produced[tensor_id], norm_name))
+    return pairs
+
+
+def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
+    with torch.no_grad():
+        scale = norm.weight.double() * (norm.running_var.double() + norm.eps).rsqrt()
+        weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        bias = (bias - norm.running_mean.double()) * scale + norm.bias.double()
+        conv.weight.copy_(weight.to(conv.weight.dtype))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+        else:
+            conv.bias.copy_(bias.to(conv.bias.dtype))
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attribute, module)
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """An eval-only copy of `model` with each BatchNorm that follows a convolution folded into it (see the
+    module docstring). `example`: an input the model accepts (a small image is enough: only the graph's shape
+    matters). Norms without a convolution straight before them are kept, in eval mode."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_batchnorm expects an nn.Module, got {type(model).__name__}")
+    folded = copy.deepcopy(model)
+    for conv_name, norm_name in conv_norm_pairs(folded, example):
+        conv, norm = folded.get_submodule(conv_name), folded.get_submodule(norm_name)
+        if conv.out_channels != norm.num_features:
+            continue
+        _fold(conv, norm)
+        _set(folded, norm_name, nn.Identity())
+    folded.eval()
+    for parameter in folded.parameters():
+        parameter.requires_grad_(False)
+    folded.train = types.MethodType(_eval_only_train, folded)
+    return folded
+
+
+def count_norms(model: nn.Module) -> int:
+    """Norm modules left in a model (0 for a plain ResNet / CCNet once folded)."""
+    return sum(isinstance(module, NORMS) for module in model.modules())
+
+
+def inference_model(model: nn.Module, example: torch.Tensor, *, channels_last: bool = False) -> nn.Module:
+    """The CPU inference form of a trained model: `fold_batchnorm`, and with `channels_last` the weights (and, for
+    a model with a `channels_last` switch such as models.ccnet.CCNet, the inputs) in channels-last memory.
+    Eval-only. Measured on the Intel Xeon (AVX-512) here (results/inference_bench.csv, torch_fused vs
+    torch_folded): channels_last was slower for the dilated ResNets at one thread and faster at two, so the
+    command lines turn it on with several threads."""
+    folded = fold_batchnorm(model, example)
+    if channels_last:
+        folded = folded.to(memory_format=torch.channels_last)
+        if hasattr(folded, "channels_last"):
+            folded.channels_last = True
+    return folded

@@ -1,0 +1,136 @@
+"""models.fuse: BatchNorm folded into the convolutions gives the same predictions (eval mode, random norm
+statistics), for every convolution kind the models use: the deep and plain stems, strided and dilated 3x3,
+1x1 and the downsample projections, and the heads' conv-norm-activation blocks (criss-cross, both non-local
+blocks, FCN)."""
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from models.fuse import NORMS, conv_norm_pairs, count_norms, fold_batchnorm, inference_model
+from models.resnet import FrozenBatchNorm2d
+
+
+def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, NORMS):
+                module.running_mean.normal_(0.0, 0.2, generator=generator)
+                module.running_var.uniform_(0.3, 2.0, generator=generator)
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0.0, 0.2, generator=generator)
+
+
+def _model(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    options = dict(depth=50, num_classes=5, backend="naive", head_channels=16, aux_channels=8,
+                   pretrained_backbone=None)
+    model = models.build(**{**options, **kwargs})
+    _randomise_norms(model)
+    return model.eval()
+
+
+def _assert_same_predictions(model: nn.Module, folded: nn.Module, images: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected, got = model(images), folded(images)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * scale)
+    assert (got.argmax(1) == expected.argmax(1)).double().mean() >= 0.999
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(head="rcca", stem="deep", output_stride=8),  # dilated layer3/4, deep stem
+    dict(head="rcca", stem="v1", output_stride=16, norm="frozenbn"),  # frozen backbone norms, 7x7 stem
+    dict(head="nonlocal", nonlocal_block="paper"),
+    dict(head="nonlocal", nonlocal_block="mmseg"),
+    dict(head="fcn"),
+], ids=lambda kwargs: "-".join(str(v) for v in kwargs.values()))
+def test_folding_keeps_the_predictions(kwargs):
+    model = _model(**kwargs)
+    images = torch.randn(2, 3, 45, 61, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model, images[:1, :, :33, :33])
+    _assert_same_predictions(model, folded, images)
+    # The original is untouched (a pure function) and still trains.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.train()
+    # Every norm the eval forward runs is folded: what is left is the auxiliary head's (not run in eval).
+    left = [name for name, module in folded.named_modules() if isinstance(module, NORMS)]
+    assert all(name.startswith("auxiliary_head.") for name in left), left
+    assert count_norms(folded) < count_norms(model)
+
+
+def test_every_conv_kind_is_paired():
+    model = _model(head="rcca", stem="deep", output_stride=8)
+    pairs = dict(conv_norm_pairs(model, torch.randn(1, 3, 33, 33)))
+    convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
+    dilated = [name for name in pairs if convs[name].dilation != (1, 1)]
+    strided = [name for name in pairs if convs[name].stride != (1, 1)]
+    one_by_one = [name for name in pairs if convs[name].kernel_size == (1, 1)]
+    assert dilated and strided and one_by_one
+    assert any(name.startswith("decode_head.") for name in pairs)
+    assert any("downsample" in name for name in pairs)
+
+
+def test_inference_model_is_eval_only_and_channels_last_on_request():
+    model = _model(head="rcca")
+    images = torch.randn(1, 3, 41, 37)
+    folded = inference_model(model, images)
+    assert not folded.channels_last and folded.backbone.stem[0].weight.is_contiguous()
+    _assert_same_predictions(model, folded, images)
+    fast = inference_model(model, images, channels_last=True)
+    _assert_same_predictions(model, fast, images)
+    assert fast.channels_last
+    assert fast.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(parameter.requires_grad for parameter in fast.parameters())
+    fast.eval()  # allowed
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.train()
+
+
+class _SharedOutput(nn.Module):
+    """A conv whose output is read by a norm and by a second module: folding it would change the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.other = nn.Identity()
+        self.conv2 = nn.Conv2d(4, 4, 1, bias=False)
+        self.norm2 = FrozenBatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.conv2(self.norm(y) + self.other(y))
+
+    def forward_tail(self, x):
+        return self.norm2(self.conv2(x))
+
+
+class _Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = _SharedOutput()
+
+    def forward(self, x):
+        return self.shared.norm2(self.shared(x))
+
+
+def test_a_conv_read_twice_keeps_its_norm_and_conv_bias_is_folded():
+    model = _Chain()
+    _randomise_norms(model, seed=3)
+    model.eval()
+    images = torch.randn(2, 3, 9, 11)
+    pairs = conv_norm_pairs(model, images)
+    assert pairs == [("shared.conv2", "shared.norm2")]  # shared.conv's output is also read by shared.other
+    folded = fold_batchnorm(model, images)
+    assert isinstance(folded.shared.norm, nn.BatchNorm2d) and isinstance(folded.shared.norm2, nn.Identity)
+    assert folded.shared.conv2.bias is not None  # a bias-free conv gains the folded shift
+    _assert_same_predictions(model, folded, images)
+
+
+def test_fold_rejects_a_non_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        fold_batchnorm("model", torch.zeros(1))
