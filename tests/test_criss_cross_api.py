@@ -152,4 +152,4 @@ def test_public_names_are_the_documented_objects():
     for name, obj in expected.items():
         assert getattr(ops, name) is obj, name
     assert callable(ops.criss_cross_attention) and isinstance(ops.CrissCrossAttention(8), torch.nn.Module)
-    assert ops.BACKENDS == ("auto", "naive", "triton")
+    assert ops.BACKENDS == ("auto", "naive", "triton", "export")

@@ -3,6 +3,7 @@ measured mIoU to results/miou.csv.
 
     python -m repro.run experiments/cityscapes_r2.yaml [--set train.lr=0.02 ...] [--resume]
     python -m repro.run CONFIG.yaml --eval-only --checkpoint PATH [--checkpoint-source mmseg]
+        [--engine torch|onnxruntime|openvino] [--precision fp32|bf16]
     python -m repro.run CONFIG.yaml --check-data     # exit 0 if the dataset is there, 3 (and why) if not
     python -m repro.run CONFIG.yaml --smoke          # a few iterations on a generated tiny dataset
     torchrun --nproc-per-node N -m repro.run CONFIG.yaml   # DDP (nccl on CUDA, gloo on CPU)
@@ -45,7 +46,9 @@ from models.checkpoints import CheckpointError
 from repro.engine.config import ConfigError, ExperimentConfig, load_config, with_overrides
 from repro.engine.data import DatasetError, DatasetNotFoundError, build_dataset, check_dataset, write_fake_dataset
 from repro.engine.distributed import barrier, init_distributed, shutdown
+from repro.engine.engines import ENGINES, PRECISIONS, EngineError, check_choice, describe
 from repro.engine.evaluate import EvalResult, evaluate
+from repro.engine.export import ExportError, engine_model, metadata_for_config
 from repro.engine.train import LAST_CHECKPOINT, TRAIN_FORMAT, build_model, train
 from repro.io import (
     CsvFormatError,
@@ -209,9 +212,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--save-predictions", type=Path, default=None,
                         help="Cityscapes: write label-id prediction PNGs here (for the official evaluator)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--engine", choices=ENGINES, default="torch",
+                        help="--eval-only: inference engine (onnxruntime / openvino run a verified ONNX export)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="--eval-only: bf16 (torch autocast / OpenVINO hint) only on a CPU with native bf16")
     args = parser.parse_args(argv)
     if args.eval_only and args.checkpoint is None:
         parser.error("--eval-only needs --checkpoint PATH")
+    if (args.engine, args.precision) != ("torch", "fp32") and not args.eval_only:
+        parser.error("--engine and --precision apply to --eval-only (training evaluates in torch fp32)")
     return args
 
 
@@ -270,12 +279,20 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_NO_DATA
 
+    try:
+        check_choice(args.engine, args.precision)
+    except EngineError as err:
+        print(f"{cfg.name}: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     ctx = init_distributed(device=args.device)
     try:
         return _run(cfg, args, ctx=ctx, out_dir=out_dir, results_path=results_path)
     except INPUT_ERRORS as err:
         print(f"{cfg.name}: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (ExportError, EngineError) as err:
+        print(f"{cfg.name}: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", EXIT_CONFIG)
     except OSError as err:
         print(f"{cfg.name}: cannot write {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
         return EXIT_CANNOT_WRITE
@@ -299,6 +316,10 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
         # The checkpoint replaces every weight: the ImageNet backbone file is neither needed nor read.
         model = build_model(with_overrides(cfg, {"model.pretrained_backbone": None}), device=torch.device("cpu"))
         load_weights(model, args.checkpoint, source=args.checkpoint_source)
+        if args.engine != "torch" or args.precision != "fp32":
+            metadata = metadata_for_config(cfg, checkpoint=args.checkpoint) if args.engine != "torch" else None
+            model = engine_model(model.eval(), engine=args.engine, precision=args.precision, metadata=metadata)
+            print(f"{cfg.name}: evaluating on engine {describe(model)}")
         model = model.to(ctx.device)
         checkpoint = str(args.checkpoint)
     else:
