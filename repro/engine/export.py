@@ -282,6 +282,21 @@ def verify_file(path: Path, model: nn.Module, *, sizes: Sequence[tuple[int, int]
     return checks
 
 
+def check_classes(model: nn.Module, metadata: dict, *, size_multiple: int = 1) -> None:
+    """ExportError (before any export work) when the model's output classes differ from the metadata's."""
+    if "classes" not in metadata:
+        return
+    side = 8 * max(size_multiple, 1)
+    with torch.no_grad():
+        predicted = model(torch.zeros(1, 3, side, side)).shape[1]
+    if predicted != len(metadata["classes"]):
+        raise ExportError(
+            f"class count mismatch: the model predicts {predicted} classes but config {metadata.get('config')!r} "
+            f"({metadata.get('dataset')}) has {len(metadata['classes'])}; use the config of the checkpoint's dataset",
+            exit_code=EXIT_INPUT,
+        )
+
+
 def installed_engines() -> list[str]:
     """The ONNX engines installed here (onnxruntime is part of the deploy extra, openvino too)."""
     return [engine for engine in ENGINES[1:] if package_installed(engine)]
@@ -297,9 +312,10 @@ def export_proto(model: nn.Module, *, opset: int, size_multiple: int = 1, sample
     m = max(int(size_multiple), 1)
     height = Dim("height_blocks", min=max(1, 8 // m), max=8192 // m)
     width = Dim("width_blocks", min=max(1, 8 // m), max=8192 // m)
-    dynamic = {INPUT_NAME: {2: height * m if m > 1 else Dim("height", min=8, max=8192),
+    # Batch too; the sample has 2 images (torch.export specialises a dimension of size 1).
+    dynamic = {INPUT_NAME: {0: Dim("batch", min=1, max=1024), 2: height * m if m > 1 else Dim("height", min=8, max=8192),
                             3: width * m if m > 1 else Dim("width", min=8, max=8192)}}
-    sample = torch.randn(1, 3, *sample_hw)
+    sample = torch.randn(2, 3, *sample_hw)
     sink = io.StringIO()
     redirect = (contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink)) if quiet else ()
     with contextlib.ExitStack() as stack:
@@ -358,6 +374,7 @@ def export_onnx(
     if not any(h % 8 or w % 8 for h, w in sizes):
         raise ExportError(f"verification sizes {sizes} need one that is not a multiple of 8")
     model = model.eval()
+    check_classes(model, metadata, size_multiple=size_multiple)
     proto = export_proto(model, opset=opset, size_multiple=size_multiple)
     metadata = {**metadata, "opset": opset, "size_multiple": int(size_multiple),
                 "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",

@@ -247,6 +247,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
 
+    try:
+        check_choice(args.engine, args.precision)
+    except EngineError as err:
+        print(f"{cfg.name}: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+
     if args.check_data:
         try:
             root = check_dataset(cfg.data)
@@ -279,11 +285,6 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_NO_DATA
 
-    try:
-        check_choice(args.engine, args.precision)
-    except EngineError as err:
-        print(f"{cfg.name}: {err}", file=sys.stderr)
-        return EXIT_CONFIG
     ctx = init_distributed(device=args.device)
     try:
         return _run(cfg, args, ctx=ctx, out_dir=out_dir, results_path=results_path)
