@@ -313,7 +313,8 @@ def export_proto(model: nn.Module, *, opset: int, size_multiple: int = 1, sample
     height = Dim("height_blocks", min=max(1, 8 // m), max=8192 // m)
     width = Dim("width_blocks", min=max(1, 8 // m), max=8192 // m)
     # Batch too; the sample has 2 images (torch.export specialises a dimension of size 1).
-    dynamic = {INPUT_NAME: {0: Dim("batch", min=1, max=1024), 2: height * m if m > 1 else Dim("height", min=8, max=8192),
+    dynamic = {INPUT_NAME: {0: Dim("batch", min=1, max=1024),
+                            2: height * m if m > 1 else Dim("height", min=8, max=8192),
                             3: width * m if m > 1 else Dim("width", min=8, max=8192)}}
     sample = torch.randn(2, 3, *sample_hw)
     sink = io.StringIO()

@@ -26,8 +26,8 @@ from repro.engine.export import (
     EXIT_INPUT,
     ExportError,
     check_opset,
-    exportable,
     export_onnx,
+    exportable,
     metadata_for_config,
 )
 from repro.engine.predict import CHECKPOINT_SOURCES, PredictError, load_model
