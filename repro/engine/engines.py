@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,14 @@ PRECISIONS = ("fp32", "bf16")
 ENGINE_PACKAGES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",),
                    "export": ("onnx", "onnxscript")}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+# Speed evidence: a few columns of results/inference_bench.csv (written by `repro.measure.engine_bench`),
+# committed beside this module so that an installed package carries it; `make_engine` warns from it.
+SPEED_EVIDENCE = Path(__file__).with_name("engine_speed.csv")
+SPEED_COLUMNS = ("cpu", "backbone", "input_hw", "threads", "variant", "engine", "precision",
+                 "speedup_vs_torch_eager", "date")
+SPEED_KEY = ("cpu", "backbone", "input_hw", "threads", "variant")
 
 
 class EngineError(ValueError):
@@ -151,8 +160,10 @@ def openvino_compiled(onnx_path: str | os.PathLike, *, precision: str, threads: 
 
 
 def openvino_precision(compiled) -> str:
-    """The inference precision OpenVINO chose ("f32", "bf16", ...)."""
-    return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    """The inference precision OpenVINO chose, in the project's names ("fp32", "bf16", "fp16")."""
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    name = value.to_string() if hasattr(value, "to_string") else str(value)
+    return {"f32": "fp32", "f16": "fp16"}.get(name, name)
 
 
 def make_engine(
@@ -167,6 +178,10 @@ def make_engine(
     docstring). torch needs `model`; onnxruntime / openvino need `onnx_path` (export it first with
     `repro.engine.export.export_onnx`)."""
     check_choice(engine, precision)
+    if engine != "torch":
+        warning = slower_than_torch(engine, precision)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
     if engine == "torch":
         if model is None:
             raise EngineError("engine 'torch' needs a config and a checkpoint; an .onnx file alone runs with "
@@ -209,3 +224,74 @@ def torch_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def engine_versions() -> dict[str, str]:
+    """Versions of torch and of the installed engine packages ("" when absent)."""
+    from importlib import metadata
+
+    found = {"torch": torch.__version__}
+    for name in ("onnxruntime", "openvino", "onnx", "onnxscript"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = ""
+    return found
+
+
+def git_commit(root: str | os.PathLike | None = None) -> str:
+    """The short commit of the working tree ("+dirty" when it has changes); "" outside git."""
+    import subprocess
+
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return commit + ("+dirty" if dirty else "")
+
+
+def read_speed_evidence(path: Path = SPEED_EVIDENCE) -> list[dict[str, str]]:
+    """The evidence rows ([] when the file is absent)."""
+    import csv
+
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def slower_than_torch(engine: str, precision: str, *, cpu: str | None = None,
+                      path: Path = SPEED_EVIDENCE) -> str | None:
+    """A warning when the evidence shows `engine` at `precision` slower than torch eager on this CPU model in
+    some measured case; None when it was never slower here (or this CPU was not measured)."""
+    from repro.vocabulary import cpu_model
+
+    cpu = cpu or cpu_model()
+    wanted = "default" if precision == "default" else precision
+    slower = [
+        row for row in read_speed_evidence(path)
+        if row["cpu"] == cpu and row["engine"] == engine and wanted in row["precision"]
+        and row["speedup_vs_torch_eager"] and float(row["speedup_vs_torch_eager"]) < 1.0
+    ]
+    if not slower:
+        return None
+    cases = "; ".join(f"{r['backbone']} {r['input_hw']} {r['threads']} thread(s): "
+                      f"{float(r['speedup_vs_torch_eager']):.2f}x" for r in slower)
+    return (f"engine {engine} ({precision}) was measured slower than torch eager on this CPU ({cpu}): {cases} "
+            f"(results/inference_bench.csv, {path.name}); --engine torch may be faster here")
+
+
+def update_speed_evidence(rows: list[dict], path: Path = SPEED_EVIDENCE) -> Path:
+    """Merge the benchmark `rows` (engine variants only) into the evidence file by SPEED_KEY."""
+    import pandas as pd
+
+    from repro.io import upsert_csv
+
+    picked = [{column: row[column] for column in SPEED_COLUMNS} for row in rows if row["engine"] != "torch"]
+    if picked:
+        upsert_csv(path, pd.DataFrame(picked, columns=list(SPEED_COLUMNS)), list(SPEED_KEY))
+    return path
