@@ -23,8 +23,8 @@ def _install(session: nox.Session, extras: str = "") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (Triton kernels through the interpreter on CPU)."""
-    _install(session, "[test]")
+    """The test suite (Triton kernels through the interpreter on CPU; every inference engine: the deploy extra)."""
+    _install(session, "[test,deploy]")
     # pytest exits 5 when it collects nothing; nox fails on any non-zero exit.
     session.run("pytest", *(session.posargs or ["-q"]))
 
@@ -38,9 +38,11 @@ def reproduce(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Operator benchmarks -> results/ops_bench.csv (not part of the tests)."""
-    _install(session)
+    """Operator benchmarks -> results/ops_bench.csv, then CCNet in torch / ONNX Runtime / OpenVINO ->
+    results/inference_bench.csv (not part of the tests). `nox -s bench -- --quick` checks both quickly."""
+    _install(session, "[deploy]")
     session.run("python", "-m", "repro.bench", *session.posargs)
+    session.run("python", "-m", "repro.bench", "--inference", *session.posargs)
 
 
 @nox.session

@@ -22,6 +22,7 @@ import onnx  # noqa: E402
 
 from models.ccnet import CCNet  # noqa: E402
 from models.heads import FCNHead, NonLocalHead, RCCAHead  # noqa: E402
+from ops.non_local import NonLocal2d  # noqa: E402
 from models.inference import predict_multiscale, predict_slide, predict_whole  # noqa: E402
 from repro.engine import engines, export  # noqa: E402
 from repro.engine.config import EvalConfig  # noqa: E402
@@ -33,19 +34,23 @@ HAS_OPENVINO = engines.package_installed("openvino")
 
 
 class TinyBackbone(nn.Module):
-    """Two stride-2 stages returning [layer3-like, layer4-like] features, as the ResNet does."""
+    """Two stride-2 stages returning [layer3-like, layer4-like] features, as the ResNet does; with
+    `non_local`, a non-local block (the non-local head's op) on the last one, so that one export covers both
+    attention ops."""
 
-    def __init__(self) -> None:
+    def __init__(self, non_local: bool = False) -> None:
         super().__init__()
         self.one = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.two = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.non_local = NonLocal2d(16, qk_channels=4) if non_local else None
 
     def forward(self, x):
         first = self.one(x)
-        return [first, self.two(first)]
+        last = self.two(first)
+        return [first, last if self.non_local is None else self.non_local(last)]
 
 
-def tiny_model(head: str = "rcca", *, seed: int = 0, backend: str = "naive") -> CCNet:
+def tiny_model(head: str = "rcca", *, seed: int = 0, backend: str = "naive", non_local: bool = False) -> CCNet:
     torch.manual_seed(seed)
     common = dict(channels=8, num_classes=CLASSES, dropout=0.1)
     if head == "rcca":
@@ -54,7 +59,7 @@ def tiny_model(head: str = "rcca", *, seed: int = 0, backend: str = "naive") -> 
         decode = NonLocalHead(16, qk_channels=4, **common)
     else:
         decode = FCNHead(16, num_convs=2, concat_input=True, **common)
-    model = CCNet(TinyBackbone(), decode, FCNHead(8, channels=4, num_classes=CLASSES, num_convs=1)).eval()
+    model = CCNet(TinyBackbone(non_local), decode, FCNHead(8, channels=4, num_classes=CLASSES, num_convs=1)).eval()
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "gamma"):
@@ -78,7 +83,7 @@ def tiny_metadata(eval_cfg: EvalConfig | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    model = tiny_model("rcca")
+    model = tiny_model("rcca", non_local=True)
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     report = export.export_onnx(model, path, metadata=tiny_metadata())
     return model, path, report
@@ -87,7 +92,8 @@ def exported(tmp_path_factory):
 def test_attention_survives_export_and_the_file_verifies_itself(exported):
     model, path, report = exported
     counts = report.op_counts
-    assert counts.get("Softmax", 0) >= 1 and counts.get("MatMul", 0) + counts.get("Einsum", 0) >= 2
+    # Two criss-cross passes (4 matmuls and a softmax each) and the non-local block (2 and 1).
+    assert counts.get("Softmax", 0) >= 3 and counts.get("MatMul", 0) + counts.get("Einsum", 0) >= 10
     engines_run = {check.engine for check in report.checks}
     assert engines_run == set(export.installed_engines()) and "onnxruntime" in engines_run
     sizes = {(c.height, c.width) for c in report.checks}
@@ -121,13 +127,12 @@ def test_dynamic_height_and_width_match_torch(exported, size):
     assert diff < 1e-4 and agreement == 1.0
 
 
-def test_nonlocal_head_exports(tmp_path):
-    """The non-local baseline exports too (the FCN head's ops, convolutions and a concat, are all in the
-    criss-cross head's graph above)."""
-    report = export.export_onnx(tiny_model("nonlocal"), tmp_path / "nonlocal.onnx", metadata=tiny_metadata(),
-                                engines=["onnxruntime"])
-    assert all(c.passed for c in report.checks)
-    assert report.op_counts.get("Softmax", 0) >= 1 and report.op_counts.get("MatMul", 0) >= 2
+def test_every_head_is_exportable():
+    """The non-local head's op is in the exported model above; the FCN head (convolutions, a concat) has
+    nothing an exporter could lose, and like the others it has no Triton block to refuse."""
+    for head in ("nonlocal", "fcn"):
+        prepared = export.exportable(tiny_model(head))
+        assert not prepared.training
 
 
 def test_engines_run_whole_slide_and_multiscale_unchanged(exported):
@@ -286,3 +291,37 @@ def test_metadata_is_json_with_everything_predict_needs(exported):
     raw = json.loads(props[export.METADATA_KEY])
     for key in ("classes", "palette", "mean", "std", "channel_order", "config", "checkpoint_sha256", "eval"):
         assert key in raw
+
+
+def test_engine_benchmark_rows(exported, tmp_path):
+    from repro.measure import engine_bench
+
+    model, path, _ = exported
+    rows = engine_bench.bench_case(model, path, backbone="tiny", hw=(32, 48), threads=1, repeats=2,
+                                   variants=list(engine_bench.VARIANTS), log=lambda text: None)
+    by_variant = {row["variant"]: row for row in rows}
+    assert set(by_variant) <= set(engine_bench.VARIANTS)
+    assert {"torch_eager_vs_engines", "onnxruntime"} <= set(by_variant)
+    for row in rows:
+        assert set(row) == set(engine_bench.COLUMNS) and row["repeats"] == 2 and row["min_s"] <= row["median_s"]
+        assert row["cpu"] and row["threads"] == 1 and row["input_hw"] == "32x48"
+    assert by_variant["torch_eager_vs_engines"]["speedup_vs_torch_eager"] == 1.0
+    assert by_variant["onnxruntime"]["argmax_agreement"] == 100.0
+    # The evidence file keeps the engine rows only, and the warning reads it.
+    evidence = engines.update_speed_evidence(
+        [{**row, "speedup_vs_torch_eager": 0.5 if row["engine"] == "onnxruntime" else 2.0} for row in rows],
+        tmp_path / "speed.csv")
+    assert {r["engine"] for r in engines.read_speed_evidence(evidence)} <= {"onnxruntime", "openvino"}
+    cpu = rows[0]["cpu"]
+    warning = engines.slower_than_torch("onnxruntime", "fp32", cpu=cpu, path=evidence)
+    assert warning and "slower than torch" in warning and "0.50x" in warning
+    assert engines.slower_than_torch("onnxruntime", "fp32", cpu="another CPU", path=evidence) is None
+    if HAS_OPENVINO:
+        assert engines.slower_than_torch("openvino", "fp32", cpu=cpu, path=evidence) is None
+
+
+def test_picking_an_engine_measured_slower_warns(exported, tmp_path, monkeypatch):
+    _, path, _ = exported
+    monkeypatch.setattr(engines, "slower_than_torch", lambda engine, precision: f"{engine} measured slower")
+    with pytest.warns(UserWarning, match="onnxruntime measured slower"):
+        engines.make_engine("onnxruntime", onnx_path=path)

@@ -27,6 +27,7 @@ from repro.engine.config import load_config
 from repro.io import atomic_write_text
 from repro.measure.kernels import MODEL_TARGET, goal_rows, with_target
 from repro.pipeline import drift
+from repro.pipeline.deploy_report import inference_block, update_inference_block
 from repro.pipeline.recipes import section_recipes
 
 REPORT_NAME = "REPORT.md"
@@ -645,6 +646,12 @@ def section_ops_bench(results: Path, pages: dict[str, str]) -> str:
     return text + f"\nEvery row (shapes, GB/s, versions): {link}.\n"
 
 
+def section_inference(results: Path) -> str:
+    """Engines on a CPU (speed and agreement), the same tables as the README's INFERENCE block."""
+    return "## Deployment: ONNX Runtime and OpenVINO\n\n" + inference_block(results, markdown_table).replace(
+        "### Fast inference on a CPU\n\n", "", 1)
+
+
 def section_kernels(results: Path, pages: dict[str, str]) -> str:
     """The fused Triton kernel measured without a GPU: its counted goals (`repro.measure.kernels.GOALS`) against
     the interpreter's counts and the compiled resources; every count and compilation on detail pages."""
@@ -771,6 +778,7 @@ def build_report(results: Path, experiments: Path, pages: dict[str, str] | None 
         section_miou(results, experiments, pages),
         section_recipes(experiments, table=markdown_table),
         section_ops_bench(results, pages),
+        section_inference(results),
         section_kernels(results, pages),
         section_gpu(results, pages),
         section_pipeline(results, pages),
@@ -810,6 +818,7 @@ def write_report(results: Path, experiments: Path, *, readme: Path | None = None
     path = atomic_write_text(results / REPORT_NAME, text)
     readme = results.resolve().parent / "README.md" if readme is None else readme
     update_readme(readme, findings_block(results, experiments))
+    update_inference_block(readme, inference_block(results, markdown_table))
     return path
 
 
