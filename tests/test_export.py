@@ -22,8 +22,8 @@ import onnx  # noqa: E402
 
 from models.ccnet import CCNet  # noqa: E402
 from models.heads import FCNHead, NonLocalHead, RCCAHead  # noqa: E402
-from ops.non_local import NonLocal2d  # noqa: E402
 from models.inference import predict_multiscale, predict_slide, predict_whole  # noqa: E402
+from ops.non_local import NonLocal2d  # noqa: E402
 from repro.engine import engines, export  # noqa: E402
 from repro.engine.config import EvalConfig  # noqa: E402
 from repro.engine.data.palettes import Palette  # noqa: E402
