@@ -50,7 +50,9 @@ def gpu(session: nox.Session) -> None:
     """The whole GPU acceptance run on a CUDA machine (`python -m repro.gpu`): kernel correctness and op tests
     natively, benchmarks, claims memory, memory calibration, training speed -> results/, then REPORT.md.
     `nox -s gpu -- --tiny` runs the same code on the CPU at tiny sizes into a temporary folder."""
-    _install(session, "[test]")  # pytest: the operator tests run on the GPU as part of the acceptance
+    # pytest: the operator tests run on the GPU as part of the acceptance; deploy: the export step (its GPU
+    # check runs where onnxruntime-gpu or TensorRT is installed in the session, e.g. `session.install` by hand).
+    _install(session, "[test,deploy]")
     session.run("python", "-m", "repro.gpu", *session.posargs)
 
 

@@ -175,11 +175,20 @@ def test_predict_runs_from_the_onnx_file_alone(exported, tmp_path, mode, capsys)
     # The same prediction in torch from the metadata's normalisation and eval settings.
     from repro.engine.predict import Predictor, predictor_from_onnx, read_image
 
+    from repro.engine.evaluate import predict_logits
+
     reference = predictor_from_onnx(path, mode=mode)
     torch_predictor = Predictor(**{**reference.__dict__, "model": model})
-    expected = torch_predictor.predict(read_image(image)).labels
+    pixels = read_image(image)
+    expected = torch_predictor.predict(pixels).labels
+    logits = predict_logits(model, torch_predictor.input_tensor(pixels), eval_cfg=reference.eval_cfg,
+                            num_classes=CLASSES, multiscale=mode == "ms_flip")[0]
+    top2 = logits.topk(2, dim=0).values
+    margin = (top2[0] - top2[1]).numpy()
     for name, got in labels.items():
-        assert (got == expected).mean() >= 0.999, name
+        # Random weights leave a few near-ties: only those may differ.
+        differ = got != expected
+        assert differ.mean() <= 0.01 and (margin[differ] < 1e-3).all(), name
 
 
 def test_onnx_without_project_metadata_is_refused(tmp_path, capsys):
@@ -325,3 +334,34 @@ def test_picking_an_engine_measured_slower_warns(exported, tmp_path, monkeypatch
     monkeypatch.setattr(engines, "slower_than_torch", lambda engine, precision: f"{engine} measured slower")
     with pytest.warns(UserWarning, match="onnxruntime measured slower"):
         engines.make_engine("onnxruntime", onnx_path=path)
+
+
+def test_eval_only_routes_the_model_through_the_engine(tmp_path, monkeypatch, capsys):
+    """`repro.run --eval-only --engine X` evaluates the engine's model (here a spy engine that runs the torch
+    model through numpy, as the ONNX engines do) and gets the torch numbers."""
+    from repro.engine import runner
+
+    config = "experiments/mmseg_cityscapes_r50_d8_512x1024_40k.yaml"
+    common = ["--smoke", "--no-progress", "--device", "cpu"]
+    assert runner.main([config, *common, "--out-dir", str(tmp_path / "train")]) == 0
+    checkpoint = str(tmp_path / "train" / "checkpoint_last.pt")
+    calls = []
+
+    def spy(model, *, engine, precision, metadata=None, threads=None):
+        calls.append((engine, precision, metadata["classes"][:2]))
+        with torch.no_grad():
+            return engines.EngineModel(lambda a: model(torch.from_numpy(a)).numpy(), engine=engine,
+                                       precision=precision, source="spy")
+
+    monkeypatch.setattr(runner, "engine_model", spy)
+    results = {}
+    for engine in ("torch", "onnxruntime"):
+        out = tmp_path / engine
+        assert runner.main([config, *common, "--eval-only", "--checkpoint", checkpoint, "--engine", engine,
+                            "--out-dir", str(out)]) == 0
+        results[engine] = json.loads((out / "eval.json").read_text())
+    assert calls == [("onnxruntime", "fp32", ["road", "sidewalk"])]
+    assert "evaluating on engine onnxruntime fp32" in capsys.readouterr().out
+    assert results["onnxruntime"] == results["torch"]
+    with pytest.raises(SystemExit):  # --engine belongs to --eval-only
+        runner.main([config, *common, "--engine", "onnxruntime"])

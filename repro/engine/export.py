@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -419,5 +420,7 @@ def engine_model(model: nn.Module, *, engine: str, precision: str, metadata: dic
         return make_engine("torch", model=model.eval(), precision=precision)
     with tempfile.TemporaryDirectory(prefix="ccrepro-export-") as folder:
         path = Path(folder) / "model.onnx"
+        print(f"exporting the model to ONNX for {engine} (verified against torch; `python -m repro.export` "
+              "writes the file once for reuse) ...", file=sys.stderr, flush=True)
         export_onnx(model, path, metadata=metadata or {}, engines=[engine])
         return make_engine(engine, onnx_path=path, precision=precision, threads=threads)
