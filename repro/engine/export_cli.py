@@ -22,6 +22,7 @@ from repro.engine.export import (
     DEFAULT_ATOL,
     DEFAULT_MIN_AGREEMENT,
     DEFAULT_OPSET,
+    DEFAULT_RTOL,
     EXIT_CHOICE,
     EXIT_INPUT,
     ExportError,
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--verify-size", dest="sizes", type=parse_size, action="append", default=None,
                         metavar="HxW", help="verification input size (twice; one not a multiple of 8)")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="largest |logit difference| allowed")
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+                        help="largest |logit difference| allowed, plus --rtol x the largest |logit|")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="see --atol")
     parser.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
                         help="smallest argmax agreement allowed (a fraction)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         exportable(model)  # refuses Triton before any work
         report = export_onnx(
             model, args.out, metadata=metadata_for_config(cfg, checkpoint=args.checkpoint), opset=args.opset,
-            sizes=args.sizes, atol=args.atol, min_agreement=args.min_agreement,
+            sizes=args.sizes, atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement,
         )
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
