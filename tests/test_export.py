@@ -173,9 +173,8 @@ def test_predict_runs_from_the_onnx_file_alone(exported, tmp_path, mode, capsys)
         assert f"engine {name}" in capsys.readouterr().out
         labels[name] = np.asarray(Image.open(out / "img_labels.png"))
     # The same prediction in torch from the metadata's normalisation and eval settings.
-    from repro.engine.predict import Predictor, predictor_from_onnx, read_image
-
     from repro.engine.evaluate import predict_logits
+    from repro.engine.predict import Predictor, predictor_from_onnx, read_image
 
     reference = predictor_from_onnx(path, mode=mode)
     torch_predictor = Predictor(**{**reference.__dict__, "model": model})
