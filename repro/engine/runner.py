@@ -320,7 +320,7 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
         if args.engine != "torch" or args.precision != "fp32":
             metadata = metadata_for_config(cfg, checkpoint=args.checkpoint) if args.engine != "torch" else None
             model = engine_model(model.eval(), engine=args.engine, precision=args.precision, metadata=metadata)
-            print(f"{cfg.name}: evaluating on engine {describe(model)}")
+        print(f"{cfg.name}: evaluating on engine {describe(model)}")
         model = model.to(ctx.device)
         checkpoint = str(args.checkpoint)
     else:
