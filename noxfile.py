@@ -24,8 +24,8 @@ def _install(session: nox.Session, extras: str = "") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (Triton kernels through the interpreter on CPU)."""
-    _install(session, "[test]")
+    """The test suite (Triton kernels through the interpreter on CPU; every inference engine: the deploy extra)."""
+    _install(session, "[test,deploy]")
     # One worker per core (pytest-xdist; tests/conftest.py gives each one torch thread); tests marked with the
     # same `xdist_group` share a worker. pytest exits 5 when it collects nothing; nox fails on any non-zero exit.
     session.run("pytest", *(session.posargs or ["-q", "-n", "auto", "--dist", "loadgroup"]))
@@ -40,9 +40,11 @@ def reproduce(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Operator benchmarks -> results/ops_bench.csv (not part of the tests)."""
-    _install(session)
+    """Operator benchmarks -> results/ops_bench.csv, then CCNet in torch / ONNX Runtime / OpenVINO ->
+    results/inference_bench.csv (not part of the tests). `nox -s bench -- --quick` checks both quickly."""
+    _install(session, "[deploy]")
     session.run("python", "-m", "repro.bench", *session.posargs)
+    session.run("python", "-m", "repro.bench", "--inference", *session.posargs)
 
 
 @nox.session
@@ -50,7 +52,9 @@ def gpu(session: nox.Session) -> None:
     """The whole GPU acceptance run on a CUDA machine (`python -m repro.gpu`): kernel correctness and op tests
     natively, benchmarks, claims memory, memory calibration, training speed -> results/, then REPORT.md.
     `nox -s gpu -- --tiny` runs the same code on the CPU at tiny sizes into a temporary folder."""
-    _install(session, "[test]")  # pytest: the operator tests run on the GPU as part of the acceptance
+    # pytest: the operator tests run on the GPU as part of the acceptance; deploy: the export step (its GPU
+    # check runs where onnxruntime-gpu or TensorRT is installed in the session, e.g. `session.install` by hand).
+    _install(session, "[test,deploy]")
     session.run("python", "-m", "repro.gpu", *session.posargs)
 
 

@@ -1,4 +1,5 @@
-"""Attention operators: criss-cross (naive PyTorch and fused Triton backends) and the non-local baseline."""
+"""Attention operators: criss-cross (naive PyTorch, its functional form for ONNX export, and fused Triton backends)
+and the non-local baseline."""
 
 from ops import cost
 from ops.cca_maps import criss_cross_map, criss_cross_probabilities, off_cross_share, point_attention

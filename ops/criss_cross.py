@@ -21,9 +21,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ops._checks import check_qkv
+from ops.cca_export import criss_cross_attention_export
 from ops.cca_naive import criss_cross_attention_naive
 
-BACKENDS = ("auto", "naive", "triton")
+# "export": the functional formulation of `ops.cca_export` (same function as naive, for ONNX export).
+BACKENDS = ("auto", "naive", "triton", "export")
 
 
 def triton_installed() -> bool:
@@ -105,8 +107,9 @@ def criss_cross_attention(
     Args:
         query, key: (B, Cqk, H, W).
         value: (B, Cv, H, W).
-        backend: "naive" (pure PyTorch, any device), "triton" (fused kernel) or "auto" (triton on CUDA where
-            a committed benchmark shows it faster than naive on this GPU at this dtype, naive otherwise; see
+        backend: "naive" (pure PyTorch, any device), "triton" (fused kernel), "export" (functional ops only,
+            what `torch.onnx.export` can trace; see `ops.cca_export`) or "auto" (triton on CUDA where a
+            committed benchmark shows it faster than naive on this GPU at this dtype, naive otherwise; see
             `resolve_backend`).
 
     Returns:
@@ -116,6 +119,8 @@ def criss_cross_attention(
     resolved = resolve_backend(backend, query.device, query.dtype)
     if resolved == "naive":
         return criss_cross_attention_naive(query, key, value)
+    if resolved == "export":
+        return criss_cross_attention_export(query, key, value)
     return _triton(query, key, value)
 
 

@@ -22,7 +22,7 @@ def _qkv(batch=2, qk_channels=3, value_channels=4, height=5, width=6, dtype=torc
 
 
 def test_unknown_backend_names_the_choices():
-    with pytest.raises(ValueError, match=r"'cuda_kernel'.*\('auto', 'naive', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"'cuda_kernel'.*\('auto', 'naive', 'triton', 'export'\)"):
         criss_cross_attention(*_qkv(), backend="cuda_kernel")
     with pytest.raises(ValueError, match="'fast'"):
         CrissCrossAttention(8, backend="fast")
@@ -152,4 +152,4 @@ def test_public_names_are_the_documented_objects():
     for name, obj in expected.items():
         assert getattr(ops, name) is obj, name
     assert callable(ops.criss_cross_attention) and isinstance(ops.CrissCrossAttention(8), torch.nn.Module)
-    assert ops.BACKENDS == ("auto", "naive", "triton")
+    assert ops.BACKENDS == ("auto", "naive", "triton", "export")

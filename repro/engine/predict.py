@@ -3,6 +3,13 @@ chosen points (the CCNet paper's R=1 / R=2 figure).
 
     python -m repro.predict CONFIG.yaml --checkpoint PATH [--checkpoint-source mmseg] IMAGE... --out DIR
         [--mode whole|slide|ms_flip] [--attention X,Y [X,Y ...]] [--set eval.scale=[2048,1024]] [--threads N]
+        [--engine torch|onnxruntime|openvino] [--precision fp32|bf16]
+    python -m repro.predict MODEL.onnx IMAGE... --out DIR [--engine onnxruntime|openvino]
+
+`--engine` runs the model in torch (the default), ONNX Runtime or OpenVINO (`repro.engine.engines`; a config
+and checkpoint are exported first, verified, see `repro.engine.export`); `--precision bf16` needs a CPU with
+native bf16. An .onnx file written by `python -m repro.export` runs alone: its metadata gives the classes,
+palette, normalisation and eval settings (default engine onnxruntime). The engine used is printed.
 
 IMAGE is a file, a folder (its images, recursively) or a glob pattern. Per image STEM, DIR receives:
 * `STEM_labels.png`: the predicted class ids (Cityscapes train ids, VOC 0..20, ADE20K 0..149) as a "P" mode
@@ -59,7 +66,9 @@ from models.fuse import inference_model
 from repro.engine.config import ConfigError, EvalConfig, ExperimentConfig, load_config, model_kwargs
 from repro.engine.data.palettes import Palette, palette_for
 from repro.engine.data.transforms import EvalTransform
+from repro.engine.engines import ENGINES, PRECISIONS, EngineError, describe, make_engine
 from repro.engine.evaluate import predict_logits
+from repro.engine.export import ExportError, engine_model, metadata_for_config, read_metadata
 from repro.engine.predict_figures import (
     attention_dpi,
     attention_figure,
@@ -288,6 +297,9 @@ class Predictor:
         tensor = self.input_tensor(image)
         scaled_h, scaled_w = transform.resized_size(height, width)
         attention = None
+        if points_xy and describe(self.model) != "torch fp32":
+            raise PredictError(f"--attention reads the torch model's attention maps; the model runs on "
+                               f"{describe(self.model)}: use --engine torch --precision fp32 for attention")
         if points_xy:
             # Image pixel centres onto the rescaled input the model sees.
             scaled = [((x + 0.5) * scaled_w / width - 0.5, (y + 0.5) * scaled_h / height - 0.5) for x, y in points_xy]
@@ -342,17 +354,50 @@ def predictor_from_config(
     source: str | None = None,
     mode: str | None = None,
     device: torch.device | str = "cpu",
+    engine: str = "torch",
+    precision: str = "fp32",
 ) -> Predictor:
-    """A `Predictor` for an experiment config and a checkpoint (ours or a released one)."""
+    """A `Predictor` for an experiment config and a checkpoint (ours or a released one), on `engine` at
+    `precision` (`repro.engine.engines`; engines other than torch run on the CPU)."""
     eval_cfg, mode = eval_config_for(cfg, mode)
-    device = torch.device(device)
+    device = torch.device(device if engine == "torch" else "cpu")
     model = load_model(cfg, checkpoint, source=source).to(device)
-    if device.type == "cpu":  # BatchNorm folded (channels_last with several threads): see models.fuse
+    if engine != "torch" or precision != "fp32":
+        metadata = metadata_for_config(cfg, checkpoint=checkpoint) if engine != "torch" else None
+        model = engine_model(model, engine=engine, precision=precision, metadata=metadata)
+    elif device.type == "cpu":  # BatchNorm folded (channels_last with several threads): see models.fuse
         model = inference_model(model, torch.zeros(1, 3, 65, 65), channels_last=torch.get_num_threads() > 1)
     return Predictor(
         model=model, palette=palette_for(cfg.data.dataset), eval_cfg=eval_cfg, mode=mode,
         mean=cfg.data.mean, std=cfg.data.std, channel_order=cfg.data.channel_order, device=device,
-        title=f"{cfg.name} ({cfg.backbone}, R={cfg.model.recurrence}), {Path(checkpoint).name}, mode {mode}",
+        title=f"{cfg.name} ({cfg.backbone}, R={cfg.model.recurrence}), {Path(checkpoint).name}, mode {mode}, "
+              f"engine {describe(model)}",
+    )
+
+
+def predictor_from_onnx(path: Path, *, mode: str | None = None, engine: str = "onnxruntime",
+                        precision: str = "fp32") -> Predictor:
+    """A `Predictor` for a file written by `python -m repro.export`: classes, palette, normalisation and eval
+    settings from its metadata (ExportError when it has none)."""
+    meta = read_metadata(path)
+    if engine == "torch":
+        raise PredictError(f"{str(path)!r} is an ONNX file: run it with --engine onnxruntime or openvino "
+                           "(torch needs the config and the checkpoint)")
+    raw = meta.raw
+    eval_cfg = meta.eval_cfg
+    if mode not in (None, "ms_flip"):
+        if mode not in MODES:
+            raise PredictError(f"unknown mode {mode!r}; expected one of {MODES}")
+        try:
+            eval_cfg = dataclasses.replace(eval_cfg, mode=mode)
+        except ValueError as err:
+            raise PredictError(f"--mode {mode}: {err} in the metadata of {str(path)!r}") from None
+    model = make_engine(engine, onnx_path=path, precision=precision)
+    return Predictor(
+        model=model, palette=meta.palette, eval_cfg=eval_cfg, mode=mode or eval_cfg.mode,
+        mean=tuple(raw["mean"]), std=tuple(raw["std"]), channel_order=raw["channel_order"],
+        device=torch.device("cpu"),
+        title=f"{raw['config']} ({Path(path).name}), mode {mode or eval_cfg.mode}, engine {describe(model)}",
     )
 
 
@@ -486,9 +531,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Colour label maps and criss-cross attention figures for any images.",
         epilog="Exit codes: 0 done, 2 config or option error, 4 unusable checkpoint or image, 5 cannot write.",
     )
-    parser.add_argument("config", type=Path, help="experiment YAML naming the model and dataset")
+    parser.add_argument("config", type=Path,
+                        help="experiment YAML naming the model and dataset, or an .onnx from repro.export")
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="weights: ours or a released checkpoint")
+    parser.add_argument("--checkpoint", type=Path, help="weights: ours or a released checkpoint (with a YAML)")
     parser.add_argument("--checkpoint-source", choices=CHECKPOINT_SOURCES, default=None,
                         help="layout of the checkpoint: ccrepro (this project's; alias ours), mmseg, "
                              "sssegmentation, official, ...; detected from its keys when omitted")
@@ -501,11 +547,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override a config value, e.g. --set eval.scale=[1024,512] (repeatable)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: cuda when available, else cpu")
+    parser.add_argument("--engine", choices=ENGINES, default=None,
+                        help="inference engine (default torch; onnxruntime for an .onnx)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16: torch autocast / OpenVINO hint, only on a CPU with native bf16")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.config.suffix != ".onnx" and args.checkpoint is None:
+        parser.error("--checkpoint PATH is required with a config (an .onnx file runs alone)")
     return args
 
 
@@ -518,23 +570,28 @@ def main(argv: list[str] | None = None) -> int:
         images = collect_images(args.images, exclude=args.out)
         # Cheap checks first: a bad image or point should not wait for a large checkpoint to load.
         check_inputs(images, args.out, points)
-        cfg = load_config(args.config, args.overrides)
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise PredictError("--device cuda: no CUDA device is available", exit_code=EXIT_CONFIG)
-        predictor = predictor_from_config(cfg, args.checkpoint, source=args.checkpoint_source, mode=args.mode,
-                                          device=device)
+        if args.config.suffix == ".onnx":
+            predictor = predictor_from_onnx(args.config, mode=args.mode, engine=args.engine or "onnxruntime",
+                                            precision=args.precision)
+        else:
+            cfg = load_config(args.config, args.overrides)
+            device = args.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            elif device == "cuda" and not torch.cuda.is_available():
+                raise PredictError("--device cuda: no CUDA device is available", exit_code=EXIT_CONFIG)
+            predictor = predictor_from_config(cfg, args.checkpoint, source=args.checkpoint_source, mode=args.mode,
+                                              device=device, engine=args.engine or "torch",
+                                              precision=args.precision)
         written = predict_to_folder(predictor, images, args.out, points_xy=points, progress=not args.no_progress)
-    except PredictError as err:
+    except (PredictError, ExportError) as err:
         print(error_line(PROG, err), file=sys.stderr)
         return err.exit_code
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, EngineError) as err:
         print(error_line(PROG, err), file=sys.stderr)
         return EXIT_CONFIG
     except OSError as err:
         print(error_line(PROG, f"cannot write {err.filename or args.out}: {err.strerror or err}"), file=sys.stderr)
         return EXIT_CANNOT_WRITE
-    print(f"wrote {len(written)} files for {len(images)} image(s) to {args.out}")
+    print(f"wrote {len(written)} files for {len(images)} image(s) to {args.out} (engine {describe(predictor.model)})")
     return EXIT_OK

@@ -4,6 +4,7 @@ measured mIoU, with how it was made, to results/miou.csv.
     python -m repro.run experiments/cityscapes_r2.yaml [--set train.lr=0.02 ...] [--resume | --force]
     python -m repro.run CONFIG.yaml --seeds 0 1 2    # one run folder per seed: runs/NAME-seed0, ...
     python -m repro.run CONFIG.yaml --eval-only --checkpoint PATH [--checkpoint-source mmseg] [--threads N]
+        [--engine torch|onnxruntime|openvino] [--precision fp32|bf16]
     python -m repro.run CONFIG.yaml --check-data     # exit 0 if the dataset is there, 3 (and why) if not
                                                      # (with --eval-only: the validation split only)
     python -m repro.run CONFIG.yaml --smoke          # a few iterations on a generated tiny dataset
@@ -97,7 +98,9 @@ from repro.engine.data import (
     write_fake_dataset,
 )
 from repro.engine.distributed import barrier, init_distributed, shutdown
+from repro.engine.engines import ENGINES, PRECISIONS, EngineError, check_choice, describe
 from repro.engine.evaluate import EvalResult, evaluate, protocol_summary
+from repro.engine.export import ExportError, engine_model, metadata_for_config
 from repro.engine.provenance import RESULT_COLUMNS, Provenance, check_results_csv
 from repro.engine.run_figures import draw_curves, write_confusion, write_iou_table
 from repro.engine.train import (
@@ -286,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-predictions", type=Path, default=None, metavar="DIR",
                         help="Cityscapes: write label-id prediction PNGs here (for the official evaluator)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--engine", choices=ENGINES, default="torch",
+                        help="--eval-only: inference engine (onnxruntime / openvino run a verified ONNX export)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="--eval-only: bf16 (torch autocast / OpenVINO hint) only on a CPU with native bf16")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice)")
     return parser
@@ -308,6 +315,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--eval-limit: expected N >= 1, got {args.eval_limit}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if (args.engine, args.precision) != ("torch", "fp32") and not args.eval_only:
+        parser.error("--engine and --precision apply to --eval-only (training evaluates in torch fp32)")
     return args
 
 
@@ -356,6 +365,11 @@ def run(args: argparse.Namespace) -> int:
         base_cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
         return _fail(EXIT_CONFIG, err)
+
+    try:
+        check_choice(args.engine, args.precision)
+    except EngineError as err:
+        return _fail(EXIT_CONFIG, f"{base_cfg.name}: {err}")
 
     if args.check_data:
         try:
@@ -426,6 +440,8 @@ def _run_seed(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: 
             return _fail(EXIT_CONFIG, f"{cfg.name}: {err}"), []
         except INPUT_ERRORS as err:
             return _fail(EXIT_BAD_INPUT, f"{cfg.name}: {_one_line(err)}"), []
+        except (ExportError, EngineError) as err:
+            return _fail(getattr(err, "exit_code", EXIT_CONFIG), f"{cfg.name}: {err}"), []
         except OSError as err:
             return _fail(EXIT_CANNOT_WRITE, f"{cfg.name}: cannot write {err.filename or ''}: {err.strerror or err}"), []
         except KeyboardInterrupt as err:
@@ -671,8 +687,12 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
         model = build_model(with_overrides(cfg, {"model.pretrained_backbone": None}), device=torch.device("cpu"))
         load_weights(model, checkpoint, source=args.checkpoint_source, state=state)
         model = model.to(ctx.device)
-        if ctx.device.type == "cpu":  # BatchNorm folded (channels_last with several threads): see models.fuse
+        if args.engine != "torch" or args.precision != "fp32":
+            metadata = metadata_for_config(cfg, checkpoint=checkpoint) if args.engine != "torch" else None
+            model = engine_model(model.eval(), engine=args.engine, precision=args.precision, metadata=metadata)
+        elif ctx.device.type == "cpu":  # BatchNorm folded (channels_last with several threads): see models.fuse
             model = inference_model(model, INFERENCE_PROBE, channels_last=torch.get_num_threads() > 1)
+        announce(f"{cfg.name}: evaluating on engine {describe(model)}")
         smoke = args.smoke or facts["smoke"]
         all_overrides = [*facts["overrides"], *(o for o in overrides if o not in facts["overrides"])]
         seed = facts["seed"]

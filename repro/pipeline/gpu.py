@@ -28,7 +28,13 @@ exit status is non-zero when any step failed):
    R-101-D8 at 769x769, batch 2, with the
    criss-cross head (naive, then Triton on NCHW and on channels-last maps) and the non-local head:
    iterations/s and peak memory.
-7. `report`: `results/REPORT.md` regenerated (`repro.pipeline.report`), with a section built from
+7. `export`: the ONNX export (`repro.engine.export`: R-101-D8 criss-cross R=2 with random weights, gamma 0.5;
+   `--tiny`: the synthetic R=2 model), verified on the CPU engines as always, then, where onnxruntime-gpu
+   (CUDAExecutionProvider) or TensorRT (TensorrtExecutionProvider) is present, the same file on the GPU
+   against the torch model on the GPU: max |logit diff| and argmax agreement at 512x1024 (a check: agreement
+   >= 99.9% and max |logit diff| <= 1e-2, TF32 being allowed on both sides). Without the deploy extra or a
+   GPU provider the rows say `not run: ...`; nothing is reported as measured before it has run.
+8. `report`: `results/REPORT.md` regenerated (`repro.pipeline.report`), with a section built from
    DIR/gpu_acceptance.csv.
 
 Every row goes to DIR/gpu_acceptance.csv (step, check, variant, dtype, shape, metric, value, unit, status,
@@ -56,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -75,7 +82,7 @@ CSV_NAME = "gpu_acceptance.csv"
 COLUMNS = ("step", "check", "variant", "dtype", "shape", "metric", "value", "unit", "status", "method", "device",
            "date")
 KEY = ["step", "check", "variant", "dtype", "shape", "metric", "method", "device"]
-STEPS = ("kernels", "bench", "goals", "claims", "calibration", "train", "report")
+STEPS = ("kernels", "bench", "goals", "claims", "calibration", "train", "export", "report")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Error of the Triton backend relative to the largest |value| of an fp64 naive reference.
 TOLERANCES = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
@@ -496,6 +503,89 @@ def train_rows(plan: Plan, rec: Recorder) -> None:
             torch.cuda.empty_cache()
 
 
+GPU_EXPORT_AGREEMENT, GPU_EXPORT_ATOL = 0.999, 1e-2
+
+
+def _export_model(plan: Plan):
+    """(model, metadata, size_multiple, input (H, W)) of the export step."""
+    from repro.engine.export import build_metadata, metadata_for_config
+
+    if plan.tiny:
+        from models.synthetic import SyntheticSegmenter
+        from repro.engine.config import EvalConfig
+        from repro.engine.data.palettes import Palette
+
+        torch.manual_seed(0)
+        model = SyntheticSegmenter(variant="R2", num_classes=5).eval()
+        palette = Palette("synthetic", tuple(f"class {i}" for i in range(5)), np.zeros((5, 3), dtype=np.uint8))
+        metadata = build_metadata(config="synthetic", dataset="synthetic", palette=palette, mean=(0.0,) * 3,
+                                  std=(255.0,) * 3, channel_order="rgb", eval_cfg=EvalConfig(mode="whole"),
+                                  checkpoint=None)
+        return model, metadata, 2, (32, 46)
+    cfg = _config("mmseg_cityscapes_r101_d8_512x1024_40k", plan,
+                  {"model.backend": "naive", "model.pretrained_backbone": None})
+    from repro.engine.train import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg, device=torch.device("cpu")).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "gamma"):
+                module.gamma.fill_(0.5)
+    return model, metadata_for_config(cfg, checkpoint=None), 1, (512, 1024)
+
+
+def export_rows(plan: Plan, rec: Recorder) -> None:
+    from repro.engine.engines import package_installed
+    from repro.engine.export import compare, export_onnx
+
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not package_installed(name)]
+    if missing:
+        rec.add("export", "onnx export", "verified", "", "", status=f"not run: {', '.join(missing)} not installed "
+                "(pip install -e \".[deploy]\")", device=device_label("cpu"))
+        return
+    import onnxruntime as ort
+
+    model, metadata, multiple, hw = _export_model(plan)
+    shape = _shape_text((1, 3, *hw))
+    with tempfile.TemporaryDirectory(prefix="repro_gpu_export_") as folder:
+        path = Path(folder) / "model.onnx"
+        report = export_onnx(model, path, metadata=metadata, size_multiple=multiple)
+        for check in report.checks:
+            common = dict(variant=check.engine, dtype="fp32", shape=_shape_text((1, 3, check.height, check.width)),
+                          method="repro.engine.export verification (CPU engine vs torch on the CPU)",
+                          device=device_label("cpu"), status="ok" if check.passed else "FAILED: beyond tolerance")
+            rec.add("export", f"{check.engine} fp32 vs torch", "max_abs_logit_diff", check.max_abs_logit_diff,
+                    "logit", **common)
+            rec.add("export", f"{check.engine} fp32 vs torch", "argmax_agreement", check.argmax_agreement,
+                    "fraction", **common)
+        providers = [p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+                     if p in ort.get_available_providers()]
+        if not providers or plan.device.type != "cuda":
+            why = "no CUDA device" if plan.device.type != "cuda" else "onnxruntime-gpu / TensorRT not installed"
+            rec.add("export", "onnxruntime GPU provider vs torch on the GPU", "argmax_agreement", "", "fraction",
+                    status=f"not run: {why}", shape=shape)
+            return
+        x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            reference = model.to(plan.device)(x.to(plan.device)).float().cpu()
+        for provider in providers:
+            session = ort.InferenceSession(str(path), providers=[provider, "CPUExecutionProvider"])
+            session.run(None, {"images": x.numpy()})  # warm-up (TensorRT builds its engine here)
+            started = time.perf_counter()
+            output = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+            seconds = time.perf_counter() - started
+            diff, agreement = compare(reference, output)
+            passed = agreement >= GPU_EXPORT_AGREEMENT and diff <= GPU_EXPORT_ATOL
+            common = dict(variant=f"onnxruntime {provider}", dtype="fp32", shape=shape,
+                          method="the exported file on the GPU provider vs the torch model on the GPU",
+                          status="ok" if passed else "FAILED: beyond tolerance")
+            rec.add("export", f"{provider} vs torch", "max_abs_logit_diff", diff, "logit", **common)
+            rec.add("export", f"{provider} vs torch", "argmax_agreement", agreement, "fraction", **common)
+            rec.add("export", f"{provider} latency", "seconds", seconds, "s", **common)
+        model.to("cpu")
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -534,6 +624,7 @@ def run(plan: Plan, results: Path, *, evidence: Path, experiments: Path = EXPERI
         "claims": lambda: claims_rows(plan, rec),
         "calibration": lambda: calibration_rows(plan, rec),
         "train": lambda: train_rows(plan, rec),
+        "export": lambda: export_rows(plan, rec),
         "report": lambda: write_report(results, experiments),
     }
     for step in steps:

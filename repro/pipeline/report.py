@@ -36,6 +36,7 @@ from repro.measure.kernels import (
     with_target,
 )
 from repro.pipeline import drift
+from repro.pipeline.deploy_report import inference_block, update_inference_block
 from repro.pipeline.recipes import section_recipes
 from repro.vocabulary import EXIT_BAD_INPUT, EXIT_CANNOT_WRITE, EXIT_OK, error_line
 
@@ -752,7 +753,9 @@ def inference_bench_table(frame: pd.DataFrame) -> str:
     medians of the same run), and the agreement of the predictions with torch_eager."""
     if frame.empty:
         return "_(no rows)_\n"
-    frame = frame.copy()
+    frame = frame[frame["variant"].isin(INFERENCE_VARIANT_ORDER)].copy()
+    if frame.empty:
+        return "_(no rows)_\n"
     frame["median_s"] = frame["median_s"].astype(float)
     keys = ["cpu", "model", "input_hw", "batch", "threads"]
     mmseg = frame[frame["variant"] == "mmseg_1.2.2"][keys + ["median_s"]].rename(columns={"median_s": "mmseg_s"})
@@ -773,6 +776,12 @@ def section_inference_bench(results: Path) -> str:
     return text + ("Batch 1, fp32, interleaved rounds; agreement and logit difference against `torch_eager` "
                    "(for `mmseg_1.2.2`: ours against mmsegmentation's own model with the same weights).\n\n"
                    + inference_bench_table(frame))
+
+
+def section_inference(results: Path) -> str:
+    """Engines on a CPU (speed and agreement), the same tables as the README's INFERENCE block."""
+    return "## Deployment: ONNX Runtime and OpenVINO\n\n" + inference_block(results, markdown_table).replace(
+        "### Fast inference on a CPU\n\n", "", 1)
 
 
 def section_kernels(results: Path, pages: dict[str, str]) -> str:
@@ -961,6 +970,7 @@ def build_report(results: Path, experiments: Path, pages: dict[str, str] | None 
         section_parity(results, pages),
         section_ops_bench(results, pages),
         section_inference_bench(results),
+        section_inference(results),
         section_kernels(results, pages),
         section_gpu(results, pages),
         section_pipeline(results, pages),
@@ -1052,6 +1062,7 @@ def write_report(results: Path, experiments: Path, *, readme: Path | None = None
         atomic_write_text(path, text)
     readme = results.resolve().parent / "README.md" if readme is None else readme
     update_readme(readme, findings_block(results, experiments))
+    update_inference_block(readme, inference_block(results, markdown_table))
     return path
 
 
