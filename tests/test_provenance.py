@@ -60,7 +60,9 @@ def test_rows_carry_every_column_and_say_why_they_do_not_count():
     assert list(row) == list(RESULT_COLUMNS)
     assert row["complete"] == "true" and row["smoke"] == "false" and row["seed"] == 3
     assert row["delta"] == pytest.approx(77.5 - cfg.reported["mIoU"])
-    assert (row["eval_mode"], row["eval_scales"], row["eval_flip"]) == (cfg.eval.mode, "1", "false")
+    # The protocol columns are protocol_summary's, verbatim.
+    assert {key: row[key] for key in protocol_summary(cfg.eval, "mIoU")} == protocol_summary(cfg.eval, "mIoU")
+    assert row["eval_mode"] == cfg.eval.mode and row["eval_flip"] == "false"
     assert row_kind(row) == "complete"
     kinds = {
         "smoke": _prov(smoke=True),
@@ -79,8 +81,12 @@ def test_rows_carry_every_column_and_say_why_they_do_not_count():
 def test_multiscale_rows_name_their_protocol():
     cfg = with_overrides(load_config(CONFIG), {"eval.ms_flip": True, "eval.ms_scales": (0.5, 1.0, 1.5)})
     rows = result_rows(cfg, {"mIoU": _Result(1.0), "mIoU_ms_flip": _Result(2.0)}, _prov(), protocol=protocol_summary)
-    assert [(r["metric"], r["eval_scales"], r["eval_flip"]) for r in rows] == [
-        ("mIoU", "1", "false"), ("mIoU_ms_flip", "0.5 1 1.5", "true")]
+    assert [(r["metric"], r["eval_flip"]) for r in rows] == [("mIoU", "false"), ("mIoU_ms_flip", "true")]
+    for row in rows:
+        assert {key: row[key] for key in protocol_summary(cfg.eval, row["metric"])} == \
+            protocol_summary(cfg.eval, row["metric"])
+    assert rows[0]["eval_scales"] != rows[1]["eval_scales"]
+    assert all(f"{scale:g}" in rows[1]["eval_scales"] for scale in (0.5, 1.0, 1.5))
     with pytest.raises(ValueError, match="lacks"):
         result_rows(cfg, {"mIoU": _Result(1.0)}, _prov(), protocol=lambda eval_cfg, metric: {"eval_mode": "x"})
 

@@ -608,8 +608,8 @@ def model_for_checkpoint(cfg: ExperimentConfig, state: object, *, overrides: lis
 
 
 class _TimedDataset:
-    """The validation dataset, timing the first image: when the second is requested, prints an estimate
-    for the rest (the evaluation reads images in order, one at a time)."""
+    """The validation dataset, timing the first image: when the second is requested (`load` or indexing),
+    prints an estimate for the rest (the evaluation reads images in order, one at a time)."""
 
     def __init__(self, dataset, *, count: int, announce: Callable[[str], None]) -> None:
         self._dataset, self._count, self._announce = dataset, count, announce
@@ -624,7 +624,7 @@ class _TimedDataset:
             raise AttributeError(name)
         return getattr(self._dataset, name)
 
-    def __getitem__(self, index: int):
+    def _tick(self) -> None:
         if self._started is None:
             self._started = time.perf_counter()
         elif not self._done:
@@ -632,7 +632,15 @@ class _TimedDataset:
             first = time.perf_counter() - self._started
             self._announce(f"  first image {first:.1f} s: about {_duration(first * self._count)} for "
                            f"{self._count} images")
+
+    def __getitem__(self, index: int):
+        self._tick()
         return self._dataset[index]
+
+    def load(self, index: int):
+        """The raw image and label (what `evaluate` reads: each protocol builds its own views)."""
+        self._tick()
+        return self._dataset.load(index)
 
 
 def _duration(seconds: float) -> str:

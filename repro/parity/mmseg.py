@@ -539,7 +539,7 @@ def model_key(row: Row) -> str:
     only in the number of iterations, whose schedule check_lr checks per row)."""
     schedule_free = re.sub(r"-\d+k_", "-Nk_", row.mmseg_config)
     return _json([schedule_free, asdict(row.cfg.model), _without(row.cfg.train, "iterations", "checkpoint_every",
-                                                                  "log_every"), row.cfg.data.dataset])
+                                                                  "log_every", "val_every", "keep_best"), row.cfg.data.dataset])
 
 
 def data_key(row: Row) -> str:
