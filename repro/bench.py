@@ -3,11 +3,17 @@
 
 import sys
 
-if __name__ == "__main__":
-    if "--inference" in sys.argv[1:]:
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--inference" in argv:
         from repro.measure.engine_bench import main as inference_main
 
-        sys.exit(inference_main([a for a in sys.argv[1:] if a != "--inference"]))
-    from repro.measure.bench import main
+        return inference_main([a for a in argv if a != "--inference"])
+    from repro.measure.bench import main as operator_main
 
+    return operator_main(argv)
+
+
+if __name__ == "__main__":
     sys.exit(main())

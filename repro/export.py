@@ -3,11 +3,17 @@
 
 import sys
 
-if __name__ == "__main__":
-    if "--agreement" in sys.argv[1:]:
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--agreement" in argv:
         from repro.pipeline.deploy import main as agreement_main
 
-        sys.exit(agreement_main([a for a in sys.argv[1:] if a != "--agreement"]))
-    from repro.engine.export_cli import main
+        return agreement_main([a for a in argv if a != "--agreement"])
+    from repro.engine.export_cli import main as export_main
 
+    return export_main(argv)
+
+
+if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,7 @@ SPECIAL = {
     "repro.gpu": ("repro.pipeline.gpu", "parse_args"),  # repro/gpu.py sets TRITON_INTERPRET before importing
     "repro.synthetic": ("repro.synthetic.cli", "main"),  # repro/synthetic/__main__.py runs on import
     "repro.synthetic.example": ("repro.synthetic.example", "main"),
+    "repro.parity": ("repro.parity.cli", "main"),  # a package: repro/parity/__main__.py
 }
 NOT_COMMANDS = {"__init__", "io", "vocabulary"}
 

@@ -355,7 +355,11 @@ def default_out(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m repro.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m repro.bench", description=__doc__.split("\n\n")[0],
+        epilog="python -m repro.bench --inference ... runs the whole-model engine benchmark instead "
+               "(repro.measure.engine_bench; see python -m repro.bench --inference --help).",
+    )
     parser.add_argument("--out", type=Path, default=None,
                         help=f"CSV to update (default: {COMMITTED_CSV} for the full default benchmark; "
                              f"{PARTIAL_CSV} for --quick or any subset, so a check never changes the "

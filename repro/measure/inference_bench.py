@@ -253,12 +253,16 @@ def main(argv: list[str] | None = None, *, resolve_peer: Callable[[str], PeerSpe
     """`resolve_peer(backbone)` builds / finds mmsegmentation's venv (the entry module passes the parity room's);
     None or `--no-peer` measures our variants only."""
     parser = argparse.ArgumentParser(prog="python -m repro.inference_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS, reverse=True))
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS, reverse=True),
+                        help="backbones to measure (default: all)")
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
+                        help="torch CPU thread counts, each measured (default: 1 2)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of every variant (median reported; default 3)")
     parser.add_argument("--size", type=_size, default=(512, 1024), help="HxW (default 512x1024)")
     parser.add_argument("--no-peer", action="store_true", help="only our variants (no mmsegmentation venv)")
-    parser.add_argument("--out", type=Path, default=Path("results/inference_bench.csv"))
+    parser.add_argument("--out", type=Path, default=Path("results/inference_bench.csv"),
+                        help="CSV to update (rows of other variants are kept)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or any(count < 1 for count in args.threads):
         parser.error(f"--rounds and --threads must be >= 1, got {args.rounds} and {args.threads}")
