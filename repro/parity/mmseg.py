@@ -538,8 +538,8 @@ def model_key(row: Row) -> str:
     """Rows whose a/b/f checks are the same computation: the same model and optimiser on both sides (they differ
     only in the number of iterations, whose schedule check_lr checks per row)."""
     schedule_free = re.sub(r"-\d+k_", "-Nk_", row.mmseg_config)
-    return _json([schedule_free, asdict(row.cfg.model), _without(row.cfg.train, "iterations", "checkpoint_every",
-                                                                  "log_every", "val_every", "keep_best"), row.cfg.data.dataset])
+    train = _without(row.cfg.train, "iterations", "checkpoint_every", "log_every", "val_every", "keep_best")
+    return _json([schedule_free, asdict(row.cfg.model), train, row.cfg.data.dataset])
 
 
 def data_key(row: Row) -> str:
