@@ -345,6 +345,8 @@ def check_data(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
     factor = 16
     base = tuple(max(1, b // factor) for b in cfg.data.base_size)
     crop = tuple(max(1, c // factor) for c in cfg.data.crop_size)
+    # In the order our loader lists them (Cityscapes: sorted paths), so sample i is the same file on both sides.
+    pairs = sorted(pairs, key=lambda pair: str(pair[0])) if dataset == "cityscapes" else pairs
     peer_pairs = []
     for image_path, label_path in pairs:
         label = label_path
@@ -372,6 +374,8 @@ def check_data(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
         changes["data.pad_fill"] = "raw_zero"
     small = with_overrides(cfg, changes)
     ours_data = build_dataset(small.data, split="train")
+    if [str(image) for image, _ in ours_data.pairs] != [image for image, _ in peer_pairs]:
+        raise ValueError(f"our loader lists {ours_data.pairs} but the peer was given {peer_pairs}")
     worst_decode = worst_label_load = worst_image = label_diff = 0.0
     used = []
     for index in range(len(pairs)):
