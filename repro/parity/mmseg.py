@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -213,13 +213,14 @@ def check_model(row: Row, python: Path, work: Path, *, quick: bool) -> list[Pari
                      f"ours {ours_groups} vs mmseg {peer['optimizer']} {peer['groups']}: one group, the same "
                      "weight decay for every parameter kind (norms and biases included)"))
 
-    # f. five SGD steps from the same weights on the same batches, in float64 (see b).
-    ours_run = _trajectory(cfg, state, steps, criterion)
-    reference = _our_model(cfg).double()
+    # f. five SGD steps from the same weights on the same batches, in float64 (see b); each step compared as it
+    # is taken (one model, its optimizer and one reference in memory, not five state dicts).
+    del trained, grads, model
     per_step = []
-    for step in range(len(steps)):
+    reference = _our_model(cfg).double()
+    for step, ours_state in enumerate(_trajectory(cfg, state, steps, criterion)):
         _import(reference, load_tensors(work / f"step{step + 1}.pt"))
-        per_step.append(_worst_rel(ours_run[step], reference.state_dict()))
+        per_step.append(_worst_rel(ours_state, reference.state_dict()))
     rows.append(_row(name, "f_trajectory", "max rel weight diff over 5 steps (fp64)", max(v for v, _ in per_step),
                      TOL_WEIGHTS, "per step " + ", ".join(f"{v:.1e} ({k})" for v, k in per_step)))
     return rows
@@ -258,22 +259,21 @@ def check_lr(rows: list[Row], python: Path, work: Path) -> list[ParityRow]:
     return out
 
 
-def _trajectory(cfg: ExperimentConfig, state: dict, steps: list, criterion: nn.Module) -> list[dict]:
-    """Our five training steps (train.py's optimizer and poly LR, dropout off) -> state dict after each."""
+def _trajectory(cfg: ExperimentConfig, state: dict, steps: list, criterion: nn.Module) -> Iterator[dict]:
+    """Our training steps (train.py's optimizer and poly LR, dropout off), yielding the state dict after each
+    (the live tensors: read it before asking for the next step)."""
     model = _our_model(cfg).double()
     _import(model, state)
     _dropout_off(model)
     model.train()
     optimizer = build_optimizer(model, cfg.train)
-    out = []
     for step, (step_images, step_labels) in enumerate(steps):
         for group in optimizer.param_groups:
             group["lr"] = poly_lr(step, cfg.train)
         criterion(model(step_images.double()), step_labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        out.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    return out
+        yield {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def _worst_rel(ours: dict, theirs: dict) -> tuple[float, str]:
@@ -345,6 +345,8 @@ def check_data(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
     factor = 16
     base = tuple(max(1, b // factor) for b in cfg.data.base_size)
     crop = tuple(max(1, c // factor) for c in cfg.data.crop_size)
+    # In the order our loader lists them (Cityscapes: sorted paths), so sample i is the same file on both sides.
+    pairs = sorted(pairs, key=lambda pair: str(pair[0])) if dataset == "cityscapes" else pairs
     peer_pairs = []
     for image_path, label_path in pairs:
         label = label_path
@@ -372,6 +374,8 @@ def check_data(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
         changes["data.pad_fill"] = "raw_zero"
     small = with_overrides(cfg, changes)
     ours_data = build_dataset(small.data, split="train")
+    if [str(image) for image, _ in ours_data.pairs] != [image for image, _ in peer_pairs]:
+        raise ValueError(f"our loader lists {ours_data.pairs} but the peer was given {peer_pairs}")
     worst_decode = worst_label_load = worst_image = label_diff = 0.0
     used = []
     for index in range(len(pairs)):
