@@ -75,8 +75,8 @@ def tiny_metadata(eval_cfg: EvalConfig | None = None) -> dict:
                       (np.arange(CLASSES * 3).reshape(CLASSES, 3) * 17 % 256).astype(np.uint8))
     return export.build_metadata(
         config="tiny", dataset="tiny", palette=palette, mean=(120.0, 115.0, 100.0), std=(60.0, 58.0, 57.0),
-        channel_order="rgb", eval_cfg=eval_cfg or EvalConfig(mode="slide", crop_size=(40, 40), stride=(30, 30),
-                                                              ms_scales=(0.75, 1.0)),
+        channel_order="rgb", eval_cfg=eval_cfg or EvalConfig.native_whole(
+            mode="slide", crop_size=(40, 40), stride=(30, 30), ms_scales=(0.75, 1.0)),
         checkpoint=None,
     )
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -47,7 +48,7 @@ from repro.engine.data.palettes import Palette, palette_for
 from repro.engine.engines import ENGINES, EngineError, make_engine, package_installed, require_packages
 
 METADATA_KEY = "ccrepro"
-METADATA_FORMAT = "ccrepro-onnx-1"
+METADATA_FORMAT = "ccrepro-onnx-2"  # 2: the whole evaluation protocol (every EvalConfig field)
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the dynamo exporter's lowest
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -165,8 +166,9 @@ def build_metadata(*, config: str, dataset: str, palette: Palette, mean: Sequenc
         "input": f"{INPUT_NAME}: (B, 3, H, W) float32, channel_order then (x - mean) / std",
         "output": f"{OUTPUT_NAME}: (B, classes, H, W) float32",
         "size_multiple": int(size_multiple),
-        "eval": {"mode": eval_cfg.mode, "crop_size": eval_cfg.crop_size, "stride": eval_cfg.stride,
-                 "scale": eval_cfg.scale, "ms_scales": list(eval_cfg.ms_scales)},
+        # Every field of the evaluation protocol (repro.engine.config.EvalConfig), so an .onnx alone predicts
+        # as its config's evaluation does.
+        "eval": dataclasses.asdict(eval_cfg),
         "model": model or {},
         "checkpoint": checkpoint_path.name if checkpoint_path else None,
         "checkpoint_sha256": sha256_of(checkpoint_path) if checkpoint_path and checkpoint_path.is_file() else None,
@@ -213,17 +215,11 @@ def read_metadata(path: str | os.PathLike) -> OnnxMetadata:
             raise ValueError(f"format {raw.get('format')!r}, expected {METADATA_FORMAT!r}")
         palette = Palette(raw["dataset"], tuple(raw["classes"]), np.asarray(raw["palette"], dtype=np.uint8))
         ev = raw["eval"]
-        eval_cfg = EvalConfig(
-            mode=ev["mode"], crop_size=_pair_or_none(ev["crop_size"]), stride=_pair_or_none(ev["stride"]),
-            scale=_pair_or_none(ev["scale"]), ms_scales=tuple(float(s) for s in ev["ms_scales"]),
-        )
+        eval_cfg = EvalConfig(**{key: tuple(value) if isinstance(value, list) else value
+                                 for key, value in ev.items()})
     except (ValueError, KeyError, TypeError) as err:
         raise ExportError(f"{str(path)!r}: unusable {METADATA_KEY!r} metadata: {err}", exit_code=EXIT_INPUT) from None
     return OnnxMetadata(raw=raw, palette=palette, eval_cfg=eval_cfg)
-
-
-def _pair_or_none(value) -> tuple[int, int] | None:
-    return None if value is None else (int(value[0]), int(value[1]))
 
 
 @dataclass(frozen=True)

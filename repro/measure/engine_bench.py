@@ -148,7 +148,7 @@ def run(*, out: Path, backbones: list[str], sizes: list[tuple[int, int]], thread
                 log(f"exporting {backbone} ...")
                 metadata = build_metadata(config=f"bench {backbone}", dataset="cityscapes", palette=palette,
                                           mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
-                                          channel_order="rgb", eval_cfg=EvalConfig(mode="whole"), checkpoint=None)
+                                          channel_order="rgb", eval_cfg=EvalConfig.native_whole(), checkpoint=None)
                 export_onnx(model, path, metadata=metadata, engines=["onnxruntime"])
             for hw in sizes:
                 for count in threads:

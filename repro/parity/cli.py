@@ -97,7 +97,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m repro.parity", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one experiment row per source, small sizes (CI)")
     parser.add_argument("--strict", action="store_true", help="exit 1 also when a check did not run")
-    parser.add_argument("--sources", nargs="+", choices=sorted(SOURCES), default=sorted(SOURCES))
+    parser.add_argument("--sources", nargs="+", choices=sorted(SOURCES), default=sorted(SOURCES),
+                        help="sources to check (default: all)")
     parser.add_argument("--configs", nargs="+", help="experiment names (file stems) to check; default all")
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default results)")
     parser.add_argument("--workdir", type=Path, default=Path(".nox") / "parity-work",

@@ -153,7 +153,7 @@ def synthetic_rows(folder: Path, *, quick: bool, val_images: int) -> list[dict]:
     images, labels = generate(val_images, seed=VAL_SEED, task=task)
     palette = synthetic_palette(task)
     metadata = build_metadata(config="synthetic", dataset="synthetic", palette=palette, mean=(0.0, 0.0, 0.0),
-                              std=(255.0, 255.0, 255.0), channel_order="rgb", eval_cfg=EvalConfig(mode="whole"),
+                              std=(255.0, 255.0, 255.0), channel_order="rgb", eval_cfg=EvalConfig.native_whole(),
                               checkpoint=None, size_multiple=2)
     rows = []
     trained = SyntheticSegmenter(variant="R2", num_classes=task.num_classes)
@@ -214,7 +214,7 @@ def ccnet_rows(folder: Path, *, quick: bool) -> list[dict]:
     path = folder / "ccnet.onnx"
     metadata = build_metadata(config=f"{cfg.name} (smoke-shrunk, 4 classes)", dataset="colour blocks",
                               palette=palette, mean=(127.5,) * 3, std=(63.75,) * 3, channel_order="rgb",
-                              eval_cfg=EvalConfig(mode="whole"), checkpoint=checkpoint)
+                              eval_cfg=EvalConfig.native_whole(), checkpoint=checkpoint)
     export_onnx(model, path, metadata=metadata)
     return agreement_rows(
         f"ccnet R-50-D8 R=2 ({cfg.model.head_channels}-channel head)", model, path, images, labels,

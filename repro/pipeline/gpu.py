@@ -519,7 +519,7 @@ def _export_model(plan: Plan):
         model = SyntheticSegmenter(variant="R2", num_classes=5).eval()
         palette = Palette("synthetic", tuple(f"class {i}" for i in range(5)), np.zeros((5, 3), dtype=np.uint8))
         metadata = build_metadata(config="synthetic", dataset="synthetic", palette=palette, mean=(0.0,) * 3,
-                                  std=(255.0,) * 3, channel_order="rgb", eval_cfg=EvalConfig(mode="whole"),
+                                  std=(255.0,) * 3, channel_order="rgb", eval_cfg=EvalConfig.native_whole(),
                                   checkpoint=None)
         return model, metadata, 2, (32, 46)
     cfg = _config("mmseg_cityscapes_r101_d8_512x1024_40k", plan,
