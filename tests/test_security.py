@@ -206,7 +206,10 @@ def test_no_code_opens_a_file_by_full_unpickling():
                 if name == "torch.load":
                     assert keywords.get("weights_only") is True, f"{path}:{node.lineno}"
                     torch_loads.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert len(torch_loads) == 1 and torch_loads[0].startswith("models/checkpoints.py"), torch_loads
+    # The peer-side scripts of the parity room run in the peers' own environments and cannot import the project:
+    # they read the files the project wrote for them weights-only too (checked above), with their own call.
+    own = [place for place in torch_loads if not place.startswith("repro/parity/peers/")]
+    assert len(own) == 1 and own[0].startswith("models/checkpoints.py"), torch_loads
 
 
 # ---------------------------------------------------------------------------------------------------------

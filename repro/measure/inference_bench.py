@@ -113,7 +113,7 @@ class PeerModel:
             raise RuntimeError(f"mmseg peer said {answer!r}, expected {word!r}")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return torch.load(self.work / "state.pt", map_location="cpu", weights_only=True)
+        return models.safe_load(self.work / "state.pt", what="mmsegmentation peer state")
 
     def set_threads(self, threads: int) -> None:
         self._send(f"threads {threads}")
@@ -123,7 +123,7 @@ class PeerModel:
 
     def logits(self) -> torch.Tensor:
         self._send("logits")
-        return torch.load(self.work / "logits.pt", map_location="cpu", weights_only=True)
+        return models.safe_load(self.work / "logits.pt", what="mmsegmentation peer logits")
 
     def close(self) -> None:
         try:

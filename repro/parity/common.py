@@ -3,7 +3,7 @@
 A *peer* is a source project (mmsegmentation, sssegmentation, PaddleSeg) installed in its own virtual
 environment under `.nox/peer-<name>-<version>/`; the project's own environment never imports it. A check runs a
 script of `repro/parity/peers/` with the peer's python, the script writes `torch.save` dicts of plain tensors,
-and the project side reads them back with `load_tensors` (`torch.load(weights_only=True)`: no unpickling of
+and the project side reads them back with `load_tensors` (`models.safe_load`, weights-only: no unpickling of
 anything but tensors and containers).
 """
 
@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+import models
 from repro.io import atomic_write_text
 
 COLUMNS = ("source", "version", "config", "check", "metric", "value", "tolerance", "verdict", "detail")
@@ -199,8 +198,8 @@ def run_peer(
 
 
 def load_tensors(path: Path) -> dict[str, Any]:
-    """A peer's output file: tensors and plain containers only (weights_only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A peer's output file: tensors and plain containers only (`models.safe_load`, weights_only)."""
+    return models.safe_load(path, what="peer output")
 
 
 # ------------------------------------------------------------------------------------------ peer registry
