@@ -69,8 +69,23 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
         cause = _os_error_in(err)
         if cause is not None:
             raise _write_error(cause, path) from None
+        interrupt = _interrupt_in(err)
+        if interrupt is not None and interrupt is not err:
+            # Ctrl-C / SIGTERM during torch.save: its zip writer's cleanup raises a RuntimeError about the file
+            # position while handling the interrupt; the interrupt is what happened.
+            raise interrupt from None
         raise
     return path
+
+
+def _interrupt_in(err: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt (or subclass) `err` is, or was raised while handling, if any."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        err, seen = err.__context__, seen + 1
+    return None
 
 
 def _os_error_in(err: BaseException) -> OSError | None:

@@ -662,3 +662,25 @@ def test_sigterm_and_sigint_stop_cleanly_with_the_last_checkpoint_intact(tmp_pat
         "of 50) is intact; "
         f"continue with: python -m repro.run {shlex.join(again)}"
     )
+
+
+def test_an_interrupt_during_a_write_is_reported_as_the_interrupt(tmp_path):
+    """torch.save's zip writer raises a RuntimeError from its cleanup while a Ctrl-C / SIGTERM unwinds it: the
+    atomic write re-raises the interrupt (exit 130 / 143 upstream), and leaves no temporary file."""
+    from repro.io import _atomic_write as atomic_write
+    from repro.io import atomic_write_bytes
+
+    def interrupted_then_cleanup_fails(handle):
+        handle.write(b"partial")
+        try:
+            raise KeyboardInterrupt("SIGTERM")
+        finally:
+            raise RuntimeError("unexpected pos 6942528 vs 6942424")  # what the zip writer's __exit__ raises
+
+    target = tmp_path / "checkpoint.pt"
+    atomic_write_bytes(target, b"previous")
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        atomic_write(target, interrupted_then_cleanup_fails)
+    assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # without an interrupt the error stays itself
+        atomic_write(target, lambda handle: (_ for _ in ()).throw(RuntimeError("unexpected pos 1 vs 2")))
