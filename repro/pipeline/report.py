@@ -457,8 +457,8 @@ def section_drift(results: Path, pages: dict[str, str]) -> str:
     text += markdown_table(summary)
     drifted = comparison[comparison["status"] == drift.DRIFTED]
     if not drifted.empty:
-        text += f"\n{len(drifted)} value(s) drifted beyond tolerance (first 10):\n\n"
-        text += markdown_table(drifted.head(10).drop(columns=["status"]))
+        text += f"\n{len(drifted)} value(s) drifted beyond tolerance (first 3; all on the detail page):\n\n"
+        text += markdown_table(drifted.head(3).drop(columns=["status"]))
     link = detail_page(pages, "drift.md", "Every compared value", "the reference snapshot and this run's CSVs",
                        markdown_table(comparison))
     return text + f"\nEvery compared value: {link}.\n"
@@ -719,7 +719,8 @@ def section_ops_bench(results: Path, pages: dict[str, str]) -> str:
         ok = frame[frame["status"] == "ok"]
         columns = [column for column in ("variant", "dtype", "height", "width", "pass", "milliseconds",
                                          "peak_memory_mb", "tflop_per_s", "device", "threads") if column in ok]
-        text += markdown_table(ok[columns]) + "\n"
+        # Forward + backward only here (the separate passes are on the detail page).
+        text += "Forward + backward per call:\n\n" + markdown_table(ok[ok["pass"] == "fwd+bwd"][columns]) + "\n"
         others = frame[frame["status"] != "ok"]
         if not others.empty:
             text += collapse(others, "status")
@@ -768,20 +769,32 @@ def inference_bench_table(frame: pd.DataFrame) -> str:
                                  "max_abs_logit_diff", "date"]])
 
 
-def section_inference_bench(results: Path) -> str:
+def section_inference_bench(results: Path, pages: dict[str, str] | None = None) -> str:
     text = "## Whole-model CPU inference\n\n"
     frame = read_csv(results, "inference_bench")
     if frame is None:
         return text + missing("inference_bench")
-    return text + ("Batch 1, fp32, interleaved rounds; agreement and logit difference against `torch_eager` "
-                   "(for `mmseg_1.2.2`: ours against mmsegmentation's own model with the same weights).\n\n"
-                   + inference_bench_table(frame))
+    intro = ("Batch 1, fp32, interleaved rounds; agreement and logit difference against `torch_eager` "
+             "(for `mmseg_1.2.2`: ours against mmsegmentation's own model with the same weights).\n\n")
+    if pages is None:
+        return text + intro + inference_bench_table(frame)
+    link = detail_page(pages, "inference_bench.md", "Whole-model CPU inference, torch path and mmsegmentation",
+                       "`inference_bench.csv`", intro + inference_bench_table(frame))
+    return text + ("Our model eager, with BatchNorm folded, and folded + channels_last, beside mmsegmentation "
+                   f"1.2.2's own model with the same weights (`python -m repro.inference_bench`): {link}.\n")
 
 
-def section_inference(results: Path) -> str:
-    """Engines on a CPU (speed and agreement), the same tables as the README's INFERENCE block."""
-    return "## Deployment: ONNX Runtime and OpenVINO\n\n" + inference_block(results, markdown_table).replace(
-        "### Fast inference on a CPU\n\n", "", 1)
+def section_inference(results: Path, pages: dict[str, str] | None = None) -> str:
+    """Engines on a CPU: the README's INFERENCE block (speed, then agreement); with `pages`, the agreement table
+    goes to a detail page so the report stays short."""
+    block = inference_block(results, markdown_table).replace("### Fast inference on a CPU\n\n", "", 1)
+    marker = "\nSame predictions?"
+    if pages is not None and marker in block:
+        speed, agreement = block.split(marker, 1)
+        link = detail_page(pages, "export.md", "Engine agreement on trained models", "`export.csv`",
+                           "Same predictions?" + agreement)
+        block = speed + f"\nSame predictions? Each engine and precision against torch fp32 on trained models: {link}.\n"
+    return "## Deployment: ONNX Runtime and OpenVINO\n\n" + block
 
 
 def section_kernels(results: Path, pages: dict[str, str]) -> str:
@@ -806,20 +819,25 @@ def section_kernels(results: Path, pages: dict[str, str]) -> str:
              "them there: a change that moves more bytes, sectors or MACs, or loses occupancy, fails "
              "`tests/test_kernels.py`.\n\n")
     text += markdown_table(goal_rows(model, resources))
-    text += ("\nThe floors (bytes per pixel P, itemsize s), and what a different design would have to hold on chip "
-             "to go below each:\n\n" + "\n".join(floor_derivations()) + "\n")
+    # The derivations, the L2 model and the layouts go to a detail page: the report stays short.
+    floors_text = ("The floors (bytes per pixel P, itemsize s), and what a different design would have to hold on "
+                   "chip to go below each:\n\n" + "\n".join(floor_derivations()) + "\n")
     l2 = l2_model_rows(model)
     if not l2.empty:
-        text += ("\nL2 view, a **" + L2_MODEL.replace(": ", "**: ", 1) + ". DRAM bytes predicted per pass beside "
-                 "the counted 32-byte sectors (L2 and DRAM traffic together), both as ratios to the minimum:\n\n"
-                 + markdown_table(l2))
+        floors_text += ("\nL2 view, a **" + L2_MODEL.replace(": ", "**: ", 1) + ". DRAM bytes predicted per pass "
+                        "beside the counted 32-byte sectors (L2 and DRAM traffic together), both as ratios to the "
+                        "minimum:\n\n" + markdown_table(l2))
     totals = model[model["kernel"] == "all"]
     layouts = totals[(totals["batch"] == totals["batch"].min()) & (totals["target"] == MODEL_TARGET)]
     if layouts["layout"].nunique() > 1:
-        text += ("\nBy input layout: channels-last; NCHW copied into channels-last by the op (the copies, "
-                 "kernel `layout_copy`, counted in); NCHW read in place by the kernels (the same useful bytes as "
-                 "channels-last, more 32-byte sectors).\n\n"
-                 + markdown_table(layouts[["pass", "dtype", "layout", "batch", "useful_ratio", "sector_ratio"]]))
+        floors_text += ("\nBy input layout: channels-last; NCHW copied into channels-last by the op (the copies, "
+                        "kernel `layout_copy`, counted in); NCHW read in place by the kernels (the same useful "
+                        "bytes as channels-last, more 32-byte sectors).\n\n"
+                        + markdown_table(layouts[["pass", "dtype", "layout", "batch", "useful_ratio",
+                                                  "sector_ratio"]]))
+    link = detail_page(pages, "kernel_floors.md", "Kernel floors, the L2 model and input layouts",
+                       "`kernel_model.csv` and `repro.measure.kernels`", floors_text)
+    text += f"\nHow each floor is derived, the L2 model (DRAM bytes per pass) and the input layouts: {link}.\n"
     columns = ["pass", "dtype", "layout", "target", "batch", "useful_ratio", "sector_ratio", "macs_ratio",
                "useful_bytes", "sector_bytes", "minimum_bytes", "macs"]
     link = detail_page(pages, "kernel_model.md", "Every kernel count", "`kernel_model.csv`",
@@ -913,7 +931,8 @@ def _parity_worst(group: pd.DataFrame) -> str:
         lower_is_better = not rows["tolerance"].astype(str).str.startswith(">=").any()
         index = values.idxmax() if lower_is_better else values.idxmin()
         parts.append(f"{metric} {values[index]:.3g} ({rows.loc[index, 'tolerance']})")
-    return "; ".join(parts)
+    # Two metrics at most here; every metric of every row is on the detail page.
+    return "; ".join(parts[:2]) + (f"; +{len(parts) - 2} more metrics" if len(parts) > 2 else "")
 
 
 def parity_summary(frame: pd.DataFrame) -> pd.DataFrame:
@@ -926,7 +945,7 @@ def parity_summary(frame: pd.DataFrame) -> pd.DataFrame:
         if (verdicts == "fail").any():
             counts.append(f"{(verdicts == 'fail').sum()} fail")
         if not_run.any():
-            reasons = sorted(set(verdicts[not_run].str.removeprefix("not run: ").str.slice(0, 120)))
+            reasons = sorted(set(verdicts[not_run].str.removeprefix("not run: ").str.slice(0, 70)))
             counts.append(f"{not_run.sum()} not run ({'; '.join(reasons)})")
         out.append({"source": f"{source} {version}", "check": check, "configs": group["config"].nunique(),
                     "rows": len(group), "verdict": ", ".join(counts), "worst difference": _parity_worst(group)})
@@ -969,8 +988,8 @@ def build_report(results: Path, experiments: Path, pages: dict[str, str] | None 
         section_recipes(experiments, table=markdown_table),
         section_parity(results, pages),
         section_ops_bench(results, pages),
-        section_inference_bench(results),
-        section_inference(results),
+        section_inference_bench(results, pages),
+        section_inference(results, pages),
         section_kernels(results, pages),
         section_gpu(results, pages),
         section_pipeline(results, pages),
