@@ -113,6 +113,7 @@ from repro.engine.train import (
     build_model,
     class_names,
     effective_batch_note,
+    human_duration,
     train,
 )
 from repro.io import CsvFormatError, append_csv_rows, append_jsonl, atomic_write_text, check_writable
@@ -630,7 +631,7 @@ class _TimedDataset:
         elif not self._done:
             self._done = True
             first = time.perf_counter() - self._started
-            self._announce(f"  first image {first:.1f} s: about {_duration(first * self._count)} for "
+            self._announce(f"  first image {first:.1f} s: about {human_duration(first * self._count)} for "
                            f"{self._count} images")
 
     def __getitem__(self, index: int):
@@ -641,14 +642,6 @@ class _TimedDataset:
         """The raw image and label (what `evaluate` reads: each protocol builds its own views)."""
         self._tick()
         return self._dataset.load(index)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _evaluation_plan(cfg: ExperimentConfig, count: int, total: int) -> str:

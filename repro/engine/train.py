@@ -255,7 +255,8 @@ def class_names(dataset: str, num_classes: int) -> tuple[str, ...]:
     return tuple(names) if len(names) == num_classes else tuple(f"class_{i}" for i in range(num_classes))
 
 
-def _duration(seconds: float) -> str:
+def human_duration(seconds: float) -> str:
+    """'45 s', '12 min' or '3.2 h': the estimates printed before long training and evaluation."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -391,7 +392,7 @@ def train(
             if ctx.is_main and step == start + 1 and end > step:
                 first = time.perf_counter() - run_start
                 announce(f"{cfg.name}: first step {first:.1f} s (data loading included): about "
-                         f"{_duration(first * (end - step))} for the remaining {end - step} steps, "
+                         f"{human_duration(first * (end - step))} for the remaining {end - step} steps, "
                          f"validations not counted")
             if ctx.is_main and (step % tcfg.log_every == 0 or step == end):
                 record = {"step": step, "loss": window_loss / window_steps, "lr": lr, "images_per_s": ips}
