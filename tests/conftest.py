@@ -6,7 +6,9 @@ TRITON_INTERPRET=1 is refused there), and the operator tests run on it (the `op_
 tests pin `torch.device("cpu")` themselves. `tests/test_device.py` checks this logic with CUDA faked.
 """
 
+import faulthandler
 import os
+import signal
 
 import pytest
 import torch
@@ -48,6 +50,16 @@ def worker_threads(worker: str | None, available: int) -> int:
 if XDIST_WORKER:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 torch.set_num_threads(worker_threads(XDIST_WORKER, torch.get_num_threads()))
+
+# A test process that dies leaves xdist only "node down: Not properly terminated". pytest's faulthandler already
+# prints a crash (segfault, abort); a SIGTERM or SIGHUP from outside (another job's `pkill`, a CI runner) kills
+# silently, so name it: every thread's stack on stderr, then the default action (the process still ends).
+# Registered again before each test: an in-process `repro.run` main() installs and then restores its own handler.
+@pytest.fixture(autouse=True)
+def _name_a_killing_signal():
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            faulthandler.register(signum, all_threads=True, chain=True)
 
 
 def op_device_name() -> str:
