@@ -29,6 +29,9 @@ backward; the materialised map is B * H * W * (H + W) elements (see `ops.cost`).
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -69,12 +72,17 @@ class CrissCrossNaiveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        # The backward needs the value only for the gradients of query and key (dP = dO . v).
+        keep_value = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        workers = _forward_workers(value)
+        if workers > 1:
+            out, probs, images = _forward_in_workers(query, key, value, keep_value, workers)
+            ctx.save_for_backward(query, key, probs, *images)
+            return out.permute(0, 3, 1, 2)
         probs = _energies(_channels_last(query), _channels_last(key))
         torch._softmax(probs, -1, False, out=probs)
         batch, channels, height, width = value.shape
         out = value.new_empty(batch, height, width, channels)
-        # The backward needs the value only for the gradients of query and key (dP = dO . v).
-        keep_value = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         images = []
         buffer = None
         for b in range(batch):
@@ -114,6 +122,113 @@ class CrissCrossNaiveFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_key = _aggregate_transposed(grad_e, _channels_last(query))
         return _to_nchw(grad_query), _to_nchw(grad_key), _to_nchw(grad_v)
+
+
+def _forward_workers(value: torch.Tensor) -> int:
+    """How many threads run the forward: PyTorch's intra-op thread count on CPU, else 1 (one stream of work)."""
+    return torch.get_num_threads() if value.device.type == "cpu" else 1
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of `workers` threads, made on first use."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="cca-naive")
+        return _POOLS[workers]
+
+
+def _split(length: int, parts: int) -> list[slice]:
+    """[0, length) in at most `parts` contiguous, non-empty slices of near-equal length."""
+    step = -(-length // parts)
+    return [slice(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+def _forward_in_workers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep_value: bool,
+                        workers: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The forward with several threads: (out (B, H, W, Cv), probabilities, saved value images).
+
+    PyTorch's own intra-op parallelism splits every one of the hundreds of small matmuls (and every copy) across
+    the threads, with a barrier per call; on a loaded machine a descheduled thread stalls each of them. Here
+    `workers` threads each own a block of rows (or columns) of an image and run the same one-thread matmuls on
+    it, with one barrier per phase: (1) channels-last copies of query and key and the row energies of blocks of
+    rows, (2) the column energies of blocks of columns, then image by image (3) the value's channels-last copy,
+    diagonal mask, softmax and row aggregation of blocks of rows, (4) the column aggregation of blocks of
+    columns. PyTorch's intra-op thread count is 1 for the duration of the call (the
+    workers replace it) and restored afterwards; the workers run under the caller's grad / inference mode.
+    Buffers are the one-thread path's (one image of value copy when the value is not saved).
+    """
+    query, key, value = query.detach(), key.detach(), value.detach()
+    batch, channels, height, width = value.shape
+    qk_channels = query.shape[1]
+    inference = torch.is_inference_mode_enabled()
+    pool = _pool(workers)
+
+    def run(fn, length: int) -> None:
+        def task(block: slice) -> None:
+            with torch.inference_mode() if inference else torch.no_grad():
+                fn(block)
+        futures = [pool.submit(task, block) for block in _split(length, workers)]
+        errors = [future.exception() for future in futures]  # waits for all before anything is raised
+        for error in errors:
+            if error is not None:
+                raise error
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probs = query.new_empty(batch, height, width, height + width)
+        # Energies of every image first, so that the channels-last query and key are freed before the value's
+        # copy exists (the one-thread path's peak).
+        q, k = (x.permute(0, 2, 3, 1) if _is_channels_last(x) else x.new_empty(batch, height, width, qk_channels)
+                for x in (query, key))
+        copies = [(x, y) for x, y in ((query, q), (key, k)) if not _is_channels_last(x)]
+        for b in range(batch):
+            p = probs[b]
+
+            def rows_energy(block: slice) -> None:
+                for source, target in copies:
+                    target[b, block].copy_(source[b, :, block].permute(1, 2, 0))
+                _row_view(p, height)[block].baddbmm_(q[b, block], k[b, block].transpose(1, 2), beta=0)
+
+            def columns_energy(block: slice) -> None:
+                _column_view(p)[block, :, :height].baddbmm_(
+                    _column_view(q[b])[block], _column_view(k[b])[block].transpose(1, 2), beta=0)
+
+            run(rows_energy, height)
+            run(columns_energy, width)
+        del q, k, copies
+        out = value.new_empty(batch, height, width, channels)
+        value_given = _is_channels_last(value)
+        if value_given:
+            v_all = value.permute(0, 2, 3, 1)
+        else:
+            v_all = value.new_empty(batch if keep_value else 1, height, width, channels)
+        for b in range(batch):
+            v = v_all[b if value_given or keep_value else 0]
+            p, o = probs[b], out[b]
+
+            def rows_out(block: slice) -> None:
+                if not value_given:
+                    v[block].copy_(value[b, :, block].permute(1, 2, 0))
+                rows = p[block]
+                # The pixel itself is in both its row and its column: count it once (in the row branch).
+                rows[..., :height].diagonal(offset=block.start, dim1=0, dim2=2).fill_(float("-inf"))
+                torch._softmax(rows, -1, False, out=rows)
+                torch.bmm(_row_view(rows, height), v[block], out=o[block])
+
+            def columns_out(block: slice) -> None:
+                _column_view(o)[block].baddbmm_(_column_view(p)[block, :, :height], _column_view(v)[block])
+
+            run(rows_out, height)
+            run(columns_out, width)
+    finally:
+        torch.set_num_threads(previous)
+    images = [v_all[b] for b in range(batch)] if keep_value else []
+    return out, probs, images
 
 
 def _to_nchw(x: torch.Tensor | None) -> torch.Tensor | None:
