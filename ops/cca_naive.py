@@ -17,8 +17,11 @@ every value-sized temporary (the channels-last copy of the value and of the outp
 and the gradient's copy is reused across the images of a batch; only returned tensors are batch-sized. Large fresh
 allocations cost page faults on every call (glibc maps blocks over 32 MB afresh each time), so fewer and smaller
 ones are faster. With one thread each matmul writes matrix by matrix straight into the strided views of the
-buffers; with several, PyTorch parallelises a per-matrix loop call by call, which on a loaded machine costs far
-more than the work, so each branch runs as one batched matmul into a contiguous temporary (the column products of
+buffers. With several, PyTorch would parallelise each of those hundreds of small matmuls on its own (a barrier
+per call, which on a loaded machine costs far more than the work): the forward instead runs the same one-thread
+matmuls in the op's own worker threads, each owning a block of rows or columns, one barrier per phase
+(`_forward_in_workers`; its 2-thread rows in results/ops_bench.csv against the batched form below). The backward
+with several threads runs each branch as one batched matmul into a contiguous temporary (the column products of
 the value-sized matmuls in blocks of a quarter image, to keep the peak memory of the one-thread path). Setting
 `THP_MEM_ALLOC_ENABLE=1` in the environment before torch starts (PyTorch's CPU allocator then asks for transparent
 huge pages) makes every formulation faster; it is a process-wide choice, left to the user.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -187,19 +191,8 @@ def _forward_in_workers(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                 for x in (query, key))
         copies = [(x, y) for x, y in ((query, q), (key, k)) if not _is_channels_last(x)]
         for b in range(batch):
-            p = probs[b]
-
-            def rows_energy(block: slice) -> None:
-                for source, target in copies:
-                    target[b, block].copy_(source[b, :, block].permute(1, 2, 0))
-                _row_view(p, height)[block].baddbmm_(q[b, block], k[b, block].transpose(1, 2), beta=0)
-
-            def columns_energy(block: slice) -> None:
-                _column_view(p)[block, :, :height].baddbmm_(
-                    _column_view(q[b])[block], _column_view(k[b])[block].transpose(1, 2), beta=0)
-
-            run(rows_energy, height)
-            run(columns_energy, width)
+            run(partial(_rows_energy, probs[b], q[b], k[b], [(x[b], y[b]) for x, y in copies]), height)
+            run(partial(_columns_energy, probs[b], q[b], k[b]), width)
         del q, k, copies
         out = value.new_empty(batch, height, width, channels)
         value_given = _is_channels_last(value)
@@ -209,26 +202,49 @@ def _forward_in_workers(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
             v_all = value.new_empty(batch if keep_value else 1, height, width, channels)
         for b in range(batch):
             v = v_all[b if value_given or keep_value else 0]
-            p, o = probs[b], out[b]
-
-            def rows_out(block: slice) -> None:
-                if not value_given:
-                    v[block].copy_(value[b, :, block].permute(1, 2, 0))
-                rows = p[block]
-                # The pixel itself is in both its row and its column: count it once (in the row branch).
-                rows[..., :height].diagonal(offset=block.start, dim1=0, dim2=2).fill_(float("-inf"))
-                torch._softmax(rows, -1, False, out=rows)
-                torch.bmm(_row_view(rows, height), v[block], out=o[block])
-
-            def columns_out(block: slice) -> None:
-                _column_view(o)[block].baddbmm_(_column_view(p)[block, :, :height], _column_view(v)[block])
-
-            run(rows_out, height)
-            run(columns_out, width)
+            run(partial(_rows_out, probs[b], None if value_given else value[b], v, out[b]), height)
+            run(partial(_columns_out, probs[b], v, out[b]), width)
     finally:
         torch.set_num_threads(previous)
     images = [v_all[b] for b in range(batch)] if keep_value else []
     return out, probs, images
+
+
+def _rows_energy(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 copies: list[tuple[torch.Tensor, torch.Tensor]], block: slice) -> None:
+    """Phase 1 on rows `block` of one image: channels-last copies ((C, H, W) source, (H, W, C) target) and the
+    row energies into probs (H, W, H + W)."""
+    for source, target in copies:
+        target[block].copy_(source[:, block].permute(1, 2, 0))
+    height = probs.shape[0]
+    _row_view(probs, height)[block].baddbmm_(q[block], k[block].transpose(1, 2), beta=0)
+
+
+def _columns_energy(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor, block: slice) -> None:
+    """Phase 2 on columns `block`: the column energies (diagonal included; phase 3 masks it)."""
+    height = probs.shape[0]
+    _column_view(probs)[block, :, :height].baddbmm_(
+        _column_view(q)[block], _column_view(k)[block].transpose(1, 2), beta=0)
+
+
+def _rows_out(probs: torch.Tensor, value: torch.Tensor | None, v: torch.Tensor, out: torch.Tensor,
+              block: slice) -> None:
+    """Phase 3 on rows `block`: the value's channels-last copy (from `value` (C, H, W) into v unless None), the
+    diagonal mask, the softmax in place and the row aggregation into out (H, W, C)."""
+    if value is not None:
+        v[block].copy_(value[:, block].permute(1, 2, 0))
+    height = probs.shape[0]
+    rows = probs[block]
+    # The pixel itself is in both its row and its column: count it once (in the row branch).
+    rows[..., :height].diagonal(offset=block.start, dim1=0, dim2=2).fill_(float("-inf"))
+    torch._softmax(rows, -1, False, out=rows)
+    torch.bmm(_row_view(rows, height), v[block], out=out[block])
+
+
+def _columns_out(probs: torch.Tensor, v: torch.Tensor, out: torch.Tensor, block: slice) -> None:
+    """Phase 4 on columns `block`: the column aggregation added into out."""
+    height = probs.shape[0]
+    _column_view(out)[block].baddbmm_(_column_view(probs)[block, :, :height], _column_view(v)[block])
 
 
 def _to_nchw(x: torch.Tensor | None) -> torch.Tensor | None:
