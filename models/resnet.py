@@ -118,7 +118,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out += identity  # in place: one map fewer to allocate (and page in) per block
+        return self.relu(out)
 
 
 def _stem(stem: str, norm_layer: Callable[[int], nn.Module]) -> tuple[nn.Sequential, int]:

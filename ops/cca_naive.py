@@ -17,8 +17,11 @@ every value-sized temporary (the channels-last copy of the value and of the outp
 and the gradient's copy is reused across the images of a batch; only returned tensors are batch-sized. Large fresh
 allocations cost page faults on every call (glibc maps blocks over 32 MB afresh each time), so fewer and smaller
 ones are faster. With one thread each matmul writes matrix by matrix straight into the strided views of the
-buffers; with several, PyTorch parallelises a per-matrix loop call by call, which on a loaded machine costs far
-more than the work, so each branch runs as one batched matmul into a contiguous temporary (the column products of
+buffers. With several, PyTorch would parallelise each of those hundreds of small matmuls on its own (a barrier
+per call, which on a loaded machine costs far more than the work): the forward instead runs the same one-thread
+matmuls in the op's own worker threads, each owning a block of rows or columns, one barrier per phase
+(`_forward_in_workers`; its 2-thread rows in results/ops_bench.csv against the batched form below). The backward
+with several threads runs each branch as one batched matmul into a contiguous temporary (the column products of
 the value-sized matmuls in blocks of a quarter image, to keep the peak memory of the one-thread path). Setting
 `THP_MEM_ALLOC_ENABLE=1` in the environment before torch starts (PyTorch's CPU allocator then asks for transparent
 huge pages) makes every formulation faster; it is a process-wide choice, left to the user.
@@ -28,6 +31,10 @@ backward; the materialised map is B * H * W * (H + W) elements (see `ops.cost`).
 """
 
 from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -69,12 +76,17 @@ class CrissCrossNaiveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        # The backward needs the value only for the gradients of query and key (dP = dO . v).
+        keep_value = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        workers = _forward_workers(value)
+        if workers > 1:
+            out, probs, images = _forward_in_workers(query, key, value, keep_value, workers)
+            ctx.save_for_backward(query, key, probs, *images)
+            return out.permute(0, 3, 1, 2)
         probs = _energies(_channels_last(query), _channels_last(key))
         torch._softmax(probs, -1, False, out=probs)
         batch, channels, height, width = value.shape
         out = value.new_empty(batch, height, width, channels)
-        # The backward needs the value only for the gradients of query and key (dP = dO . v).
-        keep_value = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         images = []
         buffer = None
         for b in range(batch):
@@ -114,6 +126,125 @@ class CrissCrossNaiveFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_key = _aggregate_transposed(grad_e, _channels_last(query))
         return _to_nchw(grad_query), _to_nchw(grad_key), _to_nchw(grad_v)
+
+
+def _forward_workers(value: torch.Tensor) -> int:
+    """How many threads run the forward: PyTorch's intra-op thread count on CPU, else 1 (one stream of work)."""
+    return torch.get_num_threads() if value.device.type == "cpu" else 1
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of `workers` threads, made on first use."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="cca-naive")
+        return _POOLS[workers]
+
+
+def _split(length: int, parts: int) -> list[slice]:
+    """[0, length) in at most `parts` contiguous, non-empty slices of near-equal length."""
+    step = -(-length // parts)
+    return [slice(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+def _forward_in_workers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep_value: bool,
+                        workers: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The forward with several threads: (out (B, H, W, Cv), probabilities, saved value images).
+
+    PyTorch's own intra-op parallelism splits every one of the hundreds of small matmuls (and every copy) across
+    the threads, with a barrier per call; on a loaded machine a descheduled thread stalls each of them. Here
+    `workers` threads each own a block of rows (or columns) of an image and run the same one-thread matmuls on
+    it, with one barrier per phase: (1) channels-last copies of query and key and the row energies of blocks of
+    rows, (2) the column energies of blocks of columns, then image by image (3) the value's channels-last copy,
+    diagonal mask, softmax and row aggregation of blocks of rows, (4) the column aggregation of blocks of
+    columns. PyTorch's intra-op thread count is 1 for the duration of the call (the
+    workers replace it) and restored afterwards; the workers run under the caller's grad / inference mode.
+    Buffers are the one-thread path's (one image of value copy when the value is not saved).
+    """
+    query, key, value = query.detach(), key.detach(), value.detach()
+    batch, channels, height, width = value.shape
+    qk_channels = query.shape[1]
+    inference = torch.is_inference_mode_enabled()
+    pool = _pool(workers)
+
+    def run(fn, length: int) -> None:
+        def task(block: slice) -> None:
+            with torch.inference_mode() if inference else torch.no_grad():
+                fn(block)
+        futures = [pool.submit(task, block) for block in _split(length, workers)]
+        errors = [future.exception() for future in futures]  # waits for all before anything is raised
+        for error in errors:
+            if error is not None:
+                raise error
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probs = query.new_empty(batch, height, width, height + width)
+        # Energies of every image first, so that the channels-last query and key are freed before the value's
+        # copy exists (the one-thread path's peak).
+        q, k = (x.permute(0, 2, 3, 1) if _is_channels_last(x) else x.new_empty(batch, height, width, qk_channels)
+                for x in (query, key))
+        copies = [(x, y) for x, y in ((query, q), (key, k)) if not _is_channels_last(x)]
+        for b in range(batch):
+            run(partial(_rows_energy, probs[b], q[b], k[b], [(x[b], y[b]) for x, y in copies]), height)
+            run(partial(_columns_energy, probs[b], q[b], k[b]), width)
+        del q, k, copies
+        out = value.new_empty(batch, height, width, channels)
+        value_given = _is_channels_last(value)
+        if value_given:
+            v_all = value.permute(0, 2, 3, 1)
+        else:
+            v_all = value.new_empty(batch if keep_value else 1, height, width, channels)
+        for b in range(batch):
+            v = v_all[b if value_given or keep_value else 0]
+            run(partial(_rows_out, probs[b], None if value_given else value[b], v, out[b]), height)
+            run(partial(_columns_out, probs[b], v, out[b]), width)
+    finally:
+        torch.set_num_threads(previous)
+    images = [v_all[b] for b in range(batch)] if keep_value else []
+    return out, probs, images
+
+
+def _rows_energy(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 copies: list[tuple[torch.Tensor, torch.Tensor]], block: slice) -> None:
+    """Phase 1 on rows `block` of one image: channels-last copies ((C, H, W) source, (H, W, C) target) and the
+    row energies into probs (H, W, H + W)."""
+    for source, target in copies:
+        target[block].copy_(source[:, block].permute(1, 2, 0))
+    height = probs.shape[0]
+    _row_view(probs, height)[block].baddbmm_(q[block], k[block].transpose(1, 2), beta=0)
+
+
+def _columns_energy(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor, block: slice) -> None:
+    """Phase 2 on columns `block`: the column energies (diagonal included; phase 3 masks it)."""
+    height = probs.shape[0]
+    _column_view(probs)[block, :, :height].baddbmm_(
+        _column_view(q)[block], _column_view(k)[block].transpose(1, 2), beta=0)
+
+
+def _rows_out(probs: torch.Tensor, value: torch.Tensor | None, v: torch.Tensor, out: torch.Tensor,
+              block: slice) -> None:
+    """Phase 3 on rows `block`: the value's channels-last copy (from `value` (C, H, W) into v unless None), the
+    diagonal mask, the softmax in place and the row aggregation into out (H, W, C)."""
+    if value is not None:
+        v[block].copy_(value[:, block].permute(1, 2, 0))
+    height = probs.shape[0]
+    rows = probs[block]
+    # The pixel itself is in both its row and its column: count it once (in the row branch).
+    rows[..., :height].diagonal(offset=block.start, dim1=0, dim2=2).fill_(float("-inf"))
+    torch._softmax(rows, -1, False, out=rows)
+    torch.bmm(_row_view(rows, height), v[block], out=out[block])
+
+
+def _columns_out(probs: torch.Tensor, v: torch.Tensor, out: torch.Tensor, block: slice) -> None:
+    """Phase 4 on columns `block`: the column aggregation added into out."""
+    height = probs.shape[0]
+    _column_view(out)[block].baddbmm_(_column_view(probs)[block, :, :height], _column_view(v)[block])
 
 
 def _to_nchw(x: torch.Tensor | None) -> torch.Tensor | None:

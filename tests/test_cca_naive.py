@@ -153,7 +153,8 @@ def test_only_the_criss_cross_path_contributes(op_device):
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def threads(request):
-    """Both matmul paths of the naive backend: matrix by matrix (one thread) and batched (several)."""
+    """Both matmul paths of the naive backend: matrix by matrix (one thread) and batched (several); on the CPU
+    the forward with several threads runs in the op's own worker threads (blocks of rows and columns)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
@@ -216,3 +217,24 @@ def test_saved_value_is_the_channels_last_input_itself(op_device):
     value_cl = value.detach().to(memory_format=torch.channels_last).requires_grad_(True)
     saved_cl = criss_cross_attention(query, key, value_cl, backend="naive").grad_fn.saved_tensors[3:]
     assert [image.data_ptr() for image in saved_cl] == [value_cl[b].data_ptr() for b in range(2)]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 3), (1, 2, 3, 1, 4), (1, 2, 2, 4, 1)], ids=str)
+def test_gradcheck_fp64_with_threads(shape, threads, op_device):
+    tensors = _inputs(shape, requires_grad=True, device=op_device)
+    assert torch.autograd.gradcheck(lambda *t: criss_cross_attention(*t, backend="naive"), tensors)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_worker_forward_keeps_thread_count_and_grad_mode(mode, threads, op_device):
+    # The several-thread forward sets PyTorch's thread count to 1 while its workers run: it is restored, and
+    # the workers follow the caller's mode (in-place writes into inference tensors need inference mode there).
+    shape = (2, 3, 4, 7, 5)
+    query, key, value = _inputs(shape, device=op_device)
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context:
+        out = criss_cross_attention(query, key, value.to(memory_format=torch.channels_last), backend="naive")
+    assert torch.get_num_threads() == threads
+    assert not out.requires_grad
+    assert out.is_inference() == (mode == "inference_mode")
+    torch.testing.assert_close(out, criss_cross_reference(query, key, value))

@@ -153,3 +153,15 @@ def test_public_names_are_the_documented_objects():
         assert getattr(ops, name) is obj, name
     assert callable(ops.criss_cross_attention) and isinstance(ops.CrissCrossAttention(8), torch.nn.Module)
     assert ops.BACKENDS == ("auto", "naive", "triton", "export")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_module_output_keeps_the_input_layout(memory_format, op_device):
+    # The naive op returns channels_last memory; the block's residual output is laid out like its input, so an
+    # NCHW model's next convolution and concatenation see one layout (mixed layouts are slow on the CPU).
+    module = CrissCrossAttention(8, qk_channels=2, backend="naive").to(op_device)
+    with torch.no_grad():
+        module.gamma.fill_(0.5)
+    x = torch.randn(2, 8, 5, 6, device=op_device).contiguous(memory_format=memory_format)
+    out = module(x)
+    assert out.is_contiguous(memory_format=memory_format)

@@ -1,14 +1,27 @@
 """models.fuse: BatchNorm folded into the convolutions gives the same predictions (eval mode, random norm
 statistics), for every convolution kind the models use: the deep and plain stems, strided and dilated 3x3,
 1x1 and the downsample projections, and the heads' conv-norm-activation blocks (criss-cross, both non-local
-blocks, FCN)."""
+blocks, FCN); and the large 3x3 convolutions on NNPACK's Winograd kernel give the direct kernel's outputs."""
+
+import copy
 
 import pytest
 import torch
 from torch import nn
 
 import models
-from models.fuse import NORMS, conv_norm_pairs, count_norms, fold_batchnorm, inference_model
+from models import fuse
+from models.fuse import (
+    NORMS,
+    WinogradConv2d,
+    conv_norm_pairs,
+    count_norms,
+    fold_batchnorm,
+    inference_model,
+    use_winograd,
+    winograd_available,
+    winograd_eligible,
+)
 from models.resnet import FrozenBatchNorm2d
 
 
@@ -134,3 +147,42 @@ def test_a_conv_read_twice_keeps_its_norm_and_conv_bias_is_folded():
 def test_fold_rejects_a_non_module():
     with pytest.raises(TypeError, match="nn.Module"):
         fold_batchnorm("model", torch.zeros(1))
+
+
+def test_winograd_eligibility():
+    assert winograd_eligible(nn.Conv2d(256, 8, 3, padding=1))
+    for conv in (nn.Conv2d(255, 8, 3, padding=1), nn.Conv2d(256, 8, 3, padding=1, stride=2),
+                 nn.Conv2d(256, 8, 3, padding=2, dilation=2), nn.Conv2d(256, 8, 1),
+                 nn.Conv2d(256, 8, 3, padding=1, groups=2), nn.Conv2d(256, 8, 3, padding="same"),
+                 nn.Conv2d(256, 8, 3, padding=1, padding_mode="reflect")):
+        assert not winograd_eligible(conv), conv
+
+
+@pytest.mark.skipif(not winograd_available(), reason="this PyTorch build has no NNPACK for this CPU")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_winograd_convs_keep_the_outputs_and_the_layout(memory_format):
+    # The eligible 3x3 convolution (bias and no bias) is replaced, the others are kept; outputs match the direct
+    # kernel up to the transforms' rounding, in the input's layout, with the same state-dict keys.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(256, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1),
+                          nn.Conv2d(8, 256, 1), nn.Conv2d(256, 4, 3, padding=1, bias=False)).eval()
+    reference = copy.deepcopy(model)
+    model.to(memory_format=memory_format)
+    assert use_winograd(model) == 2
+    assert [type(m).__name__ for m in model] == ["WinogradConv2d", "ReLU", "Conv2d", "Conv2d", "WinogradConv2d"]
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    images = torch.randn(2, 256, 9, 13).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        got, expected = model(images), reference(images)
+    assert got.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    with torch.no_grad():  # a non-float32 input takes nn.Conv2d's path, the same function
+        torch.testing.assert_close(model.double()(images.double()), reference.double()(images.double()))
+
+
+def test_no_winograd_without_nnpack_or_when_turned_off(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(256, 4, 3, padding=1)).eval()
+    images = torch.randn(1, 256, 5, 6)
+    assert not any(isinstance(m, WinogradConv2d) for m in inference_model(model, images, winograd=False).modules())
+    monkeypatch.setattr(fuse, "winograd_available", lambda: False)
+    assert use_winograd(model) == 0 and type(model[0]) is nn.Conv2d

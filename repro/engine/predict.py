@@ -30,7 +30,8 @@ whole-image forward at the same scale (in whole mode, the same forward as the pr
 recomputed in the naive formulation from the query and key each pass was given, so any backend and any
 recurrence can be shown.
 On the CPU the model is
-`models.fuse.inference_model` of the checkpoint's (BatchNorm folded; channels_last with several threads);
+`models.fuse.inference_model` of the checkpoint's (BatchNorm folded; large 3x3 convolutions on NNPACK's Winograd
+kernel; channels_last with several threads);
 `--threads N` sets torch's CPU thread count.
 
 Nothing half-written lands in DIR: every file of the run is written into a temporary folder beside DIR

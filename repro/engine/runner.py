@@ -61,8 +61,9 @@ code when unpickled is refused, never opened. The output folder and the results 
 before training starts.
 
 `--eval-only` on the CPU evaluates `models.fuse.inference_model` of the checkpoint's model (BatchNorm folded into
-the convolutions; channels_last when torch runs several threads, where it measured faster): the same predictions
-up to float rounding. `--threads N` sets torch's CPU thread count (training and evaluation alike).
+the convolutions; the large 3x3 convolutions on NNPACK's Winograd kernel; channels_last when torch runs several
+threads, where it measured faster): the same predictions up to float rounding. `--threads N` sets torch's CPU
+thread count (training and evaluation alike).
 """
 
 from __future__ import annotations

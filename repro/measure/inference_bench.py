@@ -3,9 +3,10 @@
 
 Variants (the `variant` column of results/inference_bench.csv):
 * `torch_eager`: the model as trained (`models.build` from the config, eval mode, NCHW).
-* `torch_folded`: `models.fuse.inference_model`: BatchNorm folded into the convolutions (what `repro.run
-  --eval-only` and `repro.predict` run on the CPU).
-* `torch_fused`: the same with channels_last weights and inputs.
+* `torch_folded`: `models.fuse.inference_model`: BatchNorm folded into the convolutions and the head's large 3x3
+  convolutions on NNPACK's Winograd kernel (what `repro.run --eval-only` and `repro.predict` run on the CPU with
+  one thread).
+* `torch_fused`: the same with channels_last weights and inputs (what they run with several threads).
 * `mmseg_1.2.2`: mmsegmentation's own model (`EncoderDecoder.encode_decode`), built from its config in its own
   venv (the parity peer); it runs as a subprocess that times its own forward and writes its logits to a file.
   The weights are mmseg's (random, non-trivial norms: repro/parity/peers/mmseg_peer.py build_model), imported into
