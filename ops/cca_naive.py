@@ -32,6 +32,7 @@ backward; the materialised map is B * H * W * (H + W) elements (see `ops.cost`).
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -133,16 +134,18 @@ def _forward_workers(value: torch.Tensor) -> int:
     return torch.get_num_threads() if value.device.type == "cpu" else 1
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of `workers` threads, made on first use."""
+    """A process-wide pool of `workers` threads, made on first use, per process: a child made by fork (e.g. a
+    DataLoader worker) inherits the parent's pool objects but none of their threads, so it gets its own."""
+    key = (os.getpid(), workers)
     with _POOLS_LOCK:
-        if workers not in _POOLS:
-            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="cca-naive")
-        return _POOLS[workers]
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="cca-naive")
+        return _POOLS[key]
 
 
 def _split(length: int, parts: int) -> list[slice]:

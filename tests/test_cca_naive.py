@@ -1,6 +1,9 @@
 """The naive criss-cross backend against an explicit per-pixel reference and the mmcv einsum form, on the
 operator tests' device (`op_device`: CUDA when present, else the CPU)."""
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -238,3 +241,39 @@ def test_worker_forward_keeps_thread_count_and_grad_mode(mode, threads, op_devic
     assert not out.requires_grad
     assert out.is_inference() == (mode == "inference_mode")
     torch.testing.assert_close(out, criss_cross_reference(query, key, value))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_worker_forward_runs_in_a_forked_child(op_device):
+    # A child made by fork after the parent used the worker pool (a DataLoader worker, multiprocessing's
+    # default on Linux) inherits the pool object but none of its threads: it must get its own, not hang.
+    if op_device.type != "cpu":
+        pytest.skip("the worker forward is the CPU path")
+    query, key, value = _inputs((2, 3, 4, 7, 5), device=op_device)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            expected = criss_cross_attention(query, key, value, backend="naive")
+        pid = os.fork()
+        if pid == 0:  # child: exit code 0 when the forward returns the parent's result
+            code = 1
+            try:
+                torch.set_num_threads(2)
+                with torch.no_grad():
+                    code = 0 if torch.allclose(criss_cross_attention(query, key, value, backend="naive"), expected) else 1
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forward in a forked child did not return within 60 s (the parent's pool was reused)")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(previous)
