@@ -40,12 +40,12 @@ from repro.parity.common import (
     PEERS_DIR,
     ParityRow,
     Peer,
+    call_peer,
     ensure_venv,
     load_tensors,
     measured_row,
     not_run_row,
     register_peer,
-    run_peer,
 )
 from repro.parity.ssseg import _rel, seeded_model
 
@@ -179,7 +179,7 @@ def run_one(path: Path, python: Path, workdir: Path, *, quick: bool) -> list[Par
            "weights": str(folder / "weights.pt"), "inputs": str(folder / "inputs.pt"), "lr_steps": steps,
            "pdparams_out": str(folder / "model.pdparams"), "out": str(folder / "out.pt")}  # fmt: skip
     (folder / "job.json").write_text(json.dumps(job))
-    run_peer(python, SCRIPT, folder / "job.json", cwd=folder, timeout=900)
+    call_peer(python, SCRIPT, folder / "job.json", cwd=folder, timeout=900)
     peer = load_tensors(folder / "out.pt")
     rows = import_rows(config, model, folder / "model.pdparams", peer)
     with torch.no_grad():
@@ -255,7 +255,7 @@ def eval_rows(path: Path, cfg, model: nn.Module, python: Path, workdir: Path, *,
     ours_checkpoint = folder / "ours_eval_checkpoint.pt"
     torch.save(model.state_dict(), ours_checkpoint)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        peer_run = pool.submit(run_peer, python, SCRIPT, folder / "eval_job.json", cwd=folder, timeout=900)
+        peer_run = pool.submit(call_peer, python, SCRIPT, folder / "eval_job.json", cwd=folder, timeout=900)
         overrides = [f"data.root={root}", f"eval.val_pad_size=[{pad_hw[0]},{pad_hw[1]}]", "data.num_workers=0"]
         done, predictions, dataset = our_evaluation(path, ours_checkpoint, folder, overrides)
         peer_run.result()

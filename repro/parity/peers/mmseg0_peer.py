@@ -97,8 +97,17 @@ def command_test(job: dict) -> None:
 
 COMMANDS = {"test": command_test}
 
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[1] not in COMMANDS:
+        sys.exit(f"usage: mmseg0_peer.py {{{','.join(COMMANDS)}}} JOB.json | mmseg0_peer.py serve")
+    COMMANDS[argv[1]](json.loads(Path(argv[2]).read_text()))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: mmseg0_peer.py {{{','.join(COMMANDS)}}} JOB.json")
     torch.set_num_threads(1)
-    COMMANDS[sys.argv[1]](json.loads(Path(sys.argv[2]).read_text()))
+    if sys.argv[1:] == ["serve"]:
+        from serve import serve
+
+        sys.exit(serve(main))
+    sys.exit(main(sys.argv))

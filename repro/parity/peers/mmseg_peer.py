@@ -5,6 +5,7 @@ project side, writes `torch.save` dicts of tensors back.
     python mmseg_peer.py model JOB.json   # random weights, logits, loss + grads, LR schedule, SGD trajectory
     python mmseg_peer.py data JOB.json    # the training pipeline on files, recording every random draw
     python mmseg_peer.py test JOB.json    # Runner.test on a dataset folder, predictions saved as PNG
+    python mmseg_peer.py serve            # the same commands, one per stdin line (peers/serve.py)
 """
 
 from __future__ import annotations
@@ -297,8 +298,17 @@ def command_lr(job: dict) -> None:
 COMMANDS = {"lr": command_lr, "weights": command_weights, "model": command_model, "data": command_data,
             "test": command_test}
 
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[1] not in COMMANDS:
+        sys.exit(f"usage: mmseg_peer.py {{{','.join(COMMANDS)}}} JOB.json | mmseg_peer.py serve")
+    COMMANDS[argv[1]](json.loads(Path(argv[2]).read_text()))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: mmseg_peer.py {{{','.join(COMMANDS)}}} JOB.json")
     torch.set_num_threads(1)
-    COMMANDS[sys.argv[1]](json.loads(Path(sys.argv[2]).read_text()))
+    if sys.argv[1:] == ["serve"]:
+        from serve import serve
+
+        sys.exit(serve(main))
+    sys.exit(main(sys.argv))

@@ -443,4 +443,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["serve"]:  # one job per stdin line (peers/serve.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from serve import serve
+
+        sys.exit(serve(main))
     sys.exit(main(sys.argv))
