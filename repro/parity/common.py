@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,18 @@ def measured_row(
         ok = value >= tolerance if higher_is_better else value <= tolerance
     bound = (">= " if higher_is_better else "<= ") + _fmt(tolerance)
     return ParityRow(source, version, config, check, metric, _fmt(value), bound, "pass" if ok else "fail", detail)
+
+
+def row_maker(source: str, version: str) -> Callable[..., ParityRow]:
+    """`measured_row` with the source and version filled in: each source module's `_row(config, check, metric,
+    value, tolerance, detail="", higher_is_better=False)`."""
+
+    def row(config: str, check: str, metric: str, value: float, tolerance: float, detail: str = "",
+            higher_is_better: bool = False) -> ParityRow:
+        return measured_row(source=source, version=version, config=config, check=check, metric=metric, value=value,
+                            tolerance=tolerance, detail=detail, higher_is_better=higher_is_better)
+
+    return row
 
 
 def not_run_row(*, source: str, version: str, config: str, check: str, reason: str) -> ParityRow:

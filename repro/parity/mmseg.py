@@ -37,9 +37,9 @@ from repro.parity.common import (
     call_peer,
     ensure_venv,
     load_tensors,
-    measured_row,
     not_run_row,
     register_peer,
+    row_maker,
 )
 from repro.parity.fixtures import batch_with_ignored, max_abs, max_rel, write_structured_dataset
 
@@ -94,10 +94,7 @@ def peer_config_path(python: Path, name: str) -> str:
     return str(path)
 
 
-def _row(config: str, check: str, metric: str, value: float, tolerance: float, detail: str = "",
-         higher_is_better: bool = False) -> ParityRow:
-    return measured_row(source=NAME, version=VERSION, config=config, check=check, metric=metric, value=value,
-                        tolerance=tolerance, detail=detail, higher_is_better=higher_is_better)
+_row = row_maker(NAME, VERSION)
 
 
 def _our_model(cfg: ExperimentConfig) -> nn.Module:

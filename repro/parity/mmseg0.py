@@ -36,6 +36,7 @@ from repro.parity.common import (
     load_tensors,
     not_run_row,
     register_peer,
+    row_maker,
 )
 from repro.parity.fixtures import write_structured_dataset
 
@@ -66,12 +67,7 @@ def config_name_0x(name_1x: str) -> str:
     return f"{folder}/{model}_{crop}_{schedule}_{dataset}.py"
 
 
-def _row(config: str, check: str, metric: str, value: float, tolerance: float, detail: str = "",
-         higher_is_better: bool = False) -> ParityRow:
-    from repro.parity.common import measured_row
-
-    return measured_row(source=NAME, version=VERSION, config=config, check=check, metric=metric, value=value,
-                        tolerance=tolerance, detail=detail, higher_is_better=higher_is_better)
+_row = row_maker(NAME, VERSION)
 
 
 def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, quick: bool) -> list[ParityRow]:

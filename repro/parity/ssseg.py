@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,9 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import models
 from models.checkpoints import export_state_dict
-from repro.engine.config import ExperimentConfig, load_config, model_kwargs
+from repro.engine.config import ExperimentConfig, load_config
 from repro.engine.data import build_dataset
 from repro.engine.train import build_loss, build_optimizer, poly_lr
 from repro.parity.common import (
@@ -44,9 +44,12 @@ from repro.parity.common import (
     call_peer,
     ensure_venv,
     load_tensors,
-    measured_row,
     register_peer,
+    row_maker,
 )
+from repro.parity.fixtures import rel_diff as _rel
+from repro.parity.fixtures import same_shape as _same_shape
+from repro.parity.fixtures import seeded_model
 from repro.parity.ours import our_evaluation
 
 NAME = "sssegmentation"
@@ -96,43 +99,10 @@ def default_configs() -> list[Path]:
     return sorted(EXPERIMENTS.glob("ssseg_*.yaml"))
 
 
-def _row(config: str, check: str, metric: str, value: float, tolerance: float, detail: str = "", **kw) -> ParityRow:
-    return measured_row(
-        source=NAME,
-        version=VERSION,
-        config=config,
-        check=check,
-        metric=metric,
-        value=value,
-        tolerance=tolerance,
-        detail=detail,
-        **kw,
-    )
+_row = row_maker(NAME, VERSION)
 
 
 # ------------------------------------------------------------------------------------------------ weights
-
-
-def seeded_model(cfg: ExperimentConfig, seed: int = 0) -> nn.Module:
-    """The row's model with seeded random weights that exercise every tensor: conv weights scaled so the
-    activations stay O(1), BN affine and running statistics random, criss-cross gamma non-zero."""
-    kwargs = model_kwargs(cfg)
-    kwargs["pretrained_backbone"] = None
-    torch.manual_seed(seed)
-    model = models.build(**kwargs)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(0.5 + 0.5 * torch.rand(n, generator=generator))
-                module.bias.copy_(0.1 * torch.randn(n, generator=generator))
-                module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-        for name, param in model.named_parameters():
-            if name.endswith("gamma"):
-                param.fill_(0.7)
-    return model
 
 
 def name_map(model: nn.Module) -> dict[str, str]:
@@ -148,36 +118,6 @@ def _no_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout | nn.Dropout2d):
             module.p = 0.0
-
-
-def _same_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Both as float64, `a` reshaped to `b` when only the shape differs by ones (gamma: (1,) ours, 0-d
-    mmcv Scale); None when the element counts differ."""
-    a, b = a.detach().double(), b.detach().double()
-    if a.shape != b.shape:
-        if a.numel() != b.numel():
-            return None
-        a = a.reshape(b.shape)
-    return a, b
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    pair = _same_shape(a, b)
-    if pair is None:
-        return math.inf
-    a, b = pair
-    scale = b.abs().max().item()
-    diff = (a - b).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
-def _rel_norm(a: torch.Tensor, b: torch.Tensor) -> float:
-    pair = _same_shape(a, b)
-    if pair is None:
-        return math.inf
-    a, b = pair
-    scale = b.norm().item()
-    return (a - b).norm().item() / scale if scale > 0 else (a - b).norm().item()
 
 
 def make_batches(cfg: ExperimentConfig, *, steps: int, size_hw: tuple[int, int], seed: int = 0) -> dict:
@@ -226,8 +166,11 @@ def our_model_outputs(model: nn.Module, cfg: ExperimentConfig, batches: dict) ->
     return out
 
 
-def our_trajectory(model: nn.Module, cfg: ExperimentConfig, batches: dict, steps: int) -> tuple[list, list, list]:
-    """The training loop of repro.engine.train (poly LR set before the step, SGD) for `steps` steps."""
+def our_trajectory(model: nn.Module, cfg: ExperimentConfig, batches: dict, steps: int,
+                   on_step: Callable[[int, dict], None] | None = None) -> tuple[list, list, list]:
+    """The training loop of repro.engine.train (poly LR set before the step, SGD) for `steps` steps: (states
+    after each step as float32, LRs, losses). With `on_step`, each state goes to on_step(step, state) instead of
+    the list (0.3 GB per state of an R-101 model)."""
     model = copy.deepcopy(model).double()
     model.train()
     _no_dropout(model)
@@ -245,9 +188,11 @@ def our_trajectory(model: nn.Module, cfg: ExperimentConfig, batches: dict, steps
         lrs.append(lr)
         losses.append(float(loss.detach()))
         # stored as float32: its rounding (6e-8 relative) is far below TOL_WEIGHTS
-        states.append(
-            {k: v.detach().float() if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
-        )
+        state = {k: v.detach().float() if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+        if on_step is None:
+            states.append(state)
+        else:
+            on_step(step, state)
     return states, lrs, losses
 
 
@@ -470,8 +415,10 @@ def perturbed(model: nn.Module, *, relative: float, seed: int = 5) -> nn.Module:
 def trajectory_floor(model: nn.Module, cfg: ExperimentConfig, batches: dict, states: list[dict]) -> list:
     """The measured floor of check f: per step, how far our own float64 trajectory moves when the start weights
     move by PERTURBATION relative (rounding level), measured like the comparison (`trajectory_diffs`)."""
-    moved, _, _ = our_trajectory(perturbed(model, relative=PERTURBATION), cfg, batches, len(states))
-    return trajectory_diffs(states, moved)
+    spreads: list = []
+    our_trajectory(perturbed(model, relative=PERTURBATION), cfg, batches, len(states),
+                   on_step=lambda step, moved: spreads.extend(trajectory_diffs([states[step]], [moved])))
+    return spreads
 
 
 def run_model_checks(config_path: Path, python: Path, workdir: Path, *, quick: bool) -> list[ParityRow]:
@@ -839,15 +786,20 @@ def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: boo
     return rows
 
 
-def run(configs: list[Path], *, quick: bool, workdir: Path) -> list[ParityRow]:
+def run(configs: list[Path], *, quick: bool, workdir: Path,
+        on_rows: Callable[[list[ParityRow]], None] | None = None) -> list[ParityRow]:
+    """Checks d, a-c + f, e on every row of `configs`; `on_rows` receives each row's rows when complete."""
     python = ensure_venv(PEER).absolute()  # absolute, not resolved: the venv python is a symlink
     workdir = Path(workdir).resolve()
     rows: list[ParityRow] = []
     data_cache: dict = {}
     for path in configs:
         start = time.perf_counter()
-        rows += run_data_check(path, python, workdir, data_cache)
-        rows += run_model_checks(path, python, workdir, quick=quick)
-        rows += run_eval_check(path, python, workdir, quick=quick)
+        config_rows = run_data_check(path, python, workdir, data_cache)
+        config_rows += run_model_checks(path, python, workdir, quick=quick)
+        config_rows += run_eval_check(path, python, workdir, quick=quick)
         print(f"  {path.stem}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        if on_rows is not None:
+            on_rows(config_rows)
+        rows += config_rows
     return rows
