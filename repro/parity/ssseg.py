@@ -421,6 +421,23 @@ def trajectory_floor(model: nn.Module, cfg: ExperimentConfig, batches: dict, sta
     return spreads
 
 
+class StepStates:
+    """The peer's per-step state files as a sequence that reads one file at a time (each read when iterated):
+    our side never holds the five states of an R-101 model (1.4 GB) at once."""
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self):
+        return (load_tensors(Path(file)) for file in self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        return load_tensors(Path(self.files[index]))
+
+
 def run_model_checks(config_path: Path, python: Path, workdir: Path, *, quick: bool) -> list[ParityRow]:
     cfg = load_config(config_path)
     config = config_path.stem
@@ -454,12 +471,13 @@ def run_model_checks(config_path: Path, python: Path, workdir: Path, *, quick: b
         peer_run.result()
     peer = load_tensors(folder / "model_out.pt")
     trajectory = load_tensors(folder / "trajectory.pt")
+    trajectory["states"] = StepStates(trajectory.pop("state_files"))
     measured_floor = None
     if any(worst > TOL_WEIGHTS for worst, _ in trajectory_diffs(our_traj[0], trajectory["states"], names)):
         measured_floor = trajectory_floor(model, cfg, batches, our_traj[0])
     rows = model_rows(config, cfg, model, names, peer, ours, trajectory, our_traj, batches["labels"][0],
                       measured_floor)
-    for name in ("trajectory.pt", "weights.pt"):
+    for name in ("trajectory.pt", "weights.pt", *trajectory["states"].files):
         (folder / name).unlink(missing_ok=True)
     return rows
 

@@ -22,6 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mmcv_ops_standin  # noqa: E402
+from serve import command_line, no_sync_bn  # noqa: E402
 
 mmcv_ops_standin.install()
 warnings.filterwarnings("ignore")
@@ -37,18 +38,9 @@ from mmseg.utils import register_all_modules  # noqa: E402
 register_all_modules()
 
 
-def _no_sync_bn(node):
-    """SyncBN needs a process group; one process computes the same with BN."""
-    if isinstance(node, dict):
-        return {k: ("BN" if k == "type" and v == "SyncBN" else _no_sync_bn(v)) for k, v in node.items()}
-    if isinstance(node, list | tuple):
-        return type(node)(_no_sync_bn(v) for v in node)
-    return node
-
-
 def load_config(job: dict) -> Config:
     cfg = Config.fromfile(job["config_py"])
-    cfg.model = ConfigDict(_no_sync_bn(cfg.model.to_dict()))
+    cfg.model = ConfigDict(no_sync_bn(cfg.model.to_dict()))
     cfg.model.pretrained = None
     cfg.model.backbone.init_cfg = None
     for key, value in job.get("cfg_options", {}).items():
@@ -298,17 +290,6 @@ def command_lr(job: dict) -> None:
 COMMANDS = {"lr": command_lr, "weights": command_weights, "model": command_model, "data": command_data,
             "test": command_test}
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[1] not in COMMANDS:
-        sys.exit(f"usage: mmseg_peer.py {{{','.join(COMMANDS)}}} JOB.json | mmseg_peer.py serve")
-    COMMANDS[argv[1]](json.loads(Path(argv[2]).read_text()))
-    return 0
-
-
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if sys.argv[1:] == ["serve"]:
-        from serve import serve
-
-        sys.exit(serve(main))
-    sys.exit(main(sys.argv))
+    sys.exit(command_line("mmseg_peer.py", COMMANDS))

@@ -1,4 +1,5 @@
-"""The serving loop every peer script shares (runs ONLY in a peer venv; never imports the project).
+"""What the peer scripts share (runs ONLY in a peer venv; never imports the project): the serving loop, the
+`COMMAND JOB.json | serve` command line of the mmseg peers, and their SyncBN -> BN config rewrite.
 
 `python SCRIPT serve` keeps the source project imported and answers jobs: each stdin line is a JSON list of the
 arguments the script's command line takes; `main(arguments)` runs them, then one line `@@parity-done ok` (or
@@ -12,6 +13,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 DONE = "@@parity-done"
 
@@ -33,3 +35,26 @@ def serve(main: Callable[[list[str]], int | None]) -> int:
         sys.stderr.flush()
         print(f"{DONE} {result}", flush=True)
     return 0
+
+
+def command_line(script: str, commands: dict[str, Callable[[dict], None]], argv: list[str] | None = None) -> int:
+    """`script COMMAND JOB.json` (the job a JSON file) or `script serve` (such arguments, one job per line)."""
+
+    def main(args: list[str]) -> int:
+        if len(args) != 3 or args[1] not in commands:
+            sys.exit(f"usage: {script} {{{','.join(commands)}}} JOB.json | {script} serve")
+        commands[args[1]](json.loads(Path(args[2]).read_text()))
+        return 0
+
+    argv = sys.argv if argv is None else argv
+    return serve(main) if argv[1:] == ["serve"] else main(argv)
+
+
+def no_sync_bn(node):
+    """A config tree with every SyncBN norm as BN: SyncBN needs a process group; one process computes the same
+    batch statistics with BN."""
+    if isinstance(node, dict):
+        return {k: ("BN" if k == "type" and v == "SyncBN" else no_sync_bn(v)) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return type(node)(no_sync_bn(v) for v in node)
+    return node
