@@ -11,6 +11,8 @@ process serving all its rows (`common.PeerServer`).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import inspect
 import multiprocessing
 import os
@@ -133,8 +135,19 @@ def _write_rows(target: Path) -> Callable[[list[ParityRow]], None]:
             merge_rows(target, rows)
         except (OSError, CsvFormatError) as err:  # reported once more, with exit 5, at the end
             print(f"warning: cannot write {target}: {err}", file=sys.stderr)
+        release_memory()  # a config's models are gone: hand their heap back before the next one
 
     return write
+
+
+def release_memory() -> None:
+    """gc, then glibc's malloc_trim: freed tensors under glibc's raised mmap threshold otherwise stay in this
+    process's heap (GBs after a few R-101 rows, with the peers beside it)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _run_named(name: str, configs: list[Path], quick: bool, workdir: Path, target: Path) -> tuple[list, float]:

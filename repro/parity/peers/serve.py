@@ -9,6 +9,8 @@ arguments the script's command line takes; `main(arguments)` runs them, then one
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import sys
 import traceback
@@ -32,9 +34,20 @@ def serve(main: Callable[[list[str]], int | None]) -> int:
         except Exception as err:  # noqa: BLE001 - reported to the project side, the server keeps serving
             traceback.print_exc()
             result = f"error: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        release_memory()
         sys.stderr.flush()
         print(f"{DONE} {result}", flush=True)
     return 0
+
+
+def release_memory() -> None:
+    """Give the freed heap back to the system between jobs: glibc keeps freed blocks under its (dynamically
+    raised) mmap threshold, and a server that built 20 R-101 models held 4.5 GB it no longer used."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def command_line(script: str, commands: dict[str, Callable[[dict], None]], argv: list[str] | None = None) -> int:
