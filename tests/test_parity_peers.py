@@ -422,3 +422,15 @@ def test_trajectory_floor_is_zero_without_a_perturbation_and_grows_with_one(smal
     moved = ssseg.perturbed(model, relative=1e-6)
     (spread, _), = ssseg.trajectory_diffs(states, ssseg.our_trajectory(moved, cfg, batches, 1)[0])
     assert 1e-8 < spread < 1.0  # grows: one step of this random network amplifies it about 4000x
+
+
+def test_peer_step_states_are_read_one_file_at_a_time(tmp_path):
+    files = []
+    for step in range(3):
+        files.append(str(tmp_path / f"trajectory.pt.step{step + 1}"))
+        torch.save({"w": torch.full((2,), float(step))}, files[-1])
+    states = ssseg.StepStates(files)
+    assert len(states) == 3 and states[2]["w"].tolist() == [2.0, 2.0]
+    assert [state["w"][0].item() for state in states] == [0.0, 1.0, 2.0]
+    ours = [{"w": torch.full((2,), float(step))} for step in range(3)]
+    assert [worst for worst, _ in ssseg.trajectory_diffs(ours, states)] == [0.0, 0.0, 0.0]
