@@ -163,6 +163,8 @@ def main(argv):
         raise ValueError("no such config")
     elif command == "sleep":
         time.sleep(30)
+    elif command == "die":
+        os._exit(3)
     return 0
 if sys.argv[1:] == ["serve"]:
     sys.exit(serve(main))
@@ -183,6 +185,9 @@ def test_peer_server_answers_many_jobs_from_one_process(tmp_path):
             server.call("sleep", timeout=1)
         restarted = server.call("pid", timeout=60)  # a timed-out server is replaced
         assert restarted[-1].startswith("pid ") and restarted != first
+        with pytest.raises(PeerUnavailable, match="exited with status 3"):
+            server.call("die", timeout=60)
+        assert server.call("pid", timeout=60)[-1].startswith("pid ")
 
 
 def _fake_source(name: str, behaviour: str) -> types.ModuleType:

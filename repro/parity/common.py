@@ -278,8 +278,12 @@ class PeerServer:
                     raise PeerUnavailable(f"{self.script.name} {args[0] if args else ''} ran over "
                                           f"{timeout:.0f} s") from None
                 if line is None:
+                    status = process.wait()
                     self.close()
-                    raise PeerUnavailable(f"{self.script.name} exited: {_tail(chr(10).join(output))}")
+                    how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+                    if status == -9:
+                        how += " (SIGKILL: the kernel's out-of-memory killer, or a user)"
+                    raise PeerUnavailable(f"{self.script.name} {how}: {_tail(chr(10).join(output))}")
                 if line.startswith(SERVE_DONE):
                     status = line[len(SERVE_DONE):].strip()
                     if status != "ok":
