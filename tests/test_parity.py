@@ -121,6 +121,17 @@ def test_venv_is_built_once_and_rebuilt_when_requirements_change(tmp_path, fake_
     assert log.read_text().splitlines()[2:] == [common.TORCH_SPEC, "demo==1.0 extra"]
 
 
+def test_a_moved_venv_is_reused(tmp_path, fake_python):
+    """The venvs of one checkout moved under another folder (its worktree renamed, a CI cache restored
+    elsewhere) are reused as they are: the marker records the requirements, not the folder."""
+    script, log = fake_python
+    peer = Peer("demo", "1.0", ("demo==1.0",), python=str(script))
+    ensure_venv(peer, tmp_path / "old")
+    (tmp_path / "old").rename(tmp_path / "new")
+    assert ensure_venv(peer, tmp_path / "new") == (tmp_path / "new" / peer.key / "bin" / "python").absolute()
+    assert len(log.read_text().splitlines()) == 2  # torch and the requirements, once: no rebuild
+
+
 def test_failed_install_leaves_no_marker_and_names_pips_error(tmp_path, fake_python):
     script, _ = fake_python
     peer = Peer("demo", "2.0", ("broken",), python=str(script))
@@ -138,6 +149,45 @@ def test_run_peer_failure_carries_the_stderr_tail(tmp_path):
     ok = tmp_path / "ok.py"
     ok.write_text("import os\nprint(os.environ.get('PYTHONPATH', 'unset'))\n")
     assert run_peer(Path(sys.executable), ok, cwd=tmp_path, timeout=60).stdout.strip() == "unset"
+
+
+SERVING_PEER = """\
+import os, sys, time
+sys.path.insert(0, {peers!r})
+from serve import serve
+def main(argv):
+    command = argv[1]
+    if command == "pid":
+        print("pid", os.getpid(), os.environ.get("PYTHONPATH", "unset"))
+    elif command == "fail":
+        raise ValueError("no such config")
+    elif command == "sleep":
+        time.sleep(30)
+    elif command == "die":
+        os._exit(3)
+    return 0
+if sys.argv[1:] == ["serve"]:
+    sys.exit(serve(main))
+"""
+
+
+def test_peer_server_answers_many_jobs_from_one_process(tmp_path):
+    script = tmp_path / "peer.py"
+    script.write_text(SERVING_PEER.format(peers=str(common.PEERS_DIR)))
+    with common.PeerServer(Path(sys.executable), script, cwd=tmp_path) as server:
+        first = server.call("pid", timeout=60)
+        assert first[-1].startswith("pid ") and first[-1].endswith(" unset")  # no PYTHONPATH for a peer
+        assert server.call("pid", timeout=60) == first  # the same process
+        with pytest.raises(PeerUnavailable, match="ValueError: no such config"):
+            server.call("fail", timeout=60)
+        assert server.call("pid", timeout=60) == first  # a failed job leaves the server serving
+        with pytest.raises(PeerUnavailable, match="ran over 1 s"):
+            server.call("sleep", timeout=1)
+        restarted = server.call("pid", timeout=60)  # a timed-out server is replaced
+        assert restarted[-1].startswith("pid ") and restarted != first
+        with pytest.raises(PeerUnavailable, match="exited with status 3"):
+            server.call("die", timeout=60)
+        assert server.call("pid", timeout=60)[-1].startswith("pid ")
 
 
 def _fake_source(name: str, behaviour: str) -> types.ModuleType:
@@ -172,6 +222,18 @@ def test_cli_unavailable_peer_gives_not_run_rows_and_strict_fails(tmp_path, monk
     assert len(pd.read_csv(out / "parity.csv")) == 4  # the quick row replaced row_a's, the others kept
     assert cli.main([*args, "--configs", "nothing"]) == 2
     assert "no source has an experiment named" in capsys.readouterr().err
+
+
+def test_cli_runs_sources_in_parallel_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "SOURCES", {"good": _fake_source("good", "pass"),
+                                         "gone": _fake_source("gone", "unavailable")})
+    out = tmp_path / "results"
+    args = ["--out", str(out), "--workdir", str(tmp_path / "work")]
+    assert cli.main([*args, "--jobs", "2"]) == 0
+    frame = pd.read_csv(out / "parity.csv", dtype=str, keep_default_na=False)
+    assert sorted(zip(frame["source"], frame["config"])) == [("gone", "row_a"), ("gone", "row_b"),
+                                                             ("good", "row_a"), ("good", "row_b")]
+    assert cli.main([*args, "--jobs", "0"]) == 2
 
 
 def test_cli_failed_check_exits_1(tmp_path, monkeypatch):

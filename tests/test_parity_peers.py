@@ -392,3 +392,45 @@ def test_paddle_schedule_and_loss_rows_on_fake_peer_outputs(paddle_row):
     rows = {r.metric: r for r in paddleseg.loss_rows("x", cfg, peer, logits, logits, labels)}
     assert "paddlepaddle 3.x" in rows["aux_ce_rel_diff"].verdict
     assert "paddlepaddle 3.x" in rows["ohem_decode_loss"].verdict
+
+
+def test_trajectory_tolerance_follows_a_measured_floor(small_row):
+    """A step past 1e-6 passes only when the measured floor (our own trajectory's spread under a rounding-level
+    perturbation) says such a difference is rounding, amplified: the row states the floor and its tensor."""
+    cfg, model, names = small_row
+    ours, peer, batches = _fake_model_outputs(model, cfg, names)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    theirs = {names[k]: v.clone().reshape(()) if k.endswith("gamma") else v.clone() for k, v in state.items()}
+    theirs[names["backbone.stem.0.weight"]] = state["backbone.stem.0.weight"] * (1 + 1e-4)
+    trajectory = {"states": [theirs], "lr": [0.01], "loss": [1.0]}
+    args = ("ssseg_voc_r50_d8", cfg, model, names, peer, ours, trajectory, ([state], [0.01], [1.0]),
+            batches["labels"][0])
+    (plain,) = [r for r in ssseg.model_rows(*args) if r.check == "f_train"]
+    assert plain.verdict == "fail" and "measured floor" not in plain.detail
+    (wide,) = [r for r in ssseg.model_rows(*args, [(2e-5, "backbone.stem.0.weight")]) if r.check == "f_train"]
+    assert wide.verdict == "pass" and wide.tolerance == "<= 0.0002" and "measured floor" in wide.detail
+    (narrow,) = [r for r in ssseg.model_rows(*args, [(1e-7, "x")]) if r.check == "f_train"]
+    assert narrow.verdict == "fail" and narrow.tolerance == "<= 1e-06"
+
+
+def test_trajectory_floor_is_zero_without_a_perturbation_and_grows_with_one(small_row):
+    cfg, model, _ = small_row
+    batches = ssseg.make_batches(cfg, steps=1, size_hw=(17, 21))
+    states, _, _ = ssseg.our_trajectory(model, cfg, batches, 1)
+    again, _, _ = ssseg.our_trajectory(model, cfg, batches, 1)
+    assert ssseg.trajectory_diffs(states, again)[0][0] == 0.0  # deterministic: the floor measures the input
+    moved = ssseg.perturbed(model, relative=1e-6)
+    (spread, _), = ssseg.trajectory_diffs(states, ssseg.our_trajectory(moved, cfg, batches, 1)[0])
+    assert 1e-8 < spread < 1.0  # grows: one step of this random network amplifies it about 4000x
+
+
+def test_peer_step_states_are_read_one_file_at_a_time(tmp_path):
+    files = []
+    for step in range(3):
+        files.append(str(tmp_path / f"trajectory.pt.step{step + 1}"))
+        torch.save({"w": torch.full((2,), float(step))}, files[-1])
+    states = ssseg.StepStates(files)
+    assert len(states) == 3 and states[2]["w"].tolist() == [2.0, 2.0]
+    assert [state["w"][0].item() for state in states] == [0.0, 1.0, 2.0]
+    ours = [{"w": torch.full((2,), float(step))} for step in range(3)]
+    assert [worst for worst, _ in ssseg.trajectory_diffs(ours, states)] == [0.0, 0.0, 0.0]

@@ -1,25 +1,41 @@
-"""`python -m repro.parity [--quick] [--strict] [--sources S ...] [--configs NAME ...] [--out results]`.
+"""`python -m repro.parity [--quick] [--strict] [--sources S ...] [--configs NAME ...] [--out results] [--jobs N]`.
 
 Runs every registered source's checks on its experiment rows and writes `results/parity.csv` atomically: the
 rows of the (source, config) pairs run this time replace their old rows, every other row is kept. Exit 0 when no
 row failed; 1 when one did (`--strict`: also when one did not run); 2 for bad arguments; 5 when the CSV cannot
-be written. A peer that cannot install gives `not run: <reason>` rows, never a skipped row.
+be written. A peer that cannot install gives `not run: <reason>` rows, never a skipped row. Sources run in
+parallel (`--jobs`, default 2: one process per source, heaviest first); each source's peer is one long-lived
+process serving all its rows (`common.PeerServer`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import inspect
+import multiprocessing
+import os
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
 from repro.io import CsvFormatError, locked, read_csv_rows, write_csv_atomic
 from repro.parity import mmseg, mmseg0, paddleseg, ssseg
-from repro.parity.common import COLUMNS, DEFAULT_ROOT, PEERS, ParityRow, PeerUnavailable, ensure_venv, not_run_row
+from repro.parity.common import (
+    COLUMNS,
+    DEFAULT_ROOT,
+    PEERS,
+    ParityRow,
+    PeerUnavailable,
+    close_peers,
+    ensure_venv,
+    not_run_row,
+)
 
 # source name -> module with NAME, VERSION, default_configs(), QUICK_CONFIG, run(configs, *, quick, workdir)
 SOURCES: dict[str, ModuleType] = {
@@ -67,6 +83,8 @@ def run_source(module: ModuleType, configs: list[Path], *, quick: bool, workdir:
         traceback.print_exc()
         return [ParityRow(module.NAME, module.VERSION, path.stem, "all", "", "", "", "fail",
                           f"{type(err).__name__}: {err}"[:300]) for path in configs]
+    finally:
+        close_peers()  # the source's peer servers (common.call_peer)
 
 
 def merge_rows(path: Path, rows: list[ParityRow]) -> list[dict[str, str]]:
@@ -103,7 +121,45 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default results)")
     parser.add_argument("--workdir", type=Path, default=Path(".nox") / "parity-work",
                         help="scratch folder for fixtures and peer outputs (default .nox/parity-work)")
-    return parser.parse_args(argv)
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="sources run in parallel, one process each (default: 2, or 1 on one core)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: expected 1 or more")
+    return args
+
+
+def _write_rows(target: Path) -> Callable[[list[ParityRow]], None]:
+    def write(rows: list[ParityRow]) -> None:
+        try:
+            merge_rows(target, rows)
+        except (OSError, CsvFormatError) as err:  # reported once more, with exit 5, at the end
+            print(f"warning: cannot write {target}: {err}", file=sys.stderr)
+        release_memory()  # a config's models are gone: hand their heap back before the next one
+
+    return write
+
+
+def release_memory() -> None:
+    """gc, then glibc's malloc_trim: freed tensors under glibc's raised mmap threshold otherwise stay in this
+    process's heap (GBs after a few R-101 rows, with the peers beside it)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _run_named(name: str, configs: list[Path], quick: bool, workdir: Path, target: Path) -> tuple[list, float]:
+    """One source's rows and its wall time; each config's rows are merged into `target` as they complete (the
+    CSV's lock serialises the sources' writes)."""
+    start = time.perf_counter()
+    rows = run_source(SOURCES[name], configs, quick=quick, workdir=workdir, on_rows=_write_rows(target))
+    return rows, time.perf_counter() - start
+
+
+# Heaviest first, so that the pool's workers end close together.
+COST_ORDER = ("mmseg", "sssegmentation", "mmseg0", "paddleseg")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,35 +167,38 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse_args(argv)
     except SystemExit as err:
         return int(err.code or 0)
+    target = args.out / CSV_NAME
+    work = [(name, configs) for name in args.sources
+            if (configs := select_configs(SOURCES[name], args.configs, quick=args.quick))]
+    work.sort(key=lambda item: COST_ORDER.index(item[0]) if item[0] in COST_ORDER else len(COST_ORDER))
+    jobs = min(args.jobs, len(work))
+    results: dict[str, tuple[list, float]] = {}
+    if jobs > 1:
+        # Sources in parallel, one process each (forked: a peer's own model code never enters this process).
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {name: pool.submit(_run_named, name, configs, args.quick, args.workdir / name, target)
+                       for name, configs in work}
+            for name, future in futures.items():
+                results[name] = future.result()
+    else:
+        for name, configs in work:
+            results[name] = _run_named(name, configs, args.quick, args.workdir / name, target)
     all_rows: list[ParityRow] = []
-    for name in args.sources:
-        module = SOURCES[name]
-        configs = select_configs(module, args.configs, quick=args.quick)
-        if not configs:
-            continue
-        start = time.perf_counter()
-        target = args.out / CSV_NAME
-
-        def write(rows: list[ParityRow], target: Path = target) -> None:
-            try:
-                merge_rows(target, rows)
-            except (OSError, CsvFormatError) as err:  # reported once more, with exit 5, at the end
-                print(f"warning: cannot write {target}: {err}", file=sys.stderr)
-
-        rows = run_source(module, configs, quick=args.quick, workdir=args.workdir / name, on_rows=write)
+    for name, configs in work:
+        module, (rows, seconds) = SOURCES[name], results[name]
         all_rows += rows
         bad = [row for row in rows if row.verdict != "pass"]
         print(f"{name} {module.VERSION}: {len(rows)} rows, {len(rows) - len(bad)} pass, "
               f"{sum(row.verdict == 'fail' for row in rows)} fail, "
               f"{sum(row.verdict.startswith('not run') for row in rows)} not run "
-              f"({time.perf_counter() - start:.0f} s)")
+              f"({seconds:.0f} s, {len(configs)} experiment rows)")
         for row in bad:
             print(f"  {row.config} {row.check} {row.metric}: {row.value} ({row.tolerance}) {row.verdict} "
                   f"{row.detail}", file=sys.stderr)
     if args.configs and not all_rows:
         print(f"error: no source has an experiment named {args.configs}", file=sys.stderr)
         return 2
-    target = args.out / CSV_NAME
     try:
         merge_rows(target, all_rows)
     except (OSError, CsvFormatError) as err:

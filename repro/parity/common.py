@@ -9,12 +9,17 @@ anything but tensors and containers).
 
 from __future__ import annotations
 
+import atexit
+import json
 import math
 import os
+import queue
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +84,18 @@ def measured_row(
         ok = value >= tolerance if higher_is_better else value <= tolerance
     bound = (">= " if higher_is_better else "<= ") + _fmt(tolerance)
     return ParityRow(source, version, config, check, metric, _fmt(value), bound, "pass" if ok else "fail", detail)
+
+
+def row_maker(source: str, version: str) -> Callable[..., ParityRow]:
+    """`measured_row` with the source and version filled in: each source module's `_row(config, check, metric,
+    value, tolerance, detail="", higher_is_better=False)`."""
+
+    def row(config: str, check: str, metric: str, value: float, tolerance: float, detail: str = "",
+            higher_is_better: bool = False) -> ParityRow:
+        return measured_row(source=source, version=version, config=config, check=check, metric=metric, value=value,
+                            tolerance=tolerance, detail=detail, higher_is_better=higher_is_better)
+
+    return row
 
 
 def not_run_row(*, source: str, version: str, config: str, check: str, reason: str) -> ParityRow:
@@ -182,9 +199,7 @@ def run_peer(
 ) -> subprocess.CompletedProcess:
     """Run `script` with the peer's `python` (one thread, no access to the project's packages: PYTHONPATH is
     cleared so the peer never sees `repro`/`models`). PeerUnavailable with the stderr tail on failure."""
-    environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
-    environment.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"})
-    environment.update(env or {})
+    environment = _peer_environment(env)
     command = [str(python), str(script), *map(str, args)]
     try:
         done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment)
@@ -195,6 +210,131 @@ def run_peer(
     if done.returncode != 0:
         raise PeerUnavailable(f"{Path(script).name} exited {done.returncode}: {_tail(done.stderr or done.stdout)}")
     return done
+
+
+SERVE_DONE = "@@parity-done"  # the line a serving peer prints after each job: "@@parity-done ok" or "... error: MSG"
+
+
+def _peer_environment(env: Mapping[str, str] | None) -> dict[str, str]:
+    environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    environment.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"})
+    environment.update(env or {})
+    return environment
+
+
+class PeerServer:
+    """One long-lived peer process that answers many jobs: `python SCRIPT serve` reads one JSON list of
+    arguments per stdin line, runs them as its command line would (`peers/serve.py`), and prints `SERVE_DONE ok`
+    (or `SERVE_DONE error: ...`) when done. The peer imports its source project (mmseg: 3 s of CPU, 10+ s on a
+    loaded machine) once per source instead of once per check. The same environment as `run_peer` (one thread,
+    no PYTHONPATH). A job that fails or runs over its timeout raises PeerUnavailable with the output's tail; a
+    timed-out or dead process is replaced by a fresh one at the next call. Calls are serialised (a lock), so
+    threads may share a server."""
+
+    def __init__(self, python: Path, script: Path, *, cwd: Path, env: Mapping[str, str] | None = None) -> None:
+        self.python, self.script, self.cwd, self.env = Path(python), Path(script), Path(cwd), env
+        self._process: subprocess.Popen | None = None
+        self._lines: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen:
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        try:
+            process = subprocess.Popen(
+                [str(self.python), str(self.script), "serve"], cwd=self.cwd, env=_peer_environment(self.env),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        except OSError as err:
+            raise PeerUnavailable(f"cannot start {self.python}: {err}") from None
+        lines: queue.Queue = queue.Queue()
+
+        def pump() -> None:  # stdout and stderr, line by line, until the process ends (then None)
+            for line in process.stdout:
+                lines.put(line.rstrip("\n"))
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        self._process, self._lines = process, lines
+        return process
+
+    def call(self, *args: Any, timeout: float) -> list[str]:
+        """Run one job (the script's command-line arguments); returns the lines it printed."""
+        with self._lock:
+            process = self._process
+            if process is None or process.poll() is not None:
+                process = self._start()
+            try:
+                process.stdin.write(json.dumps([str(a) for a in args]) + "\n")
+                process.stdin.flush()
+            except OSError as err:
+                self.close()
+                raise PeerUnavailable(f"{self.script.name} is not answering: {err}") from None
+            deadline = time.monotonic() + timeout
+            output: list[str] = []
+            while True:
+                try:
+                    line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    self.close()
+                    raise PeerUnavailable(f"{self.script.name} {args[0] if args else ''} ran over "
+                                          f"{timeout:.0f} s") from None
+                if line is None:
+                    status = process.wait()
+                    self.close()
+                    how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+                    if status == -9:
+                        how += " (SIGKILL: the kernel's out-of-memory killer, or a user)"
+                    raise PeerUnavailable(f"{self.script.name} {how}: {_tail(chr(10).join(output))}")
+                if line.startswith(SERVE_DONE):
+                    status = line[len(SERVE_DONE):].strip()
+                    if status != "ok":
+                        raise PeerUnavailable(f"{self.script.name} {status}: {_tail(chr(10).join(output))}")
+                    return output
+                output.append(line)
+
+    def close(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            try:
+                process.stdin.close()
+                process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> PeerServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_SERVERS: dict[tuple[str, str], PeerServer] = {}
+_SERVERS_LOCK = threading.Lock()
+
+
+def call_peer(python: Path, script: Path, *args: Any, cwd: Path, timeout: float) -> list[str]:
+    """`run_peer` through the one PeerServer of (python, script) in this process, started at the first call
+    (in `cwd`; every job names its files by absolute path). `close_peers` ends them all."""
+    key = (str(python), str(script))
+    with _SERVERS_LOCK:
+        server = _SERVERS.get(key)
+        if server is None:
+            server = _SERVERS[key] = PeerServer(python, script, cwd=cwd)
+    return server.call(*args, timeout=timeout)
+
+
+def close_peers() -> None:
+    """End every peer server of this process (a source's `run` calls it when done; also at exit)."""
+    with _SERVERS_LOCK:
+        servers = list(_SERVERS.values())
+        _SERVERS.clear()
+    for server in servers:
+        server.close()
+
+
+atexit.register(close_peers)
 
 
 def load_tensors(path: Path) -> dict[str, Any]:

@@ -3,12 +3,16 @@ pixels, and the comparison measures every source module uses."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
+import models
+from repro.engine.config import ExperimentConfig, model_kwargs
 from repro.engine.data import cityscapes
 
 # Odd, non-square sizes (H, W): windows, strides and ratio rescales hit remainders.
@@ -124,3 +128,48 @@ def max_abs(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     if ours.shape != theirs.shape:
         raise ValueError(f"shapes differ: ours {tuple(ours.shape)}, theirs {tuple(theirs.shape)}")
     return (ours.double() - theirs.double()).abs().max().item() if ours.numel() else 0.0
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Both as float64, `a` reshaped to `b` when only the shape differs by ones (gamma: (1,) ours, 0-d
+    mmcv Scale); None when the element counts differ."""
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        if a.numel() != b.numel():
+            return None
+        a = a.reshape(b.shape)
+    return a, b
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (the difference itself when b is 0; inf when the element counts differ), with
+    `same_shape`'s reshape (max_rel requires equal shapes)."""
+    pair = same_shape(a, b)
+    if pair is None:
+        return math.inf
+    a, b = pair
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def seeded_model(cfg: ExperimentConfig, seed: int = 0) -> nn.Module:
+    """The row's model with seeded random weights that exercise every tensor: conv weights scaled so the
+    activations stay O(1), BN affine and running statistics random, criss-cross gamma non-zero."""
+    kwargs = model_kwargs(cfg)
+    kwargs["pretrained_backbone"] = None
+    torch.manual_seed(seed)
+    model = models.build(**kwargs)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(0.5 + 0.5 * torch.rand(n, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(n, generator=generator))
+                module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.fill_(0.7)
+    return model

@@ -17,6 +17,7 @@ import json
 import re
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -33,12 +34,12 @@ from repro.parity.common import (
     ParityRow,
     Peer,
     PeerUnavailable,
+    call_peer,
     ensure_venv,
     load_tensors,
-    measured_row,
     not_run_row,
     register_peer,
-    run_peer,
+    row_maker,
 )
 from repro.parity.fixtures import batch_with_ignored, max_abs, max_rel, write_structured_dataset
 
@@ -93,10 +94,7 @@ def peer_config_path(python: Path, name: str) -> str:
     return str(path)
 
 
-def _row(config: str, check: str, metric: str, value: float, tolerance: float, detail: str = "",
-         higher_is_better: bool = False) -> ParityRow:
-    return measured_row(source=NAME, version=VERSION, config=config, check=check, metric=metric, value=value,
-                        tolerance=tolerance, detail=detail, higher_is_better=higher_is_better)
+_row = row_maker(NAME, VERSION)
 
 
 def _our_model(cfg: ExperimentConfig) -> nn.Module:
@@ -136,94 +134,122 @@ def check_model(row: Row, python: Path, work: Path, *, quick: bool) -> list[Pari
     job = {"config_py": peer_config_path(python, row.mmseg_config), "seed": SEED, "out": str(work),
            "batch": str(work / "batch.pt"), "steps": str(work / "steps.pt")}
     (work / "model.json").write_text(json.dumps(job))
-    run_peer(python, SCRIPT, "model", work / "model.json", cwd=work, timeout=900)
-    peer = load_tensors(work / "model.pt")
+    # The weights first (mmseg's init: a second), then mmseg's checks in the peer while ours run here (two
+    # processes, the two cores).
+    call_peer(python, SCRIPT, "weights", work / "model.json", cwd=work, timeout=600)
     state = load_tensors(work / "state.pt")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        peer_run = pool.submit(call_peer, python, SCRIPT, "model", work / "model.json", cwd=work, timeout=900)
+        try:
+            ours = _our_side(cfg, state, images, labels, steps)
+        finally:
+            peer_run.result()
+    peer = load_tensors(work / "model.pt")
     rows: list[ParityRow] = []
 
     # a. the same weights through our import; decode and aux logits in eval and train mode.
-    model = _our_model(cfg)
-    report = _import(model, state)
+    report = ours["import"]
     rows.append(_row(name, "a_import", "missing+unexpected keys", len(report.missing) + len(report.unexpected), 0,
                      f"{len(report.loaded)} tensors loaded from mmseg's state dict"))
-    model.eval()
-    with torch.no_grad():
-        ours = _head_logits(model, images)
     for head in ("decode", "aux"):
-        rows.append(_row(name, "a_logits", f"{head} eval max rel diff", max_rel(ours[head], peer["eval"][head]),
-                         TOL_LOGITS, f"input {tuple(images.shape)}"))
-    trained = _our_model(cfg)
-    _import(trained, state)
-    _dropout_off(trained)
-    trained.train()
-    with torch.no_grad():
-        ours = _head_logits(trained, images)
+        rows.append(_row(name, "a_logits", f"{head} eval max rel diff", max_rel(ours["eval"][head],
+                         peer["eval"][head]), TOL_LOGITS, f"input {tuple(images.shape)}"))
     for head in ("decode", "aux"):
-        rows.append(_row(name, "a_logits", f"{head} train max rel diff", max_rel(ours[head], peer["train"][head]),
-                         TOL_LOGITS, "batch statistics, dropout off"))
+        rows.append(_row(name, "a_logits", f"{head} train max rel diff", max_rel(ours["train"][head],
+                         peer["train"][head]), TOL_LOGITS, "batch statistics, dropout off"))
 
     # b. loss and gradients with ignored pixels, both sides in float64: in fp32 a gradient that is 0 in exact
     # arithmetic (the key conv's bias shifts a softmax row by a constant; a bias before a train-mode norm) is
     # rounding noise, and 1e-7 differences grow chaotically through f's steps from random weights (measured:
     # fp32 runs of ours from weights 2e-7 apart differ by 8e-2 relative after 5 steps), so fp32 could neither
     # show nor hide a recipe difference at the 1e-5 level.
-    trained = _our_model(cfg).double()
-    _import(trained, state)
-    _dropout_off(trained)
-    trained.train()
-    criterion = build_loss(cfg.train, ignore_index=ignore)
-    parts = criterion.parts(trained(images.double()), labels)
-    parts["total"].backward()
-    theirs = peer["loss"]
+    parts, theirs = ours["loss"], peer["loss"]
     ignored = float((labels == ignore).float().mean())
     rows.append(_row(name, "b_loss", "decode loss rel diff",
-                     abs(parts["decode"].item() - theirs["decode.loss_ce"].item()) / theirs["decode.loss_ce"].item(),
-                     TOL_LOSS, f"{ignored:.1%} pixels ignored; ours {parts['decode'].item():.6f}; mmseg divides the "
+                     abs(parts["decode"] - theirs["decode.loss_ce"].item()) / theirs["decode.loss_ce"].item(),
+                     TOL_LOSS, f"{ignored:.1%} pixels ignored; ours {parts['decode']:.6f}; mmseg divides the "
                      "summed loss by numel + float32 eps (losses/utils.py weight_reduce_loss), 2.6e-11 relative"))
     rows.append(_row(name, "b_loss", "aux loss rel diff (x aux_weight)",
-                     abs(cfg.train.aux_weight * parts["aux"].item() - theirs["aux.loss_ce"].item())
+                     abs(cfg.train.aux_weight * parts["aux"] - theirs["aux.loss_ce"].item())
                      / theirs["aux.loss_ce"].item(), TOL_LOSS, f"aux_weight {cfg.train.aux_weight}"))
     grads = _our_model(cfg).double()
     grad_report = _import(grads, {**state, **peer["grads"]})
-    ours_grads = dict(trained.named_parameters())
+    ours_grads = ours["grads"]
     worst, worst_name = 0.0, ""
     theirs_grads = dict(grads.named_parameters())
     # A gradient that is 0 in exact arithmetic (the key conv's bias in a softmax row; the non-local g conv's bias
     # before a train-mode norm) is fp64 rounding noise on both sides, ~1e-15 of the largest gradient after sums
     # over 1e5 terms: measure every tensor against at least 1e-7 x the largest gradient (the transported
     # gradients are float32, 6e-8 relative).
-    floor = 1e-7 * max(p.grad.abs().max().item() for p in ours_grads.values())
-    for key, param in ours_grads.items():
-        diff = max_rel(param.grad, theirs_grads[key].detach(), floor=floor)
+    floor = 1e-7 * max(g.abs().max().item() for g in ours_grads.values())
+    for key, grad in ours_grads.items():
+        diff = max_rel(grad, theirs_grads[key].detach(), floor=floor)
         if diff > worst:
             worst, worst_name = diff, key
     rows.append(_row(name, "b_grads", "max rel diff over parameters (fp64)", worst, TOL_GRAD,
                      f"{len(ours_grads)} parameters, worst {worst_name}; peer gave {len(peer['grads'])} grads "
                      f"({len(grad_report.loaded)} tensors mapped)"))
+    del grads, theirs_grads
     if cfg.train.loss == "ohem":
         rows.append(not_run_row(source=NAME, version=VERSION, config=name, check="b_ohem",
                                 reason="mmseg rows do not use OHEM"))
 
     # c. parameter groups (the learning rate schedule is check_lr, per row).
-    optimizer = build_optimizer(trained, cfg.train)
-    ours_groups = [{k: float(g[k]) for k in ("lr", "momentum", "weight_decay", "dampening")}
-                   | {"nesterov": bool(g["nesterov"]), "params": len(g["params"])} for g in optimizer.param_groups]
-    same = ours_groups == peer["groups"] and type(optimizer).__name__ == peer["optimizer"]
+    ours_groups = ours["groups"]
+    same = ours_groups == peer["groups"] and ours["optimizer"] == peer["optimizer"]
     rows.append(_row(name, "c_groups", "param groups differing", 0 if same else 1, 0,
                      f"ours {ours_groups} vs mmseg {peer['optimizer']} {peer['groups']}: one group, the same "
                      "weight decay for every parameter kind (norms and biases included)"))
 
-    # f. five SGD steps from the same weights on the same batches, in float64 (see b); each step compared as it
-    # is taken (one model, its optimizer and one reference in memory, not five state dicts).
-    del trained, grads, model
+    # f. five SGD steps from the same weights on the same batches, in float64 (see b); each of mmseg's steps
+    # against ours (kept as float32 state dicts, 6e-8 relative).
     per_step = []
     reference = _our_model(cfg).double()
-    for step, ours_state in enumerate(_trajectory(cfg, state, steps, criterion)):
-        _import(reference, load_tensors(work / f"step{step + 1}.pt"))
+    for step, ours_state in enumerate(ours["trajectory"]):
+        step_file = work / f"step{step + 1}.pt"
+        _import(reference, load_tensors(step_file))
         per_step.append(_worst_rel(ours_state, reference.state_dict()))
+        step_file.unlink()  # 0.3 GB each for R-101: compared, not kept
+    (work / "model.pt").unlink()
     rows.append(_row(name, "f_trajectory", "max rel weight diff over 5 steps (fp64)", max(v for v, _ in per_step),
                      TOL_WEIGHTS, "per step " + ", ".join(f"{v:.1e} ({k})" for v, k in per_step)))
     return rows
+
+
+def _our_side(cfg: ExperimentConfig, state: dict, images: torch.Tensor, labels: torch.Tensor,
+              steps: list) -> dict:
+    """Everything check_model compares, computed on our model from mmseg's weights: the import report, eval and
+    train-mode head logits, the float64 loss parts and gradients, the parameter groups and the five-step
+    trajectory (float32 copies of each step's state)."""
+    model = _our_model(cfg)
+    out: dict = {"import": _import(model, state)}
+    model.eval()
+    with torch.no_grad():
+        out["eval"] = _head_logits(model, images)
+    _dropout_off(model)
+    model.train()
+    with torch.no_grad():
+        out["train"] = _head_logits(model, images)
+    # Train mode in float64 (the same module, converted: no second construction); the no_grad forward above
+    # moved the BN running statistics, so the weights are imported again.
+    trained = model.double()
+    _import(trained, state)
+    criterion = build_loss(cfg.train, ignore_index=cfg.data.ignore_index)
+    parts = criterion.parts(trained(images.double()), labels)
+    parts["total"].backward()
+    out["loss"] = {k: float(v.detach()) for k, v in parts.items()}
+    # float32 copies (6e-8 relative, like the peer's): memory for the trajectory below
+    out["grads"] = {k: p.grad.detach().float() for k, p in trained.named_parameters()}
+    optimizer = build_optimizer(trained, cfg.train)
+    out["groups"] = [{k: float(g[k]) for k in ("lr", "momentum", "weight_decay", "dampening")}
+                     | {"nesterov": bool(g["nesterov"]), "params": len(g["params"])} for g in optimizer.param_groups]
+    out["optimizer"] = type(optimizer).__name__
+    del optimizer
+    trained.zero_grad(set_to_none=True)
+    _import(trained, state)
+    out["trajectory"] = [{k: v.float() if v.is_floating_point() else v.clone() for k, v in step_state.items()}
+                         for step_state in _trajectory(cfg, trained, steps, criterion)]
+    return out
 
 
 def lr_steps(cfg: ExperimentConfig) -> list[int]:
@@ -242,7 +268,7 @@ def check_lr(rows: list[Row], python: Path, work: Path) -> list[ParityRow]:
     configs = {peer_config_path(python, r.mmseg_config): lr_steps(r.cfg) for r in representative.values()}
     job = {"configs": configs, "out": str(work / "lr.json")}
     (work / "lr_job.json").write_text(json.dumps(job))
-    run_peer(python, SCRIPT, "lr", work / "lr_job.json", cwd=work, timeout=600)
+    call_peer(python, SCRIPT, "lr", work / "lr_job.json", cwd=work, timeout=600)
     peer = json.loads((work / "lr.json").read_text())
     out = []
     for row in rows:
@@ -259,13 +285,9 @@ def check_lr(rows: list[Row], python: Path, work: Path) -> list[ParityRow]:
     return out
 
 
-def _trajectory(cfg: ExperimentConfig, state: dict, steps: list, criterion: nn.Module) -> Iterator[dict]:
-    """Our training steps (train.py's optimizer and poly LR, dropout off), yielding the state dict after each
-    (the live tensors: read it before asking for the next step)."""
-    model = _our_model(cfg).double()
-    _import(model, state)
-    _dropout_off(model)
-    model.train()
+def _trajectory(cfg: ExperimentConfig, model: nn.Module, steps: list, criterion: nn.Module) -> Iterator[dict]:
+    """Our training steps (train.py's optimizer and poly LR, dropout off) on `model` (float64, train mode,
+    dropout off), yielding the state dict after each (the live tensors: read it before asking for the next)."""
     optimizer = build_optimizer(model, cfg.train)
     for step, (step_images, step_labels) in enumerate(steps):
         for group in optimizer.param_groups:
@@ -365,7 +387,7 @@ def check_data(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
     job = {"config_py": peer_config_path(python, row.mmseg_config), "seed": SEED, "out": str(work),
            "pairs": peer_pairs, "reduce_zero_label": dataset == "ade20k", "cfg_options": options}
     (work / "data.json").write_text(json.dumps(job))
-    run_peer(python, SCRIPT, "data", work / "data.json", cwd=work, timeout=600)
+    call_peer(python, SCRIPT, "data", work / "data.json", cwd=work, timeout=600)
     peer = load_tensors(work / "data.pt")
     changes = {"data.root": str(root), "data.train_split": "train", "data.base_size": list(base),
                "data.crop_size": list(crop)}
@@ -451,7 +473,7 @@ def check_eval(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
            "data_root": str(root), "scale": small.get("eval.scale"), "crop_size": small.get("eval.crop_size"),
            "stride": small.get("eval.stride"), "tta": bool(cfg.eval.ms_flip and not quick)}
     (work / "test.json").write_text(json.dumps(job))
-    run_peer(python, SCRIPT, "test", work / "test.json", cwd=work, timeout=900)
+    call_peer(python, SCRIPT, "test", work / "test.json", cwd=work, timeout=900)
     theirs = json.loads((work / "metrics.json").read_text())
     # Ours through the command line, as a user runs it (validation split only in the folder).
     command = [sys.executable, "-m", "repro.run", str(row.path), "--eval-only", "--checkpoint", str(checkpoint),
@@ -464,7 +486,7 @@ def check_eval(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
     done = subprocess.run(command, cwd=EXPERIMENTS.parent, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"repro.run --eval-only exited {done.returncode}: {done.stderr.strip()[-400:]}")
-    ours = json.loads((work / "ours" / "eval.json").read_text())
+    ours = json.loads((work / "ours" / "eval.json").read_text())["metrics"]
     rows = [_row(name, "e_eval", "mIoU abs diff (single scale, points)",
                  abs(theirs["single"]["mIoU"] - ours["mIoU"]["mIoU"]), 0.01,
                  f"mmseg Runner.test {theirs['single']['mIoU']:.2f} (rounded to 0.01 by IoUMetric), ours "
@@ -496,6 +518,7 @@ def check_eval(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
              progress=False)
     rows.append(_row(name, "e_pixels", "per-pixel agreement (single scale)", agree / max(total, 1), 0.999,
                      f"{total} pixels", higher_is_better=True))
+    checkpoint.unlink()
     return rows
 
 

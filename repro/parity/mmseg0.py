@@ -31,11 +31,12 @@ from repro.parity.common import (
     ParityRow,
     Peer,
     PeerUnavailable,
+    call_peer,
     ensure_venv,
     load_tensors,
     not_run_row,
     register_peer,
-    run_peer,
+    row_maker,
 )
 from repro.parity.fixtures import write_structured_dataset
 
@@ -66,12 +67,7 @@ def config_name_0x(name_1x: str) -> str:
     return f"{folder}/{model}_{crop}_{schedule}_{dataset}.py"
 
 
-def _row(config: str, check: str, metric: str, value: float, tolerance: float, detail: str = "",
-         higher_is_better: bool = False) -> ParityRow:
-    from repro.parity.common import measured_row
-
-    return measured_row(source=NAME, version=VERSION, config=config, check=check, metric=metric, value=value,
-                        tolerance=tolerance, detail=detail, higher_is_better=higher_is_better)
+_row = row_maker(NAME, VERSION)
 
 
 def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, quick: bool) -> list[ParityRow]:
@@ -93,7 +89,7 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
            "scale": small.get("eval.scale"), "crop_size": small.get("eval.crop_size"),
            "stride": small.get("eval.stride"), "ms_ratios": list(cfg.eval.ms_scales) if ms else None}
     (work / "test0.json").write_text(json.dumps(job))
-    run_peer(python, SCRIPT, "test", work / "test0.json", cwd=work, timeout=900)
+    call_peer(python, SCRIPT, "test", work / "test0.json", cwd=work, timeout=900)
     theirs = json.loads((work / "metrics0.json").read_text())
     overrides = {"data.root": str(root), **small}
     if not ms:
@@ -106,7 +102,7 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
     done = subprocess.run(command, cwd=mmseg1.EXPERIMENTS.parent, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"repro.run --eval-only exited {done.returncode}: {done.stderr.strip()[-400:]}")
-    ours = json.loads((work / "ours" / "eval.json").read_text())
+    ours = json.loads((work / "ours" / "eval.json").read_text())["metrics"]
     rows = [_row(name, "e_eval", "mIoU abs diff (single scale, points)",
                  abs(100 * theirs["single"]["mIoU"] - ours["mIoU"]["mIoU"]), 0.01,
                  f"mmseg 0.30.0 single_gpu_test {100 * theirs['single']['mIoU']:.4f}, ours "
@@ -137,6 +133,7 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
     agree, total = counts["single"]
     rows.append(_row(name, "e_pixels", "per-pixel agreement (single scale)", agree / max(total, 1), 0.999,
                      f"{total} pixels", higher_is_better=True))
+    checkpoint.unlink()
     return rows
 
 
@@ -167,7 +164,7 @@ def run(configs: list[Path], *, quick: bool, workdir: Path,
             job = {"config_py": mmseg1.peer_config_path(python_1x, row.mmseg_config), "seed": mmseg1.SEED,
                    "out": str(model_work)}
             (model_work / "weights.json").write_text(json.dumps(job))
-            run_peer(python_1x, mmseg1.SCRIPT, "weights", model_work / "weights.json", cwd=model_work, timeout=600)
+            call_peer(python_1x, mmseg1.SCRIPT, "weights", model_work / "weights.json", cwd=model_work, timeout=600)
         work = workdir / mmseg1._digest(key) / "eval0"
         work.mkdir(parents=True, exist_ok=True)
         try:

@@ -39,6 +39,7 @@ def install_torchvision_standin() -> None:
 
 install_torchvision_standin()
 import mmcv_ops_standin  # noqa: E402
+from serve import command_line, no_sync_bn  # noqa: E402
 
 sys.modules["mmcv.ops"] = mmcv_ops_standin.build_module()
 import mmcv  # noqa: E402
@@ -51,21 +52,13 @@ from mmseg.datasets import build_dataloader, build_dataset  # noqa: E402
 from mmseg.models import build_segmentor  # noqa: E402
 
 
-def _no_sync_bn(node):
-    if isinstance(node, dict):
-        return {k: ("BN" if k == "type" and v == "SyncBN" else _no_sync_bn(v)) for k, v in node.items()}
-    if isinstance(node, list | tuple):
-        return type(node)(_no_sync_bn(v) for v in node)
-    return node
-
-
 def command_test(job: dict) -> None:
     out = Path(job["out"])
     metrics, predictions = {}, {}
     variants = [("single", None)] + ([("ms", job["ms_ratios"])] if job["ms_ratios"] else [])
     for variant, ratios in variants:
         cfg = mmcv.Config.fromfile(job["config_py"])
-        cfg.model = mmcv.ConfigDict(_no_sync_bn(cfg.model.to_dict()))
+        cfg.model = mmcv.ConfigDict(no_sync_bn(cfg.model.to_dict()))
         cfg.model.pretrained = None
         cfg.model.train_cfg = None
         if cfg.model.test_cfg.get("mode") == "slide":
@@ -98,7 +91,5 @@ def command_test(job: dict) -> None:
 COMMANDS = {"test": command_test}
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: mmseg0_peer.py {{{','.join(COMMANDS)}}} JOB.json")
     torch.set_num_threads(1)
-    COMMANDS[sys.argv[1]](json.loads(Path(sys.argv[2]).read_text()))
+    sys.exit(command_line("mmseg0_peer.py", COMMANDS))

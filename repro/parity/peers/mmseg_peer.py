@@ -5,6 +5,7 @@ project side, writes `torch.save` dicts of tensors back.
     python mmseg_peer.py model JOB.json   # random weights, logits, loss + grads, LR schedule, SGD trajectory
     python mmseg_peer.py data JOB.json    # the training pipeline on files, recording every random draw
     python mmseg_peer.py test JOB.json    # Runner.test on a dataset folder, predictions saved as PNG
+    python mmseg_peer.py serve            # the same commands, one per stdin line (peers/serve.py)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mmcv_ops_standin  # noqa: E402
+from serve import command_line, no_sync_bn  # noqa: E402
 
 mmcv_ops_standin.install()
 warnings.filterwarnings("ignore")
@@ -36,18 +38,9 @@ from mmseg.utils import register_all_modules  # noqa: E402
 register_all_modules()
 
 
-def _no_sync_bn(node):
-    """SyncBN needs a process group; one process computes the same with BN."""
-    if isinstance(node, dict):
-        return {k: ("BN" if k == "type" and v == "SyncBN" else _no_sync_bn(v)) for k, v in node.items()}
-    if isinstance(node, list | tuple):
-        return type(node)(_no_sync_bn(v) for v in node)
-    return node
-
-
 def load_config(job: dict) -> Config:
     cfg = Config.fromfile(job["config_py"])
-    cfg.model = ConfigDict(_no_sync_bn(cfg.model.to_dict()))
+    cfg.model = ConfigDict(no_sync_bn(cfg.model.to_dict()))
     cfg.model.pretrained = None
     cfg.model.backbone.init_cfg = None
     for key, value in job.get("cfg_options", {}).items():
@@ -298,7 +291,5 @@ COMMANDS = {"lr": command_lr, "weights": command_weights, "model": command_model
             "test": command_test}
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: mmseg_peer.py {{{','.join(COMMANDS)}}} JOB.json")
     torch.set_num_threads(1)
-    COMMANDS[sys.argv[1]](json.loads(Path(sys.argv[2]).read_text()))
+    sys.exit(command_line("mmseg_peer.py", COMMANDS))

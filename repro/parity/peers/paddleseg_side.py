@@ -259,4 +259,9 @@ def losses(builder, batch) -> dict:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["serve"]:  # one job per stdin line (peers/serve.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from serve import serve
+
+        sys.exit(serve(main))
     sys.exit(main(sys.argv))
