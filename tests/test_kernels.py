@@ -584,6 +584,38 @@ def test_committed_l2_model_rows_are_labelled_and_never_exceed_the_counted_secto
     assert (rows["l2_model_dram_bytes"] <= rows["sector_bytes"]).all()
     forward = _committed_row(rows[rows["kernel"] == "all"], GOAL_SHAPE_B1, "bf16", "forward", "channels_last")
     assert forward["l2_model_dram_ratio"] == pytest.approx(1.0, abs=1e-3)
+    # Each row's label and cache size are its target's L2; a pass's kernels add up to its "all" row.
+    if "l2_model_cache_bytes" in rows:
+        sized = rows[rows["l2_model_cache_bytes"].notna()]
+        assert (sized["l2_model_cache_bytes"] == sized["target"].map(kernels.L2_BYTES_BY_TARGET)).all()
+        assert (sized["l2_model"] == sized["target"].map(kernels.l2_model_label)).all()
+    key = [column for column in kernels.MODEL_KEY if column != "kernel"]
+    per_kernel = rows[rows["kernel"] != "all"].groupby(key)["l2_model_dram_bytes"].sum()
+    total = rows[rows["kernel"] == "all"].set_index(key)["l2_model_dram_bytes"]
+    assert (per_kernel.reindex(total.index) == total).all()
 
 
 GOAL_SHAPE_B1 = kernels.GOAL_SHAPES[0]
+
+
+@interpreter_only
+def test_model_command_counts_every_committed_configuration(tmp_path, monkeypatch):
+    """`python -m repro.kernels model` without options counts MODEL_CONFIGS, and those are the configurations of
+    the committed kernel_model.csv (so regenerating it refreshes every row's L2 columns); with options, their
+    product. model_rows is replaced by a stub that records what it was asked to count."""
+    asked = []
+
+    def stub(batch, qk, v, height, width, dtype_name, layout, target):
+        asked.append((batch, dtype_name, layout, target))
+        return [dict(zip(kernels.MODEL_KEY, ("forward", "all", dtype_name, layout, target, batch, qk, v, height,
+                                             width), strict=True))]
+
+    monkeypatch.setattr(kernels, "model_rows", stub)
+    assert kernels.main(["model", "--out-dir", str(tmp_path)]) == 0
+    assert asked == list(kernels.MODEL_CONFIGS)
+    assert len(pd.read_csv(tmp_path / "kernel_model.csv")) == len(kernels.MODEL_CONFIGS)
+    committed = pd.read_csv(RESULTS / "kernel_model.csv")
+    assert {(int(r.batch), r.dtype, r.layout, r.target) for r in committed.itertuples()} == set(kernels.MODEL_CONFIGS)
+    asked.clear()
+    assert kernels.main(["model", "--out-dir", str(tmp_path), "--batch", "2", "--target", "sm_80"]) == 0
+    assert asked == [(2, "bf16", "channels_last", "sm_80"), (2, "fp32", "channels_last", "sm_80")]
