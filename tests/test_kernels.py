@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter, OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -469,6 +471,86 @@ def test_lru_cache_writes_back_dirty_sectors_to_the_kernel_that_dirtied_them():
         kernels.LRUCache(16)
 
 
+class _ReferenceLRU:
+    """The LRU cache of `kernels.LRUCache`'s docstring, one sector at a time (an OrderedDict): the oracle."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.lines = capacity, OrderedDict()  # sector -> kernel that dirtied it, or None
+        self.reads, self.writes, self.hits, self.misses = Counter(), Counter(), 0, 0
+
+    def access(self, sectors, *, write, kernel):
+        for sector in sectors:
+            if sector in self.lines:
+                self.hits += 1
+                self.lines.move_to_end(sector)
+                if write:
+                    self.lines[sector] = kernel
+                continue
+            self.misses += 1
+            if not write:
+                self.reads[kernel] += 32
+            if len(self.lines) == self.capacity:
+                _, dirty = self.lines.popitem(last=False)
+                if dirty is not None:
+                    self.writes[dirty] += 32
+            self.lines[sector] = kernel if write else None
+
+    def flush(self):
+        for sector, dirty in self.lines.items():
+            if dirty is not None:
+                self.writes[dirty] += 32
+                self.lines[sector] = None
+
+
+@pytest.mark.parametrize("lines", [1, 3, 64])
+def test_lru_trace_that_fits_hits_after_first_touch_and_one_more_line_misses_every_time(lines):
+    """Capacity N sectors: N sectors cycled 5 times miss N times (their first touch) and hit 4 N times; N + 1
+    sectors cycled 5 times miss every time (each access finds its sector just evicted); DRAM bytes read are the
+    misses x 32. Once through the vectorised replay in one call, once sector by sector (chunks of one)."""
+    for one_call in (True, False):
+        fits, cycles = kernels.LRUCache(lines * 32), kernels.LRUCache(lines * 32)
+        for cache, trace in ((fits, list(range(lines)) * 5), (cycles, list(range(lines + 1)) * 5)):
+            for part in ([trace] if one_call else [[sector] for sector in trace]):
+                cache.access(part, write=False, kernel="k")
+        assert (fits.hits, fits.misses) == (4 * lines, lines)
+        assert (cycles.hits, cycles.misses) == (0, 5 * (lines + 1))
+        for cache in (fits, cycles):
+            assert cache.reads == {"k": cache.misses * 32} and cache.dram_bytes() == cache.misses * 32
+
+
+def test_lru_replay_equals_a_sector_by_sector_lru_on_random_traces():
+    """The chunked, vectorised replay against `_ReferenceLRU` on random traces: loads and stores of three
+    kernels, sectors drawn from a few more than fit (reuse at every distance), in calls of random sizes (so
+    chunks end anywhere), flushes in between: the same hits, misses, bytes per kernel and resident order."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        capacity = int(rng.integers(1, 40))
+        universe = int(rng.integers(1, 3 * capacity + 2))
+        cache, reference = kernels.LRUCache(capacity * 32), _ReferenceLRU(capacity)
+        for _ in range(int(rng.integers(1, 30))):
+            sectors = rng.integers(0, universe, size=int(rng.integers(1, 4 * capacity + 2))).tolist()
+            write, kernel = bool(rng.random() < 0.4), "abc"[int(rng.integers(3))]
+            for target in (cache, reference):
+                target.access(sectors, write=write, kernel=kernel)
+            if rng.random() < 0.1:
+                cache.flush()
+                reference.flush()
+        assert (cache.hits, cache.misses) == (reference.hits, reference.misses), trial
+        assert cache.reads == dict(reference.reads) and cache.writes == dict(reference.writes), trial
+        assert cache.sectors == list(reference.lines), trial
+        cache.flush()
+        reference.flush()
+        assert cache.writes == dict(reference.writes), trial
+
+
+def test_earlier_at_most_counts_like_the_quadratic_definition():
+    rng = np.random.default_rng(1)
+    for size in (0, 1, 2, 3, 7, 64, 100, 257):
+        values = rng.integers(0, max(size // 3, 1), size=size)
+        expected = [int((values[:i] <= values[i]).sum()) for i in range(size)]
+        assert kernels.earlier_at_most(values).tolist() == expected
+
+
 @interpreter_only
 def test_l2_model_replays_the_interpreters_trace():
     """A kernel that reads 64 floats (8 sectors) and writes them 8 floats apart (64 sectors), twice: with a
@@ -502,6 +584,38 @@ def test_committed_l2_model_rows_are_labelled_and_never_exceed_the_counted_secto
     assert (rows["l2_model_dram_bytes"] <= rows["sector_bytes"]).all()
     forward = _committed_row(rows[rows["kernel"] == "all"], GOAL_SHAPE_B1, "bf16", "forward", "channels_last")
     assert forward["l2_model_dram_ratio"] == pytest.approx(1.0, abs=1e-3)
+    # Each row's label and cache size are its target's L2; a pass's kernels add up to its "all" row.
+    if "l2_model_cache_bytes" in rows:
+        sized = rows[rows["l2_model_cache_bytes"].notna()]
+        assert (sized["l2_model_cache_bytes"] == sized["target"].map(kernels.L2_BYTES_BY_TARGET)).all()
+        assert (sized["l2_model"] == sized["target"].map(kernels.l2_model_label)).all()
+    key = [column for column in kernels.MODEL_KEY if column != "kernel"]
+    per_kernel = rows[rows["kernel"] != "all"].groupby(key)["l2_model_dram_bytes"].sum()
+    total = rows[rows["kernel"] == "all"].set_index(key)["l2_model_dram_bytes"]
+    assert (per_kernel.reindex(total.index) == total).all()
 
 
 GOAL_SHAPE_B1 = kernels.GOAL_SHAPES[0]
+
+
+@interpreter_only
+def test_model_command_counts_every_committed_configuration(tmp_path, monkeypatch):
+    """`python -m repro.kernels model` without options counts MODEL_CONFIGS, and those are the configurations of
+    the committed kernel_model.csv (so regenerating it refreshes every row's L2 columns); with options, their
+    product. model_rows is replaced by a stub that records what it was asked to count."""
+    asked = []
+
+    def stub(batch, qk, v, height, width, dtype_name, layout, target):
+        asked.append((batch, dtype_name, layout, target))
+        return [dict(zip(kernels.MODEL_KEY, ("forward", "all", dtype_name, layout, target, batch, qk, v, height,
+                                             width), strict=True))]
+
+    monkeypatch.setattr(kernels, "model_rows", stub)
+    assert kernels.main(["model", "--out-dir", str(tmp_path)]) == 0
+    assert asked == list(kernels.MODEL_CONFIGS)
+    assert len(pd.read_csv(tmp_path / "kernel_model.csv")) == len(kernels.MODEL_CONFIGS)
+    committed = pd.read_csv(RESULTS / "kernel_model.csv")
+    assert {(int(r.batch), r.dtype, r.layout, r.target) for r in committed.itertuples()} == set(kernels.MODEL_CONFIGS)
+    asked.clear()
+    assert kernels.main(["model", "--out-dir", str(tmp_path), "--batch", "2", "--target", "sm_80"]) == 0
+    assert asked == [(2, "bf16", "channels_last", "sm_80"), (2, "fp32", "channels_last", "sm_80")]

@@ -30,6 +30,7 @@ import io
 import itertools
 import os
 import re
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,6 +60,14 @@ L2_BYTES = 50 * 1024 * 1024
 # custom op does: q, k, v once in the forward, dO in the backward; the copies counted as kernel "layout_copy"),
 # "nchw_in_place" (NCHW read in place with copy_to_channels_last=False: what the launchers avoid).
 LAYOUTS = ("channels_last", "nchw", "nchw_in_place")
+# What `python -m repro.kernels model` counts without options, (batch, dtype, layout, target) at the goal shape of
+# that batch: both dtypes and batches in channels-last on sm_90's tiles, both dtypes at B = 1 in each NCHW
+# handling, bf16 at both batches on sm_80's tiles (the committed kernel_model.csv).
+MODEL_CONFIGS = (
+    *((batch, dtype, "channels_last", "sm_90") for batch in (1, 2) for dtype in ("bf16", "fp32")),
+    *((1, dtype, layout, "sm_90") for layout in ("nchw", "nchw_in_place") for dtype in ("bf16", "fp32")),
+    *((batch, "bf16", "channels_last", "sm_80") for batch in (1, 2)),
+)
 # The name under which `count()` books the launchers' PyTorch layout copies.
 COPY_KERNEL = "layout_copy"
 # Columns that identify a row of kernel_model.csv.
@@ -239,7 +248,10 @@ def l2_model_rows(model: pd.DataFrame) -> pd.DataFrame:
     rows = with_target(model)
     rows = rows[(rows["kernel"] == "all") & rows["l2_model_dram_bytes"].notna()]
     columns = ["pass", "dtype", "layout", "target", "batch", "minimum_bytes", "sector_bytes",
-               "l2_model_dram_bytes", "sector_ratio", "l2_model_dram_ratio"]
+               "l2_model_dram_bytes", "sector_ratio", "l2_model_dram_ratio", "l2_model_mib"]
+    # The modelled L2's size: rows written before the column existed were modelled with 50 MiB on every target.
+    capacity = rows["l2_model_cache_bytes"] if "l2_model_cache_bytes" in rows else pd.Series(L2_BYTES, rows.index)
+    rows = rows.assign(l2_model_mib=(capacity.fillna(L2_BYTES).astype("int64") // 2**20))
     rows = rows.astype({"l2_model_dram_bytes": "int64"})
     return rows[columns].sort_values(["layout", "target", "dtype", "batch", "pass"], ascending=[True, False, True,
                                                                                                True, False])
@@ -362,10 +374,60 @@ def _access(ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> tuple[int, int
 # L2 view: the counted address trace through a model of the GPU's L2 (a model, not a measurement)
 # ----------------------------------------------------------------------------------------------------------
 
-L2_MODEL = (f"model, not a measurement: the interpreter's address trace (programs in launch order, one after "
-            f"another) through a fully associative LRU cache of {L2_BYTES // 2**20} MiB (an H100 / H200's L2) in "
-            f"{SECTOR_BYTES}-byte sectors, write-back and write-allocate (a store fetches nothing), empty at the "
-            f"start of each pass, dirty sectors written back when evicted or at the end of the pass")
+# The L2 each counted target's model holds (torch.cuda.get_device_properties(d).L2_cache_size on the GPU):
+# 40 MiB on an A100 (sm_80), 50 MiB on an H100 / H200 (sm_90).
+L2_BYTES_BY_TARGET = {"sm_80": 40 * 1024 * 1024, "sm_90": L2_BYTES}
+L2_GPUS = {"sm_80": "an A100", "sm_90": "an H100 / H200"}
+
+
+def l2_model_label(target: str | None = MODEL_TARGET) -> str:
+    """The `l2_model` column of a row counted with `target`'s tiles: what the DRAM bytes are (a model); None: the
+    same for every target (the report's wording)."""
+    if target is None:
+        size = "the L2 of the GPU whose tiles were counted (" + "; ".join(
+            f"{L2_BYTES_BY_TARGET[gpu] // 2**20} MiB on {gpu}, {L2_GPUS[gpu]}" for gpu in sorted(TARGETS)) + ")"
+    else:
+        size = f"{L2_BYTES_BY_TARGET[target] // 2**20} MiB ({L2_GPUS[target]}'s L2)"
+    return (f"model, not a measurement: the interpreter's address trace (programs in launch order, one after "
+            f"another) through a fully associative LRU cache of {size} in {SECTOR_BYTES}-byte sectors, "
+            f"write-back and write-allocate (a store fetches "
+            f"nothing), empty at the start of each pass, dirty sectors written back when evicted or at the end of "
+            f"the pass")
+
+
+L2_MODEL = l2_model_label()
+
+
+def earlier_at_most(values: np.ndarray) -> np.ndarray:
+    """For each i, how many j < i have values[j] <= values[i] (int64), in O(n log n) numpy work: a bottom-up merge
+    sort whose level k merges sorted runs of 2^k neighbours pairwise (one global searchsorted per side, the run
+    number in the high bits of the key), adding to each right-run element the left-run elements not above it."""
+    values = np.asarray(values, dtype=np.int64)
+    n = values.size
+    counts = np.zeros(n, dtype=np.int64)
+    if n < 2:
+        return counts
+    if values.min() < 0:
+        raise ValueError("earlier_at_most needs non-negative values")
+    shift = int(values.max()).bit_length() + 1
+    index, run_values = np.arange(n, dtype=np.int64), values.copy()  # level-k order: sorted within runs of 2^k
+    position = np.arange(n, dtype=np.int64)
+    width = 1
+    while width < n:
+        pair = position // (2 * width)
+        left = (position // width) % 2 == 0
+        keys = (pair << shift) | run_values  # sorted within runs, runs in order: left and right keys each sorted
+        left_keys, right_keys = keys[left], keys[~left]
+        # Left-run elements (of the same pair) not above each right element: the pairs before hold `width` each.
+        right_rank = np.searchsorted(left_keys, right_keys, side="right")
+        counts[index[~left]] += right_rank - pair[~left] * width
+        left_rank = np.searchsorted(right_keys, left_keys, side="left")  # ties: left first (a stable merge)
+        merged = np.empty(n, dtype=np.int64)
+        merged[np.arange(left_keys.size) + left_rank] = np.flatnonzero(left)
+        merged[np.arange(right_keys.size) + right_rank] = np.flatnonzero(~left)
+        index, run_values = index[merged], run_values[merged]
+        width *= 2
+    return counts
 
 
 @dataclass
@@ -373,45 +435,78 @@ class LRUCache:
     """A fully associative LRU cache of `capacity_bytes` in SECTOR_BYTES sectors, write-back and write-allocate:
     a load that misses reads its sector from DRAM; a store allocates its sector without reading it (GPU L2s keep
     per-byte valid masks) and marks it dirty; an evicted dirty sector is written to DRAM, charged to the kernel
-    that last wrote it. `flush()` writes back what is still dirty (the end of a pass)."""
+    that last wrote it. `flush()` writes back what is still dirty (the end of a pass).
+
+    Exact and vectorised: accesses are buffered and replayed in chunks of at most `capacity` sectors. Within a
+    chunk a sector's second and later accesses hit (fewer than `capacity` distinct sectors came between); its
+    first access hits iff the sector is resident at the chunk's start with recency rank r (r resident sectors
+    used more recently) and r plus the distinct sectors the chunk touched before it, not among those r, stay
+    below `capacity` (LRU's stack property). The resident set after a chunk is the `capacity` most recently used
+    sectors; the rest were evicted, their dirty data written back."""
 
     capacity_bytes: int
-    sectors: dict = field(default_factory=dict)  # sector -> kernel that dirtied it, or None when clean
-    reads: dict = field(default_factory=lambda: defaultdict(int))  # kernel -> DRAM bytes read
-    writes: dict = field(default_factory=lambda: defaultdict(int))  # kernel -> DRAM bytes written
-    hits: int = 0
-    misses: int = 0
 
     def __post_init__(self) -> None:
         if self.capacity_bytes < SECTOR_BYTES:
             raise ValueError(f"capacity_bytes must be >= {SECTOR_BYTES} (one sector), got {self.capacity_bytes}")
         self.capacity = self.capacity_bytes // SECTOR_BYTES
+        self._kernel_ids: dict[str, int] = {}
+        self._pending: list[tuple[np.ndarray, bool, int]] = []
+        self._pending_size = 0
+        self._time = 0  # accesses replayed so far
+        # Resident sectors, sorted by sector number: last access time, kernel that dirtied it (-1: clean).
+        self._resident = np.empty(0, dtype=np.int64)
+        self._last_used = np.empty(0, dtype=np.int64)
+        self._dirty = np.empty(0, dtype=np.int64)
+        self._reads = np.zeros(0, dtype=np.int64)  # per kernel id: DRAM bytes read
+        self._writes = np.zeros(0, dtype=np.int64)  # per kernel id: DRAM bytes written
+        self._hits = self._misses = 0
 
     def access(self, sectors, *, write: bool, kernel: str) -> None:
         """Touch `sectors` (sector numbers, in order) with loads (`write` False) or stores by `kernel`."""
-        cached = self.sectors
-        for sector in (sectors.tolist() if isinstance(sectors, np.ndarray) else sectors):
-            owner = cached.pop(sector, _ABSENT)  # re-inserted below: dicts keep insertion order, oldest first
-            if owner is _ABSENT:
-                self.misses += 1
-                if not write:
-                    self.reads[kernel] += SECTOR_BYTES
-                    owner = None
-                if len(cached) >= self.capacity:
-                    evicted = next(iter(cached))
-                    dirty = cached.pop(evicted)
-                    if dirty is not None:
-                        self.writes[dirty] += SECTOR_BYTES
-            else:
-                self.hits += 1
-            cached[sector] = kernel if write else owner
+        sectors = np.array(sectors, dtype=np.int64).reshape(-1)
+        if sectors.size == 0:
+            return
+        kernel_id = self._kernel_ids.setdefault(kernel, len(self._kernel_ids))
+        self._pending.append((sectors, bool(write), kernel_id))
+        self._pending_size += sectors.size
+        if self._pending_size >= 4 * self.capacity:
+            self._replay()
 
     def flush(self) -> None:
         """Write back every dirty sector (charged to the kernel that dirtied it); the cache stays warm."""
-        for sector, dirty in self.sectors.items():
-            if dirty is not None:
-                self.writes[dirty] += SECTOR_BYTES
-                self.sectors[sector] = None
+        self._replay()
+        dirty = self._dirty[self._dirty >= 0]
+        self._charge(self._writes_array(), dirty)
+        self._dirty[:] = -1
+
+    @property
+    def hits(self) -> int:
+        self._replay()
+        return self._hits
+
+    @property
+    def misses(self) -> int:
+        self._replay()
+        return self._misses
+
+    @property
+    def reads(self) -> dict[str, int]:
+        """Kernel -> DRAM bytes read (kernels that read any)."""
+        self._replay()
+        return self._by_kernel(self._reads)
+
+    @property
+    def writes(self) -> dict[str, int]:
+        """Kernel -> DRAM bytes written back so far (kernels that wrote any)."""
+        self._replay()
+        return self._by_kernel(self._writes)
+
+    @property
+    def sectors(self) -> list[int]:
+        """The resident sectors, least recently used first."""
+        self._replay()
+        return self._resident[np.argsort(self._last_used)].tolist()
 
     def dram_bytes(self, kernel: str | None = None) -> int:
         """DRAM bytes read plus written, of `kernel` or of all."""
@@ -419,8 +514,99 @@ class LRUCache:
             return self.reads.get(kernel, 0) + self.writes.get(kernel, 0)
         return sum(self.reads.values()) + sum(self.writes.values())
 
+    def _by_kernel(self, bytes_per_id: np.ndarray) -> dict[str, int]:
+        return {name: int(bytes_per_id[i]) for name, i in self._kernel_ids.items()
+                if i < bytes_per_id.size and bytes_per_id[i]}
 
-_ABSENT = object()
+    def _writes_array(self) -> np.ndarray:
+        if self._writes.size < len(self._kernel_ids):
+            self._writes = np.pad(self._writes, (0, len(self._kernel_ids) - self._writes.size))
+        return self._writes
+
+    def _charge(self, totals: np.ndarray, kernel_ids: np.ndarray) -> None:
+        """Add one sector to `totals[k]` per entry k of `kernel_ids`."""
+        if kernel_ids.size:
+            totals += np.bincount(kernel_ids, minlength=totals.size)[:totals.size] * SECTOR_BYTES
+
+    def _replay(self) -> None:
+        """Replay the buffered accesses, chunk by chunk."""
+        if not self._pending:
+            return
+        sectors = np.concatenate([chunk for chunk, _, _ in self._pending])
+        sizes = [chunk.size for chunk, _, _ in self._pending]
+        writes = np.repeat(np.array([write for _, write, _ in self._pending]), sizes)
+        kernels = np.repeat(np.array([kernel for _, _, kernel in self._pending], dtype=np.int64), sizes)
+        self._pending, self._pending_size = [], 0
+        if self._reads.size < len(self._kernel_ids):
+            self._reads = np.pad(self._reads, (0, len(self._kernel_ids) - self._reads.size))
+        self._writes_array()
+        for start in range(0, sectors.size, self.capacity):
+            stop = start + self.capacity
+            self._replay_chunk(sectors[start:stop], writes[start:stop], kernels[start:stop])
+
+    def _replay_chunk(self, sectors: np.ndarray, writes: np.ndarray, kernels: np.ndarray) -> None:
+        """One chunk of at most `capacity` accesses (the class docstring says why this is exact)."""
+        size = sectors.size
+        order = np.argsort(sectors, kind="stable")  # each sector's accesses together, in time order
+        ordered = sectors[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # each distinct sector's first access
+        lines = ordered[starts]  # distinct sectors of the chunk, ascending
+        first = order[starts]  # time (in the chunk) of each line's first access
+        last = order[np.r_[starts[1:], size] - 1]  # ... and of its last
+        # Resident at the chunk's start? Then its recency rank: resident sectors used after it.
+        if self._resident.size:
+            slot = np.searchsorted(self._resident, lines).clip(max=self._resident.size - 1)
+            found = self._resident[slot] == lines
+        else:
+            slot, found = np.zeros(lines.size, dtype=np.int64), np.zeros(lines.size, dtype=bool)
+        times = np.sort(self._last_used)
+        rank = np.zeros(lines.size, dtype=np.int64)
+        rank[found] = times.size - np.searchsorted(times, self._last_used[slot[found]], side="right")
+        # Distinct sectors between a line's previous use and its first access here: its rank, plus the lines
+        # first touched earlier in this chunk that were not among those `rank` (absent, or used before it).
+        by_time = np.argsort(first)
+        earlier = np.empty(lines.size, dtype=np.int64)
+        earlier[by_time] = np.arange(lines.size)
+        found_by_time = by_time[found[by_time]]
+        upper = rank + earlier  # every earlier first touch new to the window
+        found_before = np.zeros(lines.size, dtype=np.int64)
+        found_before[found_by_time] = np.arange(found_by_time.size)
+        if (found & (upper >= self.capacity) & (upper - found_before < self.capacity)).any():
+            # The bounds do not decide every line: count the earlier first touches with a smaller rank exactly.
+            more_recent_before = np.zeros(lines.size, dtype=np.int64)
+            more_recent_before[found_by_time] = earlier_at_most(rank[found_by_time])
+            upper = upper - more_recent_before
+        first_hit = found & (upper < self.capacity)
+        hit = np.ones(size, dtype=bool)
+        hit[first[~first_hit]] = False
+        misses = ~hit
+        self._hits += int(size - misses.sum())
+        self._misses += int(misses.sum())
+        self._charge(self._reads, kernels[misses & ~writes])
+        # Dirty data: a resident line that missed was evicted during the chunk (written back if dirty); a line
+        # ends the chunk dirtied by its last store here, else as it was (if it hit) or clean (if it missed).
+        old_dirty = np.full(lines.size, -1, dtype=np.int64)
+        old_dirty[found] = self._dirty[slot[found]]
+        evicted = found & ~first_hit & (old_dirty >= 0)
+        self._charge(self._writes, old_dirty[evicted])
+        stored = np.where(writes[order], np.arange(size), -1)
+        last_store = np.maximum.reduceat(stored, starts)
+        dirty = np.where(last_store >= 0, kernels[order][last_store.clip(min=0)], np.where(first_hit, old_dirty, -1))
+        # The new resident set: the `capacity` most recently used of the untouched residents and the chunk's lines.
+        kept = np.ones(self._resident.size, dtype=bool)
+        kept[slot[found]] = False
+        candidates = np.concatenate([self._resident[kept], lines])
+        used = np.concatenate([self._last_used[kept], self._time + last])
+        candidate_dirty = np.concatenate([self._dirty[kept], dirty])
+        self._time += size
+        if candidates.size > self.capacity:
+            newest = np.argpartition(used, candidates.size - self.capacity)
+            gone, newest = newest[:candidates.size - self.capacity], newest[candidates.size - self.capacity:]
+            self._charge(self._writes, candidate_dirty[gone][candidate_dirty[gone] >= 0])
+        else:
+            newest = np.arange(candidates.size)
+        newest = newest[np.argsort(candidates[newest])]
+        self._resident, self._last_used, self._dirty = candidates[newest], used[newest], candidate_dirty[newest]
 
 
 @contextlib.contextmanager
@@ -537,7 +723,7 @@ def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width
     copy = layout != "nchw_in_place"
     itemsize = query.element_size()
     pairs = batch * height * width * (height + width - 1)
-    caches = {"forward": LRUCache(L2_BYTES), "backward": LRUCache(L2_BYTES)}
+    caches = {"forward": LRUCache(L2_BYTES_BY_TARGET[target]), "backward": LRUCache(L2_BYTES_BY_TARGET[target])}
     with count(caches["forward"]) as forward:
         if copy:  # what criss_cross_attention_triton does before the op, so that autograd saves the copies
             query, key, value = (cca_triton._to_channels_last(t) for t in (query, key, value))
@@ -567,18 +753,21 @@ def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width
                 "sector_ratio": counts.sector_bytes / minimum[pass_name].bytes,
                 "macs_per_pair": counts.macs / pairs, "minimum_macs_per_pair": minimum[pass_name].macs / pairs,
                 "macs_ratio": counts.macs / minimum[pass_name].macs,
-                **l2_columns(caches[pass_name], None if kernel == "all" else kernel, minimum[pass_name].bytes),
+                **l2_columns(caches[pass_name], None if kernel == "all" else kernel, minimum[pass_name].bytes,
+                             target),
             })
     return rows
 
 
-def l2_columns(cache: LRUCache, kernel: str | None, minimum_bytes: int) -> dict:
-    """The L2 model's columns of one row (`kernel` None: the whole pass), labelled as a model by `l2_model`."""
-    read = sum(cache.reads.values()) if kernel is None else cache.reads.get(kernel, 0)
-    written = sum(cache.writes.values()) if kernel is None else cache.writes.get(kernel, 0)
+def l2_columns(cache: LRUCache, kernel: str | None, minimum_bytes: int, target: str = MODEL_TARGET) -> dict:
+    """The L2 model's columns of one row (`kernel` None: the whole pass) for `target`'s L2, labelled as a model
+    by `l2_model`."""
+    reads, writes = cache.reads, cache.writes
+    read = sum(reads.values()) if kernel is None else reads.get(kernel, 0)
+    written = sum(writes.values()) if kernel is None else writes.get(kernel, 0)
     return {"l2_model_dram_read_bytes": read, "l2_model_dram_write_bytes": written,
             "l2_model_dram_bytes": read + written, "l2_model_dram_ratio": (read + written) / minimum_bytes,
-            "l2_model": L2_MODEL}
+            "l2_model_cache_bytes": cache.capacity_bytes, "l2_model": l2_model_label(target)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -754,8 +943,9 @@ def resource_frame(**kwargs) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m repro.kernels [model|resources] [--quick] [--out-dir results]`; the model part also takes
-    `--batch`, `--dtype`, `--layout`, `--target` (each repeatable) to count a subset of the goal shapes.
+    """`python -m repro.kernels [model|resources] [--quick] [--out-dir results]`; the model part counts every
+    configuration of MODEL_CONFIGS, or with `--batch`, `--dtype`, `--layout`, `--target` (each repeatable) the
+    product of those (unset: both batches, both dtypes, channels_last, sm_90).
 
     Without a part, runs both, each in a process of its own (the interpreter must be on for the model and off
     for the compiler, and triton reads that once, when it is first imported).
@@ -773,7 +963,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="small versions: model at 1x16x64x17x17 fp32 / bf16; resources of the issue's shape "
                              "only, bf16")
     parser.add_argument("--batch", type=int, action="append", choices=[shape[0] for shape in GOAL_SHAPES],
-                        help="model: count only this batch size of the goal shapes (repeatable; default all)")
+                        help="model: count only this batch size of the goal shapes (repeatable). Without any of "
+                             "--batch / --dtype / --layout / --target the model counts every configuration of "
+                             "MODEL_CONFIGS (the committed CSV's); with some, their product, the others at their "
+                             "defaults (batch: 1 and 2)")
     parser.add_argument("--dtype", action="append", choices=("bf16", "fp32"),
                         help="model: count only this dtype (repeatable; default bf16 and fp32)")
     parser.add_argument("--layout", action="append", choices=LAYOUTS,
@@ -803,13 +996,19 @@ def main(argv: list[str] | None = None) -> int:
         # Minutes per shape in the interpreter: each (shape, dtype) is written as soon as it is counted, so an
         # interrupted run keeps what it finished (rows with the same key are replaced).
         path = os.path.join(args.out_dir, "kernel_model.csv")
-        shapes = [(1, 16, 64, 17, 17)] if args.quick else [
-            shape for shape in GOAL_SHAPES if not args.batch or shape[0] in args.batch]
-        dtypes, layouts, targets = args.dtype or ("bf16", "fp32"), args.layout or ("channels_last",), args.target
-        for shape, dtype_name, layout, target in itertools.product(shapes, dtypes, layouts, targets or (MODEL_TARGET,)):
+        shapes = {shape[0]: shape for shape in GOAL_SHAPES}
+        if args.quick or any(model_only.values()):  # the product of the options, each defaulting as documented
+            configs = list(itertools.product(
+                [(1, 16, 64, 17, 17)] if args.quick else [shapes[batch] for batch in args.batch or shapes],
+                args.dtype or ("bf16", "fp32"), args.layout or ("channels_last",), args.target or (MODEL_TARGET,)))
+        else:
+            configs = [(shapes[batch], dtype, layout, target) for batch, dtype, layout, target in MODEL_CONFIGS]
+        for shape, dtype_name, layout, target in configs:
+            started = time.perf_counter()
             rows = pd.DataFrame(model_rows(*shape, dtype_name, layout, target))
             upsert_csv(path, rows, key=MODEL_KEY)
-            print(f"counted {dtype_name} {layout} {target} tiles {'x'.join(map(str, shape))} into {path}", flush=True)
+            print(f"counted {dtype_name} {layout} {target} tiles {'x'.join(map(str, shape))} with the L2 model into "
+                  f"{path} in {time.perf_counter() - started:.0f} s", flush=True)
         return 0
     else:
         frame = (resource_frame(dtypes=("bf16",), shapes=[(8, 64, 512, 97, 97)])

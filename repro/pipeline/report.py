@@ -28,10 +28,10 @@ from repro.engine.config import ConfigError, load_config
 from repro.io import CsvFormatError, atomic_write_text
 from repro.measure.bench import einsum_speedups
 from repro.measure.kernels import (
-    L2_MODEL,
     MODEL_TARGET,
     floor_derivations,
     goal_rows,
+    l2_model_label,
     l2_model_rows,
     with_target,
 )
@@ -824,9 +824,9 @@ def section_kernels(results: Path, pages: dict[str, str]) -> str:
                    "chip to go below each:\n\n" + "\n".join(floor_derivations()) + "\n")
     l2 = l2_model_rows(model)
     if not l2.empty:
-        floors_text += ("\nL2 view, a **" + L2_MODEL.replace(": ", "**: ", 1) + ". DRAM bytes predicted per pass "
-                        "beside the counted 32-byte sectors (L2 and DRAM traffic together), both as ratios to the "
-                        "minimum:\n\n" + markdown_table(l2))
+        floors_text += ("\nL2 view, a **" + l2_model_label(None).replace(": ", "**: ", 1) + ". DRAM bytes "
+                        "predicted per pass beside the counted 32-byte sectors (L2 and DRAM traffic together), both "
+                        "as ratios to the minimum; `l2_model_mib`: the modelled L2:\n\n" + markdown_table(l2))
     totals = model[model["kernel"] == "all"]
     layouts = totals[(totals["batch"] == totals["batch"].min()) & (totals["target"] == MODEL_TARGET)]
     if layouts["layout"].nunique() > 1:
