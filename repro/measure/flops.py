@@ -50,6 +50,8 @@ MAC_FREE_OPS = frozenset(
     {
         "aten::add", "aten::add_", "aten::sub", "aten::sub_", "aten::mul", "aten::mul_", "aten::div",
         "aten::div_", "aten::neg", "aten::exp", "aten::sigmoid", "aten::tanh", "aten::rsub",
+        # x + gamma * out of the attention blocks (elementwise; gamma is one scalar)
+        "aten::addcmul", "aten::addcmul_",
         "aten::softmax", "aten::_softmax", "aten::log_softmax", "aten::fill_", "aten::fill_diagonal_",
         "aten::diagonal", "aten::diag", "aten::masked_fill_", "aten::max_pool2d", "aten::clone",
         "aten::expand_as", "aten::repeat", "aten::empty_like", "aten::new_ones", "aten::hardtanh_",
