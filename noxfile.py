@@ -27,7 +27,8 @@ def tests(session: nox.Session) -> None:
     """The test suite (Triton kernels through the interpreter on CPU; every inference engine: the deploy extra)."""
     _install(session, "[test,deploy]")
     # One worker per core (pytest-xdist; tests/conftest.py gives each one torch thread). `--dist load`, not
-    # loadgroup: with loadgroup a crashed worker's group was never rescheduled and the run hung (seen once). pytest exits 5 when it collects nothing; nox fails on any non-zero exit.
+    # loadgroup: with loadgroup a crashed worker's group was never rescheduled and the run hung (seen once).
+    # pytest exits 5 when it collects nothing; nox fails on any non-zero exit.
     session.run("pytest", *(session.posargs or ["-q", "-n", "auto", "--dist", "load"]))
 
 

@@ -261,7 +261,8 @@ def test_worker_forward_runs_in_a_forked_child(op_device):
             try:
                 torch.set_num_threads(2)
                 with torch.no_grad():
-                    code = 0 if torch.allclose(criss_cross_attention(query, key, value, backend="naive"), expected) else 1
+                    got = criss_cross_attention(query, key, value, backend="naive")
+                code = 0 if torch.allclose(got, expected) else 1
             finally:
                 os._exit(code)
         deadline = time.monotonic() + 60
