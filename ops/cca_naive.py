@@ -39,6 +39,7 @@ from functools import partial
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +131,12 @@ class CrissCrossNaiveFunction(torch.autograd.Function):
 
 
 def _forward_workers(value: torch.Tensor) -> int:
-    """How many threads run the forward: PyTorch's intra-op thread count on CPU, else 1 (one stream of work)."""
-    return torch.get_num_threads() if value.device.type == "cpu" else 1
+    """How many threads run the forward: PyTorch's intra-op thread count for plain CPU tensors, else 1 (one
+    stream of work). Tensor subclasses and dispatch modes (FakeTensorMode and FlopCounterMode of the FLOP
+    counts, tracing) stay on the calling thread: a mode is per thread, and the workers would run outside it."""
+    if value.device.type != "cpu" or type(value) is not torch.Tensor or _get_current_dispatch_mode() is not None:
+        return 1
+    return torch.get_num_threads()
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}

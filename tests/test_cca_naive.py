@@ -278,3 +278,26 @@ def test_worker_forward_runs_in_a_forked_child(op_device):
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("mode", ["fake", "flop_counter"])
+def test_forward_with_threads_under_dispatch_modes(mode, threads, op_device):
+    # The FLOP counts (repro.profile, repro.claims) run the op on fake tensors / under FlopCounterMode: a mode is
+    # per thread, so the several-thread forward must stay on the calling thread there (it raised "fake_mode.
+    # in_kernel_invocation must be False" in the main job's profile steps at 2 threads).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = (2, 3, 4, 7, 5)
+    if mode == "fake":
+        with FakeTensorMode():
+            query, key, value = _inputs(shape, device=op_device)
+            out = criss_cross_attention(query, key, value, backend="naive")
+        assert out.shape == value.shape
+    else:
+        query, key, value = _inputs(shape, device=op_device)
+        with FlopCounterMode(display=False) as counter:
+            out = criss_cross_attention(query, key, value, backend="naive")
+        torch.testing.assert_close(out, criss_cross_reference(query, key, value))
+        assert counter.get_total_flops() > 0  # the matmuls ran under the mode, on this thread
+    assert torch.get_num_threads() == threads
