@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import platform
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -126,3 +127,15 @@ def error_line(prog: str, message: str) -> str:
     so a bad option and a bad file read alike)."""
     text = " ".join(str(message).split())
     return f"{prog}: error: {text}"
+
+
+def display_path(text: str, root: Path | None = None) -> str:
+    """`text` relative to `root` (default: the working folder) when it is an absolute path inside it, else as
+    given: what status CSVs and console lines show, never one machine's absolute paths."""
+    path = Path(text)
+    if not path.is_absolute():
+        return text
+    try:
+        return path.relative_to(Path.cwd() if root is None else root).as_posix()
+    except ValueError:
+        return text

@@ -38,7 +38,7 @@ from repro.measure.kernels import (
 from repro.pipeline import drift
 from repro.pipeline.deploy_report import inference_block, update_inference_block
 from repro.pipeline.recipes import section_recipes
-from repro.vocabulary import EXIT_BAD_INPUT, EXIT_CANNOT_WRITE, EXIT_OK, error_line
+from repro.vocabulary import EXIT_BAD_INPUT, EXIT_CANNOT_WRITE, EXIT_OK, display_path, error_line
 
 REPORT_NAME = "REPORT.md"
 DETAILS = "details"
@@ -1085,18 +1085,6 @@ def write_report(results: Path, experiments: Path, *, readme: Path | None = None
     return path
 
 
-def _shown(name: str) -> str:
-    """A changed file's name as printed: relative to the working folder when inside it (the README's key is its
-    resolved path, and the reproduce pipeline records this line in results/reproduce_status.csv)."""
-    path = Path(name)
-    if not path.is_absolute():
-        return name
-    try:
-        return str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return name
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m repro.report", description=__doc__.split("\n")[0],
@@ -1126,7 +1114,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(error_line(prog, f"cannot write {err.filename or ''}: {err.strerror or err}"), file=sys.stderr)
         return EXIT_CANNOT_WRITE
-    changed = [_shown(name) for name, data in _snapshot(args.results, args.readme).items()
+    changed = [display_path(name) for name, data in _snapshot(args.results, args.readme).items()
                if before.get(name) != data]
     print(f"{path}: " + (f"updated {', '.join(changed)}" if changed else "nothing changed (every file as it was)"))
     return EXIT_OK

@@ -64,7 +64,7 @@ from rich.text import Text
 
 from repro.io import atomic_write_bytes, write_csv_atomic
 from repro.pipeline.drift import reference_dir
-from repro.vocabulary import cpu_model, device_label
+from repro.vocabulary import cpu_model, device_label, display_path
 
 STEP_GROUPS = ("claims", "bench", "synthetic", "profile", "experiments", "report")
 # What each step group (re)writes in RESULTS: cleared, after a reference copy of the CSVs, on the group's first
@@ -124,18 +124,8 @@ def display_command(argv: tuple[str, ...], *, root: Path | None = None) -> str:
     `root` (default: the working directory) relative to it. Stamps keep the exact argv; this is for the
     status CSV and the console, which must not carry one machine's absolute paths."""
     root = Path.cwd() if root is None else root
-    words = ["python" if index == 0 else _relative(word, root) for index, word in enumerate(argv)]
+    words = ["python" if index == 0 else display_path(word, root) for index, word in enumerate(argv)]
     return shlex.join(words)
-
-
-def _relative(word: str, root: Path) -> str:
-    path = Path(word)
-    if not path.is_absolute():
-        return word
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return word
 
 
 def committed_bytes(path: Path) -> tuple[bytes, str] | None:
