@@ -8,7 +8,8 @@ Two implementations:
   matmuls on channels-last views (no `cat`, no layout copies of the map), runs one in-place softmax, and has a
   hand-written backward that recomputes nothing but layout copies and uses the fused softmax backward. It saves
   the query and key as given, the probabilities, and the value (as given when it is channels_last, else one
-  channels-last copy per image; nothing when only the value needs a gradient).
+  channels-last copy per image; nothing when only the value needs a gradient). A value nothing saves (inference,
+  or only the value needing a gradient) that is not channels_last is never copied whole (`VALUE_PARTS`).
 * `criss_cross_attention_einsum`: the formulation mmcv ships (torch.einsum, materialised map, autograd
   through everything). Kept as the independent reference the benchmark compares against.
 
@@ -90,11 +91,13 @@ class CrissCrossNaiveFunction(torch.autograd.Function):
         batch, channels, height, width = value.shape
         out = value.new_empty(batch, height, width, channels)
         images = []
-        buffer = None
         for b in range(batch):
-            if not keep_value and buffer is None and not _is_channels_last(value):
-                buffer = value.new_empty(height, width, channels)
-            v = _image_channels_last(value, b, None if keep_value else buffer)
+            if not keep_value and not _is_channels_last(value):
+                # Nothing saves the value: no whole channels-last copy (half a value map less at the peak: the
+                # copy would live beside the value's own map until the call returns).
+                _aggregate_image_streamed(probs[b], value[b], out[b])
+                continue
+            v = _image_channels_last(value, b, None)
             _aggregate_image(probs[b], v, out[b])
             if keep_value:
                 images.append(v)
@@ -171,7 +174,8 @@ def _forward_in_workers(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     diagonal mask, softmax and row aggregation of blocks of rows, (4) the column aggregation of blocks of
     columns. PyTorch's intra-op thread count is 1 for the duration of the call (the
     workers replace it) and restored afterwards; the workers run under the caller's grad / inference mode.
-    Buffers are the one-thread path's (one image of value copy when the value is not saved).
+    Buffers are the one-thread path's: an NCHW value that is not saved is never copied whole
+    (`_rows_out_streamed`, `_columns_out_streamed`).
     """
     query, key, value = query.detach(), key.detach(), value.detach()
     batch, channels, height, width = value.shape
@@ -204,14 +208,25 @@ def _forward_in_workers(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         del q, k, copies
         out = value.new_empty(batch, height, width, channels)
         value_given = _is_channels_last(value)
+        streamed = not value_given and not keep_value
         if value_given:
             v_all = value.permute(0, 2, 3, 1)
+        elif keep_value:
+            v_all = value.new_empty(batch, height, width, channels)
         else:
-            v_all = value.new_empty(batch if keep_value else 1, height, width, channels)
+            parts = _value_parts(height)
+            buffer = value.new_empty(parts[0].stop - parts[0].start, width, channels)
         for b in range(batch):
-            v = v_all[b if value_given or keep_value else 0]
-            run(partial(_rows_out, probs[b], None if value_given else value[b], v, out[b]), height)
-            run(partial(_columns_out, probs[b], v, out[b]), width)
+            if streamed:  # nothing saves the value: never copied whole (see VALUE_PARTS)
+                run(partial(_rows_out_streamed, probs[b], value[b], out[b]), height)
+                column_weights = _column_view(probs[b])[..., :height]
+                for part in parts:
+                    rows = buffer[: part.stop - part.start]
+                    run(partial(_copy_rows, value[b], part, rows), part.stop - part.start)
+                    run(partial(_stream_columns, column_weights, part, rows, out[b]), width)
+                continue
+            run(partial(_rows_out, probs[b], None if value_given else value[b], v_all[b], out[b]), height)
+            run(partial(_columns_out, probs[b], v_all[b], out[b]), width)
     finally:
         torch.set_num_threads(previous)
     images = [v_all[b] for b in range(batch)] if keep_value else []
@@ -241,18 +256,75 @@ def _rows_out(probs: torch.Tensor, value: torch.Tensor | None, v: torch.Tensor, 
     diagonal mask, the softmax in place and the row aggregation into out (H, W, C)."""
     if value is not None:
         v[block].copy_(value[:, block].permute(1, 2, 0))
+    _softmax_rows(probs, block)
+    height = probs.shape[0]
+    torch.bmm(_row_view(probs[block], height), v[block], out=out[block])
+
+
+def _softmax_rows(probs: torch.Tensor, block: slice) -> None:
+    """The diagonal mask and the in-place softmax of rows `block` of probs (H, W, H + W)."""
     height = probs.shape[0]
     rows = probs[block]
     # The pixel itself is in both its row and its column: count it once (in the row branch).
     rows[..., :height].diagonal(offset=block.start, dim1=0, dim2=2).fill_(float("-inf"))
     torch._softmax(rows, -1, False, out=rows)
-    torch.bmm(_row_view(rows, height), v[block], out=out[block])
 
 
 def _columns_out(probs: torch.Tensor, v: torch.Tensor, out: torch.Tensor, block: slice) -> None:
     """Phase 4 on columns `block`: the column aggregation added into out."""
     height = probs.shape[0]
     _column_view(out)[block].baddbmm_(_column_view(probs)[block, :, :height], _column_view(v)[block])
+
+
+# A value that nothing saves and that is not channels_last is never copied whole (inference on an NCHW model): the
+# row branch reads it in place (row i of an NCHW image, as a (W, C) matrix, has unit stride along W: a column-major
+# operand BLAS reads as it is), and the column branch, whose (H, C) matrices have no unit stride in NCHW, sums over
+# VALUE_PARTS blocks of source rows, each copied channels-last in turn into one buffer. Timed at 97x97, C = 512,
+# one thread, against one whole copy: 2 parts take the same time (half a value map less at the peak); 4 parts
+# are 1.35x slower (the column products' inner dimension, H / 4, becomes too small).
+VALUE_PARTS = 2
+
+
+def _value_parts(height: int) -> list[slice]:
+    return _split(height, VALUE_PARTS)
+
+
+def _stream_rows(row_weights: torch.Tensor, value: torch.Tensor, out: torch.Tensor, block: slice) -> None:
+    """out[block] = row_weights[block] @ value's rows `block` (value (C, H, W), out (H, W, C)), read in place."""
+    torch.bmm(row_weights[block], value[:, block].permute(1, 2, 0), out=out[block])
+
+
+def _copy_rows(value: torch.Tensor, part: slice, buffer: torch.Tensor, block: slice) -> None:
+    """Rows `block` (relative to `part`) of the value's rows `part`, channels-last into buffer (rows, W, C)."""
+    rows = slice(part.start + block.start, part.start + block.stop)
+    buffer[block].copy_(value[:, rows].permute(1, 2, 0))
+
+
+def _stream_columns(column_weights: torch.Tensor, part: slice, rows: torch.Tensor, out: torch.Tensor,
+                    block: slice) -> None:
+    """out's columns `block` += the column branch's terms from source rows `part` (copied in rows (len, W, C))."""
+    _column_view(out)[block].baddbmm_(column_weights[block, :, part], _column_view(rows)[block])
+
+
+def _aggregate_image_streamed(weights: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> None:
+    """`_aggregate_image` of an NCHW value image (C, H, W) that nothing saves, without its whole channels-last copy
+    (see VALUE_PARTS)."""
+    height, width = out.shape[:2]
+    _stream_rows(_row_view(weights, height), value, out, slice(0, height))
+    parts = _value_parts(height)
+    buffer = value.new_empty(parts[0].stop - parts[0].start, width, value.shape[0])
+    column_weights = _column_view(weights)[..., :height]
+    for part in parts:
+        rows = buffer[: part.stop - part.start]
+        _copy_rows(value, part, rows, slice(0, part.stop - part.start))
+        _stream_columns(column_weights, part, rows, out, slice(0, width))
+
+
+def _rows_out_streamed(probs: torch.Tensor, value: torch.Tensor, out: torch.Tensor, block: slice) -> None:
+    """Phase 3 on rows `block` for an NCHW value (C, H, W) that nothing saves: mask, softmax, and the row
+    aggregation read in place."""
+    _softmax_rows(probs, block)
+    _stream_rows(_row_view(probs, probs.shape[0]), value, out, block)
 
 
 def _to_nchw(x: torch.Tensor | None) -> torch.Tensor | None:

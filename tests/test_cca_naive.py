@@ -301,3 +301,43 @@ def test_forward_with_threads_under_dispatch_modes(mode, threads, op_device):
         torch.testing.assert_close(out, criss_cross_reference(query, key, value))
         assert counter.get_total_flops() > 0  # the matmuls ran under the mode, on this thread
     assert torch.get_num_threads() == threads
+
+
+# H = 1 and W = 1 lines, an odd H (halves of 4 and 3 rows), B = 2 (the buffers reused across images).
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 6), (1, 2, 3, 1, 5), (1, 2, 3, 4, 1)], ids=str)
+@pytest.mark.parametrize("mode", ["no_grad", "value_grad_only"])
+def test_unsaved_nchw_value_is_streamed(shape, mode, threads, op_device):
+    # A value nothing saves (no gradient at all, or only the value's) that is NCHW takes the streamed path
+    # (rows read in place, columns from row halves): same results as the reference at 1 and 2 threads.
+    query, key, value = _inputs(shape, device=op_device)
+    if mode == "no_grad":
+        with torch.no_grad():
+            out = criss_cross_attention(query, key, value, backend="naive")
+        torch.testing.assert_close(out, criss_cross_reference(query, key, value))
+        return
+    value.requires_grad_(True)
+    grad_out = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64, device=op_device)
+    out = criss_cross_attention(query, key, value, backend="naive")
+    assert len(out.grad_fn.saved_tensors) == 3  # query, key, probabilities: no value copy
+    reference = criss_cross_reference(query, key, value)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(torch.autograd.grad(out, value, grad_out)[0],
+                               torch.autograd.grad(reference, value, grad_out)[0])
+
+
+def test_inference_peak_holds_no_whole_value_copy(threads):
+    # The forward's allocator peak on an NCHW value nothing saves: the output, the probabilities, the query and
+    # key copies and half an image of value rows, never a whole channels-last copy of the value.
+    from repro.measure.memory import cpu_peak_bytes
+
+    batch, qk_channels, channels, height, width = 1, 4, 64, 16, 12
+    query, key, value = _inputs((batch, qk_channels, channels, height, width), dtype=torch.float32)
+    with torch.no_grad():
+        peak = cpu_peak_bytes(lambda: criss_cross_attention(query, key, value, backend="naive"))
+    item = 4
+    value_map = channels * height * width * item
+    fixed = (value_map                                          # the output
+             + height * width * (height + width) * item         # the probabilities
+             + 2 * qk_channels * height * width * item)         # channels-last query and key
+    assert peak < fixed + value_map  # a whole copy of the value would reach fixed + value_map
+    assert peak <= fixed + value_map // 2 + 4096
