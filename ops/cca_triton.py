@@ -72,7 +72,7 @@ blocks (Cqk', Cv': rounded up to BLOCK_K, BLOCK_V):
   MACs: (B W T_col^2 + B H T_row^2) (Cqk' + Cv') (the minimum P A (Cqk + Cv)).
 * backward bytes: P (2 s Cv + 4) for delta, 2 P (8 + s (4 Cqk + 2 Cv)) for the passes' reads, 8 P (2 Cqk + Cv)
   for the fp32 partials written and read back, P s (2 Cqk + Cv) for the gradients (the minimum is
-  P (s (4 Cqk + 5 Cv) + 4)). MACs: (B W T_col^2 + B H T_row^2) (3 Cqk' + 2 Cv').
+  P (s (4 Cqk + 4 Cv) + 4): q, k, v, out and dO read, dq, dk and dv written, the LSE read). MACs: (B W T_col^2 + B H T_row^2) (3 Cqk' + 2 Cv').
   `tests/test_kernels.py` checks both formulas to the byte against the interpreter's counts.
 * NCHW inputs add their copies (read and written once): P s 2 (2 Cqk + Cv) in the forward (q, k, v) and
   P s 2 Cv in the backward (dO, when it is not channels-last).
@@ -100,13 +100,13 @@ Floors: where each counted goal of the design meets a limit of the op or of the 
   tiles at 4 warps do (sm_80's default, where a 128-wide backward spills anyway; a tuner candidate on sm_90),
   but a 97-pixel line then takes 2 x 2 tile pairs that re-read dO and v and pass fp32 partial sums through
   memory within each pass: counted with sm_80's tiles (`python -m repro.kernels model --target sm_80`, bf16),
-  the backward moves about 5.1x the minimum against 2.4x with sm_90's 128-wide tiles, so the two goals
-  (2 blocks per SM, 2.5x bytes) exclude each other; the forward's tiles, and bytes, are the same on both.
+  the backward moves about 6.3x the minimum against 2.9x with sm_90's 128-wide tiles, so the two goals
+  (2 blocks per SM, 3x bytes) exclude each other; the forward's tiles, and bytes, are the same on both.
 * fp32 backward. "tf32x3" splits each fp32 operand into two tf32 halves; a whole-line (128 x 128) backward
   spilled on sm_90 in every arrangement tried while designing (8 or 16 warps, one or two sweeps over the
   value channels, dq and dk from dS^T alone; 0.4 to 1.4 KB per thread, variants not kept), so fp32 lines
-  take 32-wide tiles and pay for it in re-reads (about 7x the minimum). With plain "tf32" a whole-line
-  backward that sweeps the value channels twice (dv, then dP; dO read twice, about 2.3x) compiled without
+  take 32-wide tiles and pay for it in re-reads (about 9x the minimum). With plain "tf32" a whole-line
+  backward that sweeps the value channels twice (dv, then dP; dO read twice, about 2.8x) compiled without
   spills (254 registers); it was not adopted, as fp32 stays near-exact.
 Counted at the issue's shapes and compiled for sm_80 / sm_90 by `python -m repro.kernels`:
 `results/kernel_model.csv` (bytes, 32-byte sectors and MACs per kernel against the minimum of `ops.cost`)

@@ -94,7 +94,7 @@ def criss_cross_attention_backward_cost(
     macs = 2 * pixels * attended * (qk_channels + value_channels)
     if recompute:
         macs += pixels * attended * qk_channels
-    moved = pixels * (4 * qk_channels + 5 * value_channels) * itemsize + pixels * FP32_BYTES
+    moved = pixels * (4 * qk_channels + 4 * value_channels) * itemsize + pixels * FP32_BYTES
     return Cost(macs, moved)
 
 

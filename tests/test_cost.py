@@ -69,6 +69,11 @@ def test_bytes_and_backward():
     assert backward.macs == 2 * forward.macs
     recompute = cost.criss_cross_attention_backward_cost(1, 8, 16, 5, 5)
     assert recompute.macs - backward.macs == 5 * 5 * 9 * 8
+    # The least a fused backward moves per pixel: q, k (Cqk each), v, out, dO (Cv each) read and dq, dk, dv
+    # written, one value-sized map per tensor, plus the fp32 log-sum-exp read.
+    qk, v, item = 8, 16, 2
+    per_pixel = item * (qk + qk + v + v + v) + item * (qk + qk + v) + 4
+    assert cost.criss_cross_attention_backward_cost(2, qk, v, 5, 3, itemsize=item).bytes == 2 * 5 * 3 * per_pixel
 
 
 def test_cost_arithmetic_and_errors():

@@ -242,7 +242,7 @@ def test_committed_nchw_rows_are_the_channels_last_kernels_plus_the_copies():
 def test_committed_sm_80_rows_trade_backward_bytes_for_occupancy():
     """bf16 with the tiles the launchers pick on sm_80 (counted with --target sm_80): the forward tiles are
     sm_90's, so are its counts; the backward's 64-wide tiles (2 blocks per SM there) re-read dO and v and pass
-    fp32 partial sums through memory: above the 2.5x bytes goal that sm_90's 128-wide tiles meet."""
+    fp32 partial sums through memory: above the 3x bytes goal that sm_90's 128-wide tiles meet."""
     frame = _model()
     limit = kernels.GOALS["backward bytes over the minimum (128-wide tiles)"].limit
     for shape in COMMITTED_SHAPES:
@@ -279,7 +279,7 @@ def test_forward_and_backward_sectors_stay_within_one_percent_of_the_bytes():
         assert {"fp32", "bf16"} <= {dtype for dtype, _ in rows.index}
 
 
-def test_bf16_backward_with_whole_line_tiles_stays_below_two_and_a_half_times_the_minimum():
+def test_bf16_backward_with_whole_line_tiles_stays_below_three_times_the_minimum():
     rows = _goal("backward bytes over the minimum (128-wide tiles)")
     assert list(rows.index) == [("bf16", f"counted {kernels.MODEL_TARGET}")]
 
@@ -287,7 +287,7 @@ def test_bf16_backward_with_whole_line_tiles_stays_below_two_and_a_half_times_th
 def test_backward_bytes_stay_at_the_floor_of_their_tiles():
     """Every backward (bf16 whole-line on sm_90, bf16 64-wide on sm_80, fp32 32-wide) at its line-tile floor: fp32's
     tf32x3 dots spill above 32-wide tiles, so a 97-pixel line takes 4 x 4 tile pairs that re-read q, k, dO and v
-    and pass fp32 partial sums through memory (7.41x the minimum), sm_80's 64-wide tiles 2 x 2 (5.14x)."""
+    and pass fp32 partial sums through memory (9.05x the minimum), sm_80's 64-wide tiles 2 x 2 (6.28x)."""
     rows = _goal("backward bytes over the line-tile floor")
     assert ("fp32", f"counted {kernels.MODEL_TARGET}") in rows.index
 
@@ -394,8 +394,8 @@ def test_goal_main_backward_kernels_fit_two_blocks_per_sm_on_sm_80():
 
 def test_main_backward_kernel_on_sm_90_holds_its_one_block_per_sm_floor():
     """P and dP of a 128 x 128 tile in fp32 take 128 KiB of registers, half an SM's register file: one whole-line
-    backward block per SM is the floor on sm_90 (64-wide tiles fit two but re-read dO and v: sm_80's 5.1x bytes,
-    above 2.5x). It must not drop to zero blocks (spills or too much shared memory) nor the goal row go missing."""
+    backward block per SM is the floor on sm_90 (64-wide tiles fit two but re-read dO and v: sm_80's 6.3x bytes,
+    above 3x). It must not drop to zero blocks (spills or too much shared memory) nor the goal row go missing."""
     backward = _main_kernels("_line_backward_kernel")
     backward = backward[backward["target"] == "sm_90"]
     assert len(backward) == 2 and (backward["blocks_per_sm"] >= 1).all()

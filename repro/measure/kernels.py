@@ -105,7 +105,7 @@ def backward_floor_bytes(batch: int, qk: int, v: int, height: int, width: int, i
     per (query tile, key tile) pair, q and k twice and dO and v once: P (8 + n s (4 Cqk + 2 Cv)); each gradient
     element gets n_c + n_r contributions, the first writes an fp32 partial, each later one reads it, the last
     writes the gradient: P (2 Cqk + Cv) (8 (n_c + n_r - 1) + s). One tile per line (n = 1) gives the formula of
-    `ops.cca_triton` (the 2.4x of bf16 on sm_90)."""
+    `ops.cca_triton` (the 2.9x of bf16 on sm_90)."""
     pixels = batch * height * width
     passes = sum(8 + n * itemsize * (4 * qk + 2 * v) for n in tiles)
     gradients = (2 * qk + v) * (8 * (sum(tiles) - 1) + itemsize)
@@ -166,8 +166,11 @@ GOALS = {goal.name: goal for goal in (
          "P (s (4 Cqk + 5 Cv) + 12): q, k, v read by both passes, out and LSE written, read, written"),
     Goal("forward 32-byte sectors over useful bytes", "forward", lambda row, f: row["sector_bytes"]
          / row["useful_bytes"], 1.01, "channel vectors whole: only their end sectors partly used"),
-    Goal("backward bytes over the minimum (128-wide tiles)", "backward", lambda row, f: row["useful_ratio"], 2.5,
-         "whole-line tiles: n_c = n_r = 1 in the backward floor, 2.41x",
+    # 3x, not the issue's 2.5x: that was set against a minimum that counted one value-sized map too many (s (4 Cqk
+    # + 5 Cv) per pixel, where q, k, v, out, dO read and dq, dk, dv written make s (4 Cqk + 4 Cv)); the same
+    # counted bytes were 2.41x of it.
+    Goal("backward bytes over the minimum (128-wide tiles)", "backward", lambda row, f: row["useful_ratio"], 3.0,
+         "whole-line tiles: n_c = n_r = 1 in the backward floor, 2.95x",
          applies=lambda dtype, target: dtype != "fp32" and target == "sm_90"),
     Goal("backward bytes over the line-tile floor", "backward", lambda row, f: row["useful_bytes"] / f["bytes"], 1.02,
          "P (2 s Cv + 4) + sum over passes P (8 + n s (4 Cqk + 2 Cv)) + P (2 Cqk + Cv) (8 (n_c + n_r - 1) + s)"),
@@ -733,40 +736,61 @@ def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width
                                        copy_to_channels_last=copy)
     for cache in caches.values():
         cache.flush()
-    minimum = {
-        "forward": cost.criss_cross_attention_cost(batch, qk_channels, v_channels, height, width,
-                                                   itemsize=itemsize),
-        "backward": cost.criss_cross_attention_backward_cost(batch, qk_channels, v_channels, height, width,
-                                                             itemsize=itemsize),
-    }
     rows = []
     for pass_name, counter in (("forward", forward), ("backward", backward)):
         for kernel, counts in [*sorted(counter.kernels.items()), ("all", counter.total())]:
-            rows.append({
+            row = {
                 "pass": pass_name, "kernel": kernel, "dtype": dtype_name, "layout": layout, "target": target,
                 "batch": batch,
                 "qk_channels": qk_channels, "v_channels": v_channels, "height": height, "width": width,
                 "launches": counts.launches, "load_bytes": counts.load_bytes, "store_bytes": counts.store_bytes,
                 "useful_bytes": counts.bytes, "sector_bytes": counts.sector_bytes, "macs": counts.macs,
-                "minimum_bytes": minimum[pass_name].bytes, "minimum_macs": minimum[pass_name].macs,
-                "useful_ratio": counts.bytes / minimum[pass_name].bytes,
-                "sector_ratio": counts.sector_bytes / minimum[pass_name].bytes,
-                "macs_per_pair": counts.macs / pairs, "minimum_macs_per_pair": minimum[pass_name].macs / pairs,
-                "macs_ratio": counts.macs / minimum[pass_name].macs,
-                **l2_columns(caches[pass_name], None if kernel == "all" else kernel, minimum[pass_name].bytes,
-                             target),
-            })
+                **l2_columns(caches[pass_name], None if kernel == "all" else kernel, target),
+            }
+            row.update(minimum_columns(row))
+            rows.append({column: row[column] for column in MODEL_COLUMNS})
     return rows
 
 
-def l2_columns(cache: LRUCache, kernel: str | None, minimum_bytes: int, target: str = MODEL_TARGET) -> dict:
+# kernel_model.csv's columns, in order.
+MODEL_COLUMNS = (
+    "pass", "kernel", "dtype", "layout", "target", "batch", "qk_channels", "v_channels", "height", "width",
+    "launches", "load_bytes", "store_bytes", "useful_bytes", "sector_bytes", "macs", "minimum_bytes",
+    "minimum_macs", "useful_ratio", "sector_ratio", "macs_per_pair", "minimum_macs_per_pair", "macs_ratio",
+    "l2_model_dram_read_bytes", "l2_model_dram_write_bytes", "l2_model_dram_bytes", "l2_model_dram_ratio",
+    "l2_model", "l2_model_cache_bytes",
+)
+
+
+def minimum_columns(row) -> dict:
+    """The columns of a kernel_model.csv row derived from `ops.cost`'s minimum of its pass and shape: the minimum
+    bytes and MACs and the counted values over them (the counts themselves are the row's). `python -m
+    repro.kernels model --rederive` applies it to a committed CSV after the minimum's formula changes."""
+    from ops import cost
+
+    shape = tuple(int(row[name]) for name in ("batch", "qk_channels", "v_channels", "height", "width"))
+    itemsize = DTYPES[row["dtype"]].itemsize
+    minimum = (cost.criss_cross_attention_cost if row["pass"] == "forward"
+               else cost.criss_cross_attention_backward_cost)(*shape, itemsize=itemsize)
+    pairs = shape[0] * shape[3] * shape[4] * (shape[3] + shape[4] - 1)
+    dram = row.get("l2_model_dram_bytes")
+    return {
+        "minimum_bytes": minimum.bytes, "minimum_macs": minimum.macs,
+        "useful_ratio": row["useful_bytes"] / minimum.bytes, "sector_ratio": row["sector_bytes"] / minimum.bytes,
+        "macs_per_pair": row["macs"] / pairs, "minimum_macs_per_pair": minimum.macs / pairs,
+        "macs_ratio": row["macs"] / minimum.macs,
+        "l2_model_dram_ratio": float("nan") if dram is None or pd.isna(dram) else dram / minimum.bytes,
+    }
+
+
+def l2_columns(cache: LRUCache, kernel: str | None, target: str = MODEL_TARGET) -> dict:
     """The L2 model's columns of one row (`kernel` None: the whole pass) for `target`'s L2, labelled as a model
-    by `l2_model`."""
+    by `l2_model` (its ratio to the minimum is one of `minimum_columns`)."""
     reads, writes = cache.reads, cache.writes
     read = sum(reads.values()) if kernel is None else reads.get(kernel, 0)
     written = sum(writes.values()) if kernel is None else writes.get(kernel, 0)
     return {"l2_model_dram_read_bytes": read, "l2_model_dram_write_bytes": written,
-            "l2_model_dram_bytes": read + written, "l2_model_dram_ratio": (read + written) / minimum_bytes,
+            "l2_model_dram_bytes": read + written,
             "l2_model_cache_bytes": cache.capacity_bytes, "l2_model": l2_model_label(target)}
 
 
@@ -971,11 +995,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="model: count only this dtype (repeatable; default bf16 and fp32)")
     parser.add_argument("--layout", action="append", choices=LAYOUTS,
                         help="model: memory layout of the inputs (repeatable; default channels_last)")
+    parser.add_argument("--rederive", action="store_true",
+                        help="model: count nothing; recompute the columns derived from ops.cost's minimum (minimum "
+                             "bytes and MACs and the ratios to them) in OUT_DIR/kernel_model.csv from its counts")
     parser.add_argument("--target", action="append", choices=tuple(TARGETS),
                         help=f"model: count with the tiles the launchers pick on this GPU target (repeatable; "
                              f"default {MODEL_TARGET})")
     args = parser.parse_args(argv)
-    model_only = {"--batch": args.batch, "--dtype": args.dtype, "--layout": args.layout, "--target": args.target}
+    model_only = {"--batch": args.batch, "--dtype": args.dtype, "--layout": args.layout, "--target": args.target,
+                  "--rederive": args.rederive}
     if args.part != "model" and any(model_only.values()):
         parser.error(f"{', '.join(name for name, value in model_only.items() if value)} apply only to the model "
                      "part (python -m repro.kernels model ...)")
@@ -992,6 +1020,16 @@ def main(argv: list[str] | None = None) -> int:
                      "part needs it " + ("on" if wanted_interpreter else "off"))
     os.environ["TRITON_INTERPRET"] = "1" if wanted_interpreter else "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, set to silence its warning
+    if args.part == "model" and args.rederive:
+        path = os.path.join(args.out_dir, "kernel_model.csv")
+        if not os.path.exists(path):
+            parser.error(f"--rederive needs {path}, which does not exist")
+        frame = pd.read_csv(path)
+        derived = pd.DataFrame([minimum_columns(row) for _, row in frame.iterrows()], index=frame.index)
+        frame[derived.columns] = derived
+        write_csv_atomic(frame, path)
+        print(f"recomputed the minimum columns of {len(frame)} rows in {path}")
+        return 0
     if args.part == "model":
         # Minutes per shape in the interpreter: each (shape, dtype) is written as soon as it is counted, so an
         # interrupted run keeps what it finished (rows with the same key are replaced).
