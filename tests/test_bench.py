@@ -94,3 +94,24 @@ def test_einsum_speedups_pairs_rows_of_one_run_only():
     row = table.iloc[0]
     assert (row["cpu"], row["threads"], row["speedup_vs_einsum"], row["einsum_milliseconds"]) == ("X (avx2)", "1", 2.5,
                                                                                                  "240")
+
+
+def test_rederive_recomputes_only_the_cost_columns(tmp_path):
+    # After ops.cost changes, `--rederive` rewrites the model columns (and the rates they imply) of every row
+    # from its own time; times, memory and the rest stay as measured.
+    from ops import cost
+
+    path = tmp_path / "ops_bench.csv"
+    bench.main(["--quick", "--variants", "cca_naive", "--out", str(path)])
+    measured = pd.read_csv(path, dtype=str, keep_default_na=False)
+    stale = measured.copy()
+    stale[["model_gflop", "model_mb_moved", "gb_per_s", "tflop_per_s"]] = "1"
+    stale.to_csv(path, index=False)
+    assert bench.main(["--rederive", "--out", str(path)]) == 0
+    again = pd.read_csv(path, dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(again, measured)
+    backward = again[again["pass"] == "bwd"].iloc[0]
+    shape = [int(backward[name]) for name in ("batch", "qk_channels", "channels", "height", "width")]
+    expected = cost.criss_cross_attention_backward_cost(*shape).bytes
+    assert float(backward["model_mb_moved"]) == round(expected / 2**20, 3)
+    assert float(backward["gb_per_s"]) == round(expected / (float(backward["milliseconds"]) / 1e3) / 1e9, 3)

@@ -619,3 +619,13 @@ def test_model_command_counts_every_committed_configuration(tmp_path, monkeypatc
     asked.clear()
     assert kernels.main(["model", "--out-dir", str(tmp_path), "--batch", "2", "--target", "sm_80"]) == 0
     assert asked == [(2, "bf16", "channels_last", "sm_80"), (2, "fp32", "channels_last", "sm_80")]
+
+
+def test_committed_minimum_columns_follow_ops_cost():
+    """kernel_model.csv's minimum columns are `ops.cost`'s for each row's pass and shape (`python -m repro.kernels
+    model --rederive` after the formula changes), and each ratio is the row's count over them."""
+    frame = _model()
+    for _, row in frame.iterrows():
+        derived = kernels.minimum_columns(row)
+        assert row["minimum_bytes"] == derived["minimum_bytes"] and row["minimum_macs"] == derived["minimum_macs"]
+        assert abs(row["useful_ratio"] * row["minimum_bytes"] - row["useful_bytes"]) <= 1e-6 * row["useful_bytes"]

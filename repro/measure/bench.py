@@ -39,7 +39,7 @@ from ops import cost
 from ops.cca_naive import criss_cross_attention_einsum
 from ops.criss_cross import EVIDENCE_COLUMNS, criss_cross_attention, triton_available
 from ops.non_local import non_local_attention
-from repro.io import atomic_write_text, upsert_csv
+from repro.io import atomic_write_text, upsert_csv, write_csv_atomic
 from repro.measure.environment import cpu_label, versions
 from repro.measure.memory import peak_bytes
 from repro.measure.quiet import quiet_profiler
@@ -233,28 +233,47 @@ def paired_speedup(reference: list[float] | None, times: list[float]) -> float |
     return statistics.median(ref / t for ref, t in zip(reference, times))
 
 
+def model_columns(variant: OpVariant, shape: Shape, dtype_name: str, pass_: str, seconds: float | None) -> dict:
+    """The columns derived from `ops.cost` (the fused minimum of the pass): model GFLOP and MB, and with a time
+    the rates they imply (empty without one)."""
+    model = variant.cost(shape.batch, shape.qk_channels, shape.channels, shape.height, shape.width,
+                         DTYPES[dtype_name].itemsize, pass_)
+    timed = seconds is not None
+    return {"model_gflop": round(model.flops / 1e9, 4), "model_mb_moved": round(model.bytes / 2**20, 3),
+            "gb_per_s": round(model.bytes / seconds / 1e9, 3) if timed else "",
+            "tflop_per_s": round(model.flops / seconds / 1e12, 5) if timed else ""}
+
+
+def rederive(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` (ops_bench.csv rows) with `model_columns` recomputed from each row's variant, shape, dtype, pass
+    and milliseconds: for a committed CSV after `ops.cost` changes (timings and memory untouched)."""
+    frame = frame.copy()
+    for index, row in frame.iterrows():
+        shape = Shape(*(int(row[name]) for name in ("batch", "channels", "qk_channels", "height", "width")))
+        milliseconds = pd.to_numeric(row["milliseconds"], errors="coerce")
+        seconds = None if pd.isna(milliseconds) else float(milliseconds) / 1e3
+        for column, value in model_columns(VARIANTS[row["variant"]], shape, row["dtype"], row["pass"],
+                                           seconds).items():
+            frame.at[index, column] = str(value)  # the CSV is read as text: timings keep their digits
+    return frame
+
+
 def _row(variant, shape, dtype_name, pass_, device, label, library_versions, date, threads, *, status="ok",
          seconds=None, peak=None, rounds=0, speedup=None):
-    itemsize = DTYPES[dtype_name].itemsize
-    model = variant.cost(shape.batch, shape.qk_channels, shape.channels, shape.height, shape.width, itemsize, pass_)
     row = {
         "variant": variant.name, "op": variant.op, "backend": variant.backend, "dtype": dtype_name,
         "batch": shape.batch, "channels": shape.channels, "qk_channels": shape.qk_channels,
         "height": shape.height, "width": shape.width, "pass": pass_,
-        "milliseconds": "", "peak_memory_mb": "", "gb_per_s": "", "tflop_per_s": "",
-        "model_gflop": round(model.flops / 1e9, 4), "model_mb_moved": round(model.bytes / 2**20, 3),
+        "milliseconds": "", "peak_memory_mb": "", "gb_per_s": "", "tflop_per_s": "", "model_gflop": "",
+        "model_mb_moved": "",
         "device": label, "cpu": cpu_label(), "threads": threads if device.type == "cpu" else "",
         "speedup_vs_einsum": "" if speedup is None else round(speedup, 3),
         "rounds": rounds, "torch": library_versions["torch"], "triton": library_versions["triton"], "date": date,
         "status": status,
     }
+    row.update(model_columns(variant, shape, dtype_name, pass_, seconds))
     if seconds is not None:
-        row.update(
-            milliseconds=round(seconds * 1e3, 3),
-            peak_memory_mb=round(peak / 2**20, 2),
-            gb_per_s=round(model.bytes / seconds / 1e9, 3),
-            tflop_per_s=round(model.flops / seconds / 1e12, 5),
-        )
+        row.update(milliseconds=round(seconds * 1e3, 3), peak_memory_mb=round(peak / 2**20, 2))
     return row
 
 
@@ -381,7 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auto-evidence", type=Path, default=None, metavar="PATH",
                         help="also regenerate the backend='auto' evidence file from the CUDA rows of --out "
                              "(the committed one is ops/auto_backend.csv)")
+    parser.add_argument("--rederive", action="store_true",
+                        help="time nothing: recompute the columns derived from ops.cost (model GFLOP and MB, "
+                             "GB/s, TFLOP/s) of every row of --out (default the committed CSV) from its times")
     args = parser.parse_args(argv)
+    if args.rederive:
+        path = args.out or COMMITTED_CSV
+        if not Path(path).exists():
+            parser.error(f"--rederive needs {path}, which does not exist")
+        frame = rederive(pd.read_csv(path, keep_default_na=False, dtype=str))
+        write_csv_atomic(frame, path)
+        print(f"recomputed the ops.cost columns of {len(frame)} rows in {path}")
+        return 0
     args.out = default_out(args)
 
     device = torch.device(args.device)
