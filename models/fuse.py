@@ -200,11 +200,72 @@ def use_winograd(model: nn.Module) -> int:
     return len(names)
 
 
+class ResidualBottleneck(nn.Module):
+    """The eval-only form of a folded `models.resnet.Bottleneck` (same submodules and state-dict keys): its last
+    1x1 convolution is accumulated straight into the residual tensor by one GEMM (`addmm_`, beta = 1), then the
+    bias and the ReLU are applied in place, instead of writing a fresh output, adding the residual and applying
+    the ReLU as three passes over it. The residual is the downsample's output (a fresh tensor) or, with
+    `overwrite_input` (set by `fuse_residuals` for a block fed by the block before it in the same layer, whose
+    output nothing else reads), the block's input itself. Anything else (a non-float32 or non-CPU input, a layout
+    other than contiguous NCHW, an input it may not overwrite) takes the plain Bottleneck formula."""
+
+    def __init__(self, block: nn.Module, *, overwrite_input: bool = False) -> None:
+        super().__init__()
+        for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"):
+            setattr(self, name, getattr(block, name))
+        self.overwrite_input = overwrite_input
+
+    def _fast(self, out: torch.Tensor, identity: torch.Tensor) -> bool:
+        conv = self.conv3
+        return (isinstance(self.bn3, nn.Identity) and type(conv) is nn.Conv2d and conv.kernel_size == (1, 1)
+                and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)
+                and out.device.type == "cpu" and out.dtype == identity.dtype == conv.weight.dtype == torch.float32
+                and out.is_contiguous() and identity.is_contiguous()
+                and identity.shape == (out.shape[0], conv.out_channels, *out.shape[2:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        if (identity is not x or self.overwrite_input) and self._fast(out, identity):
+            weight = self.conv3.weight.view(self.conv3.out_channels, -1)
+            batch, channels = out.shape[:2]
+            for index in range(batch):  # identity += W @ out, one GEMM per image
+                identity[index].view(weight.shape[0], -1).addmm_(weight, out[index].view(channels, -1))
+            if self.conv3.bias is not None:
+                identity.add_(self.conv3.bias.view(1, -1, 1, 1))
+            return identity.relu_()
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def fuse_residuals(model: nn.Module) -> int:
+    """Replace (in place) every folded `Bottleneck` of `model` with a `ResidualBottleneck`; the blocks after the
+    first of each layer (`nn.Sequential`) may overwrite their input, the previous block's output. Returns how
+    many."""
+    from models.resnet import Bottleneck
+
+    count = 0
+    for parent in list(model.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for index, (name, child) in enumerate(children):
+            if type(child) is Bottleneck and isinstance(child.bn3, nn.Identity):
+                fed_by_block = index > 0 and isinstance(children[index - 1][1], (Bottleneck, ResidualBottleneck))
+                replacement = ResidualBottleneck(child, overwrite_input=fed_by_block)
+                replacement.train(child.training)
+                setattr(parent, name, replacement)
+                count += 1
+    return count
+
+
 def inference_model(model: nn.Module, example: torch.Tensor, *, channels_last: bool = False,
-                    winograd: bool = True) -> nn.Module:
+                    winograd: bool = True, residuals: bool = True) -> nn.Module:
     """The CPU inference form of a trained model: `fold_batchnorm`, with `channels_last` the weights (and, for
     a model with a `channels_last` switch such as models.ccnet.CCNet, the inputs) in channels-last memory, and
-    with `winograd` (default) the large 3x3 convolutions on Winograd F(4x4, 3x3) (`use_winograd`).
+    with `winograd` (default) the large 3x3 convolutions on Winograd F(4x4, 3x3) (`use_winograd`), with
+    `residuals` (default) the ResNet blocks' last convolution accumulated into the residual (`fuse_residuals`).
     Eval-only. Measured on the Intel Xeon (AVX-512) here (results/inference_bench.csv, torch_fused vs
     torch_folded): channels_last was slower for the dilated ResNets at one thread and faster at two, so the
     command lines turn it on with several threads."""
@@ -215,4 +276,6 @@ def inference_model(model: nn.Module, example: torch.Tensor, *, channels_last: b
             folded.channels_last = True
     if winograd:
         use_winograd(folded)
+    if residuals:
+        fuse_residuals(folded)
     return folded

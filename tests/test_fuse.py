@@ -209,3 +209,33 @@ def test_no_winograd_when_turned_off_or_unavailable(monkeypatch):
     assert not any(isinstance(m, WinogradConv2d) for m in inference_model(model, images, winograd=False).modules())
     monkeypatch.setattr(fuse, "winograd_available", lambda: False)
     assert use_winograd(model) == 0 and type(model[0]) is nn.Conv2d
+
+
+def test_residual_blocks_accumulate_in_place_without_touching_what_others_read():
+    # Every folded Bottleneck becomes a ResidualBottleneck (same keys); only the blocks fed by the block before
+    # them may overwrite their input, so the images and every layer output the backbone returns are intact.
+    model = _model(head="rcca", stem="v1c", output_stride=8)
+    images = torch.randn(2, 3, 47, 38, generator=torch.Generator().manual_seed(4))
+    plain = inference_model(model, images[:1], residuals=False)
+    fused = inference_model(model, images[:1])
+    blocks = [m for m in fused.modules() if isinstance(m, fuse.ResidualBottleneck)]
+    assert len(blocks) == 16 and fused.state_dict().keys() == plain.state_dict().keys()
+    first = {id(layer[0]) for layer in (fused.backbone.layer1, fused.backbone.layer2, fused.backbone.layer3,
+                                        fused.backbone.layer4)}
+    assert all(block.overwrite_input == (id(block) not in first) for block in blocks)
+    kept = images.clone()
+    with torch.no_grad():
+        expected, got = plain.backbone(images), fused.backbone(images)
+        for a, b in zip(expected, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+        assert torch.equal(images, kept)
+        block = fused.backbone.layer1[1]  # a block that may overwrite: its input is written, the result is right
+        features = got[0].clone()
+        reference = plain.backbone.layer1[1](features.clone())
+        result = block(features)
+        assert result.data_ptr() == features.data_ptr()
+        torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+        block.overwrite_input = False  # then it does not
+        features = got[0].clone()
+        assert block(features).data_ptr() != features.data_ptr() and torch.equal(features, got[0])
+    _assert_same_predictions(model, fused, images)
