@@ -134,9 +134,9 @@ class WinogradConv2d(nn.Conv2d):
     PyTorch's GEMMs, a quarter of the direct kernel's multiply-adds. Same parameters and state-dict keys as the
     `nn.Conv2d` it replaces; the transformed kernel is a non-persistent buffer, recomputed when the weight is
     changed in place (e.g. by `load_state_dict`). The input may be NCHW or channels_last (the output keeps its
-    layout); float32 CPU tensors only, anything else takes `nn.Conv2d`'s path. The transforms round differently
-    from the direct kernel (~1e-5 of the largest output). `workspace`: scratch memory reused across calls,
-    shared by all the Winograd convolutions `use_winograd` puts in one model."""
+    layout); float32 CPU tensors outside autograd only, anything else takes `nn.Conv2d`'s path. The transforms
+    round differently from the direct kernel (~1e-5 of the largest output). `workspace`: scratch memory reused
+    across calls, shared by all the Winograd convolutions `use_winograd` puts in one model."""
 
     def __init__(self, *args, workspace: Workspace | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -153,8 +153,9 @@ class WinogradConv2d(nn.Conv2d):
         return self.transformed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
-            return super().forward(x)
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return super().forward(x)  # the Winograd path writes into scratch buffers: not differentiable
         return winograd_conv3x3(x, self._kernel(), self.bias, dilation=self.dilation[0], workspace=self.workspace)
 
 
@@ -221,6 +222,7 @@ class ResidualBottleneck(nn.Module):
                 and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)
                 and out.device.type == "cpu" and out.dtype == identity.dtype == conv.weight.dtype == torch.float32
                 and out.is_contiguous() and identity.is_contiguous()
+                and not (torch.is_grad_enabled() and (out.requires_grad or identity.requires_grad))
                 and identity.shape == (out.shape[0], conv.out_channels, *out.shape[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,8 +269,9 @@ def inference_model(model: nn.Module, example: torch.Tensor, *, channels_last: b
     with `winograd` (default) the large 3x3 convolutions on Winograd F(4x4, 3x3) (`use_winograd`), with
     `residuals` (default) the ResNet blocks' last convolution accumulated into the residual (`fuse_residuals`).
     Eval-only. Measured on the Intel Xeon (AVX-512) here (results/inference_bench.csv, torch_fused vs
-    torch_folded): channels_last was slower for the dilated ResNets at one thread and faster at two, so the
-    command lines turn it on with several threads."""
+    torch_folded, R-50-D8 / R-101-D8 at 512x1024): channels_last is slower at one thread and at two (the Winograd
+    tile gather reads across the interleaved channels, the residual accumulation needs NCHW), so the command
+    lines leave it off."""
     folded = fold_batchnorm(model, example)
     if channels_last:
         folded = folded.to(memory_format=torch.channels_last)

@@ -180,6 +180,10 @@ def test_winograd_convs_keep_the_outputs_and_the_layout(memory_format):
         got, expected = model(images), reference(images)
     assert got.is_contiguous(memory_format=memory_format)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    # An input that needs gradients takes nn.Conv2d's path too (the Winograd one writes into scratch memory).
+    leaf = images.clone().requires_grad_(True)
+    model(leaf).sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == images.shape
     with torch.no_grad():  # a non-float32 input takes nn.Conv2d's path, the same function
         torch.testing.assert_close(model.double()(images.double()), reference.double()(images.double()))
 

@@ -6,8 +6,10 @@ Variants (the `variant` column of results/inference_bench.csv):
 * `torch_folded`: `models.fuse.inference_model`: BatchNorm folded into the convolutions, every same-size 3x3
   convolution of >= 256 channels (layer3 / layer4, dilated, and the heads) on Winograd F(4x4, 3x3)
   (`models.winograd`), the ResNet blocks' last 1x1 convolution accumulated into the residual in place (what
-  `repro.run --eval-only` and `repro.predict` run on the CPU with one thread).
-* `torch_fused`: the same with channels_last weights and inputs (what they run with several threads).
+  `repro.run --eval-only` and `repro.predict` run on the CPU).
+* `torch_fused`: the same with channels_last weights and inputs (the Winograd layers then gather their tiles
+  across the channel-interleaved layout and the residual accumulation falls back to three passes: measured
+  slower than `torch_folded` at 1 and 2 threads, so the command lines run `torch_folded` at every thread count).
 * `mmseg_1.2.2`: mmsegmentation's own model (`EncoderDecoder.encode_decode`), built from its config in its own
   venv (the parity peer); it runs as a subprocess that times its own forward and writes its logits to a file.
   The weights are mmseg's (random, non-trivial norms: repro/parity/peers/mmseg_peer.py build_model), imported into
