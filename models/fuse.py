@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from models.resnet import FrozenBatchNorm2d
+from models.winograd import Workspace, kernel_transform
+from models.winograd import conv3x3 as winograd_conv3x3
 
 NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 
@@ -127,66 +129,149 @@ WINOGRAD_MIN_CHANNELS = 256
 
 
 class WinogradConv2d(nn.Conv2d):
-    """A 3x3, stride-1, undilated convolution run by NNPACK's Winograd kernel (`torch._nnpack_spatial_convolution`,
-    part of PyTorch's CPU build), which needs fewer multiply-adds than the direct kernel PyTorch picks for a batch
-    of one. Same parameters and state-dict keys as the `nn.Conv2d` it replaces; the input may be NCHW or
-    channels_last (the output keeps its layout); float32 CPU tensors only, anything else takes `nn.Conv2d`'s
-    path. The Winograd transforms round differently from the direct kernel (relative differences ~1e-5)."""
+    """A 3x3, stride-1 convolution whose padding equals its dilation (the "same" 3x3 convolutions of the ResNet
+    layers and the CCNet heads, dilated or not) run by `models.winograd.conv3x3`: Winograd F(4x4, 3x3) on
+    PyTorch's GEMMs, a quarter of the direct kernel's multiply-adds. Same parameters and state-dict keys as the
+    `nn.Conv2d` it replaces; the transformed kernel is a non-persistent buffer, recomputed when the weight is
+    changed in place (e.g. by `load_state_dict`). The input may be NCHW or channels_last (the output keeps its
+    layout); float32 CPU tensors outside autograd only, anything else takes `nn.Conv2d`'s path. The transforms
+    round differently from the direct kernel (~1e-5 of the largest output). `workspace`: scratch memory reused
+    across calls, shared by all the Winograd convolutions `use_winograd` puts in one model."""
+
+    def __init__(self, *args, workspace: Workspace | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.workspace = workspace if workspace is not None else Workspace()
+        self.register_buffer("transformed", torch.empty(0), persistent=False)
+        self._transformed_version: tuple[int, int] | None = None
+
+    def _kernel(self) -> torch.Tensor:
+        version = (id(self.weight), self.weight._version)
+        if self._transformed_version != version or self.transformed.dtype != self.weight.dtype:
+            with torch.no_grad():
+                self.transformed = kernel_transform(self.weight)
+            self._transformed_version = version
+        return self.transformed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
-            return super().forward(x)
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        weight = self.weight if self.weight.is_contiguous() else self.weight.contiguous()
-        out = torch._nnpack_spatial_convolution(x.contiguous(), weight, self.bias, list(self.padding))
-        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return super().forward(x)  # the Winograd path writes into scratch buffers: not differentiable
+        return winograd_conv3x3(x, self._kernel(), self.bias, dilation=self.dilation[0], workspace=self.workspace)
 
 
 def winograd_eligible(conv: nn.Module) -> bool:
-    """Whether `inference_model` runs `conv` through `WinogradConv2d`: a plain 3x3 convolution, stride 1, no
-    dilation, one group, zero padding given as numbers, and at least WINOGRAD_MIN_CHANNELS input channels (the
-    CCNet heads' 3x3 convolutions; timed against PyTorch's direct kernel at 64x128, batch 1, on the Intel Xeon
-    here: 1.5x faster at one thread and at two for 512-2560 channels, while PyTorch's channels_last kernel
-    stays faster for the 32-64 channel convolutions of a ResNet stem and layer1)."""
+    """Whether `inference_model` runs `conv` through `WinogradConv2d`: a plain 3x3 convolution, stride 1, one
+    group, zero padding given as numbers and equal to the dilation (same-size output), and at least
+    WINOGRAD_MIN_CHANNELS input channels (ResNet layer3 / layer4 and the CCNet heads). Timed against PyTorch's
+    kernels (oneDNN's direct convolution, NNPACK) at 64x128, batch 1, on the Intel Xeon here: 1.1-1.3x faster
+    than oneDNN for 256 channels, 1.8x for the dilated 512-channel layer4 convolutions and 2.4x for the heads'
+    2048 / 2560-channel ones at one thread (NNPACK's F(6x6, 3x3): 1.5x), while the 64-128 channel convolutions of
+    a ResNet stem, layer1 and layer2 are as fast or faster on oneDNN."""
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple) and conv.in_channels >= WINOGRAD_MIN_CHANNELS)
+            and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and conv.dilation[0] == conv.dilation[1] and tuple(conv.padding) == tuple(conv.dilation)
+            and conv.in_channels >= WINOGRAD_MIN_CHANNELS)
 
 
 def winograd_available() -> bool:
-    """Whether this PyTorch build has NNPACK on this CPU (the call also initialises NNPACK)."""
-    return bool(torch.backends.nnpack.is_available())
+    """Whether `use_winograd` can run here: the implementation is PyTorch's own GEMMs, so on every CPU build."""
+    return True
 
 
 def use_winograd(model: nn.Module) -> int:
     """Replace every `winograd_eligible` convolution of `model` (in place) with a `WinogradConv2d` holding the
-    same parameters (weights in contiguous NCHW memory, what NNPACK reads); returns how many. Nothing is
-    replaced when NNPACK is unavailable."""
+    same parameters, all sharing one workspace; returns how many."""
     if not winograd_available():
         return 0
     names = [name for name, module in model.named_modules() if winograd_eligible(module)]
+    workspace = Workspace()
     for name in names:
         conv = model.get_submodule(name)
         winograd = WinogradConv2d(conv.in_channels, conv.out_channels, 3, padding=conv.padding,
-                                  bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+                                  dilation=conv.dilation, bias=conv.bias is not None, device=conv.weight.device,
+                                  dtype=conv.weight.dtype, workspace=workspace)
         with torch.no_grad():
-            winograd.weight.copy_(conv.weight.contiguous())
+            winograd.weight.copy_(conv.weight)
             if conv.bias is not None:
                 winograd.bias.copy_(conv.bias)
         winograd.requires_grad_(False)
         winograd.train(conv.training)
+        winograd._kernel()  # transformed once here, not in the first forward
         _set(model, name, winograd)
     return len(names)
 
 
+class ResidualBottleneck(nn.Module):
+    """The eval-only form of a folded `models.resnet.Bottleneck` (same submodules and state-dict keys): its last
+    1x1 convolution is accumulated straight into the residual tensor by one GEMM (`addmm_`, beta = 1), then the
+    bias and the ReLU are applied in place, instead of writing a fresh output, adding the residual and applying
+    the ReLU as three passes over it. The residual is the downsample's output (a fresh tensor) or, with
+    `overwrite_input` (set by `fuse_residuals` for a block fed by the block before it in the same layer, whose
+    output nothing else reads), the block's input itself. Anything else (a non-float32 or non-CPU input, a layout
+    other than contiguous NCHW, an input it may not overwrite) takes the plain Bottleneck formula."""
+
+    def __init__(self, block: nn.Module, *, overwrite_input: bool = False) -> None:
+        super().__init__()
+        for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"):
+            setattr(self, name, getattr(block, name))
+        self.overwrite_input = overwrite_input
+
+    def _fast(self, out: torch.Tensor, identity: torch.Tensor) -> bool:
+        conv = self.conv3
+        return (isinstance(self.bn3, nn.Identity) and type(conv) is nn.Conv2d and conv.kernel_size == (1, 1)
+                and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)
+                and out.device.type == "cpu" and out.dtype == identity.dtype == conv.weight.dtype == torch.float32
+                and out.is_contiguous() and identity.is_contiguous()
+                and not (torch.is_grad_enabled() and (out.requires_grad or identity.requires_grad))
+                and identity.shape == (out.shape[0], conv.out_channels, *out.shape[2:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        if (identity is not x or self.overwrite_input) and self._fast(out, identity):
+            weight = self.conv3.weight.view(self.conv3.out_channels, -1)
+            batch, channels = out.shape[:2]
+            for index in range(batch):  # identity += W @ out, one GEMM per image
+                identity[index].view(weight.shape[0], -1).addmm_(weight, out[index].view(channels, -1))
+            if self.conv3.bias is not None:
+                identity.add_(self.conv3.bias.view(1, -1, 1, 1))
+            return identity.relu_()
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def fuse_residuals(model: nn.Module) -> int:
+    """Replace (in place) every folded `Bottleneck` of `model` with a `ResidualBottleneck`; the blocks after the
+    first of each layer (`nn.Sequential`) may overwrite their input, the previous block's output. Returns how
+    many."""
+    from models.resnet import Bottleneck
+
+    count = 0
+    for parent in list(model.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for index, (name, child) in enumerate(children):
+            if type(child) is Bottleneck and isinstance(child.bn3, nn.Identity):
+                fed_by_block = index > 0 and isinstance(children[index - 1][1], (Bottleneck, ResidualBottleneck))
+                replacement = ResidualBottleneck(child, overwrite_input=fed_by_block)
+                replacement.train(child.training)
+                setattr(parent, name, replacement)
+                count += 1
+    return count
+
+
 def inference_model(model: nn.Module, example: torch.Tensor, *, channels_last: bool = False,
-                    winograd: bool = True) -> nn.Module:
+                    winograd: bool = True, residuals: bool = True) -> nn.Module:
     """The CPU inference form of a trained model: `fold_batchnorm`, with `channels_last` the weights (and, for
     a model with a `channels_last` switch such as models.ccnet.CCNet, the inputs) in channels-last memory, and
-    with `winograd` (default) the large 3x3 convolutions on NNPACK's Winograd kernel (`use_winograd`).
+    with `winograd` (default) the large 3x3 convolutions on Winograd F(4x4, 3x3) (`use_winograd`), with
+    `residuals` (default) the ResNet blocks' last convolution accumulated into the residual (`fuse_residuals`).
     Eval-only. Measured on the Intel Xeon (AVX-512) here (results/inference_bench.csv, torch_fused vs
-    torch_folded): channels_last was slower for the dilated ResNets at one thread and faster at two, so the
-    command lines turn it on with several threads."""
+    torch_folded, R-50-D8 / R-101-D8 at 512x1024): channels_last is slower at one thread and at two (the Winograd
+    tile gather reads across the interleaved channels, the residual accumulation needs NCHW), so the command
+    lines leave it off."""
     folded = fold_batchnorm(model, example)
     if channels_last:
         folded = folded.to(memory_format=torch.channels_last)
@@ -194,4 +279,6 @@ def inference_model(model: nn.Module, example: torch.Tensor, *, channels_last: b
             folded.channels_last = True
     if winograd:
         use_winograd(folded)
+    if residuals:
+        fuse_residuals(folded)
     return folded

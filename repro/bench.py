@@ -1,5 +1,7 @@
 """`python -m repro.bench`: the command line of `repro.measure.bench` (operators), or with `--inference` of
-`repro.measure.engine_bench` (CCNet in torch, ONNX Runtime and OpenVINO -> results/inference_bench.csv)."""
+`repro.measure.engine_bench` (CCNet in torch, ONNX Runtime and OpenVINO -> results/inference_bench.csv; the torch
+path against mmsegmentation's own model is `python -m repro.inference_bench`, into the same file through the same
+writer)."""
 
 import sys
 

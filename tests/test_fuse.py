@@ -1,7 +1,7 @@
 """models.fuse: BatchNorm folded into the convolutions gives the same predictions (eval mode, random norm
 statistics), for every convolution kind the models use: the deep and plain stems, strided and dilated 3x3,
 1x1 and the downsample projections, and the heads' conv-norm-activation blocks (criss-cross, both non-local
-blocks, FCN); and the large 3x3 convolutions on NNPACK's Winograd kernel give the direct kernel's outputs."""
+blocks, FCN); and the large 3x3 convolutions on Winograd F(4x4, 3x3) give the direct kernel's outputs."""
 
 import copy
 
@@ -19,7 +19,6 @@ from models.fuse import (
     fold_batchnorm,
     inference_model,
     use_winograd,
-    winograd_available,
     winograd_eligible,
 )
 from models.resnet import FrozenBatchNorm2d
@@ -150,39 +149,97 @@ def test_fold_rejects_a_non_module():
 
 
 def test_winograd_eligibility():
-    assert winograd_eligible(nn.Conv2d(256, 8, 3, padding=1))
+    for conv in (nn.Conv2d(256, 8, 3, padding=1), nn.Conv2d(256, 8, 3, padding=2, dilation=2),
+                 nn.Conv2d(512, 8, 3, padding=4, dilation=4, bias=False)):
+        assert winograd_eligible(conv), conv
     for conv in (nn.Conv2d(255, 8, 3, padding=1), nn.Conv2d(256, 8, 3, padding=1, stride=2),
-                 nn.Conv2d(256, 8, 3, padding=2, dilation=2), nn.Conv2d(256, 8, 1),
+                 nn.Conv2d(256, 8, 3, padding=1, dilation=2), nn.Conv2d(256, 8, 3, padding=(2, 4), dilation=(2, 4)),
+                 nn.Conv2d(256, 8, 1), nn.Conv2d(256, 8, 3, padding=0),
                  nn.Conv2d(256, 8, 3, padding=1, groups=2), nn.Conv2d(256, 8, 3, padding="same"),
                  nn.Conv2d(256, 8, 3, padding=1, padding_mode="reflect")):
         assert not winograd_eligible(conv), conv
 
 
-@pytest.mark.skipif(not winograd_available(), reason="this PyTorch build has no NNPACK for this CPU")
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_winograd_convs_keep_the_outputs_and_the_layout(memory_format):
-    # The eligible 3x3 convolution (bias and no bias) is replaced, the others are kept; outputs match the direct
-    # kernel up to the transforms' rounding, in the input's layout, with the same state-dict keys.
+    # The eligible 3x3 convolutions (bias and no bias, dilated or not) are replaced, the others are kept; outputs
+    # match the direct kernel up to the transforms' rounding, in the input's layout, with the same state-dict keys.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(256, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1),
-                          nn.Conv2d(8, 256, 1), nn.Conv2d(256, 4, 3, padding=1, bias=False)).eval()
+                          nn.Conv2d(8, 256, 1), nn.Conv2d(256, 260, 3, padding=1, bias=False),
+                          nn.Conv2d(260, 4, 3, padding=2, dilation=2)).eval()
     reference = copy.deepcopy(model)
     model.to(memory_format=memory_format)
-    assert use_winograd(model) == 2
-    assert [type(m).__name__ for m in model] == ["WinogradConv2d", "ReLU", "Conv2d", "Conv2d", "WinogradConv2d"]
+    assert use_winograd(model) == 3
+    assert [type(m).__name__ for m in model] == ["WinogradConv2d", "ReLU", "Conv2d", "Conv2d", "WinogradConv2d",
+                                                 "WinogradConv2d"]
+    assert model[0].workspace is model[4].workspace is model[5].workspace  # one scratch memory per model
     assert model.state_dict().keys() == reference.state_dict().keys()
     images = torch.randn(2, 256, 9, 13).contiguous(memory_format=memory_format)
     with torch.no_grad():
         got, expected = model(images), reference(images)
     assert got.is_contiguous(memory_format=memory_format)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    # An input that needs gradients takes nn.Conv2d's path too (the Winograd one writes into scratch memory).
+    leaf = images.clone().requires_grad_(True)
+    model(leaf).sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == images.shape
     with torch.no_grad():  # a non-float32 input takes nn.Conv2d's path, the same function
         torch.testing.assert_close(model.double()(images.double()), reference.double()(images.double()))
 
 
-def test_no_winograd_without_nnpack_or_when_turned_off(monkeypatch):
+def test_winograd_conv_follows_weight_changes_and_copies():
+    # The transformed kernel is recomputed when the weight changes (load_state_dict), and a deep copy gets its own
+    # workspace, still shared among its convolutions.
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(256, 6, 3, padding=1), nn.Conv2d(6, 256, 1), nn.Conv2d(256, 5, 3, padding=1))
+    model.eval()
+    use_winograd(model)
+    other = nn.Sequential(nn.Conv2d(256, 6, 3, padding=1), nn.Conv2d(6, 256, 1), nn.Conv2d(256, 5, 3, padding=1))
+    images = torch.randn(1, 256, 7, 10)
+    with torch.no_grad():
+        model(images)  # the old kernel is transformed and used once
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(images), other(images), rtol=1e-4, atol=1e-4)
+    twin = copy.deepcopy(model)
+    assert twin[0].workspace is twin[2].workspace and twin[0].workspace is not model[0].workspace
+    with torch.no_grad():
+        torch.testing.assert_close(twin(images), model(images))
+
+
+def test_no_winograd_when_turned_off_or_unavailable(monkeypatch):
     model = nn.Sequential(nn.Conv2d(256, 4, 3, padding=1)).eval()
     images = torch.randn(1, 256, 5, 6)
     assert not any(isinstance(m, WinogradConv2d) for m in inference_model(model, images, winograd=False).modules())
     monkeypatch.setattr(fuse, "winograd_available", lambda: False)
     assert use_winograd(model) == 0 and type(model[0]) is nn.Conv2d
+
+
+def test_residual_blocks_accumulate_in_place_without_touching_what_others_read():
+    # Every folded Bottleneck becomes a ResidualBottleneck (same keys); only the blocks fed by the block before
+    # them may overwrite their input, so the images and every layer output the backbone returns are intact.
+    model = _model(head="rcca", stem="v1c", output_stride=8)
+    images = torch.randn(2, 3, 47, 38, generator=torch.Generator().manual_seed(4))
+    plain = inference_model(model, images[:1], residuals=False)
+    fused = inference_model(model, images[:1])
+    blocks = [m for m in fused.modules() if isinstance(m, fuse.ResidualBottleneck)]
+    assert len(blocks) == 16 and fused.state_dict().keys() == plain.state_dict().keys()
+    first = {id(layer[0]) for layer in (fused.backbone.layer1, fused.backbone.layer2, fused.backbone.layer3,
+                                        fused.backbone.layer4)}
+    assert all(block.overwrite_input == (id(block) not in first) for block in blocks)
+    kept = images.clone()
+    with torch.no_grad():
+        expected, got = plain.backbone(images), fused.backbone(images)
+        for a, b in zip(expected, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+        assert torch.equal(images, kept)
+        block = fused.backbone.layer1[1]  # a block that may overwrite: its input is written, the result is right
+        features = got[0].clone()
+        reference = plain.backbone.layer1[1](features.clone())
+        result = block(features)
+        assert result.data_ptr() == features.data_ptr()
+        torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+        block.overwrite_input = False  # then it does not
+        features = got[0].clone()
+        assert block(features).data_ptr() != features.data_ptr() and torch.equal(features, got[0])
+    _assert_same_predictions(model, fused, images)

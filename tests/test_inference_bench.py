@@ -144,3 +144,24 @@ def test_threads_option_sets_torch_threads(tmp_path, restore_threads):
     code = predict.main([str(tmp_path / "missing.yaml"), str(tmp_path / "none.png"), "--checkpoint", "x.pt",
                          "--out", str(tmp_path / "out"), "--threads", "1"])
     assert code != 0 and torch.get_num_threads() == 1
+
+
+def test_both_benchmark_commands_write_through_one_writer(tmp_path):
+    # `python -m repro.bench --inference` (engine_bench) and `python -m repro.inference_bench` share the columns
+    # and the writer: each replaces only its own rows of the common file.
+    from repro.measure import engine_bench
+
+    assert engine_bench.COLUMNS is inference_bench.COLUMNS and engine_bench.write_rows is inference_bench.write_rows
+    path = tmp_path / "inference_bench.csv"
+    inference_bench.write_rows(path, _rows(["torch_eager", "torch_folded", "mmseg_1.2.2"]))
+
+    def engines_run():
+        return engine_bench.run(out=path, backbones=["R-50-D8"], sizes=[(32, 48)], threads=[1], repeats=1,
+                                variants=[engine_bench.TORCH_VARIANT], evidence=None, log=lambda text: None)
+
+    engines_run()
+    engines_run()
+    frame = pd.read_csv(path)
+    assert list(frame.columns) == inference_bench.COLUMNS
+    assert sorted(frame["variant"]) == sorted(["torch_eager", "torch_folded", "mmseg_1.2.2",
+                                               engine_bench.TORCH_VARIANT])

@@ -30,8 +30,8 @@ whole-image forward at the same scale (in whole mode, the same forward as the pr
 recomputed in the naive formulation from the query and key each pass was given, so any backend and any
 recurrence can be shown.
 On the CPU the model is
-`models.fuse.inference_model` of the checkpoint's (BatchNorm folded; large 3x3 convolutions on NNPACK's Winograd
-kernel; channels_last with several threads);
+`models.fuse.inference_model` of the checkpoint's (BatchNorm folded; 3x3 convolutions of >= 256 channels on
+Winograd F(4x4, 3x3); the ResNet blocks' residual accumulated in place; NCHW at every thread count);
 `--threads N` sets torch's CPU thread count.
 
 Nothing half-written lands in DIR: every file of the run is written into a temporary folder beside DIR
@@ -366,8 +366,8 @@ def predictor_from_config(
     if engine != "torch" or precision != "fp32":
         metadata = metadata_for_config(cfg, checkpoint=checkpoint) if engine != "torch" else None
         model = engine_model(model, engine=engine, precision=precision, metadata=metadata)
-    elif device.type == "cpu":  # BatchNorm folded (channels_last with several threads): see models.fuse
-        model = inference_model(model, torch.zeros(1, 3, 65, 65), channels_last=torch.get_num_threads() > 1)
+    elif device.type == "cpu":  # BatchNorm folded, Winograd, residuals in place: see models.fuse
+        model = inference_model(model, torch.zeros(1, 3, 65, 65))
     return Predictor(
         model=model, palette=palette_for(cfg.data.dataset), eval_cfg=eval_cfg, mode=mode,
         mean=cfg.data.mean, std=cfg.data.std, channel_order=cfg.data.channel_order, device=device,

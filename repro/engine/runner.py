@@ -61,8 +61,9 @@ code when unpickled is refused, never opened. The output folder and the results 
 before training starts.
 
 `--eval-only` on the CPU evaluates `models.fuse.inference_model` of the checkpoint's model (BatchNorm folded into
-the convolutions; the large 3x3 convolutions on NNPACK's Winograd kernel; channels_last when torch runs several
-threads, where it measured faster): the same predictions up to float rounding. `--threads N` sets torch's CPU
+the convolutions; the 3x3 convolutions of >= 256 channels on Winograd F(4x4, 3x3), `models.winograd`; the
+ResNet blocks' last 1x1 convolution accumulated into the residual; NCHW at every thread count, measured faster
+than channels_last at 1 and 2 threads): the same predictions up to float rounding. `--threads N` sets torch's CPU
 thread count (training and evaluation alike).
 """
 
@@ -692,8 +693,8 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, *, ctx, out_dir: Path,
         if args.engine != "torch" or args.precision != "fp32":
             metadata = metadata_for_config(cfg, checkpoint=checkpoint) if args.engine != "torch" else None
             model = engine_model(model.eval(), engine=args.engine, precision=args.precision, metadata=metadata)
-        elif ctx.device.type == "cpu":  # BatchNorm folded (channels_last with several threads): see models.fuse
-            model = inference_model(model, INFERENCE_PROBE, channels_last=torch.get_num_threads() > 1)
+        elif ctx.device.type == "cpu":  # BatchNorm folded, Winograd, residuals in place: see models.fuse
+            model = inference_model(model, INFERENCE_PROBE)
         announce(f"{cfg.name}: evaluating on engine {describe(model)}")
         smoke = args.smoke or facts["smoke"]
         all_overrides = [*facts["overrides"], *(o for o in overrides if o not in facts["overrides"])]

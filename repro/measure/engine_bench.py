@@ -10,8 +10,12 @@ them alike; the first call of each (warm-up: engine compilation, allocation) is 
 median and minimum of `repeats` timed calls, the speedup of its median over torch eager's median in the same
 run, and the argmax agreement / largest |logit difference| of its output against torch eager fp32 on the same
 input. The torch timing of this run is written as variant `torch_eager_vs_engines` so that it never replaces
-the `torch_eager` rows the operator benchmark writes into the same file; rows are merged by (model, backbone,
-input_hw, batch, threads, variant, cpu), all others are kept.
+the `torch_eager` rows `python -m repro.inference_bench` writes into the same file. Both commands write through
+one writer, `repro.measure.inference_bench.write_rows` (one column list, rows merged by model, backbone,
+input_hw, batch, engine, precision, threads, variant and cpu; all others kept). They are two commands because
+they compare against different things: this one the deployment engines on an exported random CCNet (the
+`[deploy]` extra, no peer), that one mmsegmentation 1.2.2's own model in its own venv with the same weights
+(the parity room's peer), with the torch path's inference forms (BN folded, Winograd, channels_last).
 
 It also writes `repro/engine/engine_speed.csv` (a few columns of these rows, committed with the package):
 the evidence `repro.engine.engines` reads to warn when a user picks an engine measured slower than torch.
@@ -45,15 +49,9 @@ from repro.engine.engines import (
     update_speed_evidence,
 )
 from repro.engine.export import build_metadata, compare, export_onnx
-from repro.io import upsert_csv
+from repro.measure.inference_bench import COLUMNS, write_rows
 from repro.vocabulary import cpu_model, device_label
 
-COLUMNS = (
-    "model", "backbone", "input_hw", "batch", "engine", "precision", "threads", "variant", "median_s", "min_s",
-    "repeats", "speedup_vs_torch_eager", "argmax_agreement", "max_abs_logit_diff", "cpu", "device", "torch",
-    "date", "commit",
-)  # fmt: skip
-KEY = ["model", "backbone", "input_hw", "batch", "threads", "variant", "cpu"]
 MODEL = "ccnet_rcca_r2"
 TORCH_VARIANT = "torch_eager_vs_engines"
 # variant -> (engine, precision)
@@ -154,7 +152,7 @@ def run(*, out: Path, backbones: list[str], sizes: list[tuple[int, int]], thread
                 for count in threads:
                     rows = bench_case(model, path, backbone=backbone, hw=hw, threads=count, repeats=repeats,
                                       variants=variants, log=log)
-                    upsert_csv(out, pd.DataFrame(rows, columns=list(COLUMNS)), KEY)
+                    write_rows(out, pd.DataFrame(rows, columns=COLUMNS))
                     if evidence is not None:
                         update_speed_evidence(rows, evidence)
                     all_rows += rows

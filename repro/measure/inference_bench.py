@@ -3,10 +3,13 @@
 
 Variants (the `variant` column of results/inference_bench.csv):
 * `torch_eager`: the model as trained (`models.build` from the config, eval mode, NCHW).
-* `torch_folded`: `models.fuse.inference_model`: BatchNorm folded into the convolutions and the head's large 3x3
-  convolutions on NNPACK's Winograd kernel (what `repro.run --eval-only` and `repro.predict` run on the CPU with
-  one thread).
-* `torch_fused`: the same with channels_last weights and inputs (what they run with several threads).
+* `torch_folded`: `models.fuse.inference_model`: BatchNorm folded into the convolutions, every same-size 3x3
+  convolution of >= 256 channels (layer3 / layer4, dilated, and the heads) on Winograd F(4x4, 3x3)
+  (`models.winograd`), the ResNet blocks' last 1x1 convolution accumulated into the residual in place (what
+  `repro.run --eval-only` and `repro.predict` run on the CPU).
+* `torch_fused`: the same with channels_last weights and inputs (the Winograd layers then gather their tiles
+  across the channel-interleaved layout and the residual accumulation falls back to three passes: measured
+  slower than `torch_folded` at 1 and 2 threads, so the command lines run `torch_folded` at every thread count).
 * `mmseg_1.2.2`: mmsegmentation's own model (`EncoderDecoder.encode_decode`), built from its config in its own
   venv (the parity peer); it runs as a subprocess that times its own forward and writes its logits to a file.
   The weights are mmseg's (random, non-trivial norms: repro/parity/peers/mmseg_peer.py build_model), imported into
@@ -18,7 +21,9 @@ of them); wall time of the forward alone. `speedup_vs_torch_eager` is the median
 divided by the variant's from the same round. `argmax_agreement` and `max_abs_logit_diff` compare each variant's
 logits (at the input size) with torch_eager's: for `mmseg_1.2.2` that is "ours vs mmseg". Rows are upserted by
 (model, backbone, input_hw, batch, engine, precision, threads, variant, cpu): other variants' rows (e.g. the export
-engines') are kept.
+engines') are kept. `write_rows` is the file's one writer: `python -m repro.bench --inference`
+(`repro.measure.engine_bench`, torch eager against ONNX Runtime / OpenVINO on an exported model) writes its rows
+through it too, with the same columns and key.
 """
 
 from __future__ import annotations

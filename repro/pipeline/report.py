@@ -780,8 +780,11 @@ def section_inference_bench(results: Path, pages: dict[str, str] | None = None) 
         return text + intro + inference_bench_table(frame)
     link = detail_page(pages, "inference_bench.md", "Whole-model CPU inference, torch path and mmsegmentation",
                        "`inference_bench.csv`", intro + inference_bench_table(frame))
-    return text + ("Our model eager, with BatchNorm folded, and folded + channels_last, beside mmsegmentation "
-                   f"1.2.2's own model with the same weights (`python -m repro.inference_bench`): {link}.\n")
+    return text + ("Our model eager (`torch_eager`); its inference form, what `repro.predict` and `--eval-only` run "
+                   "on the CPU (`torch_folded`: BatchNorm folded, the 3x3 convolutions of >= 256 channels on "
+                   "Winograd F(4x4, 3x3), residuals accumulated in place); the same in channels_last memory "
+                   "(`torch_fused`); beside mmsegmentation 1.2.2's own model with the same weights "
+                   f"(`python -m repro.inference_bench`): {link}.\n")
 
 
 def section_inference(results: Path, pages: dict[str, str] | None = None) -> str:
