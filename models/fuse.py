@@ -125,7 +125,13 @@ def count_norms(model: nn.Module) -> int:
     return sum(isinstance(module, NORMS) for module in model.modules())
 
 
-WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_MIN_CHANNELS = 512
+# Smallest output side, per dilation phase (ceil(H / d) x ceil(W / d)), that takes the Winograd path at run time;
+# smaller maps (sliding windows of a few pixels, small images) take the direct kernel. Timed per convolution at one
+# thread on the Intel Xeon here (direct / Winograd): 512 channels at d = 4 0.2-0.4x at 3-8 px, 0.85x at 49 x 49
+# (13 px phases), 1.2x at 64 x 64 (16 px phases), 1.4-1.6x at 64 x 128 and above; 256 channels at d = 2 0.7-1.1x at
+# every size up to 128 x 256, hence WINOGRAD_MIN_CHANNELS 512 (layer4 and the heads, not layer3).
+WINOGRAD_MIN_PHASE_SIDE = 16
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -156,17 +162,21 @@ class WinogradConv2d(nn.Conv2d):
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return super().forward(x)  # the Winograd path writes into scratch buffers: not differentiable
+        dilation = self.dilation[0]
+        if min(-(-x.shape[2] // dilation), -(-x.shape[3] // dilation)) < WINOGRAD_MIN_PHASE_SIDE:
+            return super().forward(x)  # a small map: the tiles' padding and transforms cost more than they save
         return winograd_conv3x3(x, self._kernel(), self.bias, dilation=self.dilation[0], workspace=self.workspace)
 
 
 def winograd_eligible(conv: nn.Module) -> bool:
     """Whether `inference_model` runs `conv` through `WinogradConv2d`: a plain 3x3 convolution, stride 1, one
     group, zero padding given as numbers and equal to the dilation (same-size output), and at least
-    WINOGRAD_MIN_CHANNELS input channels (ResNet layer3 / layer4 and the CCNet heads). Timed against PyTorch's
-    kernels (oneDNN's direct convolution, NNPACK) at 64x128, batch 1, on the Intel Xeon here: 1.1-1.3x faster
-    than oneDNN for 256 channels, 1.8x for the dilated 512-channel layer4 convolutions and 2.4x for the heads'
-    2048 / 2560-channel ones at one thread (NNPACK's F(6x6, 3x3): 1.5x), while the 64-128 channel convolutions of
-    a ResNet stem, layer1 and layer2 are as fast or faster on oneDNN."""
+    WINOGRAD_MIN_CHANNELS input channels (ResNet layer4 and the CCNet heads; at run time only maps of at least
+    WINOGRAD_MIN_PHASE_SIDE pixels per dilation phase). Timed against PyTorch's kernels (oneDNN's direct
+    convolution, NNPACK) at 64x128, batch 1, on the Intel Xeon here: 1.4-1.8x for the dilated 512-channel layer4
+    convolutions and 2-2.4x for the heads' 2048 / 2560-channel ones at one thread (NNPACK's F(6x6, 3x3): 1.5x);
+    the 256-channel layer3 ones were 0.7-1.1x, and the 64-128 channel convolutions of a ResNet stem, layer1 and
+    layer2 are as fast or faster on oneDNN."""
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
             and conv.dilation[0] == conv.dilation[1] and tuple(conv.padding) == tuple(conv.dilation)

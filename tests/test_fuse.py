@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import models
@@ -149,25 +150,26 @@ def test_fold_rejects_a_non_module():
 
 
 def test_winograd_eligibility():
-    for conv in (nn.Conv2d(256, 8, 3, padding=1), nn.Conv2d(256, 8, 3, padding=2, dilation=2),
+    for conv in (nn.Conv2d(512, 8, 3, padding=1), nn.Conv2d(512, 8, 3, padding=2, dilation=2),
                  nn.Conv2d(512, 8, 3, padding=4, dilation=4, bias=False)):
         assert winograd_eligible(conv), conv
-    for conv in (nn.Conv2d(255, 8, 3, padding=1), nn.Conv2d(256, 8, 3, padding=1, stride=2),
-                 nn.Conv2d(256, 8, 3, padding=1, dilation=2), nn.Conv2d(256, 8, 3, padding=(2, 4), dilation=(2, 4)),
-                 nn.Conv2d(256, 8, 1), nn.Conv2d(256, 8, 3, padding=0),
-                 nn.Conv2d(256, 8, 3, padding=1, groups=2), nn.Conv2d(256, 8, 3, padding="same"),
-                 nn.Conv2d(256, 8, 3, padding=1, padding_mode="reflect")):
+    for conv in (nn.Conv2d(511, 8, 3, padding=1), nn.Conv2d(512, 8, 3, padding=1, stride=2),
+                 nn.Conv2d(512, 8, 3, padding=1, dilation=2), nn.Conv2d(512, 8, 3, padding=(2, 4), dilation=(2, 4)),
+                 nn.Conv2d(512, 8, 1), nn.Conv2d(512, 8, 3, padding=0),
+                 nn.Conv2d(512, 8, 3, padding=1, groups=2), nn.Conv2d(512, 8, 3, padding="same"),
+                 nn.Conv2d(512, 8, 3, padding=1, padding_mode="reflect")):
         assert not winograd_eligible(conv), conv
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-def test_winograd_convs_keep_the_outputs_and_the_layout(memory_format):
+def test_winograd_convs_keep_the_outputs_and_the_layout(memory_format, monkeypatch):
+    monkeypatch.setattr(fuse, "WINOGRAD_MIN_PHASE_SIDE", 1)  # these maps are small, to keep the test fast
     # The eligible 3x3 convolutions (bias and no bias, dilated or not) are replaced, the others are kept; outputs
     # match the direct kernel up to the transforms' rounding, in the input's layout, with the same state-dict keys.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(256, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1),
-                          nn.Conv2d(8, 256, 1), nn.Conv2d(256, 260, 3, padding=1, bias=False),
-                          nn.Conv2d(260, 4, 3, padding=2, dilation=2)).eval()
+    model = nn.Sequential(nn.Conv2d(512, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1),
+                          nn.Conv2d(8, 512, 1), nn.Conv2d(512, 520, 3, padding=1, bias=False),
+                          nn.Conv2d(520, 4, 3, padding=2, dilation=2)).eval()
     reference = copy.deepcopy(model)
     model.to(memory_format=memory_format)
     assert use_winograd(model) == 3
@@ -175,7 +177,7 @@ def test_winograd_convs_keep_the_outputs_and_the_layout(memory_format):
                                                  "WinogradConv2d"]
     assert model[0].workspace is model[4].workspace is model[5].workspace  # one scratch memory per model
     assert model.state_dict().keys() == reference.state_dict().keys()
-    images = torch.randn(2, 256, 9, 13).contiguous(memory_format=memory_format)
+    images = torch.randn(2, 512, 9, 13).contiguous(memory_format=memory_format)
     with torch.no_grad():
         got, expected = model(images), reference(images)
     assert got.is_contiguous(memory_format=memory_format)
@@ -188,15 +190,16 @@ def test_winograd_convs_keep_the_outputs_and_the_layout(memory_format):
         torch.testing.assert_close(model.double()(images.double()), reference.double()(images.double()))
 
 
-def test_winograd_conv_follows_weight_changes_and_copies():
+def test_winograd_conv_follows_weight_changes_and_copies(monkeypatch):
+    monkeypatch.setattr(fuse, "WINOGRAD_MIN_PHASE_SIDE", 1)
     # The transformed kernel is recomputed when the weight changes (load_state_dict), and a deep copy gets its own
     # workspace, still shared among its convolutions.
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(256, 6, 3, padding=1), nn.Conv2d(6, 256, 1), nn.Conv2d(256, 5, 3, padding=1))
+    model = nn.Sequential(nn.Conv2d(512, 6, 3, padding=1), nn.Conv2d(6, 512, 1), nn.Conv2d(512, 5, 3, padding=1))
     model.eval()
     use_winograd(model)
-    other = nn.Sequential(nn.Conv2d(256, 6, 3, padding=1), nn.Conv2d(6, 256, 1), nn.Conv2d(256, 5, 3, padding=1))
-    images = torch.randn(1, 256, 7, 10)
+    other = nn.Sequential(nn.Conv2d(512, 6, 3, padding=1), nn.Conv2d(6, 512, 1), nn.Conv2d(512, 5, 3, padding=1))
+    images = torch.randn(1, 512, 7, 10)
     with torch.no_grad():
         model(images)  # the old kernel is transformed and used once
         model.load_state_dict(other.state_dict())
@@ -208,11 +211,34 @@ def test_winograd_conv_follows_weight_changes_and_copies():
 
 
 def test_no_winograd_when_turned_off_or_unavailable(monkeypatch):
-    model = nn.Sequential(nn.Conv2d(256, 4, 3, padding=1)).eval()
-    images = torch.randn(1, 256, 5, 6)
+    model = nn.Sequential(nn.Conv2d(512, 4, 3, padding=1)).eval()
+    images = torch.randn(1, 512, 5, 6)
     assert not any(isinstance(m, WinogradConv2d) for m in inference_model(model, images, winograd=False).modules())
     monkeypatch.setattr(fuse, "winograd_available", lambda: False)
     assert use_winograd(model) == 0 and type(model[0]) is nn.Conv2d
+
+
+def test_winograd_runs_only_on_maps_large_enough_per_dilation_phase(monkeypatch):
+    # Below WINOGRAD_MIN_PHASE_SIDE pixels per phase (ceil(H / d) x ceil(W / d)) the direct kernel runs: a sliding
+    # window of a few feature pixels would pay the tiles' padding and transforms for nothing.
+    calls = []
+    real = fuse.winograd_conv3x3
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fuse, "winograd_conv3x3", counting)
+    model = nn.Sequential(nn.Conv2d(512, 4, 3, padding=2, dilation=2)).eval()
+    use_winograd(model)
+    side = fuse.WINOGRAD_MIN_PHASE_SIDE
+    with torch.no_grad():
+        small = torch.randn(1, 512, 2 * side - 2, 40)  # 15 px per phase in height
+        torch.testing.assert_close(model(small), F.conv2d(small, model[0].weight, model[0].bias, padding=2,
+                                                          dilation=2), rtol=1e-4, atol=1e-4)
+        assert calls == []
+        model(torch.randn(1, 512, 2 * side, 2 * side))
+    assert len(calls) == 1
 
 
 def test_residual_blocks_accumulate_in_place_without_touching_what_others_read():
