@@ -374,3 +374,42 @@ def test_mmseg_rows_name_their_mmseg_config_files():
     assert key(rows["mmseg_cityscapes_r50_d8_769x769_40k"]) != key(rows["mmseg_cityscapes_r50_d8_512x1024_40k"])
     assert mmseg.data_key(rows["mmseg_cityscapes_r50_d8_769x769_40k"]) == \
         mmseg.data_key(rows["mmseg_nonlocal_cityscapes_r101_d8_769x769_80k"])
+
+
+def _windows(length: int, crop: int, stride: int) -> int:
+    """mmseg's slide_inference grid along one axis (max(n - crop + stride - 1, 0) // stride + 1)."""
+    return max(length - crop + stride - 1, 0) // stride + 1
+
+
+def test_slide_rows_check_e_keeps_the_window_grid_at_the_smaller_size():
+    """SLIDE_EVAL_FACTOR with EVAL_SIZES gives each view (1.x TTA: the original x ratio; 0.x: the scale bounds x
+    ratio) the window grid it has at EVAL_FACTOR with FIXTURE_SIZES, within one window per axis."""
+    from repro.parity import fixtures, mmseg
+
+    row = mmseg._rows_of(mmseg.EXPERIMENTS / "mmseg_cityscapes_r101_d8_769x769_40k.yaml")
+    assert mmseg.is_slide(row.cfg) and mmseg.eval_sizes(row.cfg) == mmseg.EVAL_SIZES
+    small = mmseg.small_eval_overrides(row.cfg)
+    assert small["eval.crop_size"] == [v // mmseg.SLIDE_EVAL_FACTOR for v in row.cfg.eval.crop_size]
+
+    def grids(factor: int, sizes) -> list[tuple[int, int]]:
+        crop = [v // factor for v in row.cfg.eval.crop_size]
+        stride = [v // factor for v in row.cfg.eval.stride]
+        return [(_windows(int(h * r + 0.5), crop[0], stride[0]), _windows(int(w * r + 0.5), crop[1], stride[1]))
+                for h, w in sizes for r in row.cfg.eval.ms_scales]
+
+    before, after = grids(mmseg.EVAL_FACTOR, fixtures.FIXTURE_SIZES), grids(mmseg.SLIDE_EVAL_FACTOR, mmseg.EVAL_SIZES)
+    assert all(abs(a - b) <= 1 and abs(c - d) <= 1 for (a, c), (b, d) in zip(before, after, strict=True))
+    assert sum(a != b for a, b in zip(before, after, strict=True)) <= 1
+    whole = mmseg._rows_of(mmseg.EXPERIMENTS / "mmseg_cityscapes_r50_d8_512x1024_40k.yaml")
+    assert not mmseg.is_slide(whole.cfg) and mmseg.eval_sizes(whole.cfg) == fixtures.FIXTURE_SIZES
+
+
+def test_timing_summary_adds_each_sources_checks(tmp_path):
+    timings = [{"source": "mmseg", "config": "a", "check": "model", "seconds": 2.0},
+               {"source": "mmseg", "config": "b", "check": "model", "seconds": 3.0},
+               {"source": "sssegmentation", "config": "a", "check": "e", "seconds": 1.0}]
+    text = cli.summarise_timing(timings)
+    assert "mmseg model: 5 s" in text and "sssegmentation e: 1 s" in text
+    cli.write_timing(tmp_path / "t.csv", timings, jobs=2)
+    written = (tmp_path / "t.csv").read_text().splitlines()
+    assert written[0].startswith("source,config,check,seconds,jobs,cpu") and len(written) == 4

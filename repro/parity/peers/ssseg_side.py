@@ -218,27 +218,20 @@ def run_model(job: dict) -> dict:
         aux = model.auxiliary_decoder(feats[0])
     out["eval"] = {"decode": decode, "aux": aux}
 
-    # a (train mode) and b: TRAIN_DEVELOP returns the decode logits and the loss; a hook takes the aux logits.
-    # Dropout off (p = 0) so both sides are deterministic.
-    trained = copy.deepcopy(model)
-    trained.train()
-    no_dropout(trained)
-    trained.mode = "TRAIN_DEVELOP"
+    # a (train mode): TRAIN_DEVELOP returns the decode logits; a hook takes the aux logits. Dropout off (p = 0)
+    # so both sides are deterministic; no backward (b is the first step of f below).
+    # (The model itself: f below loads all of its weights and buffers again.)
+    model.train()
+    no_dropout(model)
+    model.mode = "TRAIN_DEVELOP"
     captured = {}
-    hook = trained.auxiliary_decoder.register_forward_hook(lambda m, i, o: captured.__setitem__("aux", o))
-    target = to_ssseg_labels(labels[0])
-    result = trained(input_structure(images=images[0], seg_targets=target, mode="TRAIN_DEVELOP"))
+    hook = model.auxiliary_decoder.register_forward_hook(lambda m, i, o: captured.__setitem__("aux", o))
+    with torch.no_grad():
+        result = model(input_structure(images=images[0], seg_targets=to_ssseg_labels(labels[0]),
+                                       mode="TRAIN_DEVELOP"))
     hook.remove()
-    result.loss.backward()
-    out["train"] = {
-        "decode": result.seg_logits.detach(),
-        "aux": captured["aux"].detach(),
-        "loss": result.loss.detach(),
-        "losses": {k: float(v) for k, v in result.losses_log_dict.items()},
-        "grads": {n: p.grad.detach().clone() for n, p in trained.named_parameters() if p.grad is not None},
-        "running": {k: v.clone() for k, v in trained.state_dict().items() if "running_" in k},
-    }
-    del trained
+    model.mode = "TRAIN"
+    out["train"] = {"decode": result.seg_logits.detach(), "aux": captured["aux"].detach()}
 
     # c: optimizer and scheduler as train.py builds them.
     from ssseg.modules import BuildOptimizer, BuildScheduler
@@ -279,11 +272,13 @@ def run_model(job: dict) -> dict:
         "groups": groups,
     }
 
-    # f: the training loop body of train.py (updatelr, zero_grad, forward TRAIN, backward, scheduler.step).
+    # f: the training loop body of train.py (updatelr, zero_grad, forward TRAIN, backward, scheduler.step) from
+    # the job's training weights (the well-conditioned start the project side explains), in float32. b is its
+    # first step: the loss, every gradient after loss.backward() and the BN running statistics after the forward.
     if job.get("steps", 0):
-        segmentor = build(cfg, "TRAIN")
-        segmentor.load_state_dict(weights, strict=True)
-        segmentor.double()  # float64: see the project side (TOL_WEIGHTS)
+        segmentor = model  # built once per job: its weights and buffers replaced here
+        segmentor.load_state_dict(torch.load(job["weights_train"], map_location="cpu", weights_only=True),
+                                  strict=True)
         segmentor.train()
         no_dropout(segmentor)
         optimizer, scheduler = scheduler_for(segmentor)
@@ -291,14 +286,19 @@ def run_model(job: dict) -> dict:
         for step in range(job["steps"]):
             step_lrs.append(float(scheduler.updatelr()))
             optimizer.zero_grad()
-            data = input_structure(
-                mode="TRAIN", images=images[step].double(), seg_targets=to_ssseg_labels(labels[step])
-            )
+            data = input_structure(mode="TRAIN", images=images[step], seg_targets=to_ssseg_labels(labels[step]))
             loss = segmentor(data).loss
             loss.backward()
+            if step == 0:
+                out["train"].update({
+                    "loss": loss.detach(),
+                    "grads": {n: p.grad.detach().clone() for n, p in segmentor.named_parameters()
+                              if p.grad is not None},
+                    "running": {k: v.clone() for k, v in segmentor.state_dict().items() if "running_" in k},
+                })
             scheduler.step()
             losses.append(float(loss.detach()))
-            # one file per step, written as it is taken: 5 states of an R-101 model held at once cost 1.4 GB
+            # one file per step, written as it is taken: 5 states of an R-101 model held at once cost 0.7 GB
             step_file = f"{job['trajectory_out']}.step{step + 1}"
             torch.save(state(segmentor), step_file)
             trajectory.append(step_file)
