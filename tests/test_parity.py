@@ -381,25 +381,20 @@ def _windows(length: int, crop: int, stride: int) -> int:
     return max(length - crop + stride - 1, 0) // stride + 1
 
 
-def test_slide_rows_check_e_keeps_the_window_grid_at_the_smaller_size():
-    """SLIDE_EVAL_FACTOR with EVAL_SIZES gives each view (1.x TTA: the original x ratio; 0.x: the scale bounds x
-    ratio) the window grid it has at EVAL_FACTOR with FIXTURE_SIZES, within one window per axis."""
+def test_slide_rows_check_e_still_slides_at_half_size():
+    """Check e's half-size images for slide rows: mmseg 1.x's TTA views (the original x ratio) still include one
+    smaller than a window, several with 3+ windows along an axis, and last windows clamped to the edge."""
     from repro.parity import fixtures, mmseg
 
     row = mmseg._rows_of(mmseg.EXPERIMENTS / "mmseg_cityscapes_r101_d8_769x769_40k.yaml")
     assert mmseg.is_slide(row.cfg) and mmseg.eval_sizes(row.cfg) == mmseg.EVAL_SIZES
     small = mmseg.small_eval_overrides(row.cfg)
-    assert small["eval.crop_size"] == [v // mmseg.SLIDE_EVAL_FACTOR for v in row.cfg.eval.crop_size]
-
-    def grids(factor: int, sizes) -> list[tuple[int, int]]:
-        crop = [v // factor for v in row.cfg.eval.crop_size]
-        stride = [v // factor for v in row.cfg.eval.stride]
-        return [(_windows(int(h * r + 0.5), crop[0], stride[0]), _windows(int(w * r + 0.5), crop[1], stride[1]))
-                for h, w in sizes for r in row.cfg.eval.ms_scales]
-
-    before, after = grids(mmseg.EVAL_FACTOR, fixtures.FIXTURE_SIZES), grids(mmseg.SLIDE_EVAL_FACTOR, mmseg.EVAL_SIZES)
-    assert all(abs(a - b) <= 1 and abs(c - d) <= 1 for (a, c), (b, d) in zip(before, after, strict=True))
-    assert sum(a != b for a, b in zip(before, after, strict=True)) <= 1
+    (crop, _), (stride, _) = small["eval.crop_size"], small["eval.stride"]
+    lengths = [int(n * r + 0.5) for size in mmseg.EVAL_SIZES for n in size for r in row.cfg.eval.ms_scales]
+    grids = [_windows(n, crop, stride) for n in lengths]
+    assert any(n < crop for n in lengths) and max(grids) >= 3
+    assert any(n > crop and (n - crop) % stride for n in lengths)  # a last window clamped to the edge
+    assert all(h != w for h, w in mmseg.EVAL_SIZES)
     whole = mmseg._rows_of(mmseg.EXPERIMENTS / "mmseg_cityscapes_r50_d8_512x1024_40k.yaml")
     assert not mmseg.is_slide(whole.cfg) and mmseg.eval_sizes(whole.cfg) == fixtures.FIXTURE_SIZES
 

@@ -130,10 +130,10 @@ def run_loss(job: dict) -> int:
     # paddlepaddle 2.6.2's bundled libraries break a zlib import that comes after it (measured: `import scipy`
     # after `import paddle` raises zlib.error, then paddleseg's import segfaults); what paddleseg imports from
     # scipy and scikit-learn is imported first.
-    import scipy.ndimage  # noqa: F401
-    import scipy.optimize  # noqa: F401
-    import sklearn.metrics  # noqa: F401
+    import importlib
 
+    for module in ("scipy.ndimage", "scipy.optimize", "sklearn.metrics"):
+        importlib.import_module(module)
     import paddle
     import paddleseg
     from paddleseg.cvlibs import Config, SegBuilder
