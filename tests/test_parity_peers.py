@@ -419,6 +419,11 @@ def test_first_step_is_check_b_and_the_trajectory_is_deterministic(small_row):
     states, lrs, losses = ssseg.our_trajectory(model, cfg, batches, 2, first_step=first)
     again, _, _ = ssseg.our_trajectory(model, cfg, batches, 2)
     assert [worst for worst, _ in ssseg.trajectory_diffs(states, again)] == [0.0, 0.0]
+    key = "decode_head.classifier.weight"  # each step's state is a copy: the steps move it
+    assert not torch.equal(states[0][key], states[1][key]) and not torch.equal(states[1][key], model.state_dict()[key])
+    doubled, _, _ = ssseg.our_trajectory(model, cfg, batches, 2, dtype=torch.float64)
+    assert doubled[1][key].dtype == torch.float32
+    assert not torch.equal(doubled[1][key], states[1][key])  # computed in float64
     assert float(first["loss"]) == losses[0] and abs(lrs[0] - cfg.train.lr) < 1e-12
     assert set(first["grads"]) == {n for n, _ in model.named_parameters()}
     assert first["running"] and all("running_" in k for k in first["running"])

@@ -162,19 +162,34 @@ def command_model(job: dict) -> None:
     # f. SGD steps from the conditioned weights on the given batches: optimizer wrapper and schedule of the
     # config, float32.
     del model, wrapper
-    trained = start
+    sgd_steps(cfg, start, steps, out)
+
+
+def sgd_steps(cfg: Config, trained: nn.Module, steps: dict, out: Path) -> None:
+    """f: the config's optimizer wrapper and schedulers on `trained` (its dtype), one step per batch, each step's
+    state saved as float32 (`stepN.pt`)."""
+    dtype = next(trained.parameters()).dtype
     dropout_off(trained)
     trained.train()
     wrapper = build_optim_wrapper(trained, cfg.optim_wrapper)
     schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=wrapper)) for s in cfg.param_scheduler]
     for index, (step_images, step_labels) in enumerate(zip(steps["images"], steps["labels"])):
-        losses = trained.loss(step_images, samples(step_labels))
+        losses = trained.loss(step_images.to(dtype), samples(step_labels))
         total, _ = trained.parse_losses(losses)
         wrapper.update_params(total)
         for scheduler in schedulers:
             scheduler.step()
-        state = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+        state = {k: (v.detach().float() if v.is_floating_point() else v.detach().clone())
+                 for k, v in trained.state_dict().items()}
         torch.save(state, out / f"step{index + 1}.pt")
+
+
+def command_trajectory(job: dict) -> None:
+    """f alone, in float64: the steps of command_model from the same well-conditioned start (the project side
+    asks for it when the float32 trajectories part by more than the tolerance)."""
+    cfg = load_config(job)
+    start = well_conditioned(built_model(cfg, job), job["seed"]).double()
+    sgd_steps(cfg, start, torch.load(job["steps"], weights_only=True), Path(job["out"]))
 
 
 class DrawRecorder:
@@ -321,7 +336,7 @@ def command_lr(job: dict) -> None:
 
 
 COMMANDS = {"lr": command_lr, "weights": command_weights, "model": command_model, "data": command_data,
-            "test": command_test}
+            "test": command_test, "trajectory": command_trajectory}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
