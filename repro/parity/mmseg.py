@@ -139,7 +139,7 @@ def check_model(row: Row, python: Path, work: Path, *, quick: bool) -> list[Pari
     images, labels = steps[0]
     torch.save({"images": [s[0] for s in steps], "labels": [s[1] for s in steps]}, work / "steps.pt")
     job = {"config_py": peer_config_path(python, row.mmseg_config), "seed": SEED, "out": str(work),
-           "steps": str(work / "steps.pt")}
+           "steps": str(work / "steps.pt"), "train_start": True}
     (work / "model.json").write_text(json.dumps(job))
     # The weights first (mmseg's init: a second), then mmseg's checks in the peer while ours run here (two
     # processes, the two cores).

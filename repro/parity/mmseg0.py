@@ -124,7 +124,7 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
 def run(configs: list[Path], *, quick: bool, workdir: Path,
         on_rows: Callable[[list[ParityRow]], None] | None = None) -> list[ParityRow]:
     """Check e against 0.30.0 for every row; the weights are the 1.2.2 checks' (made by mmseg 1.2.2's model
-    code, the same layout in 0.30.0), built here if that run has not made them."""
+    code, the same layout in 0.30.0), made here for each row and deleted once used."""
     python = ensure_venv(PEER)
     python_1x = ensure_venv(mmseg1.PEER)
     workdir = Path(workdir).absolute()
@@ -143,12 +143,12 @@ def run(configs: list[Path], *, quick: bool, workdir: Path,
             continue
         model_work = workdir / "weights" / mmseg1._digest(mmseg1.model_key(row))
         state_file = model_work / "state.pt"
-        if not state_file.is_file():
-            model_work.mkdir(parents=True, exist_ok=True)
-            job = {"config_py": mmseg1.peer_config_path(python_1x, row.mmseg_config), "seed": mmseg1.SEED,
-                   "out": str(model_work)}
-            (model_work / "weights.json").write_text(json.dumps(job))
-            call_peer(python_1x, mmseg1.SCRIPT, "weights", model_work / "weights.json", cwd=model_work, timeout=600)
+        # Made every run (a file left by an earlier run may come from other init code), deleted once used.
+        model_work.mkdir(parents=True, exist_ok=True)
+        job = {"config_py": mmseg1.peer_config_path(python_1x, row.mmseg_config), "seed": mmseg1.SEED,
+               "out": str(model_work)}
+        (model_work / "weights.json").write_text(json.dumps(job))
+        call_peer(python_1x, mmseg1.SCRIPT, "weights", model_work / "weights.json", cwd=model_work, timeout=600)
         work = workdir / mmseg1._digest(key) / "eval0"
         work.mkdir(parents=True, exist_ok=True)
         try:
@@ -160,6 +160,7 @@ def run(configs: list[Path], *, quick: bool, workdir: Path,
             traceback.print_exc()
             rows = [ParityRow(NAME, VERSION, path.stem, "eval", "", "", "", "fail",
                               f"{type(err).__name__}: {err}"[:300])]
+        state_file.unlink(missing_ok=True)  # 0.3 GB for R-101
         done[key] = (path.stem, rows)
         if on_rows is not None:
             on_rows(rows)

@@ -488,7 +488,7 @@ def run_model_checks(config_path: Path, python: Path, workdir: Path, *, quick: b
         trajectory["states"] = StepStates(trajectory.pop("state_files"))
         files += [*trajectory["states"].files, str(folder / "trajectory64.pt"), str(folder / "trajectory64_out.pt")]
     rows = model_rows(config, cfg, model, names, peer, ours, trajectory, our_traj, batches["labels"][0], f_note)
-    for name in ("trajectory.pt", "weights.pt", "weights_train.pt", *files):
+    for name in ("trajectory.pt", "weights.pt", "weights_train.pt", "model_out.pt", *files):
         (folder / name).unlink(missing_ok=True)
     return rows
 

@@ -308,11 +308,12 @@ def built_model(cfg: Config, job: dict) -> nn.Module:
 
 def command_weights(job: dict) -> None:
     """Only the random weights (the same seed gives the same tensors), for checks that need them: `state.pt` (a,
-    e) and its well-conditioned copy `state_train.pt` (b, f)."""
+    e) and, when the job asks (`train_start`), its well-conditioned copy `state_train.pt` (b, f)."""
     cfg = load_config(job)
     model = built_model(cfg, job)
     torch.save(model.state_dict(), Path(job["out"]) / "state.pt")
-    torch.save(well_conditioned(model, job["seed"]).state_dict(), Path(job["out"]) / "state_train.pt")
+    if job.get("train_start"):
+        torch.save(well_conditioned(model, job["seed"]).state_dict(), Path(job["out"]) / "state_train.pt")
 
 
 def command_lr(job: dict) -> None:
