@@ -153,8 +153,13 @@ def test_mmseg_0x_views_rescale_the_original_into_ratio_times_the_test_scale():
 def test_view_sizes_of_the_other_sources():
     voc = np.zeros((375, 500, 3), np.uint8)
     transform = EvalTransform(mean=MEAN, std=STD, channel_order="rgb", scale=(2048, 512))
-    # mmseg 1.x tta Resize(scale_factor=r, keep_ratio=True): int(x * r + 0.5) of the original.
+    # mmseg 1.x tta Resize(scale_factor=r, keep_ratio=True): bounds int(x * r + 0.5) of the original, then mmcv
+    # imrescale into them with one factor: (281, 375) here, but 83 x 157 at 0.75 -> bounds (118, 62), factor
+    # min(118 / 157, 62 / 83) = 0.7470 -> (62, 117), not int(157 * 0.75 + 0.5) = 118.
     assert tuple(transform.view(voc, 0.75, "original_ratio").shape[1:]) == (281, 375)
+    odd = np.zeros((83, 157, 3), np.uint8)
+    assert tuple(transform.view(odd, 0.75, "original_ratio").shape[1:]) == (62, 117)
+    assert tuple(transform.view(np.zeros((41, 79, 3), np.uint8), 1.25, "original_ratio").shape[1:]) == (51, 98)
     # mmseg 0.x on the VOC test scale: bounds (1536, 384) -> factor 384 / 375 -> (384, 512).
     assert tuple(transform.view(voc, 0.75, "scale_bounds").shape[1:]) == (384, 512)
     # PaddleSeg int(h * s + 0.5) of the padded input; official ndimage.zoom round(); ssseg floor.

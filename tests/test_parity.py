@@ -374,3 +374,37 @@ def test_mmseg_rows_name_their_mmseg_config_files():
     assert key(rows["mmseg_cityscapes_r50_d8_769x769_40k"]) != key(rows["mmseg_cityscapes_r50_d8_512x1024_40k"])
     assert mmseg.data_key(rows["mmseg_cityscapes_r50_d8_769x769_40k"]) == \
         mmseg.data_key(rows["mmseg_nonlocal_cityscapes_r101_d8_769x769_80k"])
+
+
+def _windows(length: int, crop: int, stride: int) -> int:
+    """mmseg's slide_inference grid along one axis (max(n - crop + stride - 1, 0) // stride + 1)."""
+    return max(length - crop + stride - 1, 0) // stride + 1
+
+
+def test_slide_rows_check_e_still_slides_at_half_size():
+    """Check e's half-size images for slide rows: mmseg 1.x's TTA views (the original x ratio) still include one
+    smaller than a window, several with 3+ windows along an axis, and last windows clamped to the edge."""
+    from repro.parity import fixtures, mmseg
+
+    row = mmseg._rows_of(mmseg.EXPERIMENTS / "mmseg_cityscapes_r101_d8_769x769_40k.yaml")
+    assert mmseg.is_slide(row.cfg) and mmseg.eval_sizes(row.cfg) == mmseg.EVAL_SIZES
+    small = mmseg.small_eval_overrides(row.cfg)
+    (crop, _), (stride, _) = small["eval.crop_size"], small["eval.stride"]
+    lengths = [int(n * r + 0.5) for size in mmseg.EVAL_SIZES for n in size for r in row.cfg.eval.ms_scales]
+    grids = [_windows(n, crop, stride) for n in lengths]
+    assert any(n < crop for n in lengths) and max(grids) >= 3
+    assert any(n > crop and (n - crop) % stride for n in lengths)  # a last window clamped to the edge
+    assert all(h != w for h, w in mmseg.EVAL_SIZES)
+    whole = mmseg._rows_of(mmseg.EXPERIMENTS / "mmseg_cityscapes_r50_d8_512x1024_40k.yaml")
+    assert not mmseg.is_slide(whole.cfg) and mmseg.eval_sizes(whole.cfg) == fixtures.FIXTURE_SIZES
+
+
+def test_timing_summary_adds_each_sources_checks(tmp_path):
+    timings = [{"source": "mmseg", "config": "a", "check": "model", "seconds": 2.0},
+               {"source": "mmseg", "config": "b", "check": "model", "seconds": 3.0},
+               {"source": "sssegmentation", "config": "a", "check": "e", "seconds": 1.0}]
+    text = cli.summarise_timing(timings)
+    assert "mmseg model: 5 s" in text and "sssegmentation e: 1 s" in text
+    cli.write_timing(tmp_path / "t.csv", timings, jobs=2)
+    written = (tmp_path / "t.csv").read_text().splitlines()
+    assert written[0].startswith("source,config,check,seconds,jobs,cpu") and len(written) == 4

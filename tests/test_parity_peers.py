@@ -17,7 +17,7 @@ import torch
 import models
 from models.checkpoints import CheckpointError, detect_source, export_state_dict, read_pdparams, safe_load
 from repro.engine.config import load_config
-from repro.parity import paddleseg, ssseg
+from repro.parity import fixtures, paddleseg, ssseg
 
 PEERS = Path(ssseg.__file__).resolve().parent / "peers"
 
@@ -207,6 +207,7 @@ def _fake_model_outputs(model, cfg, names):
     """Peer outputs equal to ours (in sssegmentation's names), as run_model would return them."""
     batches = ssseg.make_batches(cfg, steps=1, size_hw=(17, 19))
     ours = ssseg.our_model_outputs(model, cfg, batches)
+    ssseg.our_trajectory(model, cfg, batches, 1, first_step=ours["train"])  # b: the first step
     peer = {
         "eval": {k: v.clone() for k, v in ours["eval"].items()},
         "train": {
@@ -394,34 +395,38 @@ def test_paddle_schedule_and_loss_rows_on_fake_peer_outputs(paddle_row):
     assert "paddlepaddle 3.x" in rows["ohem_decode_loss"].verdict
 
 
-def test_trajectory_tolerance_follows_a_measured_floor(small_row):
-    """A step past 1e-6 passes only when the measured floor (our own trajectory's spread under a rounding-level
-    perturbation) says such a difference is rounding, amplified: the row states the floor and its tensor."""
-    cfg, model, names = small_row
-    ours, peer, batches = _fake_model_outputs(model, cfg, names)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    theirs = {names[k]: v.clone().reshape(()) if k.endswith("gamma") else v.clone() for k, v in state.items()}
-    theirs[names["backbone.stem.0.weight"]] = state["backbone.stem.0.weight"] * (1 + 1e-4)
-    trajectory = {"states": [theirs], "lr": [0.01], "loss": [1.0]}
-    args = ("ssseg_voc_r50_d8", cfg, model, names, peer, ours, trajectory, ([state], [0.01], [1.0]),
-            batches["labels"][0])
-    (plain,) = [r for r in ssseg.model_rows(*args) if r.check == "f_train"]
-    assert plain.verdict == "fail" and "measured floor" not in plain.detail
-    (wide,) = [r for r in ssseg.model_rows(*args, [(2e-5, "backbone.stem.0.weight")]) if r.check == "f_train"]
-    assert wide.verdict == "pass" and wide.tolerance == "<= 0.0002" and "measured floor" in wide.detail
-    (narrow,) = [r for r in ssseg.model_rows(*args, [(1e-7, "x")]) if r.check == "f_train"]
-    assert narrow.verdict == "fail" and narrow.tolerance == "<= 1e-06"
-
-
-def test_trajectory_floor_is_zero_without_a_perturbation_and_grows_with_one(small_row):
+def test_well_conditioned_start_scales_only_branch_and_head_norms(small_row):
     cfg, model, _ = small_row
-    batches = ssseg.make_batches(cfg, steps=1, size_hw=(17, 21))
-    states, _, _ = ssseg.our_trajectory(model, cfg, batches, 1)
-    again, _, _ = ssseg.our_trajectory(model, cfg, batches, 1)
-    assert ssseg.trajectory_diffs(states, again)[0][0] == 0.0  # deterministic: the floor measures the input
-    moved = ssseg.perturbed(model, relative=1e-6)
-    (spread, _), = ssseg.trajectory_diffs(states, ssseg.our_trajectory(moved, cfg, batches, 1)[0])
-    assert 1e-8 < spread < 1.0  # grows: one step of this random network amplifies it about 4000x
+    start = ssseg.well_conditioned(model)
+    low, high = fixtures.TRAIN_GAMMA
+    changed = []
+    for (name, ours), theirs in zip(start.state_dict().items(), model.state_dict().values(), strict=True):
+        if not torch.equal(ours, theirs):
+            changed.append(name)
+            assert name.endswith(".weight") and low <= ours.min() and ours.max() <= high, name
+    modules = dict(start.named_modules())
+    assert changed and all(isinstance(modules[n.removesuffix(".weight")], torch.nn.BatchNorm2d) for n in changed)
+    assert {n.split(".")[0] for n in changed} == {"backbone", "decode_head", "auxiliary_head"}
+    assert all(n.startswith(fixtures.HEADS) or n.endswith("bn3.weight") for n in changed)
+    assert ssseg.well_conditioned(model).state_dict().keys() == start.state_dict().keys()
+    torch.testing.assert_close(ssseg.well_conditioned(model).state_dict(), start.state_dict(), rtol=0, atol=0)
+
+
+def test_first_step_is_check_b_and_the_trajectory_is_deterministic(small_row):
+    cfg, model, _ = small_row
+    batches = ssseg.make_batches(cfg, steps=2, size_hw=(17, 21))
+    first: dict = {}
+    states, lrs, losses = ssseg.our_trajectory(model, cfg, batches, 2, first_step=first)
+    again, _, _ = ssseg.our_trajectory(model, cfg, batches, 2)
+    assert [worst for worst, _ in ssseg.trajectory_diffs(states, again)] == [0.0, 0.0]
+    key = "decode_head.classifier.weight"  # each step's state is a copy: the steps move it
+    assert not torch.equal(states[0][key], states[1][key]) and not torch.equal(states[1][key], model.state_dict()[key])
+    doubled, _, _ = ssseg.our_trajectory(model, cfg, batches, 2, dtype=torch.float64)
+    assert doubled[1][key].dtype == torch.float32
+    assert not torch.equal(doubled[1][key], states[1][key])  # computed in float64
+    assert float(first["loss"]) == losses[0] and abs(lrs[0] - cfg.train.lr) < 1e-12
+    assert set(first["grads"]) == {n for n, _ in model.named_parameters()}
+    assert first["running"] and all("running_" in k for k in first["running"])
 
 
 def test_peer_step_states_are_read_one_file_at_a_time(tmp_path):

@@ -30,6 +30,7 @@ from repro.parity.common import (
     COLUMNS,
     DEFAULT_ROOT,
     PEERS,
+    TIMINGS,
     ParityRow,
     PeerUnavailable,
     close_peers,
@@ -45,6 +46,7 @@ SOURCES: dict[str, ModuleType] = {
     paddleseg.NAME: paddleseg,
 }
 CSV_NAME = "parity.csv"
+TIMING_NAME = "parity_timing.csv"  # wall seconds per (source, config, check) of the last run
 
 
 def peer_python(name: str, root: Path = DEFAULT_ROOT) -> Path:
@@ -150,12 +152,37 @@ def release_memory() -> None:
         pass
 
 
-def _run_named(name: str, configs: list[Path], quick: bool, workdir: Path, target: Path) -> tuple[list, float]:
-    """One source's rows and its wall time; each config's rows are merged into `target` as they complete (the
-    CSV's lock serialises the sources' writes)."""
+def _run_named(name: str, configs: list[Path], quick: bool, workdir: Path,
+               target: Path) -> tuple[list, float, list[dict]]:
+    """One source's rows, its wall time and its per-check timings (common.timed); each config's rows are merged
+    into `target` as they complete (the CSV's lock serialises the sources' writes)."""
+    TIMINGS.clear()
     start = time.perf_counter()
     rows = run_source(SOURCES[name], configs, quick=quick, workdir=workdir, on_rows=_write_rows(target))
-    return rows, time.perf_counter() - start
+    return rows, time.perf_counter() - start, list(TIMINGS)
+
+
+def write_timing(path: Path, timings: list[dict], *, jobs: int) -> None:
+    """The run's per-check wall seconds, with the CPU, the number of parallel sources and the load average at
+    the end (a shared machine's timings are only comparable with those)."""
+    import pandas as pd
+
+    from repro.vocabulary import cpu_model
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    table = pd.DataFrame([{**t, "jobs": jobs, "cpu": cpu_model(), "load_1min_at_end": round(load, 2),
+                           "date": stamp} for t in timings])
+    write_csv_atomic(table, path)
+
+
+def summarise_timing(timings: list[dict]) -> str:
+    """Seconds per source and check (top-level checks only: the indented entries are parts of one)."""
+    totals: dict[tuple[str, str], float] = {}
+    for t in timings:
+        totals[(str(t["source"]), str(t["check"]))] = totals.get((str(t["source"]), str(t["check"])), 0.0) + float(
+            t["seconds"])
+    return "\n".join(f"  {source} {check}: {seconds:.0f} s" for (source, check), seconds in sorted(totals.items()))
 
 
 # Heaviest first, so that the pool's workers end close together.
@@ -172,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             if (configs := select_configs(SOURCES[name], args.configs, quick=args.quick))]
     work.sort(key=lambda item: COST_ORDER.index(item[0]) if item[0] in COST_ORDER else len(COST_ORDER))
     jobs = min(args.jobs, len(work))
-    results: dict[str, tuple[list, float]] = {}
+    results: dict[str, tuple[list, float, list[dict]]] = {}
+    start = time.perf_counter()
     if jobs > 1:
         # Sources in parallel, one process each (forked: a peer's own model code never enters this process).
         context = multiprocessing.get_context("fork")
@@ -185,9 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, configs in work:
             results[name] = _run_named(name, configs, args.quick, args.workdir / name, target)
     all_rows: list[ParityRow] = []
+    timings: list[dict] = []
     for name, configs in work:
-        module, (rows, seconds) = SOURCES[name], results[name]
+        module, (rows, seconds, source_timings) = SOURCES[name], results[name]
         all_rows += rows
+        timings += source_timings
         bad = [row for row in rows if row.verdict != "pass"]
         print(f"{name} {module.VERSION}: {len(rows)} rows, {len(rows) - len(bad)} pass, "
               f"{sum(row.verdict == 'fail' for row in rows)} fail, "
@@ -205,4 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {target}: {err}", file=sys.stderr)
         return 5
     print(f"wrote {target}")
+    print(f"wall {time.perf_counter() - start:.0f} s with --jobs {jobs}; seconds per source and check:\n"
+          + summarise_timing(timings))
+    try:
+        write_timing(args.out / TIMING_NAME, timings, jobs=jobs)
+    except OSError as err:
+        print(f"warning: cannot write {args.out / TIMING_NAME}: {err}", file=sys.stderr)
     return exit_code(all_rows, strict=args.strict)

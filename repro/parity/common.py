@@ -19,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,23 @@ def not_run_row(*, source: str, version: str, config: str, check: str, reason: s
 
 def is_pass(row: ParityRow) -> bool:
     return row.verdict == "pass"
+
+
+# Wall seconds of each (source, config, check) computed in this process, in order; the CLI collects them per
+# source process and writes them beside the CSV (`parity_timing.csv`) and in its summary.
+TIMINGS: list[dict[str, object]] = []
+
+
+@contextmanager
+def timed(source: str, config: str, check: str) -> Iterator[None]:
+    """Record the wall time of the block as one TIMINGS entry (also when it raises), and print it to stderr."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - start
+        TIMINGS.append({"source": source, "config": config, "check": check, "seconds": round(seconds, 2)})
+        print(f"  {source} {config} {check}: {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- peer venvs

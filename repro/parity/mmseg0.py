@@ -13,18 +13,13 @@ model, loss, schedule and pipeline checks are against 1.2.2 (`repro.parity.mmseg
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from repro.engine.data import build_dataset
-from repro.engine.distributed import init_distributed
-from repro.engine.evaluate import evaluate
 from repro.parity import mmseg as mmseg1
 from repro.parity.common import (
     PEERS_DIR,
@@ -37,6 +32,7 @@ from repro.parity.common import (
     not_run_row,
     register_peer,
     row_maker,
+    timed,
 )
 from repro.parity.fixtures import write_structured_dataset
 
@@ -80,7 +76,7 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
     root = work / "data"
     count = 3
     write_structured_dataset(cfg.data.dataset, root, split=cfg.data.val_split, count=count,
-                             num_classes=cfg.model.num_classes, seed=mmseg1.SEED + 7)
+                             num_classes=cfg.model.num_classes, seed=mmseg1.SEED + 7, sizes=mmseg1.eval_sizes(cfg))
     small = mmseg1.small_eval_overrides(cfg)
     site = next(python.parent.parent.glob("lib/python*/site-packages"))
     config_py = site / "mmseg" / ".mim" / "configs" / config_name_0x(row.mmseg_config)
@@ -89,17 +85,16 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
            "scale": small.get("eval.scale"), "crop_size": small.get("eval.crop_size"),
            "stride": small.get("eval.stride"), "ms_ratios": list(cfg.eval.ms_scales) if ms else None}
     (work / "test0.json").write_text(json.dumps(job))
-    call_peer(python, SCRIPT, "test", work / "test0.json", cwd=work, timeout=900)
-    theirs = json.loads((work / "metrics0.json").read_text())
     overrides = {"data.root": str(root), **small}
-    if not ms:
-        overrides["eval.ms_flip"] = False
-    command = [sys.executable, "-m", "repro.run", str(row.path), "--eval-only", "--checkpoint", str(checkpoint),
-               "--checkpoint-source", "mmseg", "--out-dir", str(work / "ours"), "--results",
-               str(work / "ours" / "miou.csv"), "--no-progress", "--device", "cpu"]
-    for key, value in overrides.items():
-        command += ["--set", f"{key}={json.dumps(value)}"]
-    done = subprocess.run(command, cwd=mmseg1.EXPERIMENTS.parent, capture_output=True, text=True, timeout=900)
+    # 0.30.0's test runs in its process while ours run here (the two cores): the command, then the engine's
+    # single-scale predictions for the per-pixel comparison (mmseg1._our_eval).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        peer_run = pool.submit(call_peer, python, SCRIPT, "test", work / "test0.json", cwd=work, timeout=900)
+        try:
+            done, ours_single, dataset = mmseg1._our_eval(row, checkpoint, state_file, work, overrides, quick=quick)
+        finally:
+            peer_run.result()
+    theirs = json.loads((work / "metrics0.json").read_text())
     if done.returncode != 0:
         raise RuntimeError(f"repro.run --eval-only exited {done.returncode}: {done.stderr.strip()[-400:]}")
     ours = json.loads((work / "ours" / "eval.json").read_text())["metrics"]
@@ -113,23 +108,12 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
                          f"mmseg 0.30.0 MultiScaleFlipAug {100 * theirs['ms']['mIoU']:.4f}, ours "
                          f"{ours['mIoU_ms_flip']['mIoU']:.4f} (the row's own 0.30.0 protocol)"))
     predictions = load_tensors(work / "preds0.pt")
-    from repro.engine.config import load_config
-
-    run_cfg = load_config(row.path, [f"{k}={json.dumps(v)}" for k, v in {**overrides, "eval.ms_flip": False}.items()])
-    model = mmseg1._our_model(run_cfg)
-    mmseg1._import(model, load_tensors(state_file))
-    dataset = build_dataset(run_cfg.data, split="val", eval_cfg=run_cfg.eval)
-    counts = {"single": [0, 0], "ms": [0, 0]}
-
-    def compare(index: int, train_ids: np.ndarray) -> None:
+    counts = {"single": [0, 0]}
+    for index, train_ids in ours_single.items():
         stem = Path(dataset.pairs[index][0]).name
         predicted = predictions["single"][stem].numpy()
         counts["single"][0] += int((predicted == train_ids).sum())
         counts["single"][1] += train_ids.size
-
-    evaluate(model, dataset, eval_cfg=run_cfg.eval, num_classes=cfg.model.num_classes,
-             ignore_index=cfg.data.ignore_index, ctx=init_distributed(device="cpu"), on_prediction=compare,
-             progress=False)
     agree, total = counts["single"]
     rows.append(_row(name, "e_pixels", "per-pixel agreement (single scale)", agree / max(total, 1), 0.999,
                      f"{total} pixels", higher_is_better=True))
@@ -140,7 +124,7 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
 def run(configs: list[Path], *, quick: bool, workdir: Path,
         on_rows: Callable[[list[ParityRow]], None] | None = None) -> list[ParityRow]:
     """Check e against 0.30.0 for every row; the weights are the 1.2.2 checks' (made by mmseg 1.2.2's model
-    code, the same layout in 0.30.0), built here if that run has not made them."""
+    code, the same layout in 0.30.0), made here for each row and deleted once used."""
     python = ensure_venv(PEER)
     python_1x = ensure_venv(mmseg1.PEER)
     workdir = Path(workdir).absolute()
@@ -159,22 +143,24 @@ def run(configs: list[Path], *, quick: bool, workdir: Path,
             continue
         model_work = workdir / "weights" / mmseg1._digest(mmseg1.model_key(row))
         state_file = model_work / "state.pt"
-        if not state_file.is_file():
-            model_work.mkdir(parents=True, exist_ok=True)
-            job = {"config_py": mmseg1.peer_config_path(python_1x, row.mmseg_config), "seed": mmseg1.SEED,
-                   "out": str(model_work)}
-            (model_work / "weights.json").write_text(json.dumps(job))
-            call_peer(python_1x, mmseg1.SCRIPT, "weights", model_work / "weights.json", cwd=model_work, timeout=600)
+        # Made every run (a file left by an earlier run may come from other init code), deleted once used.
+        model_work.mkdir(parents=True, exist_ok=True)
+        job = {"config_py": mmseg1.peer_config_path(python_1x, row.mmseg_config), "seed": mmseg1.SEED,
+               "out": str(model_work)}
+        (model_work / "weights.json").write_text(json.dumps(job))
+        call_peer(python_1x, mmseg1.SCRIPT, "weights", model_work / "weights.json", cwd=model_work, timeout=600)
         work = workdir / mmseg1._digest(key) / "eval0"
         work.mkdir(parents=True, exist_ok=True)
         try:
-            rows = check_eval(row, python, work, state_file, quick=quick)
+            with timed("mmseg0", path.stem, "eval"):
+                rows = check_eval(row, python, work, state_file, quick=quick)
         except PeerUnavailable as err:
             rows = [not_run_row(source=NAME, version=VERSION, config=path.stem, check="eval", reason=str(err))]
         except Exception as err:  # noqa: BLE001 - one failing row must not hide the others'
             traceback.print_exc()
             rows = [ParityRow(NAME, VERSION, path.stem, "eval", "", "", "", "fail",
                               f"{type(err).__name__}: {err}"[:300])]
+        state_file.unlink(missing_ok=True)  # 0.3 GB for R-101
         done[key] = (path.stem, rows)
         if on_rows is not None:
             on_rows(rows)

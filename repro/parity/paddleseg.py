@@ -42,12 +42,14 @@ from repro.parity.common import (
     PEERS_DIR,
     ParityRow,
     Peer,
+    PeerUnavailable,
     call_peer,
     ensure_venv,
     load_tensors,
     not_run_row,
     register_peer,
     row_maker,
+    timed,
 )
 from repro.parity.fixtures import rel_diff as _rel
 from repro.parity.fixtures import seeded_model
@@ -75,6 +77,19 @@ PEER = register_peer(
             "requests",
             "scikit-learn",
         ),
+        nodeps=(f"paddleseg=={VERSION}",),
+    )
+)
+# PaddleSeg 2.8.0's losses multiply float32 by int64 tensors (cross_entropy_loss.py line 133,
+# ohem_cross_entropy_loss.py line 68), which paddlepaddle 3.x's type promotion refuses (no switch restores the old
+# rule: docs/guides/advanced/auto_type_promotion, "without user intervention"; still refused by 3.3.1). A second
+# venv with paddlepaddle 2.6.2 (the last 2.x, cp311 wheel on PyPI), used only for the loss check b.
+LOSS_PEER = register_peer(
+    Peer(
+        name="paddleseg-paddle2",
+        version=VERSION,
+        requirements=("paddlepaddle==2.6.2", "numpy<2", "opencv-python-headless<4.11", "scipy", "pyyaml", "filelock",
+                      "tqdm", "prettytable", "six", "requests", "scikit-learn"),
         nodeps=(f"paddleseg=={VERSION}",),
     )
 )
@@ -173,6 +188,8 @@ def run_one(path: Path, python: Path, workdir: Path, *, quick: bool) -> list[Par
     (folder / "job.json").write_text(json.dumps(job))
     call_peer(python, SCRIPT, folder / "job.json", cwd=folder, timeout=900)
     peer = load_tensors(folder / "out.pt")
+    if peer["loss"]["ce_error"] or peer["loss"]["ohem_error"]:
+        peer["loss"] = paddle2_losses(peer["loss"], peer["paddle"], folder)
     rows = import_rows(config, model, folder / "model.pdparams", peer)
     with torch.no_grad():
         x = features
@@ -207,6 +224,22 @@ def run_one(path: Path, python: Path, workdir: Path, *, quick: bool) -> list[Par
                             reason=f_train_reason(peer["loss"])))
     (folder / "weights.pt").unlink(missing_ok=True)
     return rows
+
+
+def paddle2_losses(loss: dict, paddle_version: str, folder: Path) -> dict:
+    """Check b's losses from the paddlepaddle 2.6.2 venv (LOSS_PEER) when paddle 3.x refused them; `loss` (with
+    its errors, and why the second venv did not help) when that venv cannot install or run."""
+    job = {"task": "loss", "inputs": str(folder / "inputs.pt"), "out": str(folder / "loss_out.pt")}
+    (folder / "loss_job.json").write_text(json.dumps(job))
+    try:
+        python = ensure_venv(LOSS_PEER).absolute()
+        call_peer(python, SCRIPT, folder / "loss_job.json", cwd=folder, timeout=600)
+    except PeerUnavailable as err:
+        note = f" (paddlepaddle 2.6.2 venv for the losses unavailable: {str(err)[:160]})"
+        return {**loss, **{k: loss[k] + note for k in ("ce_error", "ohem_error") if loss[k]}}
+    out = load_tensors(folder / "loss_out.pt")
+    return {**out["loss"], "paddle": out["paddle"], "paddle3_errors": f"paddle {paddle_version}: "
+            + "; ".join(loss[k][:120] for k in ("ce_error", "ohem_error") if loss[k])}
 
 
 NOT_RUN = {
@@ -369,6 +402,8 @@ def loss_rows(config: str, cfg, peer: dict, logits, aux_logits, labels) -> list[
                       f"ours {aux_ours:.7g}; peer: {peer['ce_error'][:200]}")
         ]  # fmt: skip
     else:
+        where = (f"; on paddlepaddle {peer['paddle']} (a second venv: PaddleSeg 2.8.0's losses fail on "
+                 f"{peer['paddle3_errors']})" if peer.get("paddle3_errors") else "")
         rows = [
             _row(
                 config,
@@ -377,7 +412,7 @@ def loss_rows(config: str, cfg, peer: dict, logits, aux_logits, labels) -> list[
                 abs(aux_ours - peer["ce_aux"]) / peer["ce_aux"],
                 1e-6,
                 f"ours {aux_ours:.7g}, PaddleSeg CrossEntropyLoss {peer['ce_aux']:.7g} (mean over the "
-                f"{int((labels != 255).sum())} labelled of {labels.numel()} pixels)",
+                f"{int((labels != 255).sum())} labelled of {labels.numel()} pixels){where}"[:600],
             )
         ]
     rows.append(
@@ -428,7 +463,8 @@ def run(configs: list[Path], *, quick: bool, workdir: Path,
     rows: list[ParityRow] = []
     for path in configs:
         start = time.perf_counter()
-        config_rows = run_one(path, python, workdir, quick=quick)
+        with timed(NAME, path.stem, "all"):
+            config_rows = run_one(path, python, workdir, quick=quick)
         print(f"  {path.stem}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
         if on_rows is not None:
             on_rows(config_rows)

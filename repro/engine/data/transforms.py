@@ -325,9 +325,12 @@ class EvalTransform:
     def view(self, image: np.ndarray, ratio: float, base: str) -> torch.Tensor:
         """(3, h, w) normalised view of the original (H, W, 3) uint8 image for one multi-scale ratio, resized
         with OpenCV bilinear: base "scale_bounds" keep-ratio into (int(long * ratio), int(short * ratio)) of
-        `scale`, or of (width, height) without one (mmseg 0.x MultiScaleFlipAug), "original_ratio" by the
-        ratio, sizes int(x * ratio + 0.5)
-        (mmseg 1.x Resize(scale_factor=ratio, keep_ratio=True) through mmcv rescale_size)."""
+        `scale`, or of (width, height) without one (mmseg 0.x MultiScaleFlipAug), "original_ratio" keep-ratio
+        into the bounds (int(w * ratio + 0.5), int(h * ratio + 0.5)) (mmseg 1.x Resize(scale_factor=ratio,
+        keep_ratio=True): mmcv 2.1.0 transforms/processing.py Resize.transform sets scale = _scale_size(...), then
+        _resize_img calls imrescale(img, scale), which rescales by one factor min(long / long side, short / short
+        side) (rescale_size): one side can end 1 px short of int(x * ratio + 0.5), e.g. 83 x 157 at 0.75 ->
+        62 x 117)."""
         height, width = image.shape[:2]
         if base == "scale_bounds":
             # mmseg 0.x test_time_aug.py: (int(scale[0] * r), int(scale[1] * r)); without a scale, the image's
@@ -335,7 +338,7 @@ class EvalTransform:
             long_side, short_side = (max(self.scale), min(self.scale)) if self.scale else (width, height)
             size = keep_ratio_size(height, width, scale=(int(long_side * ratio), int(short_side * ratio)))
         elif base == "original_ratio":
-            size = (int(height * ratio + 0.5), int(width * ratio + 0.5))
+            size = keep_ratio_size(height, width, scale=(int(width * ratio + 0.5), int(height * ratio + 0.5)))
         else:
             raise ValueError(f"unknown view base {base!r}; expected 'scale_bounds' or 'original_ratio'")
         return self.normalised(resize_to(image, size))

@@ -80,6 +80,20 @@ def build_model(cfg: Config, seed: int) -> nn.Module:
     return model
 
 
+def well_conditioned(model: nn.Module, seed: int) -> nn.Module:
+    """The start of b and f: a copy whose last norm of every residual branch (`bn3`) and every norm of the decode
+    and auxiliary heads get gamma uniform in [0.01, 0.05] (the project side's fixtures.well_conditioned explains
+    why: fp32 trajectories of two correct implementations then stay within 1e-6 instead of parting)."""
+    conditioned = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():
+        for name, module in conditioned.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                    name.endswith("bn3") or name.startswith(("decode_head", "auxiliary_head"))):
+                module.weight.uniform_(0.01, 0.05, generator=generator)
+    return conditioned
+
+
 def dropout_off(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout | nn.Dropout2d):
@@ -106,24 +120,26 @@ def head_logits(model: nn.Module, images: torch.Tensor) -> dict:
 
 
 def command_model(job: dict) -> None:
+    """a on the first step's batch from `state.pt` (the weights check e uses too); b (float64) and f (float32,
+    5 steps) from the well-conditioned copy `state_train.pt`: b is the first step's loss and gradients."""
     out = Path(job["out"])
     cfg = load_config(job)
-    model = build_model(cfg, job["seed"])
-    torch.save(model.state_dict(), out / "state.pt")
-    batch = torch.load(job["batch"], weights_only=True)
-    images, labels = batch["images"], batch["labels"]
+    model = built_model(cfg, job)
+    start = well_conditioned(model, job["seed"])
+    steps = torch.load(job["steps"], weights_only=True)
+    images, labels = steps["images"][0], steps["labels"][0]
     result: dict = {}
     # a. logits, eval mode (running statistics) and train mode (batch statistics, dropout off).
     model.eval()
     with torch.no_grad():
         result["eval"] = head_logits(model, images)
-    trained = copy.deepcopy(model)
-    dropout_off(trained)
-    trained.train()
+    dropout_off(model)
+    model.train()
     with torch.no_grad():
-        result["train"] = head_logits(trained, images)
-    # b. the training loss and every gradient on a batch with ignored pixels, in float64 (see the project side).
-    trained = copy.deepcopy(model).double()
+        result["train"] = head_logits(model, images)
+    # b. the first training step's loss and every gradient (ignored pixels in the batch), in float64 (see the
+    # project side).
+    trained = copy.deepcopy(start).double()
     dropout_off(trained)
     trained.train()
     losses = trained.loss(images.double(), samples(labels))
@@ -133,8 +149,9 @@ def command_model(job: dict) -> None:
     result["loss"]["total"] = total.detach()
     # Stored as float32 (half the file): 6e-8 relative, far below the 1e-6 the project side allows.
     result["grads"] = {name: p.grad.detach().float() for name, p in trained.named_parameters() if p.grad is not None}
+    del trained
     # c. parameter groups of the config's optimizer wrapper, built by mmengine for this model.
-    wrapper = build_optim_wrapper(copy.deepcopy(model), cfg.optim_wrapper)
+    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     groups = []
     for group in wrapper.optimizer.param_groups:
         groups.append({k: float(group[k]) for k in ("lr", "momentum", "weight_decay", "dampening")}
@@ -142,22 +159,37 @@ def command_model(job: dict) -> None:
     result["groups"] = groups
     result["optimizer"] = type(wrapper.optimizer).__name__
     torch.save(result, out / "model.pt")
-    # f. SGD steps from the same weights on the given batches: optimizer wrapper and schedule of the config, in
-    # float64 like b.
-    steps = torch.load(job["steps"], weights_only=True)
-    trained = copy.deepcopy(model).double()
+    # f. SGD steps from the conditioned weights on the given batches: optimizer wrapper and schedule of the
+    # config, float32.
+    del model, wrapper
+    sgd_steps(cfg, start, steps, out)
+
+
+def sgd_steps(cfg: Config, trained: nn.Module, steps: dict, out: Path) -> None:
+    """f: the config's optimizer wrapper and schedulers on `trained` (its dtype), one step per batch, each step's
+    state saved as float32 (`stepN.pt`)."""
+    dtype = next(trained.parameters()).dtype
     dropout_off(trained)
     trained.train()
     wrapper = build_optim_wrapper(trained, cfg.optim_wrapper)
     schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=wrapper)) for s in cfg.param_scheduler]
     for index, (step_images, step_labels) in enumerate(zip(steps["images"], steps["labels"])):
-        losses = trained.loss(step_images.double(), samples(step_labels))
+        losses = trained.loss(step_images.to(dtype), samples(step_labels))
         total, _ = trained.parse_losses(losses)
         wrapper.update_params(total)
         for scheduler in schedulers:
             scheduler.step()
-        state = {k: (v.detach().float() if v.is_floating_point() else v) for k, v in trained.state_dict().items()}
-        torch.save(state, out / f"step{index + 1}.pt")  # float32: 6e-8 relative, the tolerance is 1e-5
+        state = {k: (v.detach().float() if v.is_floating_point() else v.detach().clone())
+                 for k, v in trained.state_dict().items()}
+        torch.save(state, out / f"step{index + 1}.pt")
+
+
+def command_trajectory(job: dict) -> None:
+    """f alone, in float64: the steps of command_model from the same well-conditioned start (the project side
+    asks for it when the float32 trajectories part by more than the tolerance)."""
+    cfg = load_config(job)
+    start = well_conditioned(built_model(cfg, job), job["seed"]).double()
+    sgd_steps(cfg, start, torch.load(job["steps"], weights_only=True), Path(job["out"]))
 
 
 class DrawRecorder:
@@ -261,10 +293,27 @@ def command_test(job: dict) -> None:
     (out / "metrics.json").write_text(json.dumps(results))
 
 
+_LAST_BUILT: dict = {}  # (config file, seed) -> model: the weights command's model, reused by the next model command
+
+
+def built_model(cfg: Config, job: dict) -> nn.Module:
+    """build_model for the job's config and seed; the one built last is kept, so `weights` then `model` on the same
+    config builds (and initialises) it once. A copy is returned: the caller may change it."""
+    key = (job["config_py"], job["seed"], json.dumps(job.get("cfg_options", {}), sort_keys=True))
+    if key not in _LAST_BUILT:
+        _LAST_BUILT.clear()
+        _LAST_BUILT[key] = build_model(cfg, job["seed"])
+    return copy.deepcopy(_LAST_BUILT[key])
+
+
 def command_weights(job: dict) -> None:
-    """Only the random weights of `model` (the same seed gives the same tensors), for checks that need them."""
+    """Only the random weights (the same seed gives the same tensors), for checks that need them: `state.pt` (a,
+    e) and, when the job asks (`train_start`), its well-conditioned copy `state_train.pt` (b, f)."""
     cfg = load_config(job)
-    torch.save(build_model(cfg, job["seed"]).state_dict(), Path(job["out"]) / "state.pt")
+    model = built_model(cfg, job)
+    torch.save(model.state_dict(), Path(job["out"]) / "state.pt")
+    if job.get("train_start"):
+        torch.save(well_conditioned(model, job["seed"]).state_dict(), Path(job["out"]) / "state_train.pt")
 
 
 def command_lr(job: dict) -> None:
@@ -288,7 +337,7 @@ def command_lr(job: dict) -> None:
 
 
 COMMANDS = {"lr": command_lr, "weights": command_weights, "model": command_model, "data": command_data,
-            "test": command_test}
+            "test": command_test, "trajectory": command_trajectory}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

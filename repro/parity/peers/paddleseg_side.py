@@ -85,6 +85,8 @@ def main(argv: list[str]) -> int:
     job = json.loads(Path(argv[1]).read_text())
     if job.get("task") == "eval":
         return run_eval(job)
+    if job.get("task") == "loss":
+        return run_loss(job)
     start = time.perf_counter()
     import paddle
     import paddleseg
@@ -118,6 +120,31 @@ def main(argv: list[str]) -> int:
     out["peer_version"] = str(paddleseg.__version__)
     out["paddle"] = str(paddle.__version__)
     out["seconds"] = time.perf_counter() - start
+    torch.save(out, job["out"])
+    return 0
+
+
+def run_loss(job: dict) -> int:
+    """Task "loss": only check b (the builder's losses on the job's logits and labels), for a paddlepaddle 2.x venv
+    whose type promotion PaddleSeg 2.8.0's losses were written for."""
+    # paddlepaddle 2.6.2's bundled libraries break a zlib import that comes after it (measured: `import scipy`
+    # after `import paddle` raises zlib.error, then paddleseg's import segfaults); what paddleseg imports from
+    # scipy and scikit-learn is imported first.
+    import importlib
+
+    for module in ("scipy.ndimage", "scipy.optimize", "sklearn.metrics"):
+        importlib.import_module(module)
+    import paddle
+    import paddleseg
+    from paddleseg.cvlibs import Config, SegBuilder
+
+    paddle.set_device("cpu")
+    config_path = Path(job["out"]).with_name("ccnet_paddleseg_loss.yml")
+    config_path.write_text(CONFIG_YAML)
+    builder = SegBuilder(Config(str(config_path)))
+    out = losses(builder, torch.load(job["inputs"], map_location="cpu", weights_only=True))
+    out["peer_version"] = str(paddleseg.__version__)
+    out["paddle"] = str(paddle.__version__)
     torch.save(out, job["out"])
     return 0
 

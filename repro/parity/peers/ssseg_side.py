@@ -218,45 +218,24 @@ def run_model(job: dict) -> dict:
         aux = model.auxiliary_decoder(feats[0])
     out["eval"] = {"decode": decode, "aux": aux}
 
-    # a (train mode) and b: TRAIN_DEVELOP returns the decode logits and the loss; a hook takes the aux logits.
-    # Dropout off (p = 0) so both sides are deterministic.
-    trained = copy.deepcopy(model)
-    trained.train()
-    no_dropout(trained)
-    trained.mode = "TRAIN_DEVELOP"
+    # a (train mode): TRAIN_DEVELOP returns the decode logits; a hook takes the aux logits. Dropout off (p = 0)
+    # so both sides are deterministic; no backward (b is the first step of f below).
+    # (The model itself: f below loads all of its weights and buffers again.)
+    model.train()
+    no_dropout(model)
+    model.mode = "TRAIN_DEVELOP"
     captured = {}
-    hook = trained.auxiliary_decoder.register_forward_hook(lambda m, i, o: captured.__setitem__("aux", o))
-    target = to_ssseg_labels(labels[0])
-    result = trained(input_structure(images=images[0], seg_targets=target, mode="TRAIN_DEVELOP"))
+    hook = model.auxiliary_decoder.register_forward_hook(lambda m, i, o: captured.__setitem__("aux", o))
+    with torch.no_grad():
+        result = model(input_structure(images=images[0], seg_targets=to_ssseg_labels(labels[0]),
+                                       mode="TRAIN_DEVELOP"))
     hook.remove()
-    result.loss.backward()
-    out["train"] = {
-        "decode": result.seg_logits.detach(),
-        "aux": captured["aux"].detach(),
-        "loss": result.loss.detach(),
-        "losses": {k: float(v) for k, v in result.losses_log_dict.items()},
-        "grads": {n: p.grad.detach().clone() for n, p in trained.named_parameters() if p.grad is not None},
-        "running": {k: v.clone() for k, v in trained.state_dict().items() if "running_" in k},
-    }
-    del trained
+    model.mode = "TRAIN"
+    out["train"] = {"decode": result.seg_logits.detach(), "aux": captured["aux"].detach()}
 
     # c: optimizer and scheduler as train.py builds them.
-    from ssseg.modules import BuildOptimizer, BuildScheduler
-
     names = {id(p): n for n, p in model.named_parameters()}
-
-    def scheduler_for(segmentor):
-        optimizer = BuildOptimizer(segmentor, cfg["scheduler"]["optimizer"])
-        scheduler_cfg = copy.deepcopy(cfg["scheduler"])
-        scheduler_cfg.update(
-            {
-                "lr": cfg["scheduler"]["optimizer"]["lr"],
-                "iters_per_epoch": iters_per_epoch(job["dataset"], job["gpus"]),
-                "params_rules": cfg["scheduler"]["optimizer"]["params_rules"],
-            }
-        )
-        return optimizer, BuildScheduler(optimizer=optimizer, scheduler_cfg=scheduler_cfg)
-
+    scheduler_for = _scheduler_builder(job, cfg)
     optimizer, scheduler = scheduler_for(model)
     total = scheduler.max_iters
     lrs = {}
@@ -279,31 +258,76 @@ def run_model(job: dict) -> dict:
         "groups": groups,
     }
 
-    # f: the training loop body of train.py (updatelr, zero_grad, forward TRAIN, backward, scheduler.step).
+    # f: the training loop body of train.py (updatelr, zero_grad, forward TRAIN, backward, scheduler.step) from
+    # the job's training weights (the well-conditioned start the project side explains), in float32. b is its
+    # first step: the loss, every gradient after loss.backward() and the BN running statistics after the forward.
     if job.get("steps", 0):
-        segmentor = build(cfg, "TRAIN")
-        segmentor.load_state_dict(weights, strict=True)
-        segmentor.double()  # float64: see the project side (TOL_WEIGHTS)
-        segmentor.train()
-        no_dropout(segmentor)
-        optimizer, scheduler = scheduler_for(segmentor)
-        trajectory, step_lrs, losses = [], [], []
-        for step in range(job["steps"]):
-            step_lrs.append(float(scheduler.updatelr()))
-            optimizer.zero_grad()
-            data = input_structure(
-                mode="TRAIN", images=images[step].double(), seg_targets=to_ssseg_labels(labels[step])
-            )
-            loss = segmentor(data).loss
-            loss.backward()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            # one file per step, written as it is taken: 5 states of an R-101 model held at once cost 1.4 GB
-            step_file = f"{job['trajectory_out']}.step{step + 1}"
-            torch.save(state(segmentor), step_file)
-            trajectory.append(step_file)
-        torch.save({"state_files": trajectory, "lr": step_lrs, "loss": losses}, job["trajectory_out"])
+        out["train"].update(train_steps(job, cfg, model, images, labels, scheduler_for))
     return out
+
+
+def _scheduler_builder(job: dict, cfg: dict):
+    """segmentor -> (optimizer, scheduler) as train.py builds them (BuildOptimizer, BuildScheduler)."""
+    from ssseg.modules import BuildOptimizer, BuildScheduler
+
+    def scheduler_for(segmentor):
+        optimizer = BuildOptimizer(segmentor, cfg["scheduler"]["optimizer"])
+        scheduler_cfg = copy.deepcopy(cfg["scheduler"])
+        scheduler_cfg.update(
+            {
+                "lr": cfg["scheduler"]["optimizer"]["lr"],
+                "iters_per_epoch": iters_per_epoch(job["dataset"], job["gpus"]),
+                "params_rules": cfg["scheduler"]["optimizer"]["params_rules"],
+            }
+        )
+        return optimizer, BuildScheduler(optimizer=optimizer, scheduler_cfg=scheduler_cfg)
+
+    return scheduler_for
+
+
+def train_steps(job: dict, cfg: dict, segmentor: nn.Module, images, labels, scheduler_for,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """f on `segmentor` (its weights and buffers replaced by the job's training weights, cast to `dtype`): each
+    step's state saved as float32 to `trajectory_out`.stepN; returns check b (the first step's loss, gradients
+    and BN running statistics)."""
+    segmentor.load_state_dict(torch.load(job["weights_train"], map_location="cpu", weights_only=True), strict=True)
+    segmentor.to(dtype)
+    segmentor.train()
+    no_dropout(segmentor)
+    optimizer, scheduler = scheduler_for(segmentor)
+    first: dict = {}
+    trajectory, step_lrs, losses = [], [], []
+    for step in range(job["steps"]):
+        step_lrs.append(float(scheduler.updatelr()))
+        optimizer.zero_grad()
+        data = input_structure(mode="TRAIN", images=images[step].to(dtype), seg_targets=to_ssseg_labels(labels[step]))
+        loss = segmentor(data).loss
+        loss.backward()
+        if step == 0:
+            first = {
+                "loss": loss.detach(),
+                "grads": {n: p.grad.detach().clone() for n, p in segmentor.named_parameters() if p.grad is not None},
+                "running": {k: v.clone() for k, v in segmentor.state_dict().items() if "running_" in k},
+            }
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        # one file per step, written as it is taken: 5 states of an R-101 model held at once cost 0.7 GB
+        step_file = f"{job['trajectory_out']}.step{step + 1}"
+        torch.save(state(segmentor), step_file)
+        trajectory.append(step_file)
+    torch.save({"state_files": trajectory, "lr": step_lrs, "loss": losses}, job["trajectory_out"])
+    return first
+
+
+def run_trajectory(job: dict) -> dict:
+    """f alone in float64 (the project side asks for it when the float32 trajectories part by more than the
+    tolerance): the same steps from the same weights."""
+    cfg = segmentor_cfg(job["dataset"], job["depth"], job["output_stride"])
+    batches = torch.load(job["batches"], map_location="cpu", weights_only=True)
+    model = build(cfg, "TRAIN")
+    train_steps(job, cfg, model, batches["images"], batches["labels"], _scheduler_builder(job, cfg),
+                dtype=torch.float64)
+    return {}
 
 
 class ScriptedDraws:
@@ -435,6 +459,8 @@ def main(argv: list[str]) -> int:
         out = run_data(job)
     elif task == "eval":
         out = run_eval(job)
+    elif task == "trajectory":
+        out = run_trajectory(job)
     else:
         print(f"unknown task {task!r}", file=sys.stderr)
         return 2
