@@ -72,7 +72,8 @@ blocks (Cqk', Cv': rounded up to BLOCK_K, BLOCK_V):
   MACs: (B W T_col^2 + B H T_row^2) (Cqk' + Cv') (the minimum P A (Cqk + Cv)).
 * backward bytes: P (2 s Cv + 4) for delta, 2 P (8 + s (4 Cqk + 2 Cv)) for the passes' reads, 8 P (2 Cqk + Cv)
   for the fp32 partials written and read back, P s (2 Cqk + Cv) for the gradients (the minimum is
-  P (s (4 Cqk + 4 Cv) + 4): q, k, v, out and dO read, dq, dk and dv written, the LSE read). MACs: (B W T_col^2 + B H T_row^2) (3 Cqk' + 2 Cv').
+  P (s (4 Cqk + 4 Cv) + 4): q, k, v, out and dO read, dq, dk and dv written, the LSE read).
+  MACs: (B W T_col^2 + B H T_row^2) (3 Cqk' + 2 Cv').
   `tests/test_kernels.py` checks both formulas to the byte against the interpreter's counts.
 * NCHW inputs add their copies (read and written once): P s 2 (2 Cqk + Cv) in the forward (q, k, v) and
   P s 2 Cv in the backward (dO, when it is not channels-last).

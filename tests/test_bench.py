@@ -109,7 +109,11 @@ def test_rederive_recomputes_only_the_cost_columns(tmp_path):
     stale.to_csv(path, index=False)
     assert bench.main(["--rederive", "--out", str(path)]) == 0
     again = pd.read_csv(path, dtype=str, keep_default_na=False)
-    pd.testing.assert_frame_equal(again, measured)
+    rates = ["gb_per_s", "tflop_per_s"]  # recomputed from the rounded milliseconds: equal up to that rounding
+    pd.testing.assert_frame_equal(again.drop(columns=rates), measured.drop(columns=rates))
+    for column in rates:
+        pd.testing.assert_series_equal(again[column].astype(float), measured[column].astype(float), rtol=1e-2,
+                                       atol=2e-3)
     backward = again[again["pass"] == "bwd"].iloc[0]
     shape = [int(backward[name]) for name in ("batch", "qk_channels", "channels", "height", "width")]
     expected = cost.criss_cross_attention_backward_cost(*shape).bytes

@@ -716,7 +716,7 @@ def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width
     saves them:
     one row per kernel and one "all" row per pass, with the minimum bytes and MACs of `ops.cost` beside the
     counts."""
-    from ops import cca_triton, cost
+    from ops import cca_triton
 
     dtype = DTYPES[dtype_name]
     if target not in TARGETS:
@@ -724,8 +724,6 @@ def model_rows(batch: int, qk_channels: int, v_channels: int, height: int, width
     blocks = cca_triton.default_blocks(torch.device("cuda"), dtype, _capability(target))
     query, key, value, grad_out = _inputs(batch, qk_channels, v_channels, height, width, dtype, layout)
     copy = layout != "nchw_in_place"
-    itemsize = query.element_size()
-    pairs = batch * height * width * (height + width - 1)
     caches = {"forward": LRUCache(L2_BYTES_BY_TARGET[target]), "backward": LRUCache(L2_BYTES_BY_TARGET[target])}
     with count(caches["forward"]) as forward:
         if copy:  # what criss_cross_attention_triton does before the op, so that autograd saves the copies
