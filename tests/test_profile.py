@@ -160,8 +160,9 @@ def test_cli_errors_on_bad_configs(config_path, tmp_path):
 
 @pytest.mark.slow
 def test_r101_769_estimate_does_not_allocate(config_path):
-    # In a process of its own: ru_maxrss is the lifetime peak of a process, and a pytest worker's depends on the
-    # tests it ran before (a worker that had built a large model read 5.5 GB here).
+    # In a process of its own, peak RSS read as VmHWM (the peak of the process's own address space): ru_maxrss is a
+    # lifetime peak that even survives exec, so a child of a pytest worker that had built a large model read the
+    # worker's 5.5 GB.
     script = (
         "import json, resource, sys\n"
         "from repro.engine.config import load_config, with_overrides\n"
@@ -169,8 +170,9 @@ def test_r101_769_estimate_does_not_allocate(config_path):
         "big = with_overrides(load_config(sys.argv[1]), {'model.depth': 101, 'data.crop_size': (769, 769), "
         "'data.batch_size': 2})\n"
         "estimate = estimate_training_memory(big)\n"
-        "print(json.dumps({'estimate': estimate.peak_bytes, "
-        "'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n"
+        "hwm = [line for line in open('/proc/self/status') if line.startswith('VmHWM:')]\n"
+        "rss = int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "print(json.dumps({'estimate': estimate.peak_bytes, 'rss': rss}))\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(config_path)], capture_output=True, text=True,
                           check=False, cwd=Path(__file__).resolve().parents[1])
