@@ -175,7 +175,7 @@ def _forward_in_workers(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     columns. PyTorch's intra-op thread count is 1 for the duration of the call (the
     workers replace it) and restored afterwards; the workers run under the caller's grad / inference mode.
     Buffers are the one-thread path's: an NCHW value that is not saved is never copied whole
-    (`_rows_out_streamed`, `_columns_out_streamed`).
+    (`_rows_out_streamed`, `_copy_rows`, `_stream_columns`).
     """
     query, key, value = query.detach(), key.detach(), value.detach()
     batch, channels, height, width = value.shape
@@ -280,8 +280,9 @@ def _columns_out(probs: torch.Tensor, v: torch.Tensor, out: torch.Tensor, block:
 # row branch reads it in place (row i of an NCHW image, as a (W, C) matrix, has unit stride along W: a column-major
 # operand BLAS reads as it is), and the column branch, whose (H, C) matrices have no unit stride in NCHW, sums over
 # VALUE_PARTS blocks of source rows, each copied channels-last in turn into one buffer. Timed at 97x97, C = 512,
-# one thread, against one whole copy: 2 parts take the same time (half a value map less at the peak); 4 parts
-# are 1.35x slower (the column products' inner dimension, H / 4, becomes too small).
+# one thread, against one whole copy: the aggregation alone took the same time with 2 parts (half a value map less
+# at the peak) and 1.35x longer with 4 (the column products' inner dimension, H / 4, becomes too small); the whole
+# inference forward of the op measured 1.17-1.25x the whole-copy form's time (interleaved, CPU time, under load).
 VALUE_PARTS = 2
 
 
