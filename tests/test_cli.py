@@ -122,6 +122,7 @@ def checkout(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_report_on_a_clone_keeps_the_committed_drift_and_then_changes_nothing(checkout):
     drift_page = (checkout / "results/details/drift.md").read_bytes()
     done = _command(checkout, "repro.report")
@@ -139,6 +140,7 @@ def test_report_on_a_clone_keeps_the_committed_drift_and_then_changes_nothing(ch
     assert "nothing changed" in done.stdout
 
 
+@pytest.mark.slow
 def test_read_only_commands_leave_git_status_clean(checkout):
     quick = _command(checkout, "repro.bench", "--quick", "--device", "cpu", "--variants", "cca_naive")
     assert quick.returncode == 0, quick.stderr

@@ -415,3 +415,66 @@ def test_pad_colour_and_position(position):
     assert (out_image[:, ~inside] == 0).all()
     expected_inside = torch.tensor([(200 - m) / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32)
     torch.testing.assert_close(out_image[:, inside], expected_inside[:, None].expand(3, 30))
+
+
+@pytest.mark.parametrize("name", ["cityscapes", "ade20k", "voc"])
+def test_prediction_files_read_back_through_the_label_decoding(tmp_path, name):
+    """--save-predictions' files hold every class in the dataset's annotation encoding, and the dataset's own
+    label decoding gives the train ids back; a class outside the dataset is refused, not wrapped."""
+    from repro.engine.data import dataset_module, prediction_path, read_prediction, write_prediction
+
+    num_classes = dataset_module(name).NUM_CLASSES
+    image = tmp_path / "img" / ("aachen" if name == "cityscapes" else "") / (
+        "aachen_000000_000019_leftImg8bit.png" if name == "cityscapes" else "ADE_val_00000001.jpg")
+    train_ids = (np.arange(5 * 7 * 2).reshape(5, 14) % num_classes).astype(np.uint8)
+    path = write_prediction(name, image, tmp_path / "out", train_ids)
+    assert path == prediction_path(name, image, tmp_path / "out") and path.is_file()
+    stored = np.asarray(Image.open(path))
+    assert stored.shape == train_ids.shape and stored.dtype == np.uint8
+    if name == "ade20k":  # stored as the annotations store them: class k as k + 1, 0 never written
+        assert stored.min() == 1 and np.array_equal(stored, train_ids + 1)
+    if name == "cityscapes":
+        assert path.name == "aachen_000000_000019_pred_labelIds.png" and path.parent.name == "aachen"
+        assert set(np.unique(stored)) <= set(cityscapes.LABEL_IDS)
+    assert np.array_equal(read_prediction(name, path), train_ids)
+    with pytest.raises(ValueError, match=f"train ids in \\[0, {num_classes}\\)"):
+        write_prediction(name, image, tmp_path / "bad", np.full((2, 2), num_classes, dtype=np.uint8))
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("config", ["mmseg_ade20k_r50_d8_512x512_160k", "mmseg_voc12aug_r50_d8_512x512_20k"])
+def test_saved_predictions_give_the_csv_miou(tmp_path, config):
+    """`repro.run --eval-only --save-predictions` on ADE20K / VOC (Cityscapes: tests/test_metrics.py): the mIoU
+    recomputed from the files it wrote and the dataset's labels is the mIoU of its results CSV."""
+    import csv
+
+    import models
+    from repro.engine.config import model_kwargs
+    from repro.engine.data import prediction_path, read_prediction
+    from repro.engine.metrics import confusion_matrix, mean_iou
+
+    overrides = [f"data.root={tmp_path / 'data'}", "model.depth=50", "model.head_channels=16",
+                 "model.aux_channels=16", "model.pretrained_backbone=null", "eval.scale=[48,32]",
+                 "eval.ms_flip=false"]
+    cfg = load_config(EXPERIMENTS / f"{config}.yaml", overrides)
+    write_fake_dataset(cfg.data, tmp_path / "data", count=2, size_hw=(23, 31), seed=4)
+    torch.manual_seed(0)
+    torch.save(models.build(**model_kwargs(cfg)).state_dict(), tmp_path / "weights.pt")
+    folder, results = tmp_path / "predictions", tmp_path / "miou.csv"
+    args = [str(EXPERIMENTS / f"{config}.yaml"), "--eval-only", "--checkpoint", str(tmp_path / "weights.pt"),
+            "--no-progress", "--save-predictions", str(folder), "--results", str(results),
+            "--out-dir", str(tmp_path / "o")]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 0
+    with results.open(newline="") as f:
+        measured = {row["metric"]: float(row["measured"]) for row in csv.DictReader(f)}
+    dataset = build_dataset(cfg.data, split="val", eval_cfg=cfg.eval)
+    matrix = torch.zeros(cfg.model.num_classes, cfg.model.num_classes, dtype=torch.int64)
+    for index, (image_path, _) in enumerate(dataset.pairs):
+        predicted = read_prediction(cfg.data.dataset, prediction_path(cfg.data.dataset, image_path, folder))
+        label = dataset.load(index)[1]
+        assert predicted.shape == label.shape
+        matrix += confusion_matrix(torch.from_numpy(predicted), torch.from_numpy(label),
+                                   num_classes=cfg.model.num_classes, ignore_index=cfg.data.ignore_index)
+    assert measured["mIoU"] == pytest.approx(100 * mean_iou(matrix, zero_union=cfg.eval.zero_union), abs=1e-3)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from repro.engine.distributed import DistContext, init_distributed, shard, wrap_model
@@ -31,6 +32,7 @@ def test_single_process_context(monkeypatch):
     assert shard(5, two[0]) == [0, 2, 4] and shard(5, two[1]) == [1, 3]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_smoke_run(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

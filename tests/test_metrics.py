@@ -85,6 +85,7 @@ def test_cityscapes_miou_equals_official_evaluator(tmp_path, monkeypatch):
     assert 0 < ours.miou < 100
 
 
+@pytest.mark.slow
 def test_run_cli_predictions_match_official_evaluator(tmp_path, monkeypatch):
     """`python -m repro.run --eval-only --save-predictions`: the CSV's mIoU equals the official evaluator's on
     the label-id files the CLI wrote."""

@@ -171,6 +171,7 @@ if sys.argv[1:] == ["serve"]:
 """
 
 
+@pytest.mark.slow
 def test_peer_server_answers_many_jobs_from_one_process(tmp_path):
     script = tmp_path / "peer.py"
     script.write_text(SERVING_PEER.format(peers=str(common.PEERS_DIR)))

@@ -94,6 +94,7 @@ def test_finished_steps_are_not_redone_unless_forced(tmp_path):
     assert status["step"].tolist() == ["counting"]  # one row per step, the latest outcome
 
 
+@pytest.mark.slow
 def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
     results, experiments = tmp_path / "results", tmp_path / "experiments"
     experiments.mkdir()
@@ -137,6 +138,7 @@ def test_pipeline_records_datasets_and_fails_on_a_failed_step(tmp_path):
     assert "--resume" not in status.loc["run-alpha", "command"].split()
 
 
+@pytest.mark.slow
 def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):
     """The real synthetic step (--quick) and report, claims/bench/profile/experiments left to their own tests.
     A fresh checkout (committed results, no stamps) retrains instead of reusing the committed runs, and the

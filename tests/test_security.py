@@ -570,6 +570,7 @@ def _resume_and_compare(data_root: Path, out: Path, uninterrupted: dict[str, tor
     assert different == []
 
 
+@pytest.mark.slow
 @INTERRUPTIONS
 def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(tmp_path, data_root, uninterrupted):
     # The moment: 0-1.5 s after step 2 or 3 is logged (a step's compute, its checkpoint write, or later), drawn
@@ -625,6 +626,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @INTERRUPTIONS
 def test_sigkill_during_a_checkpoint_write_then_resume_gives_the_same_weights(tmp_path, data_root, uninterrupted):
     out = tmp_path / "run"

@@ -290,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-limit", type=int, default=None, metavar="N",
                         help="evaluate only the first N images (the row then says partial and never counts)")
     parser.add_argument("--save-predictions", type=Path, default=None, metavar="DIR",
-                        help="Cityscapes: write label-id prediction PNGs here (for the official evaluator)")
+                        help="write each single-scale prediction here as a PNG in the dataset's label encoding "
+                        "(Cityscapes: CITY/STEM_pred_labelIds.png, for the official evaluator; ADE20K: class + 1; "
+                        "VOC: class)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--engine", choices=ENGINES, default="torch",
                         help="--eval-only: inference engine (onnxruntime / openvino run a verified ONNX export)")
@@ -324,17 +326,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _prediction_writer(cfg: ExperimentConfig, dataset, folder: Path):
-    from repro.engine.data.base import write_png
-    from repro.engine.data.cityscapes import train_ids_to_label_ids
-
-    if cfg.data.dataset != "cityscapes":
-        raise ValueError(f"--save-predictions writes the Cityscapes format; dataset is {cfg.data.dataset!r}")
+    from repro.engine.data import write_prediction
 
     def write(index: int, train_ids) -> None:
-        image_path = dataset.pairs[index][0]
-        stem = image_path.name[: -len("_leftImg8bit.png")]
-        path = folder / image_path.parent.name / f"{stem}_pred_labelIds.png"
-        write_png(path, train_ids_to_label_ids(train_ids))
+        write_prediction(cfg.data.dataset, dataset.pairs[index][0], folder, train_ids)
 
     return write
 

@@ -49,6 +49,7 @@ from repro.parity.fixtures import (
     max_rel,
     write_structured_dataset,
 )
+from repro.parity.ours import our_evaluation
 
 NAME = "mmseg"
 VERSION = "1.2.2"
@@ -544,7 +545,7 @@ def check_eval(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
     with ThreadPoolExecutor(max_workers=1) as pool:
         peer_run = pool.submit(call_peer, python, SCRIPT, "test", work / "test.json", cwd=work, timeout=900)
         try:
-            done, predictions, dataset = _our_eval(row, checkpoint, state_file, work, overrides, quick=quick)
+            done, predictions, dataset = _our_eval(row, checkpoint, work, overrides, quick=quick)
         finally:
             peer_run.result()
     theirs = json.loads((work / "metrics.json").read_text())
@@ -576,37 +577,16 @@ def check_eval(row: Row, python: Path, work: Path, *, quick: bool) -> list[Parit
     return rows
 
 
-def _our_eval(row: Row, checkpoint: Path, state_file: Path, work: Path, overrides: dict, *, quick: bool):
+def _our_eval(row: Row, checkpoint: Path, work: Path, overrides: dict, *, quick: bool):
     """Ours for check e: `python -m repro.run --eval-only` as a user runs it (validation split only in the
-    folder), then the single-scale predictions of the engine's evaluate (what the command calls) for the
-    per-pixel comparison: (completed process, {index: train ids}, dataset)."""
-    import subprocess
-    import sys
-
-    from repro.engine.distributed import init_distributed
-    from repro.engine.evaluate import evaluate
-
-    cfg = row.cfg
+    folder), its single-scale predictions from the files it saved: (completed process, {index: train ids},
+    dataset)."""
     overrides = dict(overrides)
-    tta = bool(cfg.eval.ms_flip and not quick)
-    command = [sys.executable, "-m", "repro.run", str(row.path), "--eval-only", "--checkpoint", str(checkpoint),
-               "--checkpoint-source", "mmseg", "--out-dir", str(work / "ours"), "--results",
-               str(work / "ours" / "miou.csv"), "--no-progress", "--device", "cpu"]
-    if not tta:
+    if not (row.cfg.eval.ms_flip and not quick):
         overrides["eval.ms_flip"] = False
-    for key, value in overrides.items():
-        command += ["--set", f"{key}={json.dumps(value)}"]
-    done = subprocess.run(command, cwd=EXPERIMENTS.parent, capture_output=True, text=True, timeout=900)
-    run_cfg = load_config(row.path, [f"{k}={json.dumps(v)}" for k, v in {**overrides, "eval.ms_flip": False}.items()])
-    model = _our_model(run_cfg)
-    _import(model, load_tensors(state_file))
-    dataset = build_dataset(run_cfg.data, split="val", eval_cfg=run_cfg.eval)
-    predictions: dict[int, np.ndarray] = {}
-    evaluate(model, dataset, eval_cfg=run_cfg.eval, num_classes=cfg.model.num_classes,
-             ignore_index=cfg.data.ignore_index, ctx=init_distributed(device="cpu"),
-             on_prediction=lambda index, train_ids: predictions.__setitem__(index, np.asarray(train_ids)),
-             progress=False)
-    return done, predictions, dataset
+    settings = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    return our_evaluation(row.path, checkpoint, work, settings, extra_args=("--checkpoint-source", "mmseg"),
+                          out_dir=work / "ours", results=work / "ours" / "miou.csv")
 
 
 def _peer_pipeline_types(python: Path, row: Row) -> list[str]:

@@ -86,12 +86,12 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
            "stride": small.get("eval.stride"), "ms_ratios": list(cfg.eval.ms_scales) if ms else None}
     (work / "test0.json").write_text(json.dumps(job))
     overrides = {"data.root": str(root), **small}
-    # 0.30.0's test runs in its process while ours run here (the two cores): the command, then the engine's
+    # 0.30.0's test runs in its process while ours runs here (the two cores): the command, which also saves its
     # single-scale predictions for the per-pixel comparison (mmseg1._our_eval).
     with ThreadPoolExecutor(max_workers=1) as pool:
         peer_run = pool.submit(call_peer, python, SCRIPT, "test", work / "test0.json", cwd=work, timeout=900)
         try:
-            done, ours_single, dataset = mmseg1._our_eval(row, checkpoint, state_file, work, overrides, quick=quick)
+            done, ours_single, dataset = mmseg1._our_eval(row, checkpoint, work, overrides, quick=quick)
         finally:
             peer_run.result()
     theirs = json.loads((work / "metrics0.json").read_text())

@@ -1,63 +1,44 @@
-"""Our side of the evaluation checks, shared by the sources: `python -m repro.run CONFIG --eval-only` end to end
-(its mIoU from the results CSV it writes) and the same `repro.engine.evaluate` in process for the per-pixel
-predictions, both with the same `--set` overrides."""
+"""Our side of the evaluation checks, shared by the sources: `python -m repro.run CONFIG --eval-only` end to end,
+its mIoU from the results CSV it writes and its single-scale predictions from the files its `--save-predictions`
+writes (read back through the dataset's own label decoding), so each image set is evaluated once."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import models
-from repro.engine.config import load_config, model_kwargs
-from repro.engine.data import build_dataset
-from repro.engine.distributed import DistContext
-from repro.engine.evaluate import evaluate
-from repro.engine.runner import load_weights
+from repro.engine.config import load_config
+from repro.engine.data import build_dataset, prediction_path, read_prediction
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def our_evaluation(config_path: Path, checkpoint: Path, folder: Path, overrides: list[str]):
+def our_evaluation(config_path: Path, checkpoint: Path, folder: Path, overrides: Sequence[str], *,
+                   extra_args: Sequence[str] = (), out_dir: Path | None = None,
+                   results: Path | None = None):
     """(completed `repro.run` process, {dataset index: (H, W) train-id prediction}, the val dataset). The
-    command writes its mIoU rows to `folder / "ours_miou.csv"`."""
-    results = folder / "ours_miou.csv"
+    command writes its mIoU rows to `results` (default `folder / "ours_miou.csv"`) and its predictions under
+    `folder / "predictions"`; the predictions dict is empty when the command failed."""
+    results = results or folder / "ours_miou.csv"
     results.unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "repro.run",
-        str(config_path),
-        "--eval-only",
-        "--checkpoint",
-        str(checkpoint),
-        "--results",
-        str(results),
-        "--out-dir",
-        str(folder / "run"),
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    predictions_dir = folder / "predictions"
+    shutil.rmtree(predictions_dir, ignore_errors=True)
+    command = [sys.executable, "-m", "repro.run", str(config_path), "--eval-only", "--checkpoint", str(checkpoint),
+               "--results", str(results), "--out-dir", str(out_dir or folder / "run"), "--device", "cpu",
+               "--no-progress", "--save-predictions", str(predictions_dir), *extra_args]
     for override in overrides:
         command += ["--set", override]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
-    cfg = load_config(config_path, overrides)
-    model = models.build(**{**model_kwargs(cfg), "pretrained_backbone": None})
-    load_weights(model, checkpoint, source=None)
+    cfg = load_config(config_path, list(overrides))
     dataset = build_dataset(cfg.data, split="val", eval_cfg=cfg.eval)
     predictions: dict[int, np.ndarray] = {}
-    evaluate(
-        model,
-        dataset,
-        eval_cfg=cfg.eval,
-        num_classes=cfg.model.num_classes,
-        ignore_index=cfg.data.ignore_index,
-        ctx=DistContext(0, 1, 0, torch.device("cpu"), None),
-        on_prediction=lambda index, pred: predictions.__setitem__(index, np.asarray(pred)),
-        progress=False,
-    )
+    if done.returncode == 0:
+        for index, (image_path, _) in enumerate(dataset.pairs):
+            predictions[index] = read_prediction(cfg.data.dataset,
+                                                 prediction_path(cfg.data.dataset, image_path, predictions_dir))
     return done, predictions, dataset

@@ -808,7 +808,7 @@ def run_eval_check(config_path: Path, python: Path, workdir: Path, *, quick: boo
             "pixel_agreement",
             agree / total,
             TOL_AGREEMENT,
-            f"{total} pixels at the labels' size; ours through repro.engine.evaluate (what --eval-only runs)",
+            f"{total} pixels at the labels' size; ours as the PNGs `repro.run --eval-only --save-predictions` wrote",
             higher_is_better=True,
         )
     )

@@ -14,7 +14,7 @@ import numpy as np
 
 from repro.engine.config import DataConfig, EvalConfig
 from repro.engine.data import ade20k, cityscapes, voc
-from repro.engine.data.base import DatasetError, DatasetNotFoundError, SegmentationFiles
+from repro.engine.data.base import DatasetError, DatasetNotFoundError, SegmentationFiles, read_label, write_png
 from repro.engine.data.transforms import EvalTransform, TrainTransform
 
 __all__ = [
@@ -24,7 +24,10 @@ __all__ = [
     "build_dataset",
     "check_dataset",
     "dataset_module",
+    "prediction_path",
+    "read_prediction",
     "write_fake_dataset",
+    "write_prediction",
 ]
 
 
@@ -125,3 +128,44 @@ def write_fake_dataset(
     for offset, split in enumerate(dict.fromkeys((data.train_split, data.val_split))):
         module.write_fake(root, split=split, count=count, size_hw=size_hw, seed=seed + offset)
     return root
+
+
+# --save-predictions: one PNG per validation image in the encoding of the dataset's own annotations, so the
+# dataset's label decoding (`_label_lut`) reads a prediction back exactly as it reads a label:
+#   cityscapes  CITY/STEM_pred_labelIds.png  label ids (what cityscapesscripts' evaluator reads)
+#   ade20k      STEM.png                     class + 1 (the annotations' 1..150; mmseg's IoUMetric(format_only)
+#                                            writes pred + 1 for reduce_zero_label datasets too)
+#   voc         STEM.png                     class 0..20 (SegmentationClass values, as single-channel PNG)
+
+
+def prediction_path(dataset: str, image_path: Path, folder: Path) -> Path:
+    """Where --save-predictions writes the prediction of the validation image `image_path`."""
+    image_path = Path(image_path)
+    if dataset == "cityscapes":
+        stem = image_path.name.removesuffix("_leftImg8bit.png")
+        return Path(folder) / image_path.parent.name / f"{stem}_pred_labelIds.png"
+    dataset_module(dataset)  # names an unknown dataset
+    return Path(folder) / f"{image_path.stem}.png"
+
+
+def write_prediction(dataset: str, image_path: Path, folder: Path, train_ids: np.ndarray) -> Path:
+    """Write the (H, W) train-id prediction of `image_path` in the dataset's annotation encoding; the path."""
+    num_classes = dataset_module(dataset).NUM_CLASSES
+    train_ids = np.asarray(train_ids)
+    if train_ids.ndim != 2 or train_ids.size and int(train_ids.max()) >= num_classes:
+        raise ValueError(f"a prediction must be (H, W) train ids in [0, {num_classes}); got shape "
+                         f"{train_ids.shape}, max {int(train_ids.max(initial=0))}")
+    if dataset == "cityscapes":
+        encoded = cityscapes.train_ids_to_label_ids(train_ids)
+    elif dataset == "ade20k":
+        encoded = train_ids.astype(np.uint8) + 1
+    else:
+        encoded = train_ids.astype(np.uint8)
+    path = prediction_path(dataset, image_path, folder)
+    write_png(path, encoded)
+    return path
+
+
+def read_prediction(dataset: str, path: Path) -> np.ndarray:
+    """(H, W) uint8 train ids of a file `write_prediction` wrote, decoded as the dataset decodes its labels."""
+    return _label_lut(dataset)[read_label(Path(path))]
