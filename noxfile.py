@@ -29,7 +29,10 @@ def tests(session: nox.Session) -> None:
     # One worker per core (pytest-xdist; tests/conftest.py gives each one torch thread). `--dist load`, not
     # loadgroup: with loadgroup a crashed worker's group was never rescheduled and the run hung (seen once).
     # pytest exits 5 when it collects nothing; nox fails on any non-zero exit.
-    session.run("pytest", *(session.posargs or ["-q", "-n", "auto", "--dist", "load"]))
+    # The README's command (no arguments) records its pytest wall time and counts in results/tests_timing.csv
+    # (tests/conftest.py; `python -m repro.reproduce timing` prints the README's sentence from it).
+    env = {} if session.posargs else {"CCREPRO_TESTS_TIMING": "results/tests_timing.csv"}
+    session.run("pytest", *(session.posargs or ["-q", "-n", "auto", "--dist", "load"]), env=env)
 
 
 @nox.session

@@ -9,6 +9,7 @@ tests pin `torch.device("cpu")` themselves. `tests/test_device.py` checks this l
 import faulthandler
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -66,6 +67,31 @@ def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hoo
     """Long tests (marker `slow`) first, each module's in its order: under pytest-xdist's load scheduling the
     workers then end close together, instead of one running a minute-long test alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+_SESSION_STARTED = time.perf_counter()
+
+
+def pytest_sessionstart(session):  # noqa: ARG001 - pytest's hook signature
+    global _SESSION_STARTED
+    _SESSION_STARTED = time.perf_counter()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With CCREPRO_TESTS_TIMING set (`nox -s tests` sets it), the controlling process appends the run's pytest
+    wall time and counts to that CSV (repro.measure.suite_timing)."""
+    target = os.environ.get("CCREPRO_TESTS_TIMING")
+    if not target or XDIST_WORKER:
+        return
+    from repro.measure.suite_timing import record
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    stats = reporter.stats if reporter is not None else {}
+    counts = {"passed": len(stats.get("passed", [])), "failed": len(stats.get("failed", [])),
+              "skipped": len(stats.get("skipped", [])), "errors": len(stats.get("error", []))}
+    workers = getattr(session.config.option, "numprocesses", None)
+    record(target, seconds=time.perf_counter() - _SESSION_STARTED, counts=counts,
+           workers=workers if isinstance(workers, int) and workers > 0 else 1, exit_status=int(exitstatus))
 
 
 def op_device_name() -> str:

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -343,3 +344,32 @@ def test_timing_command_prints_the_sentence_or_one_error_line(tmp_path, capsys):
     assert "1.5 minutes of wall time (2 steps at a time)" in capsys.readouterr().out
     assert main(["timing", str(tmp_path / "none")]) == 4
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_suite_records_its_own_timing_and_the_sentence_reads_it(tmp_path):
+    """With CCREPRO_TESTS_TIMING set (as `nox -s tests` sets it), a pytest session appends its wall time and counts;
+    `python -m repro.reproduce timing` prints the README's sentence from the last row."""
+    from repro.measure import suite_timing
+
+    target = tmp_path / "results" / "tests_timing.csv"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST")}
+    env["CCREPRO_TESTS_TIMING"] = str(target)
+    root = Path(__file__).resolve().parents[1]
+    suite_timing.record(target, seconds=1.0, counts={"failed": 3}, workers=2, exit_status=1)  # an earlier run
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "tests/test_reproduce.py::test_timing_sentence_comes_from_the_status_csv"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:]
+    table = pd.read_csv(target, keep_default_na=False)
+    assert tuple(table.columns) == suite_timing.COLUMNS and len(table) == 2  # appended, not replaced
+    last = table.iloc[-1]
+    assert (last["passed"], last["failed"], last["skipped"], last["exit_status"], last["workers"]) == (1, 0, 0, 0, 1)
+    assert 0 < float(last["pytest_seconds"]) < 300
+    pd.DataFrame({"step": ["(whole pipeline)"], "status": ["wall time"], "seconds": ["90.0"],
+                  "detail": ["x"]}).to_csv(tmp_path / "results" / "reproduce_status.csv", index=False)
+    printed = subprocess.run([sys.executable, "-m", "repro.reproduce", "timing", str(tmp_path / "results")],
+                             cwd=root, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    assert "spent 0 min" in printed.stdout and "1 passed, 0 skipped, 0 failed: passed" in printed.stdout
+    table.loc[len(table) - 1, "pytest_seconds"] = 490.6
+    assert "spent 8 min 11 s in pytest" in suite_timing.timing_sentence(table)

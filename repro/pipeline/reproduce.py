@@ -475,12 +475,22 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["check-data"]:
         return check_data_main(argv[1:])
     if argv[:1] == ["timing"]:  # `python -m repro.reproduce timing [RESULTS]`: the README's sentence
-        path = Path(argv[1] if len(argv) > 1 else "results") / "reproduce_status.csv"
+        results = Path(argv[1] if len(argv) > 1 else "results")
+        path = results / "reproduce_status.csv"
         try:
             print(timing_sentence(pd.read_csv(path, dtype=str, keep_default_na=False)))
         except (OSError, ValueError) as error:
             print(f"cannot read the pipeline's timing from {path}: {error}", file=sys.stderr)
             return 4
+        tests = results / "tests_timing.csv"
+        if tests.is_file():  # written by `nox -s tests` (repro.measure.suite_timing)
+            from repro.measure.suite_timing import timing_sentence as tests_sentence
+
+            try:
+                print(tests_sentence(pd.read_csv(tests, keep_default_na=False)))
+            except (OSError, ValueError, KeyError) as error:
+                print(f"cannot read the suite's timing from {tests}: {error}", file=sys.stderr)
+                return 4
         return 0
     args = _parse_args(argv)
     if args.jobs < 1:

@@ -1,0 +1,46 @@
+"""The test suite's own duration, recorded by the suite: `nox -s tests` (the README's test command) sets
+CCREPRO_TESTS_TIMING=results/tests_timing.csv and `tests/conftest.py` appends one row when the session ends
+(the controlling process only, not the xdist workers). `python -m repro.reproduce timing` turns the last row into
+the README's sentence, so the number there is one the code wrote."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from repro.io import append_csv_rows
+
+ENV_VAR = "CCREPRO_TESTS_TIMING"
+COLUMNS = ("date", "commit", "cpu", "cpus", "workers", "pytest_seconds", "passed", "failed", "skipped", "errors",
+           "exit_status")
+
+
+def record(path: str | os.PathLike, *, seconds: float, counts: Mapping[str, int], workers: int,
+           exit_status: int) -> Path:
+    """Append the session's row to the CSV at `path` (atomic rewrite; earlier rows kept)."""
+    from repro.engine.engines import git_commit
+    from repro.vocabulary import cpu_model
+
+    row = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": git_commit(),
+           "cpu": cpu_model(), "cpus": os.cpu_count() or 1, "workers": workers,
+           "pytest_seconds": round(float(seconds), 1), "exit_status": int(exit_status),
+           **{name: int(counts.get(name, 0)) for name in ("passed", "failed", "skipped", "errors")}}
+    return append_csv_rows(path, [row], columns=COLUMNS)
+
+
+def timing_sentence(table: pd.DataFrame) -> str:
+    """The README's sentence on the suite's duration, from the last row of `tests_timing.csv` as a frame."""
+    if table.empty:
+        raise ValueError("tests_timing.csv has no rows: run `nox -s tests` once")
+    row = table.iloc[-1]
+    seconds = float(row["pytest_seconds"])
+    minutes, rest = divmod(round(seconds), 60)
+    verdict = "passed" if int(row["exit_status"]) == 0 else f"exit status {int(row['exit_status'])}"
+    return (f"the last `nox -s tests` in `results/tests_timing.csv` spent {minutes} min {rest:02d} s in pytest "
+            f"({int(row['workers'])} workers on {int(row['cpus'])} CPUs: {row['cpu']}; {int(row['passed']):,} "
+            f"passed, {int(row['skipped'])} skipped, {int(row['failed'])} failed: {verdict}; commit "
+            f"{row['commit'] or 'unknown'}).")
