@@ -74,7 +74,7 @@ def check_eval(row: mmseg1.Row, python: Path, work: Path, state_file: Path, *, q
     checkpoint = work / "mmseg_checkpoint.pth"
     torch.save({"state_dict": load_tensors(state_file), "meta": {}}, checkpoint)
     root = work / "data"
-    count = 3
+    count = len(mmseg1.eval_sizes(cfg))  # the 1.2.2 check's images
     write_structured_dataset(cfg.data.dataset, root, split=cfg.data.val_split, count=count,
                              num_classes=cfg.model.num_classes, seed=mmseg1.SEED + 7, sizes=mmseg1.eval_sizes(cfg))
     small = mmseg1.small_eval_overrides(cfg)
