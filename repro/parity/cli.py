@@ -47,6 +47,7 @@ SOURCES: dict[str, ModuleType] = {
 }
 CSV_NAME = "parity.csv"
 TIMING_NAME = "parity_timing.csv"  # wall seconds per (source, config, check) of the last run
+WALL_CHECK = "(whole run)"  # its row: the sources run, the scope (all rows / quick / named) and the run's wall time
 
 
 def peer_python(name: str, root: Path = DEFAULT_ROOT) -> Path:
@@ -235,10 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {target}: {err}", file=sys.stderr)
         return 5
     print(f"wrote {target}")
-    print(f"wall {time.perf_counter() - start:.0f} s with --jobs {jobs}; seconds per source and check:\n"
-          + summarise_timing(timings))
+    wall = time.perf_counter() - start
+    print(f"wall {wall:.0f} s with --jobs {jobs}; seconds per source and check:\n" + summarise_timing(timings))
+    scope = "quick" if args.quick else (f"{len(args.configs)} named rows" if args.configs else "all rows")
+    whole = {"source": "+".join(name for name, _ in work), "config": scope, "check": WALL_CHECK,
+             "seconds": round(wall, 1)}
     try:
-        write_timing(args.out / TIMING_NAME, timings, jobs=jobs)
+        write_timing(args.out / TIMING_NAME, [*timings, whole], jobs=jobs)
     except OSError as err:
         print(f"warning: cannot write {args.out / TIMING_NAME}: {err}", file=sys.stderr)
     return exit_code(all_rows, strict=args.strict)

@@ -970,7 +970,26 @@ def section_parity(results: Path, pages: dict[str, str]) -> str:
              "rate and parameter groups, d training data, e evaluation end to end, f training steps).\n\n")
     text += markdown_table(parity_summary(frame)) + "\n"
     link = detail_page(pages, "parity.md", "Every parity row", "`parity.csv`", markdown_table(frame))
-    return text + f"Every row (config, metric, value, tolerance, detail): {link}.\n"
+    return text + f"Every row (config, metric, value, tolerance, detail): {link}.\n" + _parity_wall(results)
+
+
+def _parity_wall(results: Path) -> str:
+    """The last run's wall time from `parity_timing.csv` (its "(whole run)" row), "" when it has none."""
+    path = results / "parity_timing.csv"
+    if not path.is_file():
+        return ""
+    timing = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "check" not in timing or "seconds" not in timing:
+        return ""
+    whole = timing[timing["check"] == "(whole run)"]
+    if whole.empty:
+        return ""
+    row = whole.iloc[-1]
+    minutes, seconds = divmod(round(float(row["seconds"])), 60)
+    return (f"\nThe last `python -m repro.parity` in `parity_timing.csv` ({row['config']} of "
+            f"{row['source'].replace('+', ', ')}) took {minutes} min {seconds:02d} s of wall time with `--jobs "
+            f"{row['jobs']}` on {row['cpu']} (load average {row['load_1min_at_end']} at its end, {row['date']}); "
+            "the seconds of every source, row and check are in that file.\n")
 
 
 def build_report(results: Path, experiments: Path, pages: dict[str, str] | None = None) -> str:
