@@ -39,8 +39,9 @@ def timing_sentence(table: pd.DataFrame) -> str:
     row = table.iloc[-1]
     seconds = float(row["pytest_seconds"])
     minutes, rest = divmod(round(seconds), 60)
-    verdict = "passed" if int(row["exit_status"]) == 0 else f"exit status {int(row['exit_status'])}"
+    status = int(row["exit_status"])
+    verdict = "" if status == 0 else f", pytest exit status {status}"
     return (f"the last `nox -s tests` in `results/tests_timing.csv` spent {minutes} min {rest:02d} s in pytest "
             f"({int(row['workers'])} workers on {int(row['cpus'])} CPUs: {row['cpu']}; {int(row['passed']):,} "
-            f"passed, {int(row['skipped'])} skipped, {int(row['failed'])} failed: {verdict}; commit "
+            f"passed, {int(row['skipped'])} skipped, {int(row['failed'])} failed{verdict}; commit "
             f"{row['commit'] or 'unknown'}).")
