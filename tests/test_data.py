@@ -478,3 +478,22 @@ def test_saved_predictions_give_the_csv_miou(tmp_path, config):
         matrix += confusion_matrix(torch.from_numpy(predicted), torch.from_numpy(label),
                                    num_classes=cfg.model.num_classes, ignore_index=cfg.data.ignore_index)
     assert measured["mIoU"] == pytest.approx(100 * mean_iou(matrix, zero_union=cfg.eval.zero_union), abs=1e-3)
+
+
+def test_save_predictions_refuses_the_dataset_label_folder(tmp_path, capsys):
+    """ADE20K / VOC prediction files are named like their labels: --save-predictions pointing at the label folder
+    is refused before anything runs (exit 2, the label file named), and the annotations stay as they were."""
+    config = EXPERIMENTS / "mmseg_ade20k_r50_d8_512x512_160k.yaml"
+    cfg = _cfg(config.stem, tmp_path / "ade")
+    write_fake_dataset(cfg.data, tmp_path / "ade", count=1, size_hw=(9, 11))
+    labels = tmp_path / "ade" / "ADEChallengeData2016" / "annotations" / "validation"
+    if not labels.is_dir():
+        labels = tmp_path / "ade" / "annotations" / "validation"
+    before = {path: path.read_bytes() for path in labels.glob("*.png")}
+    assert before
+    args = [str(config), "--eval-only", "--checkpoint", str(tmp_path / "never_read.pt"), "--no-progress",
+            "--set", f"data.root={tmp_path / 'ade'}", "--save-predictions", str(labels)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--save-predictions" in err and "would overwrite the label file" in err and next(iter(before)).name in err
+    assert {path: path.read_bytes() for path in labels.glob("*.png")} == before

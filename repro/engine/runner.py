@@ -325,6 +325,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _prediction_clash(cfg: ExperimentConfig, folder: Path) -> Path | None:
+    """The first validation label file a --save-predictions file in `folder` would overwrite (ADE20K and VOC
+    predictions are named like their labels), or None; None too when the split is absent (reported later)."""
+    from repro.engine.data import dataset_module, prediction_path
+
+    module = dataset_module(cfg.data.dataset)
+    try:
+        pairs = module.find_pairs(module.resolve(cfg.data.root), cfg.data.val_split)
+    except (DatasetNotFoundError, OSError):
+        return None
+    for image_path, label_path in pairs:
+        if prediction_path(cfg.data.dataset, image_path, folder).resolve() == Path(label_path).resolve():
+            return Path(label_path)
+    return None
+
+
 def _prediction_writer(cfg: ExperimentConfig, dataset, folder: Path):
     from repro.engine.data import write_prediction
 
@@ -368,6 +384,12 @@ def run(args: argparse.Namespace) -> int:
         check_choice(args.engine, args.precision)
     except EngineError as err:
         return _fail(EXIT_CONFIG, f"{base_cfg.name}: {err}")
+
+    if args.save_predictions is not None:
+        clash = _prediction_clash(base_cfg, args.save_predictions)
+        if clash is not None:
+            return _fail(EXIT_CONFIG, f"{base_cfg.name}: --save-predictions {args.save_predictions} would overwrite "
+                                      f"the label file {clash}; choose a folder outside the dataset's label folders")
 
     if args.check_data:
         try:
