@@ -202,6 +202,25 @@ def test_start_fresh_saves_the_committed_results_once(tmp_path):
     assert (results / ".stamps" / "reference" / "claims.csv").read_text() == "claim,value\nflops,2\n"
 
 
+def test_start_fresh_keeps_other_machines_bench_rows(tmp_path):
+    """ops_bench.csv on a fresh start: this CPU's 1-thread rows go (the bench step redoes them); another CPU's rows
+    and this CPU's 2-thread rows stay; a file of this run's rows only is removed."""
+    from repro.measure.environment import cpu_label
+
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = pd.DataFrame({"variant": ["cca_naive"] * 3, "cpu": [cpu_label(), cpu_label(), "AMD EPYC"],
+                         "threads": ["1", "2", "1"], "milliseconds": ["1", "2", "3"]})
+    rows.to_csv(results / "ops_bench.csv", index=False)
+    assert start_fresh(results, ["bench"], force=False) == ["bench"]
+    kept = pd.read_csv(results / "ops_bench.csv", dtype=str)
+    assert list(zip(kept["cpu"], kept["threads"])) == [(cpu_label(), "2"), ("AMD EPYC", "1")]
+    assert len(pd.read_csv(results / ".stamps" / "reference" / "ops_bench.csv")) == 3  # the reference is whole
+    rows.iloc[:1].to_csv(results / "ops_bench.csv", index=False)
+    assert start_fresh(results, ["bench"], force=True) == ["bench"]
+    assert not (results / "ops_bench.csv").exists()
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_reference_is_the_committed_file_not_a_local_edit(tmp_path):
     repo = tmp_path / "repo"

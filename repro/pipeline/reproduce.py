@@ -22,7 +22,9 @@ The committed `results/` are the reference, never the answer: the first time a s
 (or with `--force`), the committed version of the files it writes is saved to `RESULTS/.stamps/reference/`
 and the files are removed, so every figure the report shows was computed by this run (the synthetic ablation
 retrains instead of finding its runs in the committed CSV), and the report's "this run vs the committed
-results" section compares the two (`repro.pipeline.drift`).
+results" section compares the two (`repro.pipeline.drift`). One exception, `PARTIAL_OUTPUTS`: ops_bench.csv
+loses only this machine's 1-thread rows (which the bench step redoes); other CPUs' rows and other thread counts
+stay, labelled as they are in every row.
 
 Every finished step leaves a stamp `RESULTS/.stamps/NAME.done` holding its command; a rerun in the same
 checkout skips stamped steps whose command is unchanged, unless `--force`, so an interrupted pipeline
@@ -78,6 +80,19 @@ GROUP_OUTPUTS = {
     "profile": ("model_efficiency.csv", "model_efficiency.md"),
     "experiments": ("experiments_status.csv",),
 }
+# Outputs that hold other machines' rows too: on a fresh start only the rows this machine's step redoes are removed.
+# ops_bench.csv keeps other CPUs' and other thread counts' rows (the AMD rows, `--cca-speedup`'s 2-thread rows):
+# they are labelled in every row, so they are evidence beside this run's, not leftovers of a partial one.
+def _bench_rows_of_other_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    from repro.measure.environment import cpu_label
+
+    if not {"cpu", "threads"} <= set(frame.columns):
+        return frame.iloc[0:0]
+    redone = (frame["cpu"] == cpu_label()) & frame["threads"].isin(["1", ""])
+    return frame[~redone]
+
+
+PARTIAL_OUTPUTS = {"ops_bench.csv": _bench_rows_of_other_runs}
 DATASET_NOT_PRESENT = 3
 STATUS_COLUMNS = ("step", "status", "exit_code", "seconds", "detail", "command", "date")
 EXPERIMENT_COLUMNS = ("experiment", "config", "status", "detail", "date")
@@ -146,7 +161,8 @@ def committed_bytes(path: Path) -> tuple[bytes, str] | None:
 
 def start_fresh(results: Path, groups: list[str], *, force: bool) -> list[str]:
     """For every group in `groups` not yet started in this checkout (or all with `force`): copy the committed
-    CSVs it writes to the reference folder, remove its outputs, and mark it started. Returns the groups
+    CSVs it writes to the reference folder, remove its outputs (of PARTIAL_OUTPUTS only the rows this machine
+    redoes), and mark it started. Returns the groups
     cleared. A group that was started before keeps its outputs, so an interrupted run resumes."""
     stamps, reference = results / ".stamps", reference_dir(results)
     cleared = []
@@ -162,6 +178,11 @@ def start_fresh(results: Path, groups: list[str], *, force: bool) -> list[str]:
                     atomic_write_bytes(reference / name, committed[0])
                 else:  # nothing committed: no reference (an older snapshot would compare against a stale run)
                     (reference / name).unlink(missing_ok=True)
+            if name in PARTIAL_OUTPUTS and path.is_file():
+                kept = PARTIAL_OUTPUTS[name](pd.read_csv(path, dtype=str, keep_default_na=False))
+                if not kept.empty:
+                    write_csv_atomic(kept, path)
+                    continue
             path.unlink(missing_ok=True)
         stamps.mkdir(parents=True, exist_ok=True)
         marker.write_text(_now())
