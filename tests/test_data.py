@@ -439,6 +439,8 @@ def test_prediction_files_read_back_through_the_label_decoding(tmp_path, name):
     assert np.array_equal(read_prediction(name, path), train_ids)
     with pytest.raises(ValueError, match=f"train ids in \\[0, {num_classes}\\)"):
         write_prediction(name, image, tmp_path / "bad", np.full((2, 2), num_classes, dtype=np.uint8))
+    with pytest.raises(ValueError, match="values -1..0"):
+        write_prediction(name, image, tmp_path / "bad", np.array([[0, -1]]))
     assert not (tmp_path / "bad").exists()
 
 

@@ -152,9 +152,9 @@ def write_prediction(dataset: str, image_path: Path, folder: Path, train_ids: np
     """Write the (H, W) train-id prediction of `image_path` in the dataset's annotation encoding; the path."""
     num_classes = dataset_module(dataset).NUM_CLASSES
     train_ids = np.asarray(train_ids)
-    if train_ids.ndim != 2 or train_ids.size and int(train_ids.max()) >= num_classes:
+    if train_ids.ndim != 2 or train_ids.size and not 0 <= int(train_ids.min()) <= int(train_ids.max()) < num_classes:
         raise ValueError(f"a prediction must be (H, W) train ids in [0, {num_classes}); got shape "
-                         f"{train_ids.shape}, max {int(train_ids.max(initial=0))}")
+                         f"{train_ids.shape}, values {int(train_ids.min(initial=0))}..{int(train_ids.max(initial=0))}")
     if dataset == "cityscapes":
         encoded = cityscapes.train_ids_to_label_ids(train_ids)
     elif dataset == "ade20k":
