@@ -391,5 +391,6 @@ def test_suite_records_its_own_timing_and_the_sentence_reads_it(tmp_path):
     assert printed.returncode == 0, printed.stderr
     assert "spent 0 min" in printed.stdout and "1 passed, 0 skipped, 0 failed; commit" in printed.stdout
     table.loc[len(table) - 1, "pytest_seconds"] = 490.6
-    assert "spent 8 min 11 s in pytest" in suite_timing.timing_sentence(table)
+    sentence = suite_timing.timing_sentence(table)
+    assert "spent 8 min 11 s in pytest" in sentence and "last 2 runs there took 0 min 01 s to 8 min 11 s" in sentence
     assert "3 failed, pytest exit status 1;" in suite_timing.timing_sentence(table.iloc[:1])

@@ -15,6 +15,7 @@ import pandas as pd
 from repro.io import append_csv_rows
 
 ENV_VAR = "CCREPRO_TESTS_TIMING"
+RECENT = 5  # runs of the same CPU the sentence gives the range of
 COLUMNS = ("date", "commit", "cpu", "cpus", "workers", "pytest_seconds", "passed", "failed", "skipped", "errors",
            "exit_status")
 
@@ -41,7 +42,19 @@ def timing_sentence(table: pd.DataFrame) -> str:
     minutes, rest = divmod(round(seconds), 60)
     status = int(row["exit_status"])
     verdict = "" if status == 0 else f", pytest exit status {status}"
-    return (f"the last `nox -s tests` in `results/tests_timing.csv` spent {minutes} min {rest:02d} s in pytest "
+    text = (f"the last `nox -s tests` in `results/tests_timing.csv` spent {minutes} min {rest:02d} s in pytest "
             f"({int(row['workers'])} workers on {int(row['cpus'])} CPUs: {row['cpu']}; {int(row['passed']):,} "
             f"passed, {int(row['skipped'])} skipped, {int(row['failed'])} failed{verdict}; commit "
-            f"{row['commit'] or 'unknown'}).")
+            f"{row['commit'] or 'unknown'})")
+    # The same machine's recent runs: one run's time says little on a shared machine whose speed drifts.
+    recent = table[table["cpu"] == row["cpu"]].tail(RECENT)
+    if len(recent) > 1:
+        times = pd.to_numeric(recent["pytest_seconds"])
+        text += (f"; its last {len(recent)} runs there took {_minutes(times.min())} to {_minutes(times.max())} "
+                 f"(median {_minutes(times.median())})")
+    return text + "."
+
+
+def _minutes(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
