@@ -80,10 +80,13 @@ def pytest_sessionstart(session):  # noqa: ARG001 - pytest's hook signature
 def pytest_sessionfinish(session, exitstatus):
     """With CCREPRO_TESTS_TIMING set (`nox -s tests` sets it), the controlling process appends the run's pytest
     wall time and counts to that CSV (repro.measure.suite_timing)."""
-    target = os.environ.get("CCREPRO_TESTS_TIMING")
-    if not target or XDIST_WORKER:
+    if XDIST_WORKER:
         return
-    from repro.measure.suite_timing import record
+    from repro.measure.suite_timing import ENV_VAR, record
+
+    target = os.environ.get(ENV_VAR)
+    if not target:
+        return
 
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     stats = reporter.stats if reporter is not None else {}

@@ -1,7 +1,8 @@
 """The test suite's own duration, recorded by the suite: `nox -s tests` (the README's test command) sets
 CCREPRO_TESTS_TIMING=results/tests_timing.csv and `tests/conftest.py` appends one row when the session ends
-(the controlling process only, not the xdist workers). `python -m repro.reproduce timing` turns the last row into
-the README's sentence, so the number there is one the code wrote."""
+(the controlling process only, not the xdist workers). `python -m repro.reproduce timing` turns the last row, and
+the range of the same CPU's last RECENT runs, into the README's sentence, so the numbers there are ones the code
+wrote."""
 
 from __future__ import annotations
 
@@ -34,15 +35,15 @@ def record(path: str | os.PathLike, *, seconds: float, counts: Mapping[str, int]
 
 
 def timing_sentence(table: pd.DataFrame) -> str:
-    """The README's sentence on the suite's duration, from the last row of `tests_timing.csv` as a frame."""
+    """The README's sentence on the suite's duration, from `tests_timing.csv` as a frame: its last row, and the
+    range and median of the same CPU's last RECENT rows."""
     if table.empty:
         raise ValueError("tests_timing.csv has no rows: run `nox -s tests` once")
     row = table.iloc[-1]
-    seconds = float(row["pytest_seconds"])
-    minutes, rest = divmod(round(seconds), 60)
     status = int(row["exit_status"])
     verdict = "" if status == 0 else f", pytest exit status {status}"
-    text = (f"the last `nox -s tests` in `results/tests_timing.csv` spent {minutes} min {rest:02d} s in pytest "
+    text = (f"the last `nox -s tests` in `results/tests_timing.csv` spent {_minutes(float(row['pytest_seconds']))} "
+            f"in pytest "
             f"({int(row['workers'])} workers on {int(row['cpus'])} CPUs: {row['cpu']}; {int(row['passed']):,} "
             f"passed, {int(row['skipped'])} skipped, {int(row['failed'])} failed{verdict}; commit "
             f"{row['commit'] or 'unknown'})")

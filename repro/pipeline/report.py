@@ -981,7 +981,7 @@ def _parity_wall(results: Path) -> str:
     timing = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "check" not in timing or "seconds" not in timing:
         return ""
-    whole = timing[timing["check"] == "(whole run)"]
+    whole = timing[timing["check"] == "(whole run)"]  # repro.parity.cli.WALL_CHECK (not imported: it loads every peer)
     if whole.empty:
         return ""
     row = whole.iloc[-1]
