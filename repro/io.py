@@ -232,10 +232,12 @@ def append_csv_rows(
         return atomic_write_text(path, buffer.getvalue())
 
 
-def upsert_csv(path: str | os.PathLike, rows: pd.DataFrame, key: Sequence[str]) -> pd.DataFrame:
+def upsert_csv(path: str | os.PathLike, rows: pd.DataFrame, key: Sequence[str],
+               columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Merge `rows` into the CSV at `path`: rows with the same `key` values are replaced, all others kept.
 
-    Columns missing on either side are kept (empty where unknown). Returns the merged table.
+    Columns missing on either side are kept (empty where unknown); with `columns`, those come first, in that
+    order (a column added to a writer's list takes its place instead of going last). Returns the merged table.
     """
     path = Path(path)
     missing = [column for column in key if column not in rows.columns]
@@ -254,6 +256,9 @@ def upsert_csv(path: str | os.PathLike, rows: pd.DataFrame, key: Sequence[str]) 
             merged = pd.concat([existing, rows.astype(str)], ignore_index=True)
         else:
             merged = rows
+        if columns is not None:
+            merged = merged[[c for c in columns if c in merged.columns]
+                            + [c for c in merged.columns if c not in columns]]
         atomic_write_text(path, merged.to_csv(index=False))
     return merged
 

@@ -42,6 +42,17 @@ def test_upsert_replaces_by_key_and_keeps_the_rest(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_upsert_puts_a_new_column_where_the_writer_lists_it(tmp_path):
+    path = tmp_path / "t.csv"
+    upsert_csv(path, pd.DataFrame({"a": [1], "v": [10], "date": ["d"]}), ["a"])  # written before "share" existed
+    upsert_csv(path, pd.DataFrame({"a": [2], "v": [20], "share": [0.5], "date": ["e"]}), ["a"],
+               columns=["a", "v", "share", "date"])
+    frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+    assert list(frame.columns) == ["a", "v", "share", "date"]
+    assert frame.to_dict("records") == [{"a": "1", "v": "10", "share": "", "date": "d"},
+                                        {"a": "2", "v": "20", "share": "0.5", "date": "e"}]
+
+
 def test_run_restores_the_thread_count():
     from rich.console import Console
 

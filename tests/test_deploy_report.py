@@ -34,6 +34,7 @@ def test_fast_inference_table_from_the_csv(tmp_path):
     assert first["OpenVINO default"] == "1.00 s (12.0x)"
     assert first["OpenVINO default: precision, agreement"] == "default (bf16), 99.30%"
     assert table.iloc[1]["OpenVINO fp32"] == "not run"  # the 2-thread case measured only ONNX Runtime
+    assert set(table["other processes"]) == {"not recorded"}  # rows from before the column existed
     block = deploy_report.inference_block(tmp_path, markdown_table)
     assert "| Intel Xeon | CCNet R-101-D8 | 512x1024 | 1 |" in block
     assert "python -m repro.export --agreement" in block  # export.csv absent: says how to make it
@@ -61,3 +62,13 @@ def test_agreement_table_and_readme_block(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "synthetic R2" in text and text.startswith("intro") and text.endswith("end\n")
     assert not deploy_report.update_inference_block(tmp_path / "none.md", block)
+
+
+def test_other_processes_share_is_shown_per_case(tmp_path):
+    rows = [{**row, "other_cpu_share": 0.0042} for row in _bench_rows()]
+    rows += [{**row, "other_cpu_share": 0.31} for row in _bench_rows(threads="2")]
+    pd.DataFrame(rows).to_csv(tmp_path / "inference_bench.csv", index=False)
+    table = deploy_report.fast_inference_table(tmp_path)
+    assert list(table["other processes"]) == ["0.4%", "31.0%"]
+    block = deploy_report.inference_block(tmp_path, markdown_table)
+    assert deploy_report.OTHER_PROCESSES_NOTE in block and "above 5%" in block

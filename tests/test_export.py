@@ -313,6 +313,7 @@ def test_engine_benchmark_rows(exported, tmp_path):
     for row in rows:
         assert set(row) == set(engine_bench.COLUMNS) and row["repeats"] == 2 and row["min_s"] <= row["median_s"]
         assert row["cpu"] and row["threads"] == 1 and row["input_hw"] == "32x48"
+        assert 0.0 <= row["other_cpu_share"] <= 1.0  # measured over the timed rounds (Linux /proc/stat)
     assert by_variant["torch_eager_vs_engines"]["speedup_vs_torch_eager"] == 1.0
     assert by_variant["onnxruntime"]["argmax_agreement"] == 1.0  # a fraction, as the other inference rows
     # The evidence file keeps the engine rows only, and the warning reads it.
@@ -326,6 +327,23 @@ def test_engine_benchmark_rows(exported, tmp_path):
     assert engines.slower_than_torch("onnxruntime", "fp32", cpu="another CPU", path=evidence) is None
     if HAS_OPENVINO:
         assert engines.slower_than_torch("openvino", "fp32", cpu=cpu, path=evidence) is None
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_engine_outputs_survive_the_next_call(exported, engine):
+    """An engine's output owns its memory: a later call (OpenVINO reuses its output buffer) does not change it."""
+    if engine == "openvino" and not HAS_OPENVINO:
+        pytest.skip("openvino not installed")
+    model, path, _ = exported
+    runner = engines.make_engine(engine, onnx_path=path)
+    first_input, second_input = torch.randn(1, 3, 40, 56), torch.randn(1, 3, 40, 56)
+    first = runner(first_input)
+    kept = first.clone()
+    second = runner(second_input)
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+    with torch.no_grad():
+        diff, agreement = export.compare(model(first_input), first)
+    assert diff < 1e-3 and agreement == 1.0
 
 
 def test_picking_an_engine_measured_slower_warns(exported, tmp_path, monkeypatch):

@@ -81,6 +81,7 @@ def test_our_variants_on_a_small_input(tmp_path):
     assert (frame["argmax_agreement"] >= 0.999).all()
     assert (frame["median_s"] > 0).all() and (frame["cpu"] == cpu_label()).all()
     assert set(frame["input_hw"]) == {"64x96"} and set(frame["threads"]) == {1}
+    assert frame["other_cpu_share"].between(0.0, 1.0).all()  # one value per thread count, over the timed rounds
 
 
 def _rows(variants, threads=1, cpu="X (avx2)", median=1.0):

@@ -5,17 +5,19 @@ R-101-D8 at 512x1024 and 1024x2048, batch 1, at 1 thread and at all threads: tor
 fp32, OpenVINO fp32 and OpenVINO at its default precision (bf16 on a CPU with AMX / AVX-512 BF16, f32
 elsewhere). Random weights (seeded; gamma 0.5 so the attention counts, BN statistics perturbed), eval mode.
 
-Variants are interleaved: every round runs each variant once in turn, so load from other jobs hits all of
-them alike; the first call of each (warm-up: engine compilation, allocation) is not timed. Each row holds the
-median and minimum of `repeats` timed calls, the speedup of its median over torch eager's median in the same
-run, and the argmax agreement / largest |logit difference| of its output against torch eager fp32 on the same
-input. The torch timing of this run is written as variant `torch_eager_vs_engines` so that it never replaces
-the `torch_eager` rows `python -m repro.inference_bench` writes into the same file. Both commands write through
-one writer, `repro.measure.inference_bench.write_rows` (one column list, rows merged by model, backbone,
-input_hw, batch, engine, precision, threads, variant and cpu; all others kept). They are two commands because
-they compare against different things: this one the deployment engines on an exported random CCNet (the
-`[deploy]` extra, no peer), that one mmsegmentation 1.2.2's own model in its own venv with the same weights
-(the parity room's peer), with the torch path's inference forms (BN folded, Winograd, channels_last).
+Variants are interleaved: every round runs each variant once in turn, so load from other jobs hits all of them
+alike; the first call of each (warm-up: engine compilation, allocation) is not timed. Each row holds the median and
+minimum of `repeats` timed calls, the speedup of its median over torch eager's median in the same run, and the
+argmax agreement / largest |logit difference| of its output against torch eager fp32 on the same input, and the
+share of the machine's CPU time other processes took during the timed rounds (`other_cpu_share`,
+`repro.measure.contention`; a warning is printed above 5%). The torch timing of this run is written as variant
+`torch_eager_vs_engines` so that it never replaces the `torch_eager` rows `python -m repro.inference_bench` writes
+into the same file. Both commands write through one writer, `repro.measure.inference_bench.write_rows` (one column
+list, rows merged by model, backbone, input_hw, batch, engine, precision, threads, variant and cpu; all others
+kept). They are two commands because they compare against different things: this one the deployment engines on an
+exported random CCNet (the `[deploy]` extra, no peer), that one mmsegmentation 1.2.2's own model in its own venv
+with the same weights (the parity room's peer), with the torch path's inference forms (BN folded, Winograd,
+channels_last).
 
 It also writes `repro/engine/engine_speed.csv` (a few columns of these rows, committed with the package):
 the evidence `repro.engine.engines` reads to warn when a user picks an engine measured slower than torch.
@@ -49,6 +51,7 @@ from repro.engine.engines import (
     update_speed_evidence,
 )
 from repro.engine.export import build_metadata, compare, export_onnx
+from repro.measure.contention import BUSY_WARNING, CpuShare, describe
 from repro.measure.inference_bench import COLUMNS, write_rows
 from repro.vocabulary import cpu_model, device_label
 
@@ -103,10 +106,14 @@ def bench_case(model: torch.nn.Module, onnx_path: Path, *, backbone: str, hw: tu
         for variant, runner in runners.items():  # warm-up (not timed); its output is compared
             outputs[variant] = runner(x).float()
             times[variant] = []
-        for _ in range(repeats):
-            for variant, runner in runners.items():
-                times[variant].append(_time(lambda r=runner: r(x)))
-                log(f"  {backbone} {hw[0]}x{hw[1]} {threads}T {variant}: {times[variant][-1]:.3f} s")
+        with CpuShare() as share:
+            for _ in range(repeats):
+                for variant, runner in runners.items():
+                    times[variant].append(_time(lambda r=runner: r(x)))
+                    log(f"  {backbone} {hw[0]}x{hw[1]} {threads}T {variant}: {times[variant][-1]:.3f} s")
+    if share.value > BUSY_WARNING:
+        log(f"  warning: other processes took {describe(share.value)} of this machine's CPU time during these "
+            "rounds; the timings of this case are not a clean comparison (see the other_cpu_share column)")
     versions = engine_versions()
     reference = outputs.get(TORCH_VARIANT)
     torch_median = statistics.median(times[TORCH_VARIANT]) if TORCH_VARIANT in times else None
@@ -124,8 +131,8 @@ def bench_case(model: torch.nn.Module, onnx_path: Path, *, backbone: str, hw: tu
             "median_s": round(median, 4), "min_s": round(min(samples), 4), "repeats": len(samples),
             "speedup_vs_torch_eager": round(torch_median / median, 3) if torch_median else "",
             "argmax_agreement": round(agreement, 6), "max_abs_logit_diff": f"{diff:.3g}",
-            "cpu": cpu_model(), "device": device_label("cpu"), "torch": versions["torch"], "date": date,
-            "commit": commit,
+            "other_cpu_share": round(share.value, 4), "cpu": cpu_model(), "device": device_label("cpu"),
+            "torch": versions["torch"], "date": date, "commit": commit,
         })
     for variant, reason in skipped.items():
         log(f"  {variant}: not run: {reason}")

@@ -19,7 +19,9 @@ Timing: batch 1, one image of the given size; per thread count, one warm-up call
 which the three variants run one after the other (interleaved, so a burst of load from other processes hits all
 of them); wall time of the forward alone. `speedup_vs_torch_eager` is the median over rounds of eager's time
 divided by the variant's from the same round. `argmax_agreement` and `max_abs_logit_diff` compare each variant's
-logits (at the input size) with torch_eager's: for `mmseg_1.2.2` that is "ours vs mmseg". Rows are upserted by
+logits (at the input size) with torch_eager's: for `mmseg_1.2.2` that is "ours vs mmseg". `other_cpu_share`: the
+share of the machine's CPU time that other processes (and the hypervisor) took during the timed rounds
+(`repro.measure.contention`; the peer counts as ours): near 0 for a clean comparison. Rows are upserted by
 (model, backbone, input_hw, batch, engine, precision, threads, variant, cpu): other variants' rows (e.g. the export
 engines') are kept. `write_rows` is the file's one writer: `python -m repro.bench --inference`
 (`repro.measure.engine_bench`, torch eager against ONNX Runtime / OpenVINO on an exported model) writes its rows
@@ -49,12 +51,14 @@ from models.fuse import inference_model
 from repro.engine.config import load_config, with_overrides
 from repro.engine.train import build_model
 from repro.io import upsert_csv
+from repro.measure.contention import other_share
+from repro.measure.contention import sample as cpu_sample
 from repro.measure.environment import cpu_label, versions
 from repro.vocabulary import device_label
 
 COLUMNS = ["model", "backbone", "input_hw", "batch", "engine", "precision", "threads", "variant", "median_s",
-           "min_s", "repeats", "speedup_vs_torch_eager", "argmax_agreement", "max_abs_logit_diff", "cpu", "device",
-           "torch", "date", "commit"]
+           "min_s", "repeats", "speedup_vs_torch_eager", "argmax_agreement", "max_abs_logit_diff", "other_cpu_share",
+           "cpu", "device", "torch", "date", "commit"]
 KEY = ["model", "backbone", "input_hw", "batch", "engine", "precision", "threads", "variant", "cpu"]
 OURS = ("torch_eager", "torch_folded", "torch_fused")
 PEER_VARIANT = "mmseg_1.2.2"
@@ -194,7 +198,11 @@ def measure(backbone: str, *, size: tuple[int, int], threads: Sequence[int], rou
             names = [*variants, *([PEER_VARIANT] if peer_model is not None else [])]
             times: dict[str, list[float]] = {name: [] for name in names}
             logits: dict[str, torch.Tensor] = {}
+            own = [peer_model.process.pid] if peer_model is not None else []  # the peer's CPU time is ours
+            before = None
             for round_ in range(rounds + 1):  # round 0 is the warm-up
+                if round_ == 1:
+                    before = cpu_sample(own)
                 seen = {}
                 for name in names:
                     if name == PEER_VARIANT:
@@ -205,12 +213,13 @@ def measure(backbone: str, *, size: tuple[int, int], threads: Sequence[int], rou
                         times[name].append(seen[name])
                 log(f"{backbone} {count} thread(s) {'round ' + str(round_) if round_ else 'warm-up'}: "
                     + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in seen.items()))
+            other = other_share(before, cpu_sample(own))
             if peer_model is not None:
                 logits[PEER_VARIANT] = peer_model.logits()
             for name in names:
                 agreement, diff = compare(logits[name], logits["torch_eager"])
                 rows.append(_row(config, backbone, size, count, name, times[name], times["torch_eager"], agreement,
-                                 diff))
+                                 diff, other))
         return pd.DataFrame(rows, columns=COLUMNS)
     finally:
         torch.set_num_threads(previous)
@@ -228,21 +237,22 @@ def _commit() -> str:
 
 
 def _row(config: Path, backbone: str, size: tuple[int, int], threads: int, variant: str, times: list[float],
-         eager: list[float], agreement: float, diff: float) -> dict:
+         eager: list[float], agreement: float, diff: float, other_cpu_share: float) -> dict:
     return {
         "model": config.stem, "backbone": backbone, "input_hw": f"{size[0]}x{size[1]}", "batch": 1,
         "engine": "torch", "precision": "fp32", "threads": threads, "variant": variant,
         "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4), "repeats": len(times),
         "speedup_vs_torch_eager": round(statistics.median(e / t for e, t in zip(eager, times)), 3),
-        "argmax_agreement": round(agreement, 6), "max_abs_logit_diff": f"{diff:.3g}", "cpu": cpu_label(),
+        "argmax_agreement": round(agreement, 6), "max_abs_logit_diff": f"{diff:.3g}",
+        "other_cpu_share": round(other_cpu_share, 4), "cpu": cpu_label(),
         "device": device_label("cpu"), "torch": versions()["torch"],
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "commit": _commit(),
     }
 
 
 def write_rows(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
-    """Upsert `frame` into the CSV at `path` by KEY (rows of other variants and CPUs are kept)."""
-    return upsert_csv(path, frame, KEY)
+    """Upsert `frame` into the CSV at `path` by KEY (rows of other variants and CPUs are kept), in COLUMNS' order."""
+    return upsert_csv(path, frame, KEY, columns=COLUMNS)
 
 
 def _size(text: str) -> tuple[int, int]:

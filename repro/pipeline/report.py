@@ -27,6 +27,7 @@ from repro.engine import provenance, run_figures
 from repro.engine.config import ConfigError, load_config
 from repro.io import CsvFormatError, atomic_write_text
 from repro.measure.bench import einsum_speedups
+from repro.measure.contention import describe as describe_share
 from repro.measure.kernels import (
     MODEL_TARGET,
     floor_derivations,
@@ -36,7 +37,7 @@ from repro.measure.kernels import (
     with_target,
 )
 from repro.pipeline import drift
-from repro.pipeline.deploy_report import inference_block, update_inference_block
+from repro.pipeline.deploy_report import OTHER_PROCESSES_NOTE, inference_block, update_inference_block
 from repro.pipeline.recipes import section_recipes
 from repro.vocabulary import EXIT_BAD_INPUT, EXIT_CANNOT_WRITE, EXIT_OK, display_path, error_line
 
@@ -764,9 +765,10 @@ def inference_bench_table(frame: pd.DataFrame) -> str:
     frame["speedup_vs_mmseg"] = frame["mmseg_s"] / frame["median_s"]
     frame["order"] = frame["variant"].map(INFERENCE_VARIANT_ORDER).fillna(len(INFERENCE_VARIANT_ORDER))
     frame = frame.sort_values(["cpu", "backbone", "input_hw", "threads", "order", "variant"])
+    frame["other processes"] = [describe_share(v) for v in frame.get("other_cpu_share", [None] * len(frame))]
     return markdown_table(frame[["cpu", "backbone", "input_hw", "threads", "variant", "engine", "precision",
                                  "median_s", "speedup_vs_torch_eager", "speedup_vs_mmseg", "argmax_agreement",
-                                 "max_abs_logit_diff", "date"]])
+                                 "max_abs_logit_diff", "other processes", "date"]])
 
 
 def section_inference_bench(results: Path, pages: dict[str, str] | None = None) -> str:
@@ -775,7 +777,8 @@ def section_inference_bench(results: Path, pages: dict[str, str] | None = None) 
     if frame is None:
         return text + missing("inference_bench")
     intro = ("Batch 1, fp32, interleaved rounds; agreement and logit difference against `torch_eager` "
-             "(for `mmseg_1.2.2`: ours against mmsegmentation's own model with the same weights).\n\n")
+             "(for `mmseg_1.2.2`: ours against mmsegmentation's own model with the same weights). "
+             f"{OTHER_PROCESSES_NOTE}\n\n")
     if pages is None:
         return text + intro + inference_bench_table(frame)
     link = detail_page(pages, "inference_bench.md", "Whole-model CPU inference, torch path and mmsegmentation",
