@@ -50,7 +50,8 @@ def test_a_busy_process_shows_unless_it_is_counted_as_ours():
     """A child that spins is another process's CPU time; named in `pids`, it is the benchmark's own. Compared
     with the child's own CPU time over the same block, so it holds on any core count and under any load."""
     ticks = float(os.sysconf("SC_CLK_TCK"))
-    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 4\nwhile time.time() < end: pass"])
+    spin = "import time\nend = time.time() + 4\nwhile time.time() < end: pass"
+    child = subprocess.Popen([sys.executable, "-c", spin])
     try:
         time.sleep(0.3)
         child_before = contention.process_seconds(child.pid, ticks)
