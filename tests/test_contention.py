@@ -41,6 +41,8 @@ def test_other_share_is_what_the_benchmark_did_not_use():
     assert contention.other_share(before, contention.CpuTimes(busy=13.0, total=48.0, own=9.0)) == 0.0  # clamped
     assert math.isnan(contention.other_share(None, before))
     assert math.isnan(contention.other_share(before, before))  # no time passed
+    assert contention.busy_warning(0.31).startswith("warning: other processes took 31.0% of this machine's CPU")
+    assert contention.busy_warning(contention.BUSY_WARNING) is None and contention.busy_warning(math.nan) is None
     assert contention.describe(0.0123) == "1.2%"
     assert contention.describe(math.nan) == contention.describe("") == contention.describe(None) == "not recorded"
 

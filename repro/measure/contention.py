@@ -108,6 +108,14 @@ class CpuShare:
         self.value = other_share(self._before, sample(self.pids))
 
 
+def busy_warning(share: float) -> str | None:
+    """The warning a benchmark prints for a case whose `share` exceeds BUSY_WARNING; None otherwise."""
+    if not share > BUSY_WARNING:  # NaN (not measured) warns of nothing
+        return None
+    return (f"warning: other processes took {describe(share)} of this machine's CPU time during these rounds; "
+            "the timings of this case are not a clean comparison (see the other_cpu_share column)")
+
+
 def describe(share: float) -> str:
     """ "0.7%" / "not recorded" for a share (NaN / missing)."""
     try:

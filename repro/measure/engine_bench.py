@@ -51,7 +51,7 @@ from repro.engine.engines import (
     update_speed_evidence,
 )
 from repro.engine.export import build_metadata, compare, export_onnx
-from repro.measure.contention import BUSY_WARNING, CpuShare, describe
+from repro.measure.contention import CpuShare, busy_warning
 from repro.measure.inference_bench import COLUMNS, write_rows
 from repro.vocabulary import cpu_model, device_label
 
@@ -111,9 +111,8 @@ def bench_case(model: torch.nn.Module, onnx_path: Path, *, backbone: str, hw: tu
                 for variant, runner in runners.items():
                     times[variant].append(_time(lambda r=runner: r(x)))
                     log(f"  {backbone} {hw[0]}x{hw[1]} {threads}T {variant}: {times[variant][-1]:.3f} s")
-    if share.value > BUSY_WARNING:
-        log(f"  warning: other processes took {describe(share.value)} of this machine's CPU time during these "
-            "rounds; the timings of this case are not a clean comparison (see the other_cpu_share column)")
+    if busy_warning(share.value):
+        log(f"  {busy_warning(share.value)}")
     versions = engine_versions()
     reference = outputs.get(TORCH_VARIANT)
     torch_median = statistics.median(times[TORCH_VARIANT]) if TORCH_VARIANT in times else None

@@ -16,14 +16,14 @@ Variants (the `variant` column of results/inference_bench.csv):
   ours through `models.load_checkpoint(source="mmseg")`, so all three compute the same function.
 
 Timing: batch 1, one image of the given size; per thread count, one warm-up call each, then `rounds` rounds in
-which the three variants run one after the other (interleaved, so a burst of load from other processes hits all
-of them); wall time of the forward alone. `speedup_vs_torch_eager` is the median over rounds of eager's time
-divided by the variant's from the same round. `argmax_agreement` and `max_abs_logit_diff` compare each variant's
-logits (at the input size) with torch_eager's: for `mmseg_1.2.2` that is "ours vs mmseg". `other_cpu_share`: the
-share of the machine's CPU time that other processes (and the hypervisor) took during the timed rounds
-(`repro.measure.contention`; the peer counts as ours): near 0 for a clean comparison. Rows are upserted by
-(model, backbone, input_hw, batch, engine, precision, threads, variant, cpu): other variants' rows (e.g. the export
-engines') are kept. `write_rows` is the file's one writer: `python -m repro.bench --inference`
+which the three variants run one after the other (interleaved, so a burst of load from other processes hits all of
+them); wall time of the forward alone. `speedup_vs_torch_eager` is the median over rounds of eager's time divided
+by the variant's from the same round. `argmax_agreement` and `max_abs_logit_diff` compare each variant's logits (at
+the input size) with torch_eager's: for `mmseg_1.2.2` that is "ours vs mmseg". `other_cpu_share`: the share of the
+machine's CPU time that other processes (and the hypervisor) took during the timed rounds
+(`repro.measure.contention`; the peer counts as ours): near 0 for a clean comparison, warned of above 5%. Rows are
+upserted by (model, backbone, input_hw, batch, engine, precision, threads, variant, cpu): other variants' rows
+(e.g. the export engines') are kept. `write_rows` is the file's one writer: `python -m repro.bench --inference`
 (`repro.measure.engine_bench`, torch eager against ONNX Runtime / OpenVINO on an exported model) writes its rows
 through it too, with the same columns and key.
 """
@@ -51,7 +51,7 @@ from models.fuse import inference_model
 from repro.engine.config import load_config, with_overrides
 from repro.engine.train import build_model
 from repro.io import upsert_csv
-from repro.measure.contention import other_share
+from repro.measure.contention import busy_warning, other_share
 from repro.measure.contention import sample as cpu_sample
 from repro.measure.environment import cpu_label, versions
 from repro.vocabulary import device_label
@@ -214,6 +214,8 @@ def measure(backbone: str, *, size: tuple[int, int], threads: Sequence[int], rou
                 log(f"{backbone} {count} thread(s) {'round ' + str(round_) if round_ else 'warm-up'}: "
                     + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in seen.items()))
             other = other_share(before, cpu_sample(own))
+            if busy_warning(other):
+                log(f"{backbone} {count} thread(s): {busy_warning(other)}")
             if peer_model is not None:
                 logits[PEER_VARIANT] = peer_model.logits()
             for name in names:
