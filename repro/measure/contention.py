@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROC_STAT = Path("/proc/stat")
-# Above this share of the machine, `python -m repro.bench --inference` warns that the case's timings compare
-# variants that did not run on the same machine: another process took a noticeable part of the cores.
+# Above this share of the machine, both inference benchmarks warn that the case's timings compare variants that
+# did not run on the same machine: another process took a noticeable part of the cores.
 BUSY_WARNING = 0.05
 
 
@@ -92,20 +92,28 @@ def other_share(before: CpuTimes | None, after: CpuTimes | None) -> float:
 
 
 class CpuShare:
-    """Context manager: `.value` is `other_share` over the block (see the module docstring). `pids` are
-    processes whose CPU time counts as the benchmark's own (they must still run when the block ends)."""
+    """`.value` is `other_share` between `start()` and `stop()`, or over a `with` block (see the module
+    docstring); NaN until stopped. `pids` are processes whose CPU time counts as the benchmark's own (they must
+    still run when it stops)."""
 
     def __init__(self, pids: Iterable[int] = ()) -> None:
         self.pids = tuple(pids)
         self.value = math.nan
         self._before: CpuTimes | None = None
 
-    def __enter__(self) -> CpuShare:
+    def start(self) -> None:
         self._before = sample(self.pids)
+
+    def stop(self) -> float:
+        self.value = other_share(self._before, sample(self.pids))
+        return self.value
+
+    def __enter__(self) -> CpuShare:
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.value = other_share(self._before, sample(self.pids))
+        self.stop()
 
 
 def busy_warning(share: float) -> str | None:

@@ -111,8 +111,8 @@ def bench_case(model: torch.nn.Module, onnx_path: Path, *, backbone: str, hw: tu
                 for variant, runner in runners.items():
                     times[variant].append(_time(lambda r=runner: r(x)))
                     log(f"  {backbone} {hw[0]}x{hw[1]} {threads}T {variant}: {times[variant][-1]:.3f} s")
-    if busy_warning(share.value):
-        log(f"  {busy_warning(share.value)}")
+    if warning := busy_warning(share.value):
+        log(f"  {warning}")
     versions = engine_versions()
     reference = outputs.get(TORCH_VARIANT)
     torch_median = statistics.median(times[TORCH_VARIANT]) if TORCH_VARIANT in times else None

@@ -51,8 +51,7 @@ from models.fuse import inference_model
 from repro.engine.config import load_config, with_overrides
 from repro.engine.train import build_model
 from repro.io import upsert_csv
-from repro.measure.contention import busy_warning, other_share
-from repro.measure.contention import sample as cpu_sample
+from repro.measure.contention import CpuShare, busy_warning
 from repro.measure.environment import cpu_label, versions
 from repro.vocabulary import device_label
 
@@ -198,11 +197,10 @@ def measure(backbone: str, *, size: tuple[int, int], threads: Sequence[int], rou
             names = [*variants, *([PEER_VARIANT] if peer_model is not None else [])]
             times: dict[str, list[float]] = {name: [] for name in names}
             logits: dict[str, torch.Tensor] = {}
-            own = [peer_model.process.pid] if peer_model is not None else []  # the peer's CPU time is ours
-            before = None
+            share = CpuShare(pids=[peer_model.process.pid] if peer_model is not None else [])  # the peer is ours
             for round_ in range(rounds + 1):  # round 0 is the warm-up
                 if round_ == 1:
-                    before = cpu_sample(own)
+                    share.start()
                 seen = {}
                 for name in names:
                     if name == PEER_VARIANT:
@@ -213,9 +211,9 @@ def measure(backbone: str, *, size: tuple[int, int], threads: Sequence[int], rou
                         times[name].append(seen[name])
                 log(f"{backbone} {count} thread(s) {'round ' + str(round_) if round_ else 'warm-up'}: "
                     + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in seen.items()))
-            other = other_share(before, cpu_sample(own))
-            if busy_warning(other):
-                log(f"{backbone} {count} thread(s): {busy_warning(other)}")
+            other = share.stop()
+            if warning := busy_warning(other):
+                log(f"{backbone} {count} thread(s): {warning}")
             if peer_model is not None:
                 logits[PEER_VARIANT] = peer_model.logits()
             for name in names:

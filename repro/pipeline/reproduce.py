@@ -162,8 +162,8 @@ def committed_bytes(path: Path) -> tuple[bytes, str] | None:
 def start_fresh(results: Path, groups: list[str], *, force: bool) -> list[str]:
     """For every group in `groups` not yet started in this checkout (or all with `force`): copy the committed
     CSVs it writes to the reference folder, remove its outputs (of PARTIAL_OUTPUTS only the rows this machine
-    redoes), and mark it started. Returns the groups
-    cleared. A group that was started before keeps its outputs, so an interrupted run resumes."""
+    redoes), and mark it started. Returns the groups cleared. A group that was started before keeps its outputs,
+    so an interrupted run resumes."""
     stamps, reference = results / ".stamps", reference_dir(results)
     cleared = []
     for group in groups:
