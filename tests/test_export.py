@@ -343,7 +343,7 @@ def test_engine_outputs_survive_the_next_call(exported, engine):
     assert torch.equal(first, kept) and not torch.equal(first, second)
     with torch.no_grad():
         diff, agreement = export.compare(model(first_input), first)
-    assert diff < 1e-3 and agreement == 1.0
+    assert diff < 1e-3 and agreement >= 0.999  # the first input's logits; argmax near-ties may flip across CPUs
 
 
 def test_picking_an_engine_measured_slower_warns(exported, tmp_path, monkeypatch):
